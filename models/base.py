@@ -1,0 +1,82 @@
+"""The contract every trainable generative model in condgen follows.
+
+A model is an ``nn.Module`` with a frozen config dataclass next to it (nanoGPT
+style). The generic Ray Train loop in ``tasks/train.py`` knows nothing about
+VAEs, GANs or diffusion: it only calls the three methods below, so a GAN's two
+optimisers and a VAE's single one go through the same loop.
+
+Batches are dicts of tensors:
+
+* ``x``   (B, C, H, W) float in [-1, 1]  — the image
+* ``y``   (B,) int64                     — the class label
+* ``txt`` (B, D) float                   — precomputed CLIP text embedding (optional)
+* ``cond_img`` (B, C, H, W) float [-1,1] — paired condition image (optional)
+
+A *condition* passed to ``sample`` is a tensor: int64 (B,) means labels, float
+(B, D) means embeddings (CLIP text). ``condition_from_batch`` picks the right one
+for a model from a batch according to its config's ``condition`` field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+# opt_step(group_name, loss): zero_grad, backward, all-reduce grads across workers, step.
+OptStep = Callable[[str, torch.Tensor], None]
+
+
+@runtime_checkable
+class GenerativeModel(Protocol):
+    config: Any
+
+    def optimizer_groups(self) -> dict[str, Iterable[nn.Parameter]]:
+        """Named parameter groups, one optimiser each (e.g. {"gen": ..., "disc": ...})."""
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
+        """One optimisation step on a batch; calls ``opt_step`` once per group; returns scalar logs."""
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw one sample per condition row, (B, C, H, W) in [-1, 1]."""
+
+
+def condition_from_batch(batch: dict[str, torch.Tensor], condition: str) -> torch.Tensor:
+    """The condition tensor a model of kind ``condition`` ("label" | "text") reads from a batch."""
+    if condition == "label":
+        return batch["y"]
+    if condition == "text":
+        if "txt" not in batch:
+            raise KeyError("condition='text' needs precomputed CLIP text embeddings ('txt'); run `condgen embed` first")
+        return batch["txt"].float()
+    raise ValueError(f"unknown condition kind {condition!r} (expected 'label' or 'text')")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as a JSON-able dict (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a frozen config dataclass from a dict, rejecting unknown keys; lists → tuples."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**fixed)
+
+
+def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a config dataclass to MLflow params (``a.b=value`` strings)."""
+    out: dict[str, str] = {}
+    for key, value in config_to_dict(config).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            for k2, v2 in value.items():
+                out[f"{name}.{k2}"] = str(v2)
+        else:
+            out[name] = str(value)
+    return out

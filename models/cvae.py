@@ -1,0 +1,136 @@
+"""Conditional VAE: encoder Q(z|X,c), decoder P(X|z,c).
+
+Kingma et al. 2014, "Semi-Supervised Learning with Deep Generative Models" and
+Sohn et al. 2015, "Learning Structured Output Representation using Deep
+Conditional Generative Models" (seeds 000-002). Two priors, selectable by config:
+
+* ``prior="standard"``: the condition-independent N(0, I);
+* ``prior="learned"``: a learned Gaussian per condition p(z|c) = N(mu_c, diag sigma_c^2),
+  the ELBO  E_q[log p(x|z,c)] - KL(q(z|x,c) || p(z|c)).
+
+The condition enters by concatenation ("vectorisation", seed 001): its embedding is
+broadcast as extra input channels for the encoder and concatenated to z for the decoder.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import OptStep, condition_from_batch
+from models.conditioning.embedding import ConditionEmbedding
+
+
+@dataclass(frozen=True)
+class CVAEConfig:
+    image_size: int = 28
+    in_channels: int = 1
+    channels: tuple[int, ...] = (32, 64)  # one stride-2 conv per entry: 28 -> 14 -> 7
+    latent_dim: int = 16
+    cond_dim: int = 16
+    num_classes: int = 10
+    condition: str = "label"  # "label" | "text"
+    text_dim: int = 64
+    prior: str = "standard"  # "standard" | "learned"
+    beta: float = 1.0
+    lr: float = 2e-3
+
+
+def _gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
+    """KL(N(mu_q, e^logvar_q) || N(mu_p, e^logvar_p)) summed over latent dims, (B,)."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(-1)
+
+
+class CVAE(nn.Module):
+    def __init__(self, config: CVAEConfig):
+        super().__init__()
+        self.config = cfg = config
+        if cfg.prior not in ("standard", "learned"):
+            raise ValueError(f"prior must be 'standard' or 'learned', got {cfg.prior!r}")
+        self.cond = ConditionEmbedding(cfg.condition, cfg.num_classes, cfg.text_dim, cfg.cond_dim)
+        enc, c_in = [], cfg.in_channels + cfg.cond_dim
+        for c_out in cfg.channels:
+            enc += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(min(4, c_out), c_out), nn.SiLU()]
+            c_in = c_out
+        self.encoder = nn.Sequential(*enc)
+        self.feat = cfg.image_size // 2 ** len(cfg.channels)
+        flat = cfg.channels[-1] * self.feat * self.feat
+        self.to_stats = nn.Linear(flat, 2 * cfg.latent_dim)
+        self.from_z = nn.Linear(cfg.latent_dim + cfg.cond_dim, flat)
+        dec, c_in = [], cfg.channels[-1]
+        for c_out in list(reversed(cfg.channels[:-1])) + [cfg.channels[0]]:
+            dec += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(min(4, c_out), c_out), nn.SiLU()]
+            c_in = c_out
+        dec += [nn.Conv2d(c_in, cfg.in_channels, 3, 1, 1)]
+        self.decoder = nn.Sequential(*dec)
+        if cfg.prior == "learned":
+            # p(z|c): mean and log-variance from the condition embedding, initialised at N(0, I).
+            self.prior_net = nn.Linear(cfg.cond_dim, 2 * cfg.latent_dim)
+            nn.init.zeros_(self.prior_net.weight)
+            nn.init.zeros_(self.prior_net.bias)
+
+    # -- pieces -------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q(z|X,c): (B,C,H,W), cond -> mu, logvar (B, latent)."""
+        e = self.cond(c)  # (B, cond_dim)
+        h = torch.cat([x, e[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])], 1)
+        mu, logvar = self.to_stats(self.encoder(h).flatten(1)).chunk(2, -1)
+        return mu, logvar.clamp(-10, 10)
+
+    def decode_logits(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """P(X|z,c) as Bernoulli logits over pixels in [0, 1], (B, C, H, W)."""
+        h = self.from_z(torch.cat([z, self.cond(c)], -1))
+        h = h.view(-1, self.config.channels[-1], self.feat, self.feat)
+        return self.decoder(h)
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decode_logits(z, c)) * 2 - 1  # [-1, 1]
+
+    def prior(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(z|c) parameters (mu, logvar), (B, latent)."""
+        b, d = c.shape[0], self.config.latent_dim
+        if self.config.prior == "standard":
+            zeros = torch.zeros(b, d, device=c.device)
+            return zeros, zeros
+        mu, logvar = self.prior_net(self.cond(c)).chunk(2, -1)
+        return mu, logvar.clamp(-6, 4)
+
+    # -- training -----------------------------------------------------------------------
+    def loss(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Negative ELBO per image (nats): BCE reconstruction + beta * KL(q(z|x,c) || p(z|c))."""
+        mu, logvar = self.encode(x, c)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation trick
+        logits = self.decode_logits(z, c)
+        target = (x + 1) / 2
+        rec = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(-1)
+        kl = _gaussian_kl(mu, logvar, *self.prior(c))
+        loss = (rec + self.config.beta * kl).mean()
+        return loss, {"loss": loss.item(), "rec": rec.mean().item(), "kl": kl.mean().item()}
+
+    def optimizer_groups(self):
+        return {"main": self.parameters()}
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
+        loss, logs = self.loss(batch["x"], condition_from_batch(batch, self.config.condition))
+        opt_step("main", loss)
+        return logs
+
+    # -- sampling -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z ~ p(z|c), x = mean of P(X|z,c); (B, C, H, W) in [-1, 1]."""
+        mu, logvar = self.prior(cond)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device)
+        return self.decode(mu + eps * (0.5 * logvar).exp(), cond)
+
+    @torch.no_grad()
+    def latent_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """N(0, I) latents for exploration tools, (n, latent)."""
+        return torch.randn(n, self.config.latent_dim, generator=generator)
+
+
+def bits_per_dim(nll_nats: float, config: CVAEConfig) -> float:
+    return nll_nats / (math.log(2) * config.in_channels * config.image_size**2)

@@ -1,0 +1,35 @@
+"""Explicit registry of model families: name -> (config dataclass, module class).
+
+Models are never built from import strings; a checkpoint's ``model`` field must be
+a key of ``MODELS``. New families add one line here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from models.base import config_from_dict
+from models.cvae import CVAE, CVAEConfig
+
+MODELS: dict[str, tuple[type, type[nn.Module]]] = {
+    "cvae": (CVAEConfig, CVAE),
+}
+
+
+def build_model(name: str, config: dict[str, Any] | Any | None = None) -> nn.Module:
+    """Instantiate a registered model from a config dataclass or dict."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    cfg_cls, model_cls = MODELS[name]
+    if config is None:
+        config = cfg_cls()
+    elif isinstance(config, dict):
+        config = config_from_dict(cfg_cls, config)
+    return model_cls(config)
+
+
+def config_class(name: str) -> type:
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    return MODELS[name][0]
