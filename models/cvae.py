@@ -8,8 +8,13 @@ Conditional Generative Models" (seeds 000-002). Two priors, selectable by config
 * ``prior="learned"``: a learned Gaussian per condition p(z|c) = N(mu_c, diag sigma_c^2),
   the ELBO  E_q[log p(x|z,c)] - KL(q(z|x,c) || p(z|c)).
 
-The condition enters by concatenation ("vectorisation", seed 001): its embedding is
-broadcast as extra input channels for the encoder and concatenated to z for the decoder.
+How the condition enters is chosen by ``block``:
+
+* ``"concat"`` ("vectorisation", seed 001): the embedding is broadcast as extra input
+  channels for the encoder and concatenated to z for the decoder;
+* ``"film"`` / ``"adain"`` (Perez et al. 2018 / Huang & Belongie 2017): every encoder and
+  decoder layer is modulated per channel by the embedding (see models/conditioning);
+  z alone feeds the decoder, so the condition reaches it only through modulation.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import OptStep, condition_from_batch
+from models.conditioning import BLOCKS
+from models.conditioning.conv_stack import CondConvStack
 from models.conditioning.embedding import ConditionEmbedding
 
 
@@ -37,6 +44,7 @@ class CVAEConfig:
     prior: str = "standard"  # "standard" | "learned"
     beta: float = 1.0
     lr: float = 2e-3
+    block: str = "concat"  # "concat" | "film" | "adain" (any key of models.conditioning.BLOCKS)
 
 
 def _gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
@@ -50,22 +58,33 @@ class CVAE(nn.Module):
         self.config = cfg = config
         if cfg.prior not in ("standard", "learned"):
             raise ValueError(f"prior must be 'standard' or 'learned', got {cfg.prior!r}")
+        if cfg.block not in BLOCKS:
+            raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {cfg.block!r}")
         self.cond = ConditionEmbedding(cfg.condition, cfg.num_classes, cfg.text_dim, cfg.cond_dim)
-        enc, c_in = [], cfg.in_channels + cfg.cond_dim
-        for c_out in cfg.channels:
-            enc += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(min(4, c_out), c_out), nn.SiLU()]
-            c_in = c_out
-        self.encoder = nn.Sequential(*enc)
         self.feat = cfg.image_size // 2 ** len(cfg.channels)
         flat = cfg.channels[-1] * self.feat * self.feat
-        self.to_stats = nn.Linear(flat, 2 * cfg.latent_dim)
-        self.from_z = nn.Linear(cfg.latent_dim + cfg.cond_dim, flat)
-        dec, c_in = [], cfg.channels[-1]
-        for c_out in list(reversed(cfg.channels[:-1])) + [cfg.channels[0]]:
-            dec += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(min(4, c_out), c_out), nn.SiLU()]
-            c_in = c_out
-        dec += [nn.Conv2d(c_in, cfg.in_channels, 3, 1, 1)]
-        self.decoder = nn.Sequential(*dec)
+        dec_channels = list(reversed(cfg.channels[:-1])) + [cfg.channels[0]]
+        if cfg.block == "concat":
+            enc, c_in = [], cfg.in_channels + cfg.cond_dim
+            for c_out in cfg.channels:
+                enc += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(min(4, c_out), c_out), nn.SiLU()]
+                c_in = c_out
+            self.encoder = nn.Sequential(*enc)
+            self.to_stats = nn.Linear(flat, 2 * cfg.latent_dim)
+            self.from_z = nn.Linear(cfg.latent_dim + cfg.cond_dim, flat)
+            dec, c_in = [], cfg.channels[-1]
+            for c_out in dec_channels:
+                dec += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(min(4, c_out), c_out), nn.SiLU()]
+                c_in = c_out
+            dec += [nn.Conv2d(c_in, cfg.in_channels, 3, 1, 1)]
+            self.decoder = nn.Sequential(*dec)
+        else:
+            # Modulated variant: the condition acts on every layer instead of the inputs.
+            self.encoder = CondConvStack(cfg.in_channels, cfg.channels, cfg.cond_dim, cfg.block, transpose=False)
+            self.to_stats = nn.Linear(self.encoder.out_channels * self.feat * self.feat, 2 * cfg.latent_dim)
+            self.from_z = nn.Linear(cfg.latent_dim, flat)
+            self.decoder = CondConvStack(cfg.channels[-1], dec_channels, cfg.cond_dim, cfg.block, transpose=True)
+            self.to_out = nn.Conv2d(self.decoder.out_channels, cfg.in_channels, 3, 1, 1)
         if cfg.prior == "learned":
             # p(z|c): mean and log-variance from the condition embedding, initialised at N(0, I).
             self.prior_net = nn.Linear(cfg.cond_dim, 2 * cfg.latent_dim)
@@ -76,15 +95,23 @@ class CVAE(nn.Module):
     def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Q(z|X,c): (B,C,H,W), cond -> mu, logvar (B, latent)."""
         e = self.cond(c)  # (B, cond_dim)
-        h = torch.cat([x, e[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])], 1)
-        mu, logvar = self.to_stats(self.encoder(h).flatten(1)).chunk(2, -1)
+        if self.config.block == "concat":
+            h = torch.cat([x, e[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])], 1)
+            h = self.encoder(h)
+        else:
+            h = self.encoder(x, e)  # (B, C_last, feat, feat)
+        mu, logvar = self.to_stats(h.flatten(1)).chunk(2, -1)
         return mu, logvar.clamp(-10, 10)
 
     def decode_logits(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """P(X|z,c) as Bernoulli logits over pixels in [0, 1], (B, C, H, W)."""
-        h = self.from_z(torch.cat([z, self.cond(c)], -1))
-        h = h.view(-1, self.config.channels[-1], self.feat, self.feat)
-        return self.decoder(h)
+        e = self.cond(c)  # (B, cond_dim)
+        if self.config.block == "concat":
+            h = self.from_z(torch.cat([z, e], -1))
+            h = h.view(-1, self.config.channels[-1], self.feat, self.feat)
+            return self.decoder(h)
+        h = self.from_z(z).view(-1, self.config.channels[-1], self.feat, self.feat)
+        return self.to_out(self.decoder(h, e))
 
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decode_logits(z, c)) * 2 - 1  # [-1, 1]

@@ -10,10 +10,12 @@ from typing import Any
 from torch import nn
 
 from models.base import config_from_dict
+from models.classifier import ClassifierConfig, DigitClassifier
 from models.cvae import CVAE, CVAEConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "cvae": (CVAEConfig, CVAE),
+    "classifier": (ClassifierConfig, DigitClassifier),
 }
 
 

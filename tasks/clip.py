@@ -1,0 +1,574 @@
+"""CLIP image/text embeddings that need no download: one open_clip code path, three sources.
+
+``load_clip(spec)`` returns a :class:`ClipHandle` for
+
+* a named pretrained model, ``"ViT-B-32:laion2b_s34b_b79k"``: handed to open_clip as
+  ``create_model_and_transforms(name, pretrained=tag)``; it downloads from the hub, so
+  offline it fails with :class:`ClipUnavailable` naming the alternatives;
+  ``"ViT-B-32:/path/or/s3://…/weights.safetensors"`` loads an open_clip architecture
+  from a weights file the user holds;
+* a condgen checkpoint, a local path, ``file://`` or ``s3://`` URI of a folder with
+  ``model.safetensors`` + ``config.json`` (model name, open_clip model and preprocess
+  config, embed dim, fingerprint), written by :func:`save_clip`. It is fetched through
+  ``tasks.storage`` into a temp folder and built by open_clip itself
+  (``pretrained=<file>.safetensors``, which open_clip reads with safetensors: nothing
+  is unpickled);
+* ``"embedded"``: a small CLIP (``models/clip_configs/condgen-clip-tiny.json``) fitted by
+  :func:`fit_clip` with open_clip's own ``ClipLoss`` on a shard set's train captions,
+  cached next to the shards so every later call reuses it.
+
+All three give the same handle: ``encode_images`` / ``encode_texts`` (L2-normalised
+float32), a differentiable ``image_tower`` for CLIP guidance, and a ``fingerprint``
+(sha256 over weights + config) that keys precomputed embeddings (``tasks/embed.py``).
+
+Images follow the project convention: uint8 (N, 28, 28), or float in [-1, 1] with
+shape (N, 28, 28), (N, 1, H, W) or (N, 3, H, W). The preprocessing is open_clip's
+(resize to the tower's size, grey replicated to RGB, mean/std normalisation) written
+with tensor ops so that it stays differentiable; for the 28x28 tiny towers it is the
+identity resize and matches open_clip's PIL transform to float precision.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from prefect import task
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+import models
+from tasks import storage
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(models.__file__).parent / "clip_configs"  # package data
+DEFAULT_CONFIG = "condgen-clip-tiny"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT = "condgen-clip/1"
+
+CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Zero-shot prompts: phrasings the ingest captions never use, so the score measures
+# whether the text tower learnt the digit words rather than the caption templates.
+ZERO_SHOT_TEMPLATES = (
+    "a photo of the digit {}.",
+    "a handwritten {}.",
+    "the number {}.",
+    "an image of the numeral {}.",
+    "a drawing of a {}.",
+)
+
+
+class ClipUnavailable(RuntimeError):
+    """The named CLIP weights could not be obtained (typically: offline hub download)."""
+
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Make condgen's tiny open_clip configs (``models/clip_configs/*.json``) known to open_clip."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def _jsonable(obj: Any) -> Any:
+    """Tuples -> lists etc., so a config compares equal before and after a JSON round trip."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared / non-contiguous storage: clone to plain CPU tensors.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def fingerprint_of(model_cfg: dict, preprocess_cfg: dict, state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the architecture + preprocessing config (canonical JSON) and every weight tensor."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"model_cfg": _jsonable(model_cfg), "preprocess_cfg": _jsonable(preprocess_cfg)},
+                        sort_keys=True).encode())
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.dtype == torch.bfloat16 else v.numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- the handle ------------------------------------------------------------------------------
+@dataclass(eq=False)
+class ClipHandle:
+    """An open_clip model with its tokenizer, preprocessing and identity."""
+
+    model: torch.nn.Module  # open_clip.CLIP (or CustomTextCLIP)
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    model_name: str
+    model_cfg: dict
+    preprocess_cfg: dict
+    source: str | None = None  # the spec / URI it came from; None = in memory only
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over weights + config; recomputed after :meth:`invalidate` (e.g. after training)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint_of(self.model_cfg, self.preprocess_cfg, self.model.state_dict())
+        return self._fingerprint
+
+    def invalidate(self) -> None:
+        self._fingerprint = None
+
+    # images ---------------------------------------------------------------------------
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images (B, H, W) | (B, 1|3, H, W) -> normalised (B, 3, S, S) the tower expects."""
+        if x.ndim == 3:
+            x = x.unsqueeze(1)  # (B, 1, H, W)
+        x = (x.float() + 1) / 2  # open_clip's ToTensor range [0, 1]
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grey -> RGB, as PIL's convert("RGB")
+        size = self.preprocess_cfg.get("size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if tuple(x.shape[-2:]) != size:
+            mode = self.preprocess_cfg.get("interpolation", "bicubic")
+            x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=mode in ("bilinear", "bicubic"))
+            x = x.clamp(0, 1)
+        mean = torch.tensor(self.preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), device=x.device)
+        std = torch.tensor(self.preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD), device=x.device)
+        return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # (B, 3, S, S)
+
+    def image_tower(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable: x in [-1, 1], (B, 1, 28, 28) -> (B, D) unit-norm image embeddings.
+
+        Gradients flow to ``x`` (CLIP guidance) and to the weights; no ``no_grad`` here.
+        """
+        return self.model.encode_image(self.preprocess(x.to(self.device)), normalize=True)
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray | torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """uint8 (N, 28, 28) numpy, or float [-1, 1] tensor -> (N, D) float32 L2-normalised (CPU)."""
+        x = _as_float_images(images)
+        self.model.eval()
+        out = [self.image_tower(x[i:i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    # texts ----------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)  # (N, context_length) int64
+
+    def text_tower(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens, normalize=True)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
+        """list[str] -> (N, D) float32 L2-normalised (CPU)."""
+        texts = list(texts)
+        self.model.eval()
+        out = [self.text_tower(self.tokenize(texts[i:i + batch_size])).float().cpu()
+               for i in range(0, len(texts), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    # transport --------------------------------------------------------------------------
+    def to_payload(self) -> dict[str, Any]:
+        """Plain data to rebuild the handle in another process (Ray object store): JSON-able
+        configs + safetensors bytes. No module is pickled."""
+        return {"model_name": self.model_name, "model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg,
+                "fingerprint": self.fingerprint, "source": self.source, "weights": st_save(_state_dict(self.model))}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], device: str | torch.device = "cpu") -> "ClipHandle":
+        model, tokenizer = _build(payload["model_name"], payload["model_cfg"], payload["preprocess_cfg"],
+                                  st_load(payload["weights"]), device)
+        handle = cls(model, tokenizer, payload["model_name"], payload["model_cfg"], payload["preprocess_cfg"],
+                     payload.get("source"))
+        _check_fingerprint(handle, payload["fingerprint"], "payload")
+        return handle
+
+
+def _as_float_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(images, np.ndarray):
+        if images.dtype == np.uint8:
+            return torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1)
+        images = torch.from_numpy(images)
+    if images.dtype == torch.uint8:
+        return images.float().div(127.5).sub(1)
+    return images.float()
+
+
+def _check_fingerprint(handle: ClipHandle, expected: str | None, where: str) -> None:
+    if expected and handle.fingerprint != expected:
+        raise ValueError(f"CLIP weights from {where} do not match their recorded fingerprint "
+                         f"({handle.fingerprint[:16]} != {expected[:16]}): corrupt or edited checkpoint")
+
+
+def _build(model_name: str, model_cfg: dict, preprocess_cfg: dict, state: dict[str, torch.Tensor] | None,
+           device: str | torch.device = "cpu"):
+    """An open_clip model for ``model_cfg`` (registered under ``model_name`` or not) + its tokenizer."""
+    register_configs()
+    with tempfile.TemporaryDirectory(prefix="condgen-clip-") as tmp:
+        weights = None
+        if state is not None:
+            weights = os.path.join(tmp, "open_clip_model.safetensors")
+            from safetensors.torch import save_file
+
+            save_file(state, weights)
+        return _create(model_name, model_cfg, preprocess_cfg, weights, tmp, device)
+
+
+def _create(model_name: str, model_cfg: dict, preprocess_cfg: dict, weights: str | None, tmp: str,
+            device: str | torch.device):
+    """open_clip.create_model_and_transforms with a safetensors file, by name when open_clip
+    knows the architecture under that name, else through a ``local-dir:`` folder in ``tmp``."""
+    if _jsonable(open_clip.get_model_config(model_name)) == _jsonable(model_cfg):
+        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device,
+                                                            load_weights=weights is not None)
+        tokenizer = open_clip.get_tokenizer(model_name)
+    else:  # an architecture open_clip does not know by this name: hand it the config file
+        Path(tmp, "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                                  "preprocess_cfg": preprocess_cfg}))
+        if weights is not None and Path(weights).parent != Path(tmp):
+            os.symlink(weights, os.path.join(tmp, "open_clip_model.safetensors"))
+        model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp}", device=device,
+                                                            load_weights=weights is not None)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
+    open_clip.set_model_preprocess_cfg(model, dict(preprocess_cfg))
+    return model.eval(), tokenizer
+
+
+def new_clip(config: str = DEFAULT_CONFIG, *, seed: int = 0, device: str | torch.device = "cpu") -> ClipHandle:
+    """A randomly initialised open_clip model for a registered config name."""
+    register_configs()
+    torch.manual_seed(seed)
+    model, _, _ = open_clip.create_model_and_transforms(config, device=device)
+    model_cfg = _jsonable(open_clip.get_model_config(config))
+    preprocess_cfg = _jsonable(open_clip.get_model_preprocess_cfg(model))
+    return ClipHandle(model.eval(), open_clip.get_tokenizer(config), config, model_cfg, preprocess_cfg)
+
+
+# -- loading -------------------------------------------------------------------------------
+def _is_uri_or_path(spec: str) -> bool:
+    return "://" in spec or spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec)
+
+
+def load_clip(spec: "str | ClipHandle", *, device: str | torch.device = "cpu", data_uri: str | None = None,
+              **fit_kwargs: Any) -> ClipHandle:
+    """A :class:`ClipHandle` from a spec (see the module docstring).
+
+    ``"embedded"`` needs ``data_uri`` (a shard set): the CLIP fitted on its train split is
+    loaded from ``{data_uri}/clip/…`` or fitted and saved there (``fit_kwargs`` go to
+    :func:`fit_clip`).
+    """
+    if isinstance(spec, ClipHandle):
+        return spec
+    if spec == "embedded":
+        if data_uri is None:
+            raise ValueError("the embedded CLIP is fitted on a shard set's captions: pass data_uri=<shards URI>")
+        return embedded_clip(data_uri, device=device, **fit_kwargs)
+    if _is_uri_or_path(spec):
+        return load_checkpoint(spec, device=device)
+    name, sep, tag = spec.partition(":")
+    register_configs()
+    if not sep or name not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP spec {spec!r}: expected 'embedded', a checkpoint path/URI (file://, s3://), "
+                         f"or '<open_clip model>:<pretrained tag or weights URI>' "
+                         f"(models: {', '.join(open_clip.list_models()[:6])}, …)")
+    return _load_pretrained(name, tag, spec, device)
+
+
+def _load_pretrained(name: str, tag: str, spec: str, device) -> ClipHandle:
+    model_cfg = _jsonable(open_clip.get_model_config(name))
+    if _is_uri_or_path(tag):  # the user's own open_clip weights for a known architecture
+        if not tag.endswith(".safetensors"):
+            raise ValueError(f"{tag!r}: only .safetensors weights are loaded (no unpickling of checkpoint files)")
+        with tempfile.TemporaryDirectory(prefix="condgen-clip-") as tmp:
+            path = _fetch(tag, tmp)
+            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=path, device=device)
+    else:
+        if not open_clip.get_pretrained_cfg(name, tag):
+            raise ValueError(f"open_clip has no pretrained tag {tag!r} for {name}; "
+                             f"known: {open_clip.list_pretrained_tags_by_model(name)}")
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag, device=device)
+        except Exception as e:  # noqa: BLE001 - the hub client raises many kinds
+            raise ClipUnavailable(
+                f"could not get pretrained CLIP {spec!r} ({type(e).__name__}: {str(e)[:200]}). Offline? Use a "
+                f"local checkpoint (path, file:// or s3:// URI from save_clip) or 'embedded'.") from e
+    preprocess_cfg = _jsonable(open_clip.get_model_preprocess_cfg(model))
+    return ClipHandle(model.eval(), open_clip.get_tokenizer(name), name, model_cfg, preprocess_cfg, source=spec)
+
+
+def _fetch(uri: str, tmp: str) -> str:
+    """A local file path for ``uri``: the file itself when local, else a download into ``tmp``."""
+    if not storage.is_s3(uri):
+        path = storage.local_path(uri)
+        if not Path(path).exists():
+            raise FileNotFoundError(uri)
+        return str(path)
+    dest = os.path.join(tmp, os.path.basename(uri.rstrip("/")) or "weights.safetensors")
+    with storage.open_read(uri) as src, open(dest, "wb") as dst:
+        while chunk := src.read(1 << 22):
+            dst.write(chunk)
+    return dest
+
+
+def load_checkpoint(uri: str, *, device: str | torch.device = "cpu") -> ClipHandle:
+    """Load a folder written by :func:`save_clip` (local path, file:// or s3://)."""
+    meta = storage.read_json(storage.join(uri, CONFIG))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{uri}: not a condgen CLIP checkpoint (format={meta.get('format')!r})")
+    with tempfile.TemporaryDirectory(prefix="condgen-clip-") as tmp:
+        weights = _fetch(storage.join(uri, WEIGHTS), tmp)
+        model, tokenizer = _create(meta["model_name"], meta["model_cfg"], meta["preprocess_cfg"], weights, tmp, device)
+    handle = ClipHandle(model, tokenizer, meta["model_name"], meta["model_cfg"], meta["preprocess_cfg"], source=uri)
+    _check_fingerprint(handle, meta.get("fingerprint"), uri)
+    return handle
+
+
+def save_clip(handle: ClipHandle, uri: str, *, extra: dict[str, Any] | None = None) -> str:
+    """Write ``{uri}/model.safetensors`` then ``{uri}/config.json`` (each atomic; the config,
+    written last, marks a complete checkpoint). Returns ``uri``."""
+    state = _state_dict(handle.model)
+    meta = {"format": FORMAT, "model_name": handle.model_name, "embed_dim": handle.embed_dim,
+            "fingerprint": fingerprint_of(handle.model_cfg, handle.preprocess_cfg, state),
+            "model_cfg": handle.model_cfg, "preprocess_cfg": handle.preprocess_cfg, **(extra or {})}
+    storage.write_bytes(storage.join(uri, WEIGHTS), st_save(state))
+    storage.write_json(storage.join(uri, CONFIG), meta)
+    return uri
+
+
+# -- fitting -------------------------------------------------------------------------------
+def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Random integer translation by up to ``max_shift`` px (zero padding = background -1)."""
+    if max_shift <= 0:
+        return x
+    b, _, h, w = x.shape
+    p = F.pad(x, (max_shift,) * 4, value=-1.0)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b), generator=gen)
+    return torch.stack([p[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+def _pick_captions(captions: Sequence[Sequence[str]], idx: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """One random phrasing per image, so the text tower cannot memorise one string per image."""
+    return [str(captions[i][rng.integers(len(captions[i]))]) if not isinstance(captions[i], str) else captions[i]
+            for i in idx]
+
+
+@torch.no_grad()
+def contrastive_loss(handle: ClipHandle, images: np.ndarray, texts: Sequence[str]) -> float:
+    """open_clip's ClipLoss of paired (image, text) rows under the current model (eval mode)."""
+    handle.model.eval()
+    img = handle.image_tower(_as_float_images(images))
+    txt = handle.text_tower(handle.tokenize(texts))
+    return float(open_clip.ClipLoss()(img, txt, handle.model.logit_scale.exp()))
+
+
+def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.ndarray | None = None, *,
+             config: str = DEFAULT_CONFIG, steps: int = 600, batch_size: int = 256, lr: float = 2e-3,
+             weight_decay: float = 0.1, warmup: int = 50, max_shift: int = 2, seed: int = 0,
+             max_seconds: float | None = None, device: str | torch.device = "cpu",
+             log_every: int = 0) -> tuple[ClipHandle, dict[str, Any]]:
+    """Train a CLIP from scratch on (image, captions) pairs with open_clip's ``ClipLoss``.
+
+    Each step samples ``batch_size`` images and, for each, one random phrasing from its
+    caption list (``captions[i]``: list of strings). AdamW with linear warmup and cosine
+    decay (as open_clip's trainer); images get a random ±``max_shift`` px translation.
+    ``max_seconds`` stops early (the step count actually run is in the metrics).
+
+    Returns ``(handle, metrics)``; metrics hold ClipLoss on a fixed held-in batch before
+    and after training (``loss_initial`` / ``loss_final``), the mean train loss of the
+    first and last 10 steps, steps, seconds, and — if ``labels`` are given — zero-shot
+    accuracy on that fixed batch.
+    """
+    images = np.asarray(images)
+    n = len(images)
+    if n < 2 or len(captions) != n:
+        raise ValueError(f"need >= 2 images with one caption list each (got {n} images, {len(captions)} captions)")
+    handle = new_clip(config, seed=seed, device=device)
+    model = handle.model
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, n)
+
+    probe = rng.choice(n, size=min(256, n), replace=False)  # fixed batch for before/after loss
+    probe_txt = _pick_captions(captions, probe, np.random.default_rng(seed + 1))
+    loss_initial = contrastive_loss(handle, images[probe], probe_txt)
+
+    decay = [p for nm, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in nm]
+    no_decay = [p for nm, p in model.named_parameters() if p.ndim < 2 or "embedding" in nm]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+    def lr_at(step: int) -> float:  # open_clip's cosine_lr: linear warmup, cosine to 0
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    loss_fn = open_clip.ClipLoss()
+    images_t = _as_float_images(images).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1]
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    model.train()
+    step = 0
+    for step in range(steps):
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        idx = rng.choice(n, size=batch_size, replace=False)
+        x = _shift(images_t[idx], max_shift, gen).to(device)
+        img = handle.image_tower(x)
+        txt = handle.text_tower(handle.tokenize(_pick_captions(captions, idx, rng)))
+        loss = loss_fn(img, txt, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # as open_clip's trainer: temperature clamped to <= 100
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss))
+        if log_every and (step + 1) % log_every == 0:
+            log.info("clip step %d/%d loss %.4f", step + 1, steps, float(np.mean(losses[-log_every:])))
+    else:
+        step = steps
+    seconds = time.perf_counter() - t0
+    model.eval()
+    handle.invalidate()
+    metrics: dict[str, Any] = {
+        "steps": len(losses), "seconds": seconds, "batch_size": batch_size, "config": config,
+        "loss_initial": loss_initial, "loss_final": contrastive_loss(handle, images[probe], probe_txt),
+        "train_loss_first": float(np.mean(losses[:10])) if losses else float("nan"),
+        "train_loss_last": float(np.mean(losses[-10:])) if losses else float("nan"),
+        "logit_scale": float(model.logit_scale.exp()),
+        "samples_per_s": len(losses) * batch_size / max(seconds, 1e-9),
+    }
+    if labels is not None:
+        metrics["zero_shot_acc_train_probe"] = zero_shot_accuracy(handle, images[probe], np.asarray(labels)[probe])
+    return handle, metrics
+
+
+def embedded_clip(data_uri: str, *, config: str = DEFAULT_CONFIG, steps: int = 600, batch_size: int = 256,
+                  lr: float = 2e-3, seed: int = 0, device: str | torch.device = "cpu", **fit_kwargs: Any) -> ClipHandle:
+    """The embedded default CLIP for a shard set: fitted once on its train split, then cached at
+    ``{data_uri}/clip/embedded-<key>`` (key: shard manifest + fit settings)."""
+    from tasks.data import load_split
+
+    manifest = storage.read_json(storage.join(data_uri, "manifest.json"))
+    settings = {"config": config, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, **fit_kwargs}
+    key = hashlib.sha256(json.dumps({"data": manifest.get("source_fingerprint"), "shards": manifest.get("shards"),
+                                     "fit": settings}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    uri = storage.join(data_uri, "clip", f"embedded-{key}")
+    if storage.exists(storage.join(uri, CONFIG)):
+        return load_checkpoint(uri, device=device)
+    train = load_split(data_uri, "train")
+    handle, metrics = fit_clip(train["x"], train["captions"], train["y"], config=config, steps=steps,
+                               batch_size=batch_size, lr=lr, seed=seed, device=device, **fit_kwargs)
+    save_clip(handle, uri, extra={"fit": settings, "metrics": metrics, "data_uri": data_uri})
+    handle.source = uri
+    return handle
+
+
+# -- evaluation ------------------------------------------------------------------------------
+@torch.no_grad()
+def class_text_embeddings(handle: ClipHandle, class_names: Sequence[str] = CLASS_NAMES,
+                          templates: Sequence[str] = ZERO_SHOT_TEMPLATES) -> torch.Tensor:
+    """(K, D) unit vectors: each class's prompt embeddings averaged over templates (CLIP §3.1.4)."""
+    emb = handle.encode_texts([t.format(c) for c in class_names for t in templates])
+    emb = emb.view(len(class_names), len(templates), -1).mean(1)
+    return F.normalize(emb, dim=-1)
+
+
+def zero_shot_accuracy(handle: ClipHandle, images: np.ndarray, labels: np.ndarray,
+                       templates: Sequence[str] = ZERO_SHOT_TEMPLATES) -> float:
+    pred = (handle.encode_images(images) @ class_text_embeddings(handle, templates=templates).T).argmax(-1)
+    return float((pred.numpy() == np.asarray(labels)).mean())
+
+
+def evaluate_clip(handle: ClipHandle, images: np.ndarray, labels: np.ndarray,
+                  captions: Sequence[Sequence[str]], *, templates: Sequence[str] = ZERO_SHOT_TEMPLATES,
+                  phrasing: int = 0) -> dict[str, float]:
+    """Zero-shot digit accuracy and retrieval recall@1 on a (test) split.
+
+    * ``zero_shot_acc``: argmax over class prompts ("a photo of the digit seven", …,
+      averaged over ``templates``).
+    * ``i2t_r1`` / ``t2i_r1``: each image is paired with its caption number ``phrasing``;
+      a query hits when the top-1 retrieved item is its pair. Many MNIST captions are
+      identical strings ("a thin seven"), and identical strings have identical
+      embeddings, so a retrieved item whose caption *string* equals the pair's counts as
+      a hit (ties cannot be ranked). The chance level is reported as ``*_r1_chance``.
+    * ``i2t_r1_label`` / ``t2i_r1_label``: the top-1 item shows/names the same digit.
+    """
+    labels = np.asarray(labels)
+    texts = [c if isinstance(c, str) else c[min(phrasing, len(c) - 1)] for c in captions]
+    img = handle.encode_images(images)  # (N, D)
+    txt = handle.encode_texts(texts)  # (N, D)
+    sim = img @ txt.T  # (N images, N texts)
+    i2t = sim.argmax(1).numpy()
+    t2i = sim.argmax(0).numpy()
+    _, text_id = np.unique(np.asarray(texts), return_inverse=True)  # equal strings share an id
+    counts = np.bincount(text_id)
+    return {
+        "zero_shot_acc": zero_shot_accuracy(handle, images, labels, templates),
+        "i2t_r1": float((text_id[i2t] == text_id).mean()),
+        "t2i_r1": float((text_id[t2i] == text_id).mean()),
+        "i2t_r1_label": float((labels[i2t] == labels).mean()),
+        "t2i_r1_label": float((labels[t2i] == labels).mean()),
+        "r1_chance": float((counts[text_id] / len(texts)).mean()),
+        "n": float(len(labels)),
+    }
+
+
+@torch.no_grad()
+def clip_score(handle: ClipHandle, images: np.ndarray | torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+    """(N,) cosine similarity between each image and its text (CLIPScore without the 2.5·max(·,0))."""
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    return (handle.encode_images(images) * handle.encode_texts(texts)).sum(-1)
+
+
+# -- Prefect wrappers (retries only where I/O can fail transiently) ---------------------------
+@task(name="load-clip", retries=2, retry_delay_seconds=5)
+def load_clip_task(spec: str, data_uri: str | None = None) -> ClipHandle:
+    return load_clip(spec, data_uri=data_uri)
+
+
+@task(name="fit-clip")
+def fit_clip_task(data_uri: str, out_uri: str | None = None, **fit_kwargs: Any) -> dict[str, Any]:
+    """Fit the embedded CLIP on a shard set (cached) and return where it is and its fingerprint."""
+    handle = embedded_clip(data_uri, **fit_kwargs)
+    if out_uri:
+        save_clip(handle, out_uri)
+    return {"uri": out_uri or handle.source, "fingerprint": handle.fingerprint}
+
+
+@task(name="evaluate-clip")
+def evaluate_clip_task(spec: str, data_uri: str, split: str = "test") -> dict[str, float]:
+    from tasks.data import load_split
+
+    handle = load_clip(spec, data_uri=data_uri)
+    data = load_split(data_uri, split)
+    return evaluate_clip(handle, data["x"], data["y"], data["captions"])
+
+
+@task(name="save-clip", retries=2, retry_delay_seconds=5)
+def save_clip_task(handle: ClipHandle, uri: str) -> str:
+    return save_clip(handle, uri)

@@ -1,0 +1,227 @@
+"""Evaluate conditional generators with a digit classifier as the judge.
+
+* conditional accuracy: the share of samples generated for label c that the judge
+  assigns to c, per class and overall;
+* domain FID: the Fréchet distance (Heusel et al. 2017) between the judge's
+  penultimate features of samples and of real test images;
+* a per-class sample grid.
+
+Samples are drawn from a fixed seed set, so two models (a candidate and the
+champion) are scored on exactly the same evaluation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+
+from models.classifier import ClassifierConfig, DigitClassifier
+from tasks import checkpoint as ckpt_io
+from tasks import storage
+from tasks.images import from_uint8, grid, to_uint8
+
+EVAL_SEED = 1234
+
+
+# -- the judge -------------------------------------------------------------------------
+@dataclass
+class Judge:
+    model: DigitClassifier
+    test_accuracy: float
+    fingerprint: str
+    checkpoint_uri: str | None = None
+
+
+def fit_classifier(x: np.ndarray, y: np.ndarray, *, config: ClassifierConfig | None = None, epochs: int = 4,
+                   batch_size: int = 64, seed: int = 0) -> DigitClassifier:
+    """Plain in-process training of the judge (small: seconds on CPU)."""
+    torch.manual_seed(seed)
+    model = DigitClassifier(config or ClassifierConfig())
+    opt = torch.optim.Adam(model.parameters(), lr=model.config.lr)
+
+    def opt_step(_: str, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    rng = np.random.default_rng(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = rng.permutation(len(y))
+        for i in range(0, len(y), batch_size):
+            idx = perm[i:i + batch_size]
+            model.train_step({"x": from_uint8(x[idx]), "y": torch.from_numpy(y[idx]).long()}, opt_step)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: DigitClassifier, x: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (N, K), features (N, F)) for images in [-1, 1]."""
+    model.eval()
+    probs, feats = [], []
+    for i in range(0, len(x), batch_size):
+        f = model.features(x[i:i + batch_size])
+        feats.append(f)
+        probs.append(F.softmax(model.head(f), -1))
+    return torch.cat(probs), torch.cat(feats)
+
+
+def get_judge(shards_uri: str, *, epochs: int = 4, seed: int = 0, config: ClassifierConfig | None = None,
+              log_to_mlflow: bool = True) -> Judge:
+    """Train (or reuse) the judge for a shard set.
+
+    The judge is cached in storage under the shard manifest's fingerprint, so every
+    model trained on the same data is scored by the same classifier.
+    """
+    from tasks.data import load_split
+
+    cfg = config or ClassifierConfig()
+    manifest = storage.read_json(storage.join(shards_uri, "manifest.json"))
+    key = hashlib.sha256(json.dumps({"data": manifest.get("source_fingerprint"), "shards": manifest.get("shards"),
+                                     "cfg": asdict(cfg), "epochs": epochs, "seed": seed},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    uri = storage.join(shards_uri, "judge", key)
+    test = load_split(shards_uri, "test")
+    if storage.exists(storage.join(uri, ckpt_io.CONFIG)):
+        from tasks.train import load_trained
+
+        model, meta = load_trained(uri)
+        return Judge(model, meta["test_accuracy"], key, uri)
+    train = load_split(shards_uri, "train")
+    model = fit_classifier(train["x"], train["y"].astype(np.int64), config=cfg, epochs=epochs, seed=seed)
+    probs, _ = predict(model, from_uint8(test["x"]))
+    acc = float((probs.argmax(-1).numpy() == test["y"]).mean())
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_io.save_checkpoint(tmp, model, extra={"test_accuracy": acc, "shards_uri": shards_uri})
+        for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
+            storage.write_bytes(storage.join(uri, name), Path(tmp, name).read_bytes())
+        if log_to_mlflow:
+            import mlflow
+
+            from tasks import tracking
+
+            tracking.configure("condgen-judge")
+            with mlflow.start_run(run_name="digit-classifier"):
+                mlflow.log_params({"epochs": epochs, "seed": seed, "shards_uri": shards_uri, "fingerprint": key,
+                                   **{f"cfg.{k}": str(v) for k, v in asdict(cfg).items()}})
+                mlflow.log_metric("test_accuracy", acc)
+                mlflow.log_artifacts(tmp, artifact_path="model")
+                mlflow.set_tag("condgen.role", "judge")
+    return Judge(model, acc, key, uri)
+
+
+# -- metrics -----------------------------------------------------------------------------
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) between two feature sets."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise (as in the reference code)
+        eps = np.eye(len(s1)) * 1e-6
+        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
+
+
+@dataclass
+class EvalResult:
+    cond_accuracy: float
+    per_class_accuracy: list[float]
+    fid: float
+    mean_confidence: float
+    mean_entropy: float
+    n_samples: int
+    judge_fingerprint: str
+    grid: np.ndarray = field(repr=False)
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        out = {f"{prefix}cond_accuracy": self.cond_accuracy, f"{prefix}fid": self.fid,
+               f"{prefix}mean_confidence": self.mean_confidence, f"{prefix}mean_entropy": self.mean_entropy}
+        out.update({f"{prefix}acc_class_{c}": a for c, a in enumerate(self.per_class_accuracy)})
+        return out
+
+
+def eval_conditions(model: torch.nn.Module, labels: np.ndarray, test: dict[str, Any]) -> torch.Tensor:
+    """The condition tensor asking for each label: the label itself, or (text models) the
+    embedding of a caption of a test image of that class (fixed choice)."""
+    if getattr(model.config, "condition", "label") != "text":
+        return torch.from_numpy(labels).long()
+    rng = np.random.default_rng(EVAL_SEED)
+    rows = []
+    for c in labels:
+        i = rng.choice(np.flatnonzero(test["y"] == c))
+        rows.append(test["txt"][i, rng.integers(test["txt"].shape[1])])
+    return torch.from_numpy(np.stack(rows)).float()
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *, n_per_class: int = 100,
+                   batch_size: int = 250, seed: int = EVAL_SEED) -> EvalResult:
+    """Score ``model.sample`` on a fixed seed set: accuracy, FID, confidence, grid."""
+    model.eval()
+    k = judge.model.config.num_classes
+    labels = np.repeat(np.arange(k), n_per_class)
+    cond = eval_conditions(model, labels, test)
+    g = torch.Generator().manual_seed(seed)
+    samples = torch.cat([model.sample(cond[i:i + batch_size], generator=g) for i in range(0, len(labels), batch_size)])
+    probs, feats = predict(judge.model, samples)
+    _, real_feats = predict(judge.model, from_uint8(test["x"]))
+    pred = probs.argmax(-1).numpy()
+    hit = pred == labels
+    per_class = [float(hit[labels == c].mean()) for c in range(k)]
+    p_true = probs[torch.arange(len(labels)), torch.from_numpy(labels)]
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    first = np.concatenate([np.flatnonzero(labels == c)[:8] for c in range(k)])
+    return EvalResult(
+        cond_accuracy=float(hit.mean()), per_class_accuracy=per_class,
+        fid=frechet_distance(feats.numpy().astype(np.float64), real_feats.numpy().astype(np.float64)),
+        mean_confidence=float(p_true.mean()), mean_entropy=float(entropy.mean()), n_samples=len(labels),
+        judge_fingerprint=judge.fingerprint, grid=grid(to_uint8(samples[first]), nrow=8),
+    )
+
+
+def log_eval(run_id: str, result: EvalResult, judge: Judge) -> None:
+    """Attach an evaluation to a training run: metrics, per-class table, grid PNG."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for name, value in result.metrics().items():
+        client.log_metric(run_id, name, value)
+    client.log_metric(run_id, "eval/judge_test_accuracy", judge.test_accuracy)
+    client.set_tag(run_id, "condgen.judge", judge.fingerprint)
+    client.log_dict(run_id, {"per_class_accuracy": result.per_class_accuracy, "cond_accuracy": result.cond_accuracy,
+                             "fid": result.fid, "judge_test_accuracy": judge.test_accuracy,
+                             "n_samples": result.n_samples}, "eval/summary.json")
+    client.log_image(run_id, result.grid, "eval/class_grid.png")
+
+
+def load_test(shards_uri: str, embeddings: str | None = None) -> dict[str, Any]:
+    from tasks.train import load_arrays
+
+    return load_arrays(shards_uri, "test", embeddings)
+
+
+def evaluate_run(run_id: str, checkpoint_uri: str, shards_uri: str, *, embeddings: str | None = None,
+                 n_per_class: int = 100, judge_epochs: int = 4) -> dict[str, float]:
+    """Score a trained run's checkpoint with the shard set's judge and log it to the run."""
+    from tasks.train import load_trained
+
+    judge = get_judge(shards_uri, epochs=judge_epochs)
+    model, _ = load_trained(checkpoint_uri)
+    result = evaluate_model(model, judge, load_test(shards_uri, embeddings), n_per_class=n_per_class)
+    log_eval(run_id, result, judge)
+    return {**result.metrics(), "eval/judge_test_accuracy": judge.test_accuracy}
+
+
+def scorer(shards_uri: str, *, embeddings: str | None = None, n_per_class: int = 100, judge_epochs: int = 4):
+    """A function model -> conditional accuracy on exactly the evaluation ``evaluate_run`` uses."""
+    judge = get_judge(shards_uri, epochs=judge_epochs)
+    test = load_test(shards_uri, embeddings)
+    return lambda model: evaluate_model(model, judge, test, n_per_class=n_per_class).cond_accuracy

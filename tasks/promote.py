@@ -1,0 +1,125 @@
+"""Register a trained model in the MLflow registry and move the ``champion`` alias
+to it only if it passes the gate.
+
+Gate (configurable): the candidate's conditional accuracy is at least
+``min_accuracy`` and not worse than the current champion's by more than
+``tolerance`` on *the same evaluation* (same judge, same seeds) — the champion is
+re-scored now rather than trusting a number logged under another judge.
+Every decision is recorded as tags on the model version.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from tasks import checkpoint as ckpt_io
+
+ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class Gate:
+    min_accuracy: float = 0.8
+    tolerance: float = 0.0  # the candidate may be this much worse than the champion
+    max_fid: float | None = None
+
+
+@dataclass
+class Promotion:
+    name: str
+    version: str
+    promoted: bool
+    reason: str
+    candidate_accuracy: float
+    champion_accuracy: float | None
+    champion_version: str | None
+
+
+def register(run_id: str, name: str, tags: dict[str, str] | None = None) -> str:
+    """Create a new version of ``name`` from the run's ``model/`` artifacts; returns the version."""
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name, tags={"condgen": "true"})
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
+            raise
+    run = client.get_run(run_id)
+    source = f"{run.info.artifact_uri}/model"
+    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+    return mv.version
+
+
+def champion_version(name: str, alias: str = ALIAS) -> str | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` or ``models:/name/3`` -> (name, alias, version)."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([\w-]+)|/(\d+))", uri)
+    if not m:
+        raise ValueError(f"not a registry URI: {uri!r} (expected models:/NAME@ALIAS or models:/NAME/VERSION)")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def load_registered(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load ``models:/name@alias`` (or ``/version``) as a module + meta (incl. ``version``)."""
+    import mlflow
+
+    name, alias, version = parse_model_uri(uri)
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model", dst_path=tmp)
+        model, meta = ckpt_io.load_checkpoint(local)
+    meta.update(name=name, version=mv.version, run_id=mv.run_id)
+    return model, meta
+
+
+def decide(candidate: float, champion: float | None, gate: Gate, fid: float | None = None) -> tuple[bool, str]:
+    """The gate as a pure function (so it is tested without a registry)."""
+    if candidate < gate.min_accuracy:
+        return False, f"conditional accuracy {candidate:.4f} < threshold {gate.min_accuracy:.4f}"
+    if gate.max_fid is not None and fid is not None and fid > gate.max_fid:
+        return False, f"FID {fid:.3f} > max {gate.max_fid:.3f}"
+    if champion is not None and candidate < champion - gate.tolerance:
+        return False, f"conditional accuracy {candidate:.4f} worse than champion's {champion:.4f} on the same eval"
+    if champion is None:
+        return True, f"first champion: conditional accuracy {candidate:.4f} >= {gate.min_accuracy:.4f}"
+    return True, f"conditional accuracy {candidate:.4f} >= champion's {champion:.4f} - {gate.tolerance}"
+
+
+def promote(run_id: str, name: str, candidate_accuracy: float, gate: Gate, *,
+            champion_accuracy_fn=None, fid: float | None = None) -> Promotion:
+    """Register the run's model; move the alias if the gate passes; tag the decision.
+
+    ``champion_accuracy_fn(model) -> float`` re-scores the current champion with the
+    candidate's evaluation; without it the champion's logged metric is used.
+    """
+    client = MlflowClient()
+    prev = champion_version(name)
+    version = register(run_id, name, tags={"condgen.cond_accuracy": f"{candidate_accuracy:.6f}"})
+    champ_acc = None
+    if prev is not None:
+        if champion_accuracy_fn is not None:
+            model, _ = load_registered(f"models:/{name}@{ALIAS}")
+            champ_acc = float(champion_accuracy_fn(model))
+        else:
+            champ_run = client.get_model_version(name, prev).run_id
+            champ_acc = client.get_run(champ_run).data.metrics.get("eval/cond_accuracy")
+    ok, reason = decide(candidate_accuracy, champ_acc, gate, fid)
+    if ok:
+        client.set_registered_model_alias(name, ALIAS, version)
+    client.set_model_version_tag(name, version, "condgen.promoted", str(ok).lower())
+    client.set_model_version_tag(name, version, "condgen.reason", reason)
+    client.set_tag(run_id, "condgen.promoted", str(ok).lower())
+    client.set_tag(run_id, "condgen.promotion_reason", reason)
+    return Promotion(name, version, ok, reason, candidate_accuracy, champ_acc, prev)

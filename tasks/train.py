@@ -1,0 +1,318 @@
+"""Train one conditional model with Ray Train (``TorchTrainer``), tracked in MLflow.
+
+The worker loop is a plain function of a config dict (DESIGN.md "Training loop"):
+it runs on CPU in one process, and touches Ray only through ``get_context``,
+``get_checkpoint``, ``get_device`` and ``report``. Gradients are averaged across
+workers with one flat all-reduce per optimiser step instead of DDP, because GANs
+step two optimisers per batch through methods other than ``forward`` (DDP only
+synchronises gradients produced through its wrapped ``forward``).
+
+Checkpoints are ``model.safetensors`` + ``config.json`` + ``optimizer.safetensors``
++ ``trainer_state.json``: resumable with ``get_checkpoint()`` and never pickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models.base import flatten_params
+from models.registry import build_model
+from tasks import checkpoint as ckpt_io
+from tasks import storage
+from tasks.images import from_uint8, grid, to_uint8
+
+
+# -- data --------------------------------------------------------------------------------
+def load_arrays(shards_uri: str, split: str, embeddings: str | None = None) -> dict[str, np.ndarray]:
+    """Arrays for a split: x uint8 (N,H,W), y int64 (N,), txt float (N, n_captions, D) if embedded."""
+    from tasks.data import load_split
+
+    data = load_split(shards_uri, split)
+    out = {"x": data["x"], "y": data["y"].astype(np.int64)}
+    if embeddings:
+        from tasks.embed import load_embeddings
+
+        emb = load_embeddings(shards_uri, embeddings, list(data["key"]))
+        out["txt"] = emb["txt"].astype(np.float32)
+    return out
+
+
+def batches(arrays: dict[str, np.ndarray], batch_size: int, rank: int, world: int, epoch: int, seed: int):
+    """Shuffled, rank-disjoint mini-batches (a DistributedSampler over in-memory arrays).
+
+    Every rank sees the same number of batches (the permutation is padded by wrapping)
+    so the per-step all-reduce never waits on a rank that has run out of data.
+    """
+    n = len(arrays["y"])
+    perm = np.random.default_rng(seed + epoch).permutation(n)
+    per_rank = -(-n // world)
+    perm = np.resize(perm, per_rank * world)[rank::world]
+    rng = np.random.default_rng(seed * 1000 + epoch * 10 + rank)
+    for i in range(0, per_rank - batch_size + 1 if per_rank >= batch_size else 1, batch_size):
+        idx = perm[i:i + batch_size]
+        batch = {"x": from_uint8(arrays["x"][idx]), "y": torch.from_numpy(arrays["y"][idx])}
+        if "txt" in arrays:
+            # One random caption phrasing per sample per step: text is not a lookup table.
+            pick = rng.integers(0, arrays["txt"].shape[1], len(idx))
+            batch["txt"] = torch.from_numpy(arrays["txt"][idx, pick])
+        yield batch
+
+
+# -- distributed helpers ---------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients across workers with a single flat all-reduce."""
+    _, world = _world()
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def broadcast_model(model: torch.nn.Module) -> None:
+    if _world()[1] > 1:
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def mean_across_workers(logs: dict[str, float]) -> dict[str, float]:
+    if _world()[1] == 1 or not logs:
+        return logs
+    keys = sorted(logs)
+    t = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= _world()[1]
+    return dict(zip(keys, t.tolist()))
+
+
+def make_optimizers(model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+    cfg = model.config
+    betas = tuple(getattr(cfg, "betas", (0.9, 0.999)))
+    return {name: torch.optim.Adam([p for p in params if p.requires_grad], lr=cfg.lr, betas=betas)
+            for name, params in model.optimizer_groups().items()}
+
+
+def make_opt_step(optimizers: dict[str, torch.optim.Optimizer]):
+    def opt_step(name: str, loss: torch.Tensor) -> None:
+        opt = optimizers[name]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        allreduce_grads(params)
+        opt.step()
+
+    return opt_step
+
+
+def grid_conditions(model: torch.nn.Module, arrays: dict[str, np.ndarray], per_class: int = 8) -> torch.Tensor:
+    """Conditions for a class-by-class sample grid: labels, or one caption embedding per class."""
+    classes = np.arange(getattr(model.config, "num_classes", 10))
+    if getattr(model.config, "condition", "label") == "text":
+        rows = [arrays["txt"][np.flatnonzero(arrays["y"] == c)[0], 0] for c in classes]
+        return torch.from_numpy(np.repeat(np.stack(rows), per_class, 0)).float()
+    return torch.from_numpy(np.repeat(classes, per_class)).long()
+
+
+def sample_grid(model: torch.nn.Module, cond: torch.Tensor, seed: int = 0, per_row: int = 8) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    model.eval()
+    x = model.sample(cond, generator=g)
+    model.train()
+    return grid(to_uint8(x), nrow=per_row)
+
+
+# -- the worker loop -------------------------------------------------------------------
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: build, (resume), train ``epochs`` epochs, report + checkpoint each epoch."""
+    import ray.train
+    import ray.train.torch
+
+    rank, world = _world()
+    torch.manual_seed(config["seed"])
+    torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
+    model = build_model(config["model"], config["model_config"])
+    model.to(ray.train.torch.get_device())
+    broadcast_model(model)
+    optimizers = make_optimizers(model)
+    opt_step = make_opt_step(optimizers)
+
+    start_epoch, step = 0, 0
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        from safetensors.torch import load_file
+
+        with resumed.as_directory() as d:
+            model.load_state_dict(load_file(os.path.join(d, ckpt_io.WEIGHTS)))
+            state = json.loads(Path(d, "trainer_state.json").read_text())
+            ckpt_io.load_optimizer_tensors(optimizers, load_file(os.path.join(d, "optimizer.safetensors")),
+                                           state["optimizers"])
+            start_epoch, step = state["epoch"] + 1, state["step"]
+
+    arrays = load_arrays(config["shards_uri"], "train", config.get("embeddings"))
+    logger = None
+    if rank == 0 and config.get("run_id"):
+        from tasks.tracking import MetricLogger
+
+        logger = MetricLogger(config["tracking_uri"], config["run_id"])
+    cond = grid_conditions(model, arrays) if rank == 0 else None
+    fail_at = config.get("fail_at_epoch")  # fault injection for tests: die once, mid-run
+
+    for epoch in range(start_epoch, config["epochs"]):
+        model.train()
+        t0, sums, count = time.perf_counter(), {}, 0
+        for batch in batches(arrays, config["batch_size"], rank, world, epoch, config["seed"]):
+            logs = model.train_step(batch, opt_step)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count, step = count + 1, step + 1
+            if fail_at is not None and epoch == fail_at and count == 2 and not resumed and rank == world - 1:
+                os._exit(1)  # a killed worker process, not a Python exception
+        metrics = mean_across_workers({k: v / max(count, 1) for k, v in sums.items()})
+        metrics.update(epoch=epoch, step=step, epoch_seconds=time.perf_counter() - t0)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                ckpt_io.save_checkpoint(tmp, model)
+                tensors, meta = ckpt_io.optimizer_tensors(optimizers)
+                from safetensors.torch import save_file
+
+                save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+                Path(tmp, "trainer_state.json").write_text(json.dumps({"epoch": epoch, "step": step, "optimizers": meta}))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if logger:
+                    logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                    if config.get("grid_every", 1) and (epoch + 1) % config.get("grid_every", 1) == 0:
+                        logger.log_image(sample_grid(model, cond), f"grids/epoch_{epoch:03d}.png")
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# -- driver side -------------------------------------------------------------------------
+@dataclass
+class TrainRequest:
+    model: str
+    shards_uri: str
+    model_config: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    num_workers: int = 2
+    seed: int = 0
+    embeddings: str | None = None  # CLIP fingerprint of precomputed embeddings (text conditioning)
+    experiment: str = "condgen"
+    run_name: str | None = None
+    max_failures: int = 2
+    fail_at_epoch: int | None = None  # fault injection (tests only)
+    grid_every: int = 1
+    use_gpu: bool = False
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    checkpoint_uri: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def train(req: TrainRequest) -> TrainResult:
+    """Run one TorchTrainer fit as one MLflow run; copy the final checkpoint to storage."""
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from condgen import settings
+    from tasks import tracking
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True)
+    tracking.configure(req.experiment)
+    model = build_model(req.model, req.model_config)  # validates the config before any worker starts
+    with mlflow.start_run(run_name=req.run_name or req.model) as run:
+        tracking.log_params({"model": req.model, "epochs": req.epochs, "batch_size": req.batch_size,
+                             "num_workers": req.num_workers, "seed": req.seed, "shards_uri": req.shards_uri,
+                             "embeddings": req.embeddings or "", **flatten_params(model.config, "cfg.")})
+        mlflow.log_dict({"model": req.model, "config": _config_dict(model)}, "model_config.json")
+        mlflow.set_tags({"condgen.model": req.model, "condgen.shards": req.shards_uri,
+                         "condgen.condition": getattr(model.config, "condition", "label")})
+        loop_config = {
+            "model": req.model, "model_config": _config_dict(model), "shards_uri": req.shards_uri,
+            "epochs": req.epochs, "batch_size": req.batch_size, "seed": req.seed, "embeddings": req.embeddings,
+            "run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(), "fail_at_epoch": req.fail_at_epoch,
+            "grid_every": req.grid_every,
+        }
+        storage_path = str(settings.home() / "ray_results")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=req.num_workers, use_gpu=req.use_gpu,
+                                         resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=f"{req.model}-{run.info.run_id[:8]}", storage_path=storage_path,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=req.max_failures)),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training {req.model} produced no checkpoint: {result.error}")
+        dest = storage.join(settings.storage_root(), "checkpoints", run.info.run_id)
+        with result.checkpoint.as_directory() as d:
+            for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
+                storage.write_bytes(storage.join(dest, name), Path(d, name).read_bytes())
+                mlflow.log_artifact(os.path.join(d, name), artifact_path="model")
+        history = [dict(m) for m in _history(result)]
+        mlflow.set_tag("condgen.checkpoint", dest)
+        return TrainResult(run.info.run_id, dest, dict(result.metrics or {}), history)
+
+
+def _config_dict(model: torch.nn.Module) -> dict[str, Any]:
+    from models.base import config_to_dict
+
+    return config_to_dict(model.config)
+
+
+def _history(result) -> list[dict[str, Any]]:
+    """Per-epoch metrics as reported by the workers (from the MLflow run when available)."""
+    try:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        run_id = mlflow.active_run().info.run_id
+        hist = MlflowClient().get_metric_history(run_id, "loss")
+        return [{"epoch": m.step, "loss": m.value} for m in sorted(hist, key=lambda m: m.step)]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def load_trained(checkpoint_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a checkpoint directory from any storage URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
+            Path(tmp, name).write_bytes(storage.read_bytes(storage.join(checkpoint_uri, name)))
+        return ckpt_io.load_checkpoint(tmp)
+
+
+def copy_tree(src: str, dst: str) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
