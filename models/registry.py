@@ -12,9 +12,19 @@ from torch import nn
 from models.base import config_from_dict
 from models.classifier import ClassifierConfig, DigitClassifier
 from models.cvae import CVAE, CVAEConfig
+from models.cyclegan import CycleGAN, CycleGANConfig
+from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
+from models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
+from models.pix2pix import Pix2Pix, Pix2PixConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "cvae": (CVAEConfig, CVAE),
+    "diffusion": (DiffusionConfig, ConditionalDiffusion),
+    "noisy_classifier": (NoisyClassifierConfig, NoisyClassifier),
+    "cgan": (CGANConfig, CGAN),
+    "acgan": (ACGANConfig, ACGAN),
+    "pix2pix": (Pix2PixConfig, Pix2Pix),
+    "cyclegan": (CycleGANConfig, CycleGAN),
     "classifier": (ClassifierConfig, DigitClassifier),
 }
 

@@ -46,6 +46,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -61,14 +62,21 @@ CONFIG = "config.json"
 FORMAT = "condgen-clip/1"
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# Zero-shot prompts: phrasings the ingest captions never use, so the score measures
-# whether the text tower learnt the digit words rather than the caption templates.
+# Zero-shot prompts, averaged per class (CLIP paper, sec. 3.1.4). The first set mixes
+# words the ingest captions use ("handwritten", "the number") with new ones; the
+# second uses none of the caption templates' words besides the digit name, to measure
+# how the text tower copes with phrasings it never saw (tokens it never trained).
 ZERO_SHOT_TEMPLATES = (
-    "a photo of the digit {}.",
     "a handwritten {}.",
     "the number {}.",
+    "a photo of the digit {}.",
+    "the digit {}.",
+)
+UNSEEN_TEMPLATES = (
+    "a photo of the digit {}.",
     "an image of the numeral {}.",
-    "a drawing of a {}.",
+    "a picture showing {}.",
+    "{} drawn on paper.",
 )
 
 
@@ -138,7 +146,10 @@ class ClipHandle:
         return self._fingerprint
 
     def invalidate(self) -> None:
+        """Call after changing the weights: the fingerprint is recomputed and the handle no
+        longer claims to be what its ``source`` holds."""
         self._fingerprint = None
+        self.source = None
 
     # images ---------------------------------------------------------------------------
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
@@ -256,11 +267,24 @@ def _create(model_name: str, model_cfg: dict, preprocess_cfg: dict, weights: str
     return model.eval(), tokenizer
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" (root logger):
+    expected when we build a model to fit from scratch or to load our own weights into."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
 def new_clip(config: str = DEFAULT_CONFIG, *, seed: int = 0, device: str | torch.device = "cpu") -> ClipHandle:
     """A randomly initialised open_clip model for a registered config name."""
     register_configs()
     torch.manual_seed(seed)
-    model, _, _ = open_clip.create_model_and_transforms(config, device=device)
+    quiet = _DropRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(config, device=device)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     model_cfg = _jsonable(open_clip.get_model_config(config))
     preprocess_cfg = _jsonable(open_clip.get_model_preprocess_cfg(model))
     return ClipHandle(model.eval(), open_clip.get_tokenizer(config), config, model_cfg, preprocess_cfg)
@@ -308,6 +332,11 @@ def _load_pretrained(name: str, tag: str, spec: str, device) -> ClipHandle:
         if not open_clip.get_pretrained_cfg(name, tag):
             raise ValueError(f"open_clip has no pretrained tag {tag!r} for {name}; "
                              f"known: {open_clip.list_pretrained_tags_by_model(name)}")
+        if not _hub_reachable():
+            raise ClipUnavailable(
+                f"pretrained CLIP {spec!r} must be downloaded and the model hub is unreachable (offline?). Use a "
+                f"local checkpoint (path, file:// or s3:// URI from save_clip) or 'embedded'; with the weights "
+                f"already in the Hugging Face cache, set HF_HUB_OFFLINE=1.")
         try:
             model, _, _ = open_clip.create_model_and_transforms(name, pretrained=tag, device=device)
         except Exception as e:  # noqa: BLE001 - the hub client raises many kinds
@@ -316,6 +345,24 @@ def _load_pretrained(name: str, tag: str, spec: str, device) -> ClipHandle:
                 f"local checkpoint (path, file:// or s3:// URI from save_clip) or 'embedded'.") from e
     preprocess_cfg = _jsonable(open_clip.get_model_preprocess_cfg(model))
     return ClipHandle(model.eval(), open_clip.get_tokenizer(name), name, model_cfg, preprocess_cfg, source=spec)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to the model hub? Checked before open_clip's download,
+    whose client retries for ~45 s before failing when there is no network. Behind a proxy,
+    or with HF_HUB_OFFLINE set (cache only), the download client decides by itself."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy",
+                                                                           "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _fetch(uri: str, tmp: str) -> str:
@@ -419,22 +466,27 @@ def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.n
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
-    def lr_at(step: int) -> float:  # open_clip's cosine_lr: linear warmup, cosine to 0
+    def lr_at(step: int, elapsed: float) -> float:
+        """open_clip's cosine_lr (linear warmup, cosine to 0) over the budget that ends first:
+        ``steps``, or ``max_seconds`` of wall time (then progress is measured in seconds)."""
         if step < warmup:
             return lr * (step + 1) / warmup
-        return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        progress = (step - warmup) / max(1, steps - warmup)
+        if max_seconds:
+            progress = max(progress, elapsed / max_seconds)
+        return 0.5 * lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     loss_fn = open_clip.ClipLoss()
     images_t = _as_float_images(images).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1]
     losses: list[float] = []
     t0 = time.perf_counter()
     model.train()
-    step = 0
     for step in range(steps):
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+        elapsed = time.perf_counter() - t0
+        if max_seconds is not None and elapsed > max_seconds:
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step, elapsed)
         idx = rng.choice(n, size=batch_size, replace=False)
         x = _shift(images_t[idx], max_shift, gen).to(device)
         img = handle.image_tower(x)
@@ -445,11 +497,9 @@ def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.n
         opt.step()
         with torch.no_grad():  # as open_clip's trainer: temperature clamped to <= 100
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
             log.info("clip step %d/%d loss %.4f", step + 1, steps, float(np.mean(losses[-log_every:])))
-    else:
-        step = steps
     seconds = time.perf_counter() - t0
     model.eval()
     handle.invalidate()
@@ -458,7 +508,7 @@ def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.n
         "loss_initial": loss_initial, "loss_final": contrastive_loss(handle, images[probe], probe_txt),
         "train_loss_first": float(np.mean(losses[:10])) if losses else float("nan"),
         "train_loss_last": float(np.mean(losses[-10:])) if losses else float("nan"),
-        "logit_scale": float(model.logit_scale.exp()),
+        "logit_scale": float(model.logit_scale.detach().exp()),
         "samples_per_s": len(losses) * batch_size / max(seconds, 1e-9),
     }
     if labels is not None:
@@ -528,6 +578,7 @@ def evaluate_clip(handle: ClipHandle, images: np.ndarray, labels: np.ndarray,
     counts = np.bincount(text_id)
     return {
         "zero_shot_acc": zero_shot_accuracy(handle, images, labels, templates),
+        "zero_shot_acc_unseen": zero_shot_accuracy(handle, images, labels, UNSEEN_TEMPLATES),
         "i2t_r1": float((text_id[i2t] == text_id).mean()),
         "t2i_r1": float((text_id[t2i] == text_id).mean()),
         "i2t_r1_label": float((labels[i2t] == labels).mean()),
@@ -546,12 +597,13 @@ def clip_score(handle: ClipHandle, images: np.ndarray | torch.Tensor, texts: Seq
 
 
 # -- Prefect wrappers (retries only where I/O can fail transiently) ---------------------------
-@task(name="load-clip", retries=2, retry_delay_seconds=5)
+@task(name="load-clip", retries=2, retry_delay_seconds=5, retry_condition_fn=storage.retry_on_io,
+      cache_policy=NO_CACHE)
 def load_clip_task(spec: str, data_uri: str | None = None) -> ClipHandle:
     return load_clip(spec, data_uri=data_uri)
 
 
-@task(name="fit-clip")
+@task(name="fit-clip", cache_policy=NO_CACHE)
 def fit_clip_task(data_uri: str, out_uri: str | None = None, **fit_kwargs: Any) -> dict[str, Any]:
     """Fit the embedded CLIP on a shard set (cached) and return where it is and its fingerprint."""
     handle = embedded_clip(data_uri, **fit_kwargs)
@@ -560,7 +612,7 @@ def fit_clip_task(data_uri: str, out_uri: str | None = None, **fit_kwargs: Any) 
     return {"uri": out_uri or handle.source, "fingerprint": handle.fingerprint}
 
 
-@task(name="evaluate-clip")
+@task(name="evaluate-clip", cache_policy=NO_CACHE)
 def evaluate_clip_task(spec: str, data_uri: str, split: str = "test") -> dict[str, float]:
     from tasks.data import load_split
 
@@ -569,6 +621,7 @@ def evaluate_clip_task(spec: str, data_uri: str, split: str = "test") -> dict[st
     return evaluate_clip(handle, data["x"], data["y"], data["captions"])
 
 
-@task(name="save-clip", retries=2, retry_delay_seconds=5)
+@task(name="save-clip", retries=2, retry_delay_seconds=5, retry_condition_fn=storage.retry_on_io,
+      cache_policy=NO_CACHE)
 def save_clip_task(handle: ClipHandle, uri: str) -> str:
     return save_clip(handle, uri)

@@ -450,14 +450,16 @@ def delete(uri: str, *, recursive: bool = False) -> None:
             path.unlink(missing_ok=True)
         return
     bucket, key = _split_s3(uri)
-    keys = [key]
-    if recursive:
-        keys += [f"{key.rstrip('/')}/{rel}" for rel, _, _ in list_objects(uri)]
+    if not recursive:
+        if key:  # DeleteObject on a missing key succeeds: deleting is idempotent
+            _with_retry(f"delete {uri}", lambda: s3_client().delete_object(Bucket=bucket, Key=key))
+        return
+    keys = [key] if key else []
+    keys += [f"{key.rstrip('/')}/{rel}" if key else rel for rel, _, _ in list_objects(uri)]
     for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-        batch = [{"Key": k} for k in keys[i:i + 1000] if k]
-        if batch:
-            _with_retry(f"delete {uri}", lambda: s3_client().delete_objects(
-                Bucket=bucket, Delete={"Objects": batch, "Quiet": True}))
+        batch = [{"Key": k} for k in keys[i:i + 1000]]
+        _with_retry(f"delete {uri}", lambda: s3_client().delete_objects(
+            Bucket=bucket, Delete={"Objects": batch, "Quiet": True}))
 
 
 # ---------------------------------------------------------------- Prefect retries
@@ -496,9 +498,11 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[
 
 def register_webdataset_s3() -> None:
     """Let ``webdataset.WebDataset("s3://...")`` stream through boto3 (no ``aws`` CLI)."""
-    from webdataset import gopen as wds_gopen
+    import webdataset
 
-    wds_gopen.gopen_schemes["s3"] = _gopen_s3
+    # The same dict object as webdataset.gopen.gopen_schemes (the module name is
+    # shadowed by the gopen function in the package namespace).
+    webdataset.gopen_schemes["s3"] = _gopen_s3
 
 
 register_webdataset_s3()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -187,7 +186,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             count, step = count + 1, step + 1
-            if fail_at is not None and epoch == fail_at and count == 2 and not resumed and rank == world - 1:
+            if fail_at is not None and epoch == fail_at and count == 2 and resumed is None and rank == world - 1:
+                # Ray Train's controller collects reports on its health-check poll (2 s), so a
+                # crash within that window of the last report would also lose that report; a
+                # real crash comes seconds into an epoch, and so does this one.
+                time.sleep(6)
                 os._exit(1)  # a killed worker process, not a Python exception
         metrics = mean_across_workers({k: v / max(count, 1) for k, v in sums.items()})
         metrics.update(epoch=epoch, step=step, epoch_seconds=time.perf_counter() - t0)
@@ -282,7 +285,7 @@ def train(req: TrainRequest) -> TrainResult:
             for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
                 storage.write_bytes(storage.join(dest, name), Path(d, name).read_bytes())
                 mlflow.log_artifact(os.path.join(d, name), artifact_path="model")
-        history = [dict(m) for m in _history(result)]
+        history = _history(run.info.run_id)
         mlflow.set_tag("condgen.checkpoint", dest)
         return TrainResult(run.info.run_id, dest, dict(result.metrics or {}), history)
 
@@ -293,17 +296,16 @@ def _config_dict(model: torch.nn.Module) -> dict[str, Any]:
     return config_to_dict(model.config)
 
 
-def _history(result) -> list[dict[str, Any]]:
-    """Per-epoch metrics as reported by the workers (from the MLflow run when available)."""
-    try:
-        import mlflow
-        from mlflow.tracking import MlflowClient
+def _history(run_id: str) -> list[dict[str, Any]]:
+    """Per-epoch metrics as the rank-0 worker logged them to the MLflow run."""
+    from mlflow.tracking import MlflowClient
 
-        run_id = mlflow.active_run().info.run_id
-        hist = MlflowClient().get_metric_history(run_id, "loss")
-        return [{"epoch": m.step, "loss": m.value} for m in sorted(hist, key=lambda m: m.step)]
-    except Exception:  # noqa: BLE001
-        return []
+    client = MlflowClient()
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            by_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def load_trained(checkpoint_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -312,7 +314,3 @@ def load_trained(checkpoint_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
         for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
             Path(tmp, name).write_bytes(storage.read_bytes(storage.join(checkpoint_uri, name)))
         return ckpt_io.load_checkpoint(tmp)
-
-
-def copy_tree(src: str, dst: str) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)

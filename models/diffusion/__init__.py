@@ -1,0 +1,44 @@
+"""Conditional diffusion as small composable pieces (pure PyTorch).
+
+schedule   NoiseSchedule, make_schedule            beta_t / alpha_bar_t (Ho et al. 2020)
+unet       UNet                                    eps_theta(x_t, t, e)
+ddpm       DiffusionConfig, ConditionalDiffusion   model contract of models/base.py, CFG training
+           NoisyClassifierConfig, NoisyClassifier  p_phi(y | x_t, t) for classifier guidance
+samplers   sample_ddpm, sample_ddim                sample_<name>(denoiser, x, schedule, *, cond, generator, callback)
+guidance   cfg, classifier_guidance, clip_guidance denoiser -> denoiser wrappers
+inversion  ddim_invert, null_text_inversion        x_0 -> x_T (+ per-step null embeddings)
+sdedit     sdedit                                  noise to strength * T, denoise with a new condition
+"""
+from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
+from models.diffusion.guidance import cfg, classifier_guidance, clip_guidance
+from models.diffusion.inversion import (
+    NullTextInversion,
+    PerStepCondition,
+    ddim_inversion_trajectory,
+    ddim_invert,
+    null_text_inversion,
+)
+from models.diffusion.samplers import SAMPLERS, sample_ddim, sample_ddpm
+from models.diffusion.schedule import NoiseSchedule, make_schedule
+from models.diffusion.sdedit import sdedit
+
+__all__ = [
+    "SAMPLERS",
+    "ConditionalDiffusion",
+    "DiffusionConfig",
+    "NoiseSchedule",
+    "NoisyClassifier",
+    "NoisyClassifierConfig",
+    "NullTextInversion",
+    "PerStepCondition",
+    "cfg",
+    "classifier_guidance",
+    "clip_guidance",
+    "ddim_inversion_trajectory",
+    "ddim_invert",
+    "make_schedule",
+    "null_text_inversion",
+    "sample_ddim",
+    "sample_ddpm",
+    "sdedit",
+]

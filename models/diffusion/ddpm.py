@@ -1,0 +1,244 @@
+"""Conditional DDPM with classifier-free guidance, and the noisy classifier for classifier guidance.
+
+* ``ConditionalDiffusion``: eps-prediction diffusion model (Ho et al. 2020, Algorithm 1,
+  L_simple of Eq. 14) trained jointly conditional/unconditional by dropping the
+  condition to the learned null token with probability p_uncond (Ho & Salimans 2022,
+  Algorithm 1), so one network serves both terms of classifier-free guidance.
+  ``sample`` = DDIM (Song et al. 2021) with CFG at ``guidance_scale``.
+* ``NoisyClassifier``: p_phi(y | x_t, t), a time-conditioned CNN trained with cross-entropy
+  on images noised by the same schedule (Dhariwal & Nichol 2021, §4.1), for
+  ``guidance.classifier_guidance``.
+
+Both follow ``models/base.py``: ``optimizer_groups``, ``train_step``, ``sample``.
+The noise schedule is rebuilt from the config; it is not part of the state_dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import OptStep, condition_from_batch
+from models.diffusion.denoiser import Callback, Denoiser, randn
+from models.diffusion.guidance import cfg
+from models.diffusion.samplers.ddim import sample_ddim
+from models.diffusion.schedule import as_timesteps, make_schedule
+from models.diffusion.unet import Downsample, ResBlock, UNet, group_norm, timestep_embedding
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    image_size: int = 28
+    in_channels: int = 1
+    channels: tuple[int, ...] = (32, 64)  # U-Net width per level; resolution halves between levels
+    num_classes: int = 10
+    condition: str = "label"  # "label" | "text"
+    text_dim: int = 64  # CLIP text embedding width (condition="text")
+    context_tokens: int = 4  # cross-attention tokens made from the text embedding
+    timesteps: int = 1000  # T
+    schedule: str = "linear"  # "linear" | "cosine"
+    p_uncond: float = 0.1  # condition dropout to the null token (Ho & Salimans 2022 use 0.1-0.2)
+    lr: float = 1e-3  # small U-Net on 28x28: higher than DDPM's 2e-4 converges in fewer epochs
+    prediction: str = "eps"  # only eps; v / x0 would go in a preconditioning wrapper
+    sample_steps: int = 50  # DDIM steps used by sample()
+    guidance_scale: float = 1.0  # CFG w in eps~ = (1 + w) eps(c) - w eps(null); 0 = no guidance
+
+
+class ConditionalDiffusion(nn.Module):
+    def __init__(self, config: DiffusionConfig):
+        super().__init__()
+        self.config = config
+        if config.prediction != "eps":
+            raise ValueError(f"prediction must be 'eps', got {config.prediction!r}")
+        if config.condition not in ("label", "text"):
+            raise ValueError(f"condition must be 'label' or 'text', got {config.condition!r}")
+        if not 0.0 <= config.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1), got {config.p_uncond}")
+        self.schedule = make_schedule(config.schedule, config.timesteps)
+        # alpha_bar as a float32 buffer for training (moves with .to(device)); samplers use the float64 schedule.
+        self.register_buffer("alpha_bars", self.schedule.alpha_bars.float(), persistent=False)
+        self.net = UNet(config.in_channels, config.channels, config.condition, config.num_classes,
+                        config.text_dim, config.context_tokens)
+
+    @property
+    def cond_dim(self) -> int:
+        """E, the width of a condition embedding (= the U-Net's time-embedding width)."""
+        return self.net.emb_dim
+
+    def _device(self) -> torch.device:
+        return self.net.conv_in.weight.device
+
+    # -- conditions -----------------------------------------------------------------------
+    def embed_condition(self, c: torch.Tensor | None, batch: int | None = None) -> torch.Tensor:
+        """Raw condition -> embedding e (B, E): int64 labels (B,), float CLIP text (B, text_dim), or None = null."""
+        if c is None:
+            if batch is None:
+                raise ValueError("embed_condition(None) needs batch=")
+            return self.null_embedding(batch)
+        return self.net.cond(c.to(self._device()))
+
+    def null_embedding(self, batch: int) -> torch.Tensor:
+        """The learned null token as an embedding, (batch, E): the starting point of null-text inversion."""
+        dev, conf = self._device(), self.config
+        if conf.condition == "label":
+            return self.net.cond(torch.full((batch,), conf.num_classes, dtype=torch.long, device=dev))
+        drop = torch.ones(batch, dtype=torch.bool, device=dev)
+        return self.net.cond(torch.zeros(batch, conf.text_dim, device=dev), drop=drop)
+
+    def null_cond(self, batch: int) -> torch.Tensor:
+        """The null condition in the form the denoiser takes for this model, for ``cfg``:
+        label models: int64 labels equal to num_classes (the extra embedding row);
+        text models: the null embedding (B, E), to be paired with ``embed_condition(txt)``."""
+        if self.config.condition == "label":
+            return torch.full((batch,), self.config.num_classes, dtype=torch.long, device=self._device())
+        return self.null_embedding(batch)
+
+    def _as_embedding(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if cond is None:
+            return self.null_embedding(batch)
+        cond = cond.to(self._device())  # a no-op when it is already there
+        if cond.dtype == torch.long:
+            if self.config.condition != "label":
+                raise TypeError("a text model's denoiser takes embeddings; labels are for label models")
+            return self.net.cond(cond)
+        if cond.shape != (batch, self.cond_dim):
+            raise ValueError(
+                f"float conditions given to the denoiser are embeddings of shape ({batch}, {self.cond_dim}), got "
+                f"{tuple(cond.shape)}; embed raw CLIP text first with model.embed_condition(txt)"
+            )
+        return cond
+
+    # -- the denoiser ---------------------------------------------------------------------
+    def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None) -> torch.Tensor:
+        """eps_theta(x_t, t, cond), (B, C, H, W). cond: int64 labels (label models), float
+        embeddings (B, E) from ``embed_condition``/``null_embedding``, or None (null token)."""
+        b = x.shape[0]
+        return self.net(x, as_timesteps(t, b, x.device), self._as_embedding(cond, b))
+
+    def denoiser(self) -> Denoiser:
+        """The callable D(x, t, cond) -> eps of DESIGN.md's denoiser contract (no guidance)."""
+        return self.eps
+
+    # -- training -------------------------------------------------------------------------
+    def loss(self, x0: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_simple = E_{t, eps} ||eps - eps_theta(sqrt(a_bar) x0 + sqrt(1 - a_bar) eps, t, c~)||^2
+        (Ho et al. 2020, Eq. 14), with c~ = null w.p. p_uncond (Ho & Salimans 2022, Algorithm 1)."""
+        b = x0.shape[0]
+        t = torch.randint(0, self.config.timesteps, (b,), device=x0.device)  # t ~ Uniform({0..T-1})
+        eps = torch.randn_like(x0)
+        a_bar = self.alpha_bars[t].view(b, 1, 1, 1)
+        x_t = a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * eps
+        drop = torch.rand(b, device=x0.device) < self.config.p_uncond
+        e = self.net.cond(c, drop=drop)  # (B, E)
+        loss = F.mse_loss(self.net(x_t, t, e), eps)
+        return loss, {"loss": loss.item()}
+
+    def optimizer_groups(self):
+        return {"main": self.parameters()}
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
+        loss, logs = self.loss(batch["x"], condition_from_batch(batch, self.config.condition))
+        opt_step("main", loss)
+        return logs
+
+    # -- sampling -------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_cond: torch.Tensor | None = None,
+        eta: float = 0.0,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        """x_T ~ N(0, I), then DDIM (``sample_steps``, eta) with CFG; (B, C, H, W) clamped to [-1, 1].
+
+        ``cond`` / ``negative_cond`` are raw conditions (labels (B,) or CLIP text (B, D));
+        everything is embedded once up front, so the sampling loop only runs the U-Net.
+        """
+        conf = self.config
+        b, dev = cond.shape[0], self._device()
+        x_T = randn((b, conf.in_channels, conf.image_size, conf.image_size), generator, dev)
+        e = self.embed_condition(cond)  # (B, E)
+        e_neg = None if negative_cond is None else self.embed_condition(negative_cond)
+        w = conf.guidance_scale if guidance_scale is None else guidance_scale
+        D = cfg(self.denoiser(), w, self.null_embedding(1), e_neg)
+        x = sample_ddim(D, x_T, self.schedule, cond=e, generator=generator, callback=callback,
+                        steps=conf.sample_steps if steps is None else steps, eta=eta)
+        return x.clamp(-1, 1)
+
+
+@dataclass(frozen=True)
+class NoisyClassifierConfig:
+    image_size: int = 28
+    in_channels: int = 1
+    channels: tuple[int, ...] = (32, 64)  # width per level; resolution halves between levels
+    num_classes: int = 10
+    timesteps: int = 1000  # must match the diffusion model it guides
+    schedule: str = "linear"
+    lr: float = 1e-3
+
+
+class NoisyClassifier(nn.Module):
+    """logits of p_phi(y | x_t, t): (B, C, H, W), (B,) -> (B, K).
+
+    The U-Net's encoder half (residual blocks with the time embedding, stride-2 convs),
+    pooling to a 3x3 grid and a linear head: a small version of ADM's classifier
+    (Dhariwal & Nichol 2021, §4.1, which pools with attention). The 3x3 grid keeps the
+    coarse layout that a global average would throw away (it matters for digits).
+    """
+
+    def __init__(self, config: NoisyClassifierConfig):
+        super().__init__()
+        self.config = c = config
+        self.schedule = make_schedule(c.schedule, c.timesteps)
+        self.register_buffer("alpha_bars", self.schedule.alpha_bars.float(), persistent=False)
+        c0 = c.channels[0]
+        self.emb_dim = E = 4 * c0
+        self.time_mlp = nn.Sequential(nn.Linear(c0, E), nn.SiLU(), nn.Linear(E, E))
+        self.conv_in = nn.Conv2d(c.in_channels, c0, 3, padding=1)
+        self.blocks, self.downs = nn.ModuleList(), nn.ModuleList()
+        c_prev = c0
+        for ch in c.channels:
+            self.blocks.append(ResBlock(c_prev, ch, E))
+            self.downs.append(Downsample(ch))
+            c_prev = ch
+        self.norm_out = group_norm(c_prev)
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.head = nn.Linear(c_prev * 9, c.num_classes)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        t = as_timesteps(t, x.shape[0], x.device)
+        emb = self.time_mlp(timestep_embedding(t, self.config.channels[0]))  # (B, E)
+        h = self.conv_in(x)
+        for block, down in zip(self.blocks, self.downs):
+            h = down(block(h, emb))
+        return self.head(self.pool(F.silu(self.norm_out(h))).flatten(1))  # (B, K)
+
+    def loss(self, x0: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy of y given x_t ~ q(x_t | x0), t ~ Uniform({0..T-1})."""
+        b = x0.shape[0]
+        t = torch.randint(0, self.config.timesteps, (b,), device=x0.device)
+        a_bar = self.alpha_bars[t].view(b, 1, 1, 1)
+        x_t = a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * torch.randn_like(x0)
+        logits = self(x_t, t)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
+
+    def optimizer_groups(self):
+        return {"main": self.parameters()}
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
+        loss, logs = self.loss(batch["x"], batch["y"])
+        opt_step("main", loss)
+        return logs
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError("NoisyClassifier is a guidance classifier, not a generator; "
+                                  "use it through models.diffusion.guidance.classifier_guidance")

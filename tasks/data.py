@@ -1,0 +1,106 @@
+"""Load one split of an ingested shard set into numpy arrays.
+
+Reads exactly the shards the manifest lists (so a half-written set is never read),
+through webdataset, which handles ``s3://`` via the opener ``tasks.storage`` registers.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from prefect import task
+
+from tasks import storage
+from tasks.attributes import ATTRIBUTE_NAMES
+
+SPLITS = ("train", "val", "test", "all")
+# Optional members added by later steps (embed), and the array names they load into.
+OPTIONAL_ARRAYS = {"clip_txt.npy": "txt", "clip_img.npy": "img"}
+
+
+def read_manifest(shards_uri: str) -> dict[str, Any]:
+    return storage.read_json(storage.join(shards_uri, "manifest.json"))
+
+
+def shard_uris(shards_uri: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    """URIs of the shards listed in ``{shards_uri}/manifest.json``, in order."""
+    manifest = manifest if manifest is not None else read_manifest(shards_uri)
+    return [storage.join(shards_uri, s["name"]) for s in manifest["shards"]]
+
+
+def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = ("x", "y")) -> dict[str, Any]:
+    """Arrays for ``split`` ("train", "val", "test" or "all").
+
+    Returns ``x`` uint8 (N, H, W), ``y`` int64 (N,), ``key`` str (N,), ``attributes``
+    float32 (N, 4) in ``ATTRIBUTE_NAMES`` order, ``caption`` str (N,), ``captions``
+    object (N,) of lists, and ``txt`` / ``img`` float32 (N, ...) when the shards carry
+    ``clip_txt.npy`` / ``clip_img.npy``. ``keys`` names the arrays the caller needs:
+    a missing one raises KeyError instead of failing later.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    names: list[str] = []
+    attrs: list[list[float]] = []
+    caption: list[str] = []
+    captions: list[list[str]] = []
+    extra: dict[str, list[np.ndarray]] = {name: [] for name in OPTIONAL_ARRAYS.values()}
+    # No node/worker splitting: every caller wants the whole split (Ray Train shards
+    # the arrays itself); shardshuffle=False keeps the manifest order.
+    manifest = read_manifest(shards_uri)
+    dataset = wds.WebDataset(shard_uris(shards_uri, manifest), shardshuffle=False, nodesplitter=None,
+                             workersplitter=None, empty_check=False)
+    for sample in dataset:
+        meta = json.loads(sample["json"])
+        if split != "all" and meta["split"] != split:
+            continue  # skip before decoding the image: the cheap test first
+        im = Image.open(io.BytesIO(sample["png"]))
+        xs.append(np.asarray(im if im.mode == "L" else im.convert("L")))
+        ys.append(int(sample["cls"]))
+        names.append(sample["__key__"])
+        attrs.append([meta["attributes"][a] for a in ATTRIBUTE_NAMES])
+        caption.append(meta["caption"])
+        captions.append(list(meta["captions"]))
+        for member, name in OPTIONAL_ARRAYS.items():
+            if member in sample:
+                extra[name].append(np.load(io.BytesIO(sample[member]), allow_pickle=False))
+
+    n = len(names)
+    size = int(manifest.get("config", {}).get("image_size", 0))
+    out: dict[str, Any] = {
+        "x": np.stack(xs) if xs else np.zeros((0, size, size), np.uint8),
+        "y": np.asarray(ys, dtype=np.int64),
+        "key": np.asarray(names, dtype=str),
+        "attributes": np.asarray(attrs, dtype=np.float32).reshape(n, len(ATTRIBUTE_NAMES)),
+        "caption": np.asarray(caption, dtype=str),
+        "captions": _object_array(captions),
+    }
+    for name, rows in extra.items():
+        if rows and len(rows) != n:
+            raise ValueError(f"{name}: only {len(rows)} of {n} samples carry it; re-run embed")
+        if rows:
+            # (N, D), or (N, n_captions, D) when a text embedding is stored per phrasing.
+            out[name] = np.stack(rows).astype(np.float32)
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise KeyError(f"{shards_uri} has no {missing} (available: {sorted(out)})")
+    return out
+
+
+def _object_array(rows: list[list[str]]) -> np.ndarray:
+    # Filled element by element: np.array(rows, dtype=object) would build a 2-D
+    # array when all lists have the same length.
+    arr = np.empty(len(rows), dtype=object)
+    for i, row in enumerate(rows):
+        arr[i] = row
+    return arr
+
+
+# Retries are for I/O (S3 or disk hiccups) only.
+load_split_task = task(load_split, name="load_split", retries=2, retry_delay_seconds=5,
+                       retry_condition_fn=storage.retry_on_io)

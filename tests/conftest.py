@@ -1,0 +1,208 @@
+"""Shared pytest fixtures. One section per engine; keep each section self-contained.
+
+S3: a real S3-compatible HTTP server (``moto_server``) on 127.0.0.1, started once per
+session, with fake credentials and ``CONDGEN_S3_ENDPOINT_URL`` pointing at it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+# ------------------------------------------------------------------------------ S3
+
+S3_TEST_BUCKET = "condgen-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto_server(port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``moto_server`` on 127.0.0.1:port (returns at once; see ``wait_until_up``)."""
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_until_up(endpoint: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    # No proxies: a proxy from the environment must not answer for 127.0.0.1.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {proc.returncode}")
+        try:
+            opener.open(endpoint + "/", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"moto_server at {endpoint} did not answer in {timeout_s}s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def s3_test_env(endpoint: str, scratch: Path) -> dict[str, str | None]:
+    """Environment for talking to a test S3 server (None = unset)."""
+    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "CONDGEN_S3_ENDPOINT_URL": endpoint,
+        # Keep a developer's real AWS setup out of the tests.
+        "AWS_SESSION_TOKEN": None,
+        "AWS_PROFILE": None,
+        "AWS_ENDPOINT_URL": None,
+        "AWS_CONFIG_FILE": str(scratch / "aws-config-absent"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(scratch / "aws-credentials-absent"),
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
+    }
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Endpoint URL of a moto S3 server with bucket ``S3_TEST_BUCKET``; env set for it."""
+    from tasks import storage
+
+    scratch = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = start_moto_server(port, scratch / "moto_server.log")
+    try:
+        wait_until_up(endpoint, proc)
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in s3_test_env(endpoint, scratch).items():
+                if value is None:
+                    mp.delenv(name, raising=False)
+                else:
+                    mp.setenv(name, value)
+            storage.reset_clients()  # a client cached before the env change would be stale
+            storage.s3_client().create_bucket(Bucket=S3_TEST_BUCKET)
+            yield endpoint
+    finally:
+        stop_server(proc)
+        storage.reset_clients()
+
+
+@pytest.fixture
+def s3_uri(s3_server: str, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty ``s3://`` prefix for one test."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
+    return f"s3://{S3_TEST_BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+# ------------------------------------------------------------------ Ray, MLflow, shards
+# Every engine binds to loopback only.
+
+
+def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def condgen_home(tmp_path_factory):
+    """A private CONDGEN_HOME (storage, MLflow SQLite, Ray results) for the whole session."""
+    home = tmp_path_factory.mktemp("condgen_home")
+    old = {k: os.environ.get(k) for k in ("CONDGEN_HOME", "MLFLOW_TRACKING_URI", "CONDGEN_STORAGE")}
+    os.environ["CONDGEN_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("CONDGEN_STORAGE", None)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(condgen_home):
+    """600 real MNIST digits in 3 shards (ingested once per session)."""
+    from tasks.ingest import ingest
+
+    out = (condgen_home / "shards-tiny").as_uri()
+    ingest("bundled:mnist", out, limit=600, shard_size=200)
+    return out
+
+
+@pytest.fixture(scope="session")
+def local_ray(condgen_home):
+    """A local Ray instance shared by the integration tests (multi-node tests make their own)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"CONDGEN_HOME": str(condgen_home)}})
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server + registry (SQLite backend, proxied artifacts) on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(exe), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc=proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def use_mlflow_server(mlflow_server, monkeypatch):
+    """Point the code under test at the MLflow server for one test."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server

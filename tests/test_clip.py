@@ -1,0 +1,237 @@
+"""CLIP without downloads (tasks/clip.py) and embedding precompute (tasks/embed.py).
+
+Tiny components: the ``condgen-clip-test`` open_clip config (1.6M params, mostly the
+token table), 200 real MNIST digits in 2 shards, a local Ray with 2 CPUs.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from tasks import clip as C
+from tasks import embed as E
+from tasks import storage
+
+TEST_CONFIG = "condgen-clip-test"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    from tasks.ingest import ingest
+
+    out = (tmp_path_factory.mktemp("clip-shards") / "mnist").as_uri()
+    ingest("bundled:mnist", out, limit=200, shard_size=100)
+    return out
+
+
+@pytest.fixture(scope="module")
+def train(shards):
+    from tasks.data import load_split
+
+    return load_split(shards, "train")
+
+
+@pytest.fixture(scope="module")
+def fitted(train):
+    torch.set_num_threads(2)
+    return C.fit_clip(train["x"], train["captions"], train["y"], config=TEST_CONFIG, steps=40, batch_size=64,
+                      lr=3e-3, warmup=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+# -- the model ---------------------------------------------------------------------------------
+def test_tiny_configs_are_registered_open_clip_models():
+    C.register_configs()
+    for name in ("condgen-clip-tiny", TEST_CONFIG):
+        assert name in open_clip.list_models()
+        cfg = open_clip.get_model_config(name)
+        assert cfg["vision_cfg"]["image_size"] == 28
+
+
+def test_fit_lowers_contrastive_loss(fitted):
+    handle, metrics = fitted
+    assert metrics["steps"] == 40
+    assert metrics["loss_final"] < metrics["loss_initial"] - 0.2, metrics
+    assert metrics["train_loss_last"] < metrics["train_loss_first"], metrics
+
+
+def test_encoders_are_unit_norm_and_batch_independent(fitted, train):
+    handle, _ = fitted
+    x = train["x"][:9]
+    img = handle.encode_images(x)
+    assert img.shape == (9, 32) and img.dtype == torch.float32
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(9))
+    torch.testing.assert_close(handle.encode_images(x, batch_size=4), img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(handle.encode_images(x[3:4])[0], img[3], atol=1e-5, rtol=1e-5)
+    # uint8 numpy and its [-1, 1] float tensor give the same embedding
+    xf = torch.from_numpy(x).float() / 127.5 - 1
+    torch.testing.assert_close(handle.encode_images(xf.unsqueeze(1)), img)
+    txt = handle.encode_texts(["a thick, slanted seven", "the number one written with a fine pen"])
+    assert txt.shape == (2, 32)
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(2))
+
+
+def test_preprocess_matches_open_clip_transform(fitted, train):
+    """Our tensor preprocessing (differentiable) equals open_clip's PIL transform."""
+    handle, _ = fitted
+    cfg = handle.preprocess_cfg
+    transform = open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"],
+                                          resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"])
+    x = train["x"][:4]
+    ref = torch.stack([transform(Image.fromarray(im, mode="L")) for im in x])
+    ours = handle.preprocess(torch.from_numpy(x).float() / 127.5 - 1)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_image_tower_is_differentiable(fitted):
+    handle, _ = fitted
+    x = torch.zeros(2, 1, 28, 28, requires_grad=True)
+    emb = handle.image_tower(x)
+    assert emb.shape == (2, 32)
+    emb.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_save_load_gives_identical_embeddings(fitted, train, tmp_path):
+    handle, _ = fitted
+    texts = ["a slanted two", "handwritten digit 5, bold strokes, upright"]
+    uri = C.save_clip(handle, str(tmp_path / "ckpt"))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [C.CONFIG, C.WEIGHTS]
+    meta = storage.read_json(str(tmp_path / "ckpt" / C.CONFIG))
+    assert meta["fingerprint"] == handle.fingerprint and meta["embed_dim"] == 32
+    for spec in (uri, (tmp_path / "ckpt").as_uri()):
+        loaded = C.load_clip(spec)
+        assert loaded.fingerprint == handle.fingerprint
+        assert torch.equal(loaded.encode_images(train["x"][:16]), handle.encode_images(train["x"][:16]))
+        assert torch.equal(loaded.encode_texts(texts), handle.encode_texts(texts))
+    # the same weights as an open_clip "name:weights file" spec
+    bare = C.load_clip(f"{TEST_CONFIG}:{tmp_path / 'ckpt' / C.WEIGHTS}")
+    assert torch.equal(bare.encode_texts(texts), handle.encode_texts(texts))
+
+
+def test_corrupt_checkpoint_is_refused(fitted, tmp_path):
+    handle, _ = fitted
+    uri = C.save_clip(handle, str(tmp_path / "ckpt"))
+    meta = storage.read_json(str(tmp_path / "ckpt" / C.CONFIG))
+    meta["fingerprint"] = "0" * 64
+    storage.write_json(str(tmp_path / "ckpt" / C.CONFIG), meta)
+    with pytest.raises(ValueError, match="fingerprint"):
+        C.load_clip(uri)
+
+
+def test_payload_round_trip_pickles_no_module(fitted):
+    handle, _ = fitted
+    payload = handle.to_payload()
+    assert isinstance(payload["weights"], bytes)
+    assert not any(isinstance(v, torch.nn.Module) for v in payload.values())
+    again = C.ClipHandle.from_payload(payload)
+    assert again.fingerprint == handle.fingerprint
+
+
+def test_unavailable_specs_fail_clearly(monkeypatch):
+    monkeypatch.setattr(C, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(C.ClipUnavailable, match="embedded"):
+        C.load_clip("ViT-B-32:laion2b_s34b_b79k")
+    with pytest.raises(ValueError, match="no pretrained tag"):
+        C.load_clip("ViT-B-32:no-such-tag")
+    with pytest.raises(ValueError, match="unknown CLIP spec"):
+        C.load_clip("not-a-model")
+    with pytest.raises(ValueError, match="data_uri"):
+        C.load_clip("embedded")
+    with pytest.raises(ValueError, match="safetensors"):
+        C.load_clip(f"{TEST_CONFIG}:/tmp/weights.pt")
+
+
+def test_clip_score_and_evaluation(fitted, shards):
+    from tasks.data import load_split
+
+    handle, _ = fitted
+    test = load_split(shards, "test")
+    texts = [c[0] for c in test["captions"]]
+    score = C.clip_score(handle, test["x"], texts)
+    assert score.shape == (len(texts),) and bool((score.abs() <= 1 + 1e-5).all())
+    metrics = C.evaluate_clip(handle, test["x"], test["y"], test["captions"])
+    for k in ("zero_shot_acc", "zero_shot_acc_unseen", "i2t_r1", "t2i_r1", "i2t_r1_label", "t2i_r1_label"):
+        assert 0.0 <= metrics[k] <= 1.0
+    assert metrics["n"] == len(texts)
+
+
+def test_embedded_spec_fits_once_then_reuses(shards):
+    kw = dict(config=TEST_CONFIG, steps=3, batch_size=32, warmup=1)
+    first = C.load_clip("embedded", data_uri=shards, **kw)
+    assert first.source and first.source.startswith(storage.join(shards, "clip"))
+    again = C.load_clip("embedded", data_uri=shards, **kw)
+    assert again.fingerprint == first.fingerprint and again.source == first.source
+
+
+# -- precomputed embeddings ----------------------------------------------------------------------
+def test_embed_writes_sidecars_skips_resumes_and_follows_the_model(fitted, shards, train, ray_local):
+    handle, _ = fitted
+    res = E.embed(shards, handle, batch_size=64, num_workers=2, progress=False)
+    names = ["shard-000000.tar", "shard-000001.tar"]
+    assert sorted(res.computed) == names and res.skipped == []
+    assert res.uri == storage.join(shards, "embeddings", handle.fingerprint[:16])
+    assert res.n_samples == 200 and res.embed_dim == 32 and res.n_captions >= 3
+    manifest = storage.read_json(storage.join(res.uri, "manifest.json"))
+    assert manifest["complete"] and manifest["fingerprint"] == handle.fingerprint
+    assert [e["name"] for e in manifest["shards"]] == names
+    # the in-memory model was stored beside its embeddings, loadable by spec
+    assert C.load_clip(res.clip_uri).fingerprint == handle.fingerprint
+
+    # side-car members: float16 rows keyed like the source samples
+    sample = E.read_samples(storage.join(res.uri, names[0]))[0]
+    img = np.load(io.BytesIO(sample[E.IMG_MEMBER]))
+    txt = np.load(io.BytesIO(sample[E.TXT_MEMBER]))
+    assert img.dtype == np.float16 and img.shape == (32,)
+    assert txt.dtype == np.float16 and txt.shape[1] == 32 and txt.shape[0] >= 3
+
+    # aligned to the caller's keys, equal to computing them here (up to float16)
+    keys = list(train["key"][::-1])
+    emb = E.load_embeddings(shards, handle.fingerprint, keys)
+    assert emb["img"].shape == (len(keys), 32) and emb["txt"].shape[:2] == (len(keys), res.n_captions)
+    expect = handle.encode_images(train["x"][::-1]).numpy()
+    np.testing.assert_allclose(emb["img"], expect, atol=2e-3)
+    first_caps = [c[0] for c in train["captions"][::-1]]
+    np.testing.assert_allclose(emb["txt"][:, 0], handle.encode_texts(first_caps).numpy(), atol=2e-3)
+    with pytest.raises(KeyError):
+        E.load_embeddings(shards, handle.fingerprint[:16], ["no-such-key"])
+
+    # re-running computes nothing
+    again = E.embed(shards, handle, num_workers=2, progress=False)
+    assert again.computed == [] and sorted(again.skipped) == names and again.n_samples == 200
+
+    # an interrupted run (one side-car lost) resumes with just that shard
+    storage.delete(storage.join(res.uri, names[1]))
+    resumed = E.embed(shards, handle, num_workers=2, progress=False)
+    assert resumed.computed == [names[1]] and resumed.skipped == [names[0]]
+
+    # the Prefect task wraps the same function (nothing left to do)
+    out = E.embed_task.fn(shards, res.clip_uri)
+    assert out["computed"] == [] and out["fingerprint"] == handle.fingerprint
+
+    # a different model (fingerprint) recomputes everything into its own folder
+    changed = C.ClipHandle.from_payload(handle.to_payload())
+    with torch.no_grad():
+        changed.model.logit_scale.add_(0.5)  # any weight change is a new model
+    changed.invalidate()
+    assert changed.fingerprint != handle.fingerprint
+    other = E.embed(shards, changed, num_workers=2, progress=False)
+    assert sorted(other.computed) == names and other.uri != res.uri

@@ -1,0 +1,209 @@
+"""cGAN, AC-GAN, pix2pix and CycleGAN on tiny configs (channels=(4, 8)) and sklearn digits."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from models.base import GenerativeModel
+from models.cyclegan import CycleGAN, CycleGANConfig
+from models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
+from models.paired import edge_map
+from models.pix2pix import Pix2Pix, Pix2PixConfig
+from models.registry import MODELS, build_model
+
+TINY_GAN = dict(channels=(4, 8), latent_dim=8, cond_dim=4, lr=1e-3)
+TEXT_DIM = 12
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """64 sklearn digits (8x8, shipped with the wheel) upsampled to 28x28 in [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:64], dtype=torch.float32)[:, None] / 16  # (64, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=28, mode="bilinear", align_corners=False) * 2 - 1
+    return x, torch.tensor(d.target[:64])
+
+
+def _batch(kind: str) -> dict[str, torch.Tensor]:
+    x, y = _digits()
+    batch = {"x": x, "y": y, "txt": torch.randn(len(y), TEXT_DIM, generator=torch.Generator().manual_seed(3))}
+    if kind == "pix2pix":
+        batch["cond_img"] = edge_map(x)
+    if kind == "cyclegan":
+        batch["x_b"] = -x.flip(0)  # domain B: inverted digits, in another order (unpaired)
+    return batch
+
+
+def _opt_step(model):
+    """What the generic loop does: one Adam per named group, zero_grad / backward / step."""
+    opts = {
+        name: torch.optim.Adam(params, lr=model.config.lr, betas=model.config.betas)
+        for name, params in model.optimizer_groups().items()
+    }
+
+    def opt_step(name: str, loss: torch.Tensor) -> None:
+        opts[name].zero_grad()
+        loss.backward()
+        opts[name].step()
+
+    return opt_step
+
+
+def _build(kind: str, **overrides):
+    if kind == "cgan":
+        return CGAN(CGANConfig(**{**TINY_GAN, **overrides}))
+    if kind == "acgan":
+        return ACGAN(ACGANConfig(**{**TINY_GAN, **overrides}))
+    if kind == "pix2pix":
+        return Pix2Pix(Pix2PixConfig(channels=(4, 8), lr=1e-3, **overrides))
+    if kind == "cyclegan":
+        return CycleGAN(CycleGANConfig(channels=(4, 8), disc_channels=(4, 8), n_res=1, lr=1e-3, **overrides))
+    raise KeyError(kind)
+
+
+def _cond(kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return {"cgan": batch["y"], "acgan": batch["y"], "pix2pix": batch.get("cond_img"), "cyclegan": batch["x"]}[kind]
+
+
+KINDS = ["cgan", "acgan", "pix2pix", "cyclegan"]
+# The loss each family is expected to drive down in a few dozen steps on one batch:
+# D's hinge loss (it quickly tells digits from early fakes), AC-GAN's term 1 (the
+# classifier learns the real labels), pix2pix's L1 and CycleGAN's cycle loss.
+FALLING = {"cgan": "d_loss", "acgan": "term1", "pix2pix": "l1", "cyclegan": "cycle"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_falls_on_a_digits_batch(kind):
+    model, batch = _build(kind), _batch(kind)
+    step = _opt_step(model)
+    logs = [model.train_step(batch, step) for _ in range(40)]
+    assert all(isinstance(v, float) for v in logs[0].values())
+    key = FALLING[kind]
+    first = sum(log[key] for log in logs[:5]) / 5
+    last = sum(log[key] for log in logs[-5:]) / 5
+    assert last < 0.7 * first, (key, first, last)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_step_calls_each_group_once_discriminator_first(kind):
+    model = _build(kind)
+    calls = []
+    model.train_step(_batch(kind), lambda name, loss: calls.append((name, loss.requires_grad)))
+    assert calls == [("disc", True), ("gen", True)]
+    assert set(model.optimizer_groups()) == {"disc", "gen"}
+    assert isinstance(model, GenerativeModel)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip_gives_identical_samples(kind, tmp_path):
+    model, batch = _build(kind), _batch(kind)
+    step = _opt_step(model)
+    for _ in range(2):  # move away from the init, spectral-norm vectors included
+        model.train_step(batch, step)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    torch.manual_seed(123)  # a different init, so only the loaded weights can make them equal
+    clone = _build(kind)
+    clone.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    cond = _cond(kind, batch)[:6]
+    a = model.sample(cond, torch.Generator().manual_seed(7))
+    b = clone.sample(cond, torch.Generator().manual_seed(7))
+    assert a.shape == (6, 1, 28, 28)
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("block", ["concat", "film", "adain"])
+@pytest.mark.parametrize("kind", ["cgan", "acgan"])
+def test_generator_blocks_follow_the_condition_and_the_rng(kind, block):
+    model = _build(kind, block=block)
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    threes, sevens = torch.full((4,), 3), torch.full((4,), 7)
+    assert torch.equal(model.sample(threes, g(0)), model.sample(threes, g(0)))
+    assert not torch.allclose(model.sample(threes, g(0)), model.sample(threes, g(1)))
+    assert not torch.allclose(model.sample(threes, g(0)), model.sample(sevens, g(0)))
+    model.train_step(_batch(kind), _opt_step(model))  # every block trains
+
+
+def test_generate_is_batch_independent_and_differentiable_in_z():
+    model = _build("cgan")
+    z = torch.randn(5, model.latent_dim, requires_grad=True)
+    c = torch.arange(5)
+    x = model.generate(z, c)
+    torch.testing.assert_close(model.generate(z[2:3], c[2:3]), x[2:3])  # batched == single
+    x.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert model.latent_sample(3, torch.Generator().manual_seed(0)).shape == (3, model.latent_dim)
+
+
+def test_cgan_text_condition_uses_clip_embeddings():
+    model = _build("cgan", condition="text", text_dim=TEXT_DIM)
+    batch = _batch("cgan")
+    logs = model.train_step(batch, _opt_step(model))
+    assert set(logs) >= {"d_loss", "g_loss"}
+    t1, t2 = batch["txt"][:2], batch["txt"][2:4]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert not torch.allclose(model.sample(t1, g()), model.sample(t2, g()))
+    with pytest.raises(TypeError):
+        model.sample(torch.tensor([1, 2]))
+
+
+def test_acgan_term2_flag_changes_only_the_generator_loss():
+    with_t2 = _build("acgan", acgan_term2=True)
+    without = _build("acgan", acgan_term2=False)
+    without.load_state_dict(with_t2.state_dict())
+    batch, noop = _batch("acgan"), lambda name, loss: None
+    torch.manual_seed(5)
+    a = with_t2.train_step(batch, noop)
+    torch.manual_seed(5)
+    b = without.train_step(batch, noop)
+    assert a["d_loss"] == pytest.approx(b["d_loss"])
+    assert a["term2"] == pytest.approx(b["term2"]) and a["term2"] > 0
+    assert a["g_loss"] == pytest.approx(b["g_loss"] + with_t2.config.aux_weight * a["term2"], rel=1e-5)
+
+
+def test_acgan_rejects_text_conditions():
+    with pytest.raises(ValueError, match="label"):
+        _build("acgan", condition="text")
+
+
+def test_edge_map_marks_the_outline_of_a_square():
+    x = -torch.ones(2, 1, 12, 12)
+    x[:, :, 4:8, 4:8] = 1
+    e = edge_map(x)
+    assert e.shape == (2, 1, 12, 12)
+    assert set(e.unique().tolist()) == {-1.0, 1.0}
+    assert e[0, 0, 0, 0] == -1 and e[0, 0, 4, 4] == 1  # flat background / the square's corner
+    assert (edge_map(torch.zeros(1, 3, 12, 12)) == -1).all()  # a flat image has no edges
+
+
+def test_pix2pix_and_cyclegan_check_their_batch_keys_and_directions():
+    x, _ = _digits()
+    with pytest.raises(KeyError, match="cond_img"):
+        _build("pix2pix").train_step({"x": x[:2]}, lambda n, l: None)
+    cyc = _build("cyclegan")
+    with pytest.raises(KeyError, match="x_b"):
+        cyc.train_step({"x": x[:2]}, lambda n, l: None)
+    assert cyc.translate(x[:2], "a2b").shape == cyc.translate(x[:2], "b2a").shape == (2, 1, 28, 28)
+    with pytest.raises(ValueError, match="direction"):
+        cyc.translate(x[:2], "sideways")
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_registry_builds_from_json_like_dicts(name):
+    assert name in MODELS
+    cfg = {"channels": [4, 8]}
+    if name == "cyclegan":
+        cfg["disc_channels"] = [4, 8]
+    model = build_model(name, cfg)
+    assert model.config.channels == (4, 8)
