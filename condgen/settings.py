@@ -9,6 +9,7 @@ cluster (DESIGN.md "Cluster profile"); nothing else needs to change.
 | CONDGEN_STORAGE           | file://$CONDGEN_HOME/store               | s3://bucket/condgen              |
 | MLFLOW_TRACKING_URI       | sqlite:///$CONDGEN_HOME/mlflow.db        | http://mlflow:5000               |
 | CONDGEN_ARTIFACTS         | $CONDGEN_HOME/mlartifacts                | (server-side, e.g. s3://…)       |
+| CONDGEN_RAY_STORAGE       | $CONDGEN_HOME/ray_results                | s3://bucket/condgen/ray_results  |
 | RAY_ADDRESS               | (unset: local Ray)                       | ray://head:10001 or auto         |
 | PREFECT_API_URL           | (unset: ephemeral Prefect)               | http://prefect:4200/api          |
 | CONDGEN_S3_ENDPOINT_URL   | (unset: AWS)                             | http://minio:9000                |
@@ -33,3 +34,9 @@ def tracking_uri() -> str:
 
 def artifact_root() -> str:
     return os.environ.get("CONDGEN_ARTIFACTS", (home() / "mlartifacts").as_uri())
+
+
+def ray_storage() -> str:
+    """Ray Train's run storage (checkpoints, run state). Every node must reach it: on a
+    multi-node cluster an ``s3://`` prefix or a shared mount, never a node-local disk."""
+    return os.environ.get("CONDGEN_RAY_STORAGE", str(home() / "ray_results"))

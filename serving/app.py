@@ -4,7 +4,6 @@
 which registry version is loaded. Bad input gets a 4xx with a reason (pydantic
 bounds, unknown labels), never a 5xx.
 """
-from __future__ import annotations
 
 import base64
 import os

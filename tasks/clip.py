@@ -13,9 +13,12 @@
   ``tasks.storage`` into a temp folder and built by open_clip itself
   (``pretrained=<file>.safetensors``, which open_clip reads with safetensors: nothing
   is unpickled);
-* ``"embedded"``: a small CLIP (``models/clip_configs/condgen-clip-tiny.json``) fitted by
-  :func:`fit_clip` with open_clip's own ``ClipLoss`` on a shard set's train captions,
-  cached next to the shards so every later call reuses it.
+* ``"embedded"``: a small CLIP (``models/clip_configs/condgen-clip-tiny.json``: open_clip's
+  ModifiedResNet image tower at 32 px, width 16, one block per stage; a 3-layer, 128-wide
+  text transformer with open_clip's own tokenizer; 128-d embeddings; 8.1M parameters, 6.3M
+  of them the token table) fitted by :func:`fit_clip` with open_clip's ``ClipLoss`` on a
+  shard set's train captions, cached next to the shards so every later call reuses it.
+  ``condgen-clip-test.json`` is a 1-layer ViT for unit tests.
 
 All three give the same handle: ``encode_images`` / ``encode_texts`` (L2-normalised
 float32), a differentiable ``image_tower`` for CLIP guidance, and a ``fingerprint``
@@ -24,8 +27,10 @@ float32), a differentiable ``image_tower`` for CLIP guidance, and a ``fingerprin
 Images follow the project convention: uint8 (N, 28, 28), or float in [-1, 1] with
 shape (N, 28, 28), (N, 1, H, W) or (N, 3, H, W). The preprocessing is open_clip's
 (resize to the tower's size, grey replicated to RGB, mean/std normalisation) written
-with tensor ops so that it stays differentiable; for the 28x28 tiny towers it is the
-identity resize and matches open_clip's PIL transform to float precision.
+with tensor ops so that it stays differentiable (CLIP guidance). Where no resize is
+needed (the 28 px test tower) it equals open_clip's PIL transform to float precision;
+a resize uses torch's bicubic kernel, which differs slightly from PIL's, the same way
+for every image, so embeddings stay consistent within condgen.
 """
 from __future__ import annotations
 
@@ -431,8 +436,8 @@ def contrastive_loss(handle: ClipHandle, images: np.ndarray, texts: Sequence[str
 
 
 def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.ndarray | None = None, *,
-             config: str = DEFAULT_CONFIG, steps: int = 600, batch_size: int = 256, lr: float = 2e-3,
-             weight_decay: float = 0.1, warmup: int = 50, max_shift: int = 2, seed: int = 0,
+             config: str = DEFAULT_CONFIG, steps: int = 300, batch_size: int = 128, lr: float = 2e-3,
+             weight_decay: float = 0.1, warmup: int = 30, max_shift: int = 2, seed: int = 0,
              max_seconds: float | None = None, device: str | torch.device = "cpu",
              log_every: int = 0) -> tuple[ClipHandle, dict[str, Any]]:
     """Train a CLIP from scratch on (image, captions) pairs with open_clip's ``ClipLoss``.
@@ -516,7 +521,7 @@ def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.n
     return handle, metrics
 
 
-def embedded_clip(data_uri: str, *, config: str = DEFAULT_CONFIG, steps: int = 600, batch_size: int = 256,
+def embedded_clip(data_uri: str, *, config: str = DEFAULT_CONFIG, steps: int = 300, batch_size: int = 128,
                   lr: float = 2e-3, seed: int = 0, device: str | torch.device = "cpu", **fit_kwargs: Any) -> ClipHandle:
     """The embedded default CLIP for a shard set: fitted once on its train split, then cached at
     ``{data_uri}/clip/embedded-<key>`` (key: shard manifest + fit settings)."""

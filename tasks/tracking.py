@@ -75,6 +75,12 @@ class MetricLogger:
         except Exception:  # noqa: BLE001 - keep the buffer; the next flush retries
             pass
 
+    def log_dict(self, obj: dict[str, Any], artifact_file: str) -> None:
+        try:
+            retry(lambda: self.client.log_dict(self.run_id, obj, artifact_file), attempts=4)
+        except Exception:  # noqa: BLE001 - bookkeeping must not kill training
+            pass
+
     def log_image(self, image, artifact_file: str) -> None:
         try:
             retry(lambda: self.client.log_image(self.run_id, image, artifact_file), attempts=4)

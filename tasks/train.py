@@ -106,6 +106,22 @@ def mean_across_workers(logs: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def worker_placement() -> list[dict[str, Any]]:
+    """``{rank, node_id, host, pid}`` of every worker, in rank order (a collective: all ranks call it)."""
+    import socket
+
+    import ray
+
+    rank, world = _world()
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+          "pid": os.getpid()}
+    if world == 1:
+        return [me]
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, me)  # tiny dicts of str/int, once per worker group
+    return everyone
+
+
 def make_optimizers(model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
     cfg = model.config
     betas = tuple(getattr(cfg, "betas", (0.9, 0.999)))
@@ -170,11 +186,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_epoch, step = state["epoch"] + 1, state["step"]
 
     arrays = load_arrays(config["shards_uri"], "train", config.get("embeddings"))
+    placement = worker_placement()  # every rank takes part in the gather
     logger = None
     if rank == 0 and config.get("run_id"):
         from tasks.tracking import MetricLogger
 
         logger = MetricLogger(config["tracking_uri"], config["run_id"])
+        # Where the workers ran (one entry per rank): on a cluster, the first question
+        # about a slow or failed run. Rewritten when a restarted worker group resumes.
+        logger.log_dict({"workers": placement, "num_nodes": len({w["node_id"] for w in placement})},
+                        "placement.json")
     cond = grid_conditions(model, arrays) if rank == 0 else None
     fail_at = config.get("fail_at_epoch")  # fault injection for tests: die once, mid-run
 
@@ -229,6 +250,14 @@ class TrainRequest:
     fail_at_epoch: int | None = None  # fault injection (tests only)
     grid_every: int = 1
     use_gpu: bool = False
+    # Cluster placement. None = one CPU per worker (plus the GPU when use_gpu). A custom
+    # resource that only some nodes advertise pins workers to that node group, e.g.
+    # {"CPU": 1, "trainer": 1}; "SPREAD"/"STRICT_SPREAD" puts workers on different nodes.
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: str = "PACK"
+    # Where Ray Train keeps run state and checkpoints; None = settings.ray_storage().
+    # Must be shared by all nodes on a real multi-node cluster (s3://… or a shared mount).
+    storage_path: str | None = None
 
 
 @dataclass
@@ -267,13 +296,15 @@ def train(req: TrainRequest) -> TrainResult:
             "run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(), "fail_at_epoch": req.fail_at_epoch,
             "grid_every": req.grid_every,
         }
-        storage_path = str(settings.home() / "ray_results")
+        storage_path, storage_fs = ray_storage(req.storage_path or settings.ray_storage())
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=req.num_workers, use_gpu=req.use_gpu,
-                                         resources_per_worker={"CPU": 1}),
+                                         resources_per_worker=dict(req.resources_per_worker or {"CPU": 1}),
+                                         placement_strategy=req.placement_strategy),
             run_config=RunConfig(name=f"{req.model}-{run.info.run_id[:8]}", storage_path=storage_path,
+                                 storage_filesystem=storage_fs,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=req.max_failures)),
         )
@@ -288,6 +319,29 @@ def train(req: TrainRequest) -> TrainResult:
         history = _history(run.info.run_id)
         mlflow.set_tag("condgen.checkpoint", dest)
         return TrainResult(run.info.run_id, dest, dict(result.metrics or {}), history)
+
+
+def ray_storage(uri: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's ``RunConfig``.
+
+    A local path or ``file://`` URI goes as a plain path. ``s3://`` goes through pyarrow's
+    S3 filesystem with the same endpoint as ``tasks.storage`` (``CONDGEN_S3_ENDPOINT_URL``,
+    so MinIO/Ceph/moto work) and credentials from the standard AWS chain.
+    """
+    if not storage.is_s3(uri):
+        return str(storage.local_path(uri)), None
+    endpoint = storage.endpoint_url()
+    if endpoint is None:
+        return uri, None  # AWS: pyarrow resolves s3:// itself
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    parsed = urlparse(endpoint)
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=parsed.netloc or endpoint, scheme=parsed.scheme or "https",
+                                 region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+                                 or "us-east-1")
+    return uri.removeprefix("s3://"), fs
 
 
 def _config_dict(model: torch.nn.Module) -> dict[str, Any]:

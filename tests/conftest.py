@@ -163,7 +163,7 @@ def local_ray(condgen_home):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"CONDGEN_HOME": str(condgen_home)}})
     yield ray
     try:
@@ -206,3 +206,54 @@ def use_mlflow_server(mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
     yield mlflow_server
+
+
+@pytest.fixture(scope="module")
+def use_mlflow_server_module(mlflow_server):
+    """Point the code under test at the MLflow server for one test module."""
+    import mlflow
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server
+    mp.undo()
+
+
+# ------------------------------------------------------------ cluster operations
+# Multi-node Ray, a restartable MLflow server, PostgreSQL. Used by tests/test_faults.py,
+# tests/test_mlflow_postgres.py and tests/test_zz_cluster.py.
+
+# Environment the Ray workers of a test cluster need (storage, S3 endpoint, credentials).
+CLUSTER_ENV_VARS = ("CONDGEN_HOME", "CONDGEN_STORAGE", "CONDGEN_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE",
+                    "AWS_SHARED_CREDENTIALS_FILE", "NO_PROXY", "no_proxy")
+
+
+@pytest.fixture
+def ray_cluster(condgen_home):
+    """A real multi-node Ray cluster on 127.0.0.1 (``ray.cluster_utils.Cluster``).
+
+    A head node with 1 CPU and two worker nodes with 1 CPU and one ``trainer`` slot each,
+    so training workers that ask for ``{"CPU": 1, "trainer": 1}`` can only land one per
+    worker node. It replaces whatever Ray this process was connected to: the session's
+    ``local_ray`` is shut down and NOT restored, so tests using this fixture live in
+    ``tests/test_zz_cluster.py``, which sorts (and so runs) last.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, resources={"trainer": 1}, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        env = {k: os.environ[k] for k in CLUSTER_ENV_VARS if os.environ.get(k)}
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -39,8 +39,8 @@ def train(shards):
 
 @pytest.fixture(scope="module")
 def fitted(train):
-    torch.set_num_threads(2)
-    return C.fit_clip(train["x"], train["captions"], train["y"], config=TEST_CONFIG, steps=40, batch_size=64,
+    torch.set_num_threads(1)  # 2 cores shared with Ray workers and other jobs: 2 threads would thrash
+    return C.fit_clip(train["x"], train["captions"], train["y"], config=TEST_CONFIG, steps=30, batch_size=64,
                       lr=3e-3, warmup=5, seed=0)
 
 
@@ -50,7 +50,8 @@ def ray_local():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": a private instance, not a Ray cluster someone else started on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()
@@ -59,16 +60,21 @@ def ray_local():
 # -- the model ---------------------------------------------------------------------------------
 def test_tiny_configs_are_registered_open_clip_models():
     C.register_configs()
-    for name in ("condgen-clip-tiny", TEST_CONFIG):
-        assert name in open_clip.list_models()
-        cfg = open_clip.get_model_config(name)
-        assert cfg["vision_cfg"]["image_size"] == 28
+    assert {"condgen-clip-tiny", TEST_CONFIG} <= set(open_clip.list_models())
+    # the embedded default: a ModifiedResNet at 32 px fed 28 px digits through the resize
+    handle = C.new_clip("condgen-clip-tiny")
+    x = torch.zeros(2, 1, 28, 28, requires_grad=True)
+    assert handle.preprocess(x).shape == (2, 3, 32, 32)
+    handle.image_tower(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert handle.encode_texts(["a thin, upright one"]).shape == (1, 128)
 
 
 def test_fit_lowers_contrastive_loss(fitted):
     handle, metrics = fitted
-    assert metrics["steps"] == 40
-    assert metrics["loss_final"] < metrics["loss_initial"] - 0.2, metrics
+    assert metrics["steps"] == 30
+    # ClipLoss on a fixed batch of 151 pairs starts near ln(151) = 5.02
+    assert metrics["loss_final"] < metrics["loss_initial"] - 0.15, metrics
     assert metrics["train_loss_last"] < metrics["train_loss_first"], metrics
 
 

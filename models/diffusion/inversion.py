@@ -102,7 +102,7 @@ class NullTextInversion:
     x_T: torch.Tensor  # (B, C, H, W)
     null_cond: PerStepCondition
     timesteps: list[int]
-    losses: list[float]  # final inner-loop loss per outer step
+    losses: list[float]  # per step: MSE(x_bar_{t-1}, pivot x*_{t-1}) with the optimised null; [-1] vs x_0
 
 
 def null_text_inversion(

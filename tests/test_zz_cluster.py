@@ -1,0 +1,55 @@
+"""Multi-node Ray Train: the same ``tasks.train.train`` against a real 3-node Ray cluster.
+
+This module sorts last on purpose: ``ray_cluster`` shuts down the session's ``local_ray``
+and does not restore it (see tests/conftest.py).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tasks import storage
+from tasks.ingest import ingest
+from tasks.train import TrainRequest, load_trained, train
+
+pytestmark = pytest.mark.slow
+
+TINY_CVAE = {"channels": [4, 8], "latent_dim": 4, "cond_dim": 4, "lr": 5e-3}
+
+
+def test_training_spreads_over_two_nodes_reading_s3(s3_uri, ray_cluster, capsys):
+    """Head + 2 worker nodes (1 CPU and one ``trainer`` slot each): the 2 training workers
+    must run on 2 different nodes, read their shards from S3 (moto on 127.0.0.1) and keep
+    Ray Train's checkpoints on S3 too (a multi-node cluster has no shared local disk)."""
+    import mlflow
+    import ray
+
+    t0 = time.monotonic()
+    shards = storage.join(s3_uri, "shards")
+    ing = ingest("bundled:mnist", shards, limit=300, shard_size=100)
+    assert ing.manifest_uri.startswith("s3://") and sum(ing.counts.values()) == 300
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    trainer_nodes = {n["NodeID"] for n in nodes if n["Resources"].get("trainer")}
+    assert len(nodes) == 3 and len(trainer_nodes) == 2
+
+    res = train(TrainRequest(model="cvae", shards_uri=shards, model_config=TINY_CVAE, epochs=2, batch_size=32,
+                             num_workers=2, resources_per_worker={"CPU": 1, "trainer": 1},
+                             storage_path=storage.join(s3_uri, "ray_results"), run_name="test-multinode"))
+
+    placement = mlflow.artifacts.load_dict(f"runs:/{res.run_id}/placement.json")
+    used = [w["node_id"] for w in placement["workers"]]
+    print(f"cluster: {len(nodes)} nodes; workers by rank on nodes {[u[:8] for u in used]}; "
+          f"history {[(h['epoch'], round(h['loss'], 4)) for h in res.history]}; {time.monotonic() - t0:.1f}s")
+    assert [w["rank"] for w in placement["workers"]] == [0, 1]
+    assert len(set(used)) == 2 and set(used) == trainer_nodes, (used, trainer_nodes)
+    assert placement["num_nodes"] == 2
+
+    assert [h["epoch"] for h in res.history] == [0, 1]
+    model, meta = load_trained(res.checkpoint_uri)
+    assert meta["model"] == "cvae"
+    # Ray Train's own checkpoints went to S3, not to a node's disk.
+    ray_objects = [k for k, _, _ in storage.list_objects(storage.join(s3_uri, "ray_results"))]
+    assert any(k.endswith("model.safetensors") for k in ray_objects), ray_objects[:20]
