@@ -96,6 +96,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_modules() -> list:
+    """Sub-command modules under condgen/commands/, each with ``register(subparsers)``."""
+    import importlib
+    import pkgutil
+
+    import condgen.commands as pkg
+
+    return [importlib.import_module(f"condgen.commands.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="condgen", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -133,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(fn=cmd_serve)
+
+    for module in _command_modules():
+        module.register(sub)
 
     args = p.parse_args(argv)
     return args.fn(args)

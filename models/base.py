@@ -51,7 +51,11 @@ def condition_from_batch(batch: dict[str, torch.Tensor], condition: str) -> torc
         if "txt" not in batch:
             raise KeyError("condition='text' needs precomputed CLIP text embeddings ('txt'); run `condgen embed` first")
         return batch["txt"].float()
-    raise ValueError(f"unknown condition kind {condition!r} (expected 'label' or 'text')")
+    if condition == "image":
+        if "cond_img" not in batch:
+            raise KeyError("condition='image' needs a paired condition image ('cond_img')")
+        return batch["cond_img"]
+    raise ValueError(f"unknown condition kind {condition!r} (expected 'label', 'text' or 'image')")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -88,6 +88,10 @@ class CycleGAN(nn.Module):
         self.D_A = PatchDiscriminator(cfg.in_channels, cfg.disc_channels)
         self.D_B = PatchDiscriminator(cfg.in_channels, cfg.disc_channels)
 
+    def condition_image(self, x: torch.Tensor) -> torch.Tensor:
+        """The condition of ``sample`` for a domain-A image is the image itself."""
+        return x
+
     def translate(self, x: torch.Tensor, direction: str = "a2b") -> torch.Tensor:
         """G(x) for "a2b", F(x) for "b2a"; (B, C, H, W) in [-1, 1], differentiable."""
         if direction == "a2b":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.adversarial import bce_d_loss, bce_g_loss, frozen, sn
+from models.paired import edge_map
 from models.base import OptStep
 
 
@@ -100,6 +101,10 @@ class Pix2Pix(nn.Module):
         self.G = UNet(cfg.cond_channels, cfg.in_channels, cfg.channels, cfg.image_size)
         self.D = PatchDiscriminator(cfg.cond_channels + cfg.in_channels, cfg.channels)
 
+    def condition_image(self, x: torch.Tensor) -> torch.Tensor:
+        """The condition image paired with a digit when the data has none: its edge map."""
+        return edge_map(x)
+
     def translate(self, cond_img: torch.Tensor) -> torch.Tensor:
         """G(c): (B, cond_channels, H, W) -> (B, in_channels, H, W) in [-1, 1]; differentiable."""
         return self.G(cond_img)
@@ -108,9 +113,9 @@ class Pix2Pix(nn.Module):
         return {"disc": self.D.parameters(), "gen": self.G.parameters()}
 
     def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
-        if "cond_img" not in batch:
-            raise KeyError("pix2pix needs paired condition images 'cond_img' (e.g. models.paired.edge_map(x))")
-        x, c = batch["x"], batch["cond_img"]
+        x = batch["x"]
+        # Paired shards carry their own condition image (cond.png); otherwise derive the edge map.
+        c = batch["cond_img"] if "cond_img" in batch else self.condition_image(x)
         fake = self.G(c)  # (B, C, H, W)
         # D judges (condition, image) pairs: a realistic image that ignores c is still fake.
         d_loss = bce_d_loss(self.D(torch.cat([c, x], 1)), self.D(torch.cat([c, fake.detach()], 1)))

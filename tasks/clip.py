@@ -310,6 +310,7 @@ def load_clip(spec: "str | ClipHandle", *, device: str | torch.device = "cpu", d
     """
     if isinstance(spec, ClipHandle):
         return spec
+    spec = os.path.expanduser(spec) if spec.startswith("~") else spec
     if spec == "embedded":
         if data_uri is None:
             raise ValueError("the embedded CLIP is fitted on a shard set's captions: pass data_uri=<shards URI>")
@@ -527,10 +528,14 @@ def embedded_clip(data_uri: str, *, config: str = DEFAULT_CONFIG, steps: int = 3
     ``{data_uri}/clip/embedded-<key>`` (key: shard manifest + fit settings)."""
     from tasks.data import load_split
 
+    register_configs()
     manifest = storage.read_json(storage.join(data_uri, "manifest.json"))
     settings = {"config": config, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, **fit_kwargs}
+    # The key covers the data, the fit settings and the architecture itself (a config file
+    # edited under the same name refits instead of reusing the old model).
     key = hashlib.sha256(json.dumps({"data": manifest.get("source_fingerprint"), "shards": manifest.get("shards"),
-                                     "fit": settings}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+                                     "fit": settings, "model_cfg": open_clip.get_model_config(config)},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
     uri = storage.join(data_uri, "clip", f"embedded-{key}")
     if storage.exists(storage.join(uri, CONFIG)):
         return load_checkpoint(uri, device=device)

@@ -150,11 +150,16 @@ def grid_conditions(model: torch.nn.Module, arrays: dict[str, np.ndarray], per_c
     return torch.from_numpy(np.repeat(classes, per_class)).long()
 
 
-def sample_grid(model: torch.nn.Module, cond: torch.Tensor, seed: int = 0, per_row: int = 8) -> np.ndarray:
+def sample_grid(model: torch.nn.Module, cond: torch.Tensor, seed: int = 0, per_row: int = 8) -> np.ndarray | None:
+    """A class-by-class grid of samples; None for models that do not generate (classifiers)."""
     g = torch.Generator().manual_seed(seed)
     model.eval()
-    x = model.sample(cond, generator=g)
-    model.train()
+    try:
+        x = model.sample(cond, generator=g)
+    except NotImplementedError:
+        return None
+    finally:
+        model.train()
     return grid(to_uint8(x), nrow=per_row)
 
 
@@ -229,7 +234,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if logger:
                     logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
                     if config.get("grid_every", 1) and (epoch + 1) % config.get("grid_every", 1) == 0:
-                        logger.log_image(sample_grid(model, cond), f"grids/epoch_{epoch:03d}.png")
+                        image = sample_grid(model, cond)
+                        if image is not None:
+                            logger.log_image(image, f"grids/epoch_{epoch:03d}.png")
             ray.train.report(metrics, checkpoint=checkpoint)
 
 

@@ -132,6 +132,18 @@ def test_save_load_gives_identical_embeddings(fitted, train, tmp_path):
     assert torch.equal(bare.encode_texts(texts), handle.encode_texts(texts))
 
 
+def test_checkpoint_of_an_architecture_open_clip_does_not_know(fitted, train, tmp_path):
+    """A checkpoint carries its own open_clip config: loadable where its name is not registered."""
+    handle, _ = fitted
+    uri = C.save_clip(handle, str(tmp_path / "ckpt"))
+    meta = storage.read_json(str(tmp_path / "ckpt" / C.CONFIG))
+    meta["model_name"] = "someone-elses-clip"
+    storage.write_json(str(tmp_path / "ckpt" / C.CONFIG), meta)
+    loaded = C.load_clip(uri)
+    assert loaded.model_name == "someone-elses-clip" and loaded.fingerprint == handle.fingerprint
+    assert torch.equal(loaded.encode_images(train["x"][:8]), handle.encode_images(train["x"][:8]))
+
+
 def test_corrupt_checkpoint_is_refused(fitted, tmp_path):
     handle, _ = fitted
     uri = C.save_clip(handle, str(tmp_path / "ckpt"))
