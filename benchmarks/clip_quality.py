@@ -1,6 +1,6 @@
 """How good is the embedded CLIP? Fit it on bundled MNIST's train split, score the test split.
 
-    python benchmarks/clip_quality.py                  # 500 steps x 128 pairs: ~2-3 min on 2 CPU cores
+    python benchmarks/clip_quality.py                  # 500 steps x 128 pairs: ~2-3 min on one CPU core
     python benchmarks/clip_quality.py --steps 5000 --max-seconds 60   # a 60 s wall-clock budget
 
 Prints, for the untrained model (same architecture, the chance reference measured in the
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-shift", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=None, help="stop fitting after this many seconds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the project's machine has 2 cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 by default: on 2 shared cores a second thread gains ~20%% when idle "
+                        "but thrashes (several times slower) when other jobs run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-DEMO_MODELS = [{"name": "cvae", "epochs": 20, "config": {"channels": [32, 64], "latent_dim": 16}}]
+DEMO_MODELS = [{"name": "cvae", "epochs": 20, "batch_size": 64, "config": {"channels": [32, 64], "latent_dim": 4}}]
 
 
 def _kv(pairs: list[str]) -> dict[str, Any]:
@@ -78,11 +78,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from flows.retrain import default_shards_uri
     from tasks.evaluate import evaluate_run
+    from tasks.ingest import ingest
     from tasks.train import TrainRequest, train
 
     shards = args.shards or default_shards_uri("bundled:mnist")
+    shards_b = None
+    if args.source_b:  # CycleGAN's second domain, ingested on demand
+        shards_b = default_shards_uri(args.source_b)
+        ingest(args.source_b, shards_b)
     res = train(TrainRequest(model=args.model, shards_uri=shards, model_config=_kv(args.set), epochs=args.epochs,
-                             batch_size=args.batch_size, num_workers=args.workers, seed=args.seed))
+                             batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
+                             shards_b_uri=shards_b))
     print(json.dumps({"run_id": res.run_id, "checkpoint": res.checkpoint_uri}, indent=2))
     if args.evaluate:
         print(json.dumps(evaluate_run(res.run_id, res.checkpoint_uri, shards), indent=2))
@@ -90,9 +96,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.app import run
+    from serving.app import make_config, run
 
-    run(args.model, host=args.host, port=args.port, blocking=True)
+    raw: dict[str, Any] = json.loads(open(args.config).read()) if args.config else {}
+    models = args.model or raw.pop("models", None) or ["models:/condgen-cvae@champion"]
+    raw.pop("models", None)
+    for flag, key in (("clip", "clip"), ("judge", "judge"), ("max_batch", "max_batch"), ("poll_s", "poll_s"),
+                      ("timeout_s", "request_timeout_s"), ("threads", "torch_threads")):
+        if getattr(args, flag) is not None:
+            raw[key] = getattr(args, flag)
+    if args.no_batching:
+        raw["batching"] = False
+    run(host=args.host, port=args.port, blocking=True, config=make_config(models, **raw))
     return 0
 
 
@@ -135,13 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    s.add_argument("--source-b", help="second, unpaired domain for cyclegan (e.g. bundled:uci_digits)")
     s.add_argument("--evaluate", action="store_true", help="score the result with the judge")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("serve", help="Ray Serve app for a registered model")
-    s.add_argument("--model", default="models:/condgen-cvae@champion")
+    s = sub.add_parser("serve", help="Ray Serve app for registered models (/v1 API, web page at /)")
+    s.add_argument("--model", action="append", default=[],
+                   help="models:/NAME@ALIAS or models:/NAME/N (repeatable; default models:/condgen-cvae@champion)")
+    s.add_argument("--config", help="JSON file with ServeConfig fields (models with adapters/classifiers, ...)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--clip", help="CLIP spec for text prompts / CLIP guidance")
+    s.add_argument("--judge", help="classifier URI for the output safety check")
+    s.add_argument("--max-batch", type=int, help="samples per forward pass (default 32)")
+    s.add_argument("--no-batching", action="store_true")
+    s.add_argument("--poll-s", type=float, help="registry alias poll period (default 30; 0 = off)")
+    s.add_argument("--timeout-s", type=float, help="per-request timeout (default 60)")
+    s.add_argument("--threads", type=int, help="torch threads per replica (default 1)")
     s.set_defaults(fn=cmd_serve)
 
     for module in _command_modules():

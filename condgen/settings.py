@@ -40,3 +40,18 @@ def ray_storage() -> str:
     """Ray Train's run storage (checkpoints, run state). Every node must reach it: on a
     multi-node cluster an ``s3://`` prefix or a shared mount, never a node-local disk."""
     return os.environ.get("CONDGEN_RAY_STORAGE", str(home() / "ray_results"))
+
+
+def ray_address() -> str:
+    """``RAY_ADDRESS`` when set (a cluster), else ``"local"``: a fresh local instance, never a
+    stray cluster some other process left running on this machine."""
+    return os.environ.get("RAY_ADDRESS") or "local"
+
+
+def ensure_ray(**kwargs) -> None:
+    """Initialise Ray once per process at ``ray_address()``."""
+    import ray
+
+    if not ray.is_initialized():
+        kwargs.setdefault("include_dashboard", False)
+        ray.init(address=ray_address(), ignore_reinit_error=True, **kwargs)

@@ -10,12 +10,16 @@ from typing import Any
 from torch import nn
 
 from models.base import config_from_dict
+from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.classifier import ClassifierConfig, DigitClassifier
+from models.controlnet import ControlNet, ControlNetConfig
 from models.cvae import CVAE, CVAEConfig
 from models.cyclegan import CycleGAN, CycleGANConfig
 from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
 from models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
+from models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from models.pix2pix import Pix2Pix, Pix2PixConfig
+from models.superres import SuperRes, SuperResConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "cvae": (CVAEConfig, CVAE),
@@ -26,6 +30,10 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "pix2pix": (Pix2PixConfig, Pix2Pix),
     "cyclegan": (CycleGANConfig, CycleGAN),
     "classifier": (ClassifierConfig, DigitClassifier),
+    "autoencoder": (AutoencoderConfig, Autoencoder),
+    "latent_diffusion": (LatentDiffusionConfig, LatentDiffusion),
+    "controlnet": (ControlNetConfig, ControlNet),
+    "superres": (SuperResConfig, SuperRes),
 }
 
 

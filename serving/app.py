@@ -1,72 +1,268 @@
-"""Ray Serve application: loads ``models:/<name>@champion`` and serves samples.
+"""Ray Serve application: several registry models per replica, guided sampling, batching.
 
-``POST /generate`` answers PNG images (base64 in JSON); ``GET /health`` reports
-which registry version is loaded. Bad input gets a 4xx with a reason (pydantic
-bounds, unknown labels), never a 5xx.
+Routes (OpenAPI docs at ``/docs``):
+
+* ``POST /v1/generate``  label | prompt, negative, guidance none|cfg|classifier|clip + scale,
+  sampler ddpm|ddim, steps, eta, seed | seeds, n -> base64 PNGs + the exact parameters and
+  model version used. Compatible requests share one forward pass (``serving/engine.py``).
+* ``POST /v1/edit``  image + source/target condition, ddim_inversion | null_text | sdedit.
+* ``POST /v1/interpolate``  two seeds or latents, linear | slerp (CVAE, GAN, diffusion x_T).
+* ``POST /v1/map``  501 until latent maps between models exist.
+* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /`` (web page).
+* ``POST /generate``  the original endpoint: {label, n, seed} on the first model.
+
+Bad input is a 4xx with a reason, never a 5xx: pydantic bounds (422), unknown model (404),
+missing capability (409), model-side ``ValueError`` (422), overload (503), timeout (504).
+When ``CONDGEN_API_KEY`` is set, ``/v1/*`` and ``/generate`` need it in ``X-API-Key``
+(or ``Authorization: Bearer``); otherwise 401. Only its sha256 travels to the replicas.
 """
+from __future__ import annotations
 
-import base64
+import asyncio
+import hmac
 import os
+import time
+from typing import Any
 
-import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-from serving.schema import GenerateRequest, GenerateResponse, Health
-from tasks.images import png_bytes, to_uint8
+from condgen import settings
+from serving import schema
+from serving.engine import ApiError, ModelSpec, ServeConfig, Service, api_key_digest
+from serving.ui import PAGE
+from tasks.batch_sampling import Cancelled
 
-api = FastAPI(title="condgen", version="0.1.0")
+API_KEY_ENV = "CONDGEN_API_KEY"
+MAX_BODY_BYTES = 1024 * 1024  # the largest valid body (a 512 KiB base64 image) fits with room to spare
+KNOWN_PATHS = ("/v1/generate", "/v1/edit", "/v1/interpolate", "/v1/map", "/v1/models", "/generate", "/health",
+               "/metrics", "/")
+
+# The replica's service. Set by the deployment's constructor (or ``bind_service`` in tests);
+# routes are module-level functions so they always read this module's state.
+_STATE: dict[str, Any] = {}
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
+class Metrics:
+    """Prometheus collectors in a registry of their own (several apps may share a process in tests)."""
+
+    def __init__(self, service: Service):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("condgen_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("condgen_request_seconds", "request latency", ["endpoint"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.samples = Counter("condgen_samples", "images returned", ["model"], registry=r)
+        self.blocked = Counter("condgen_safety_blocked", "requests/samples blocked by the safety filter", ["check"],
+                               registry=r)
+        self.reloads = Counter("condgen_model_reloads", "alias moves picked up without a restart", ["model"],
+                               registry=r)
+        self.batch = Histogram("condgen_batch_samples", "samples per forward-pass batch", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        queue = Gauge("condgen_queue_samples", "samples waiting for the compute thread", registry=r)
+        queue.set_function(service.batcher.queued_samples)
+        self.version = Gauge("condgen_model_version", "loaded registry version (value = version number)",
+                             ["model"], registry=r)
+
+
+def bind_service(service: Service) -> FastAPI:
+    """Make ``api`` serve ``service`` (the deployment does this in its constructor)."""
+    metrics = Metrics(service)
+    service.metrics = metrics
+    original = service.batcher.runner
+
+    def runner(key, jobs):
+        metrics.batch.observe(sum(j.samples for j in jobs))
+        return original(key, jobs)
+
+    service.batcher.runner = runner
+    old = _STATE.get("service")
+    if old is not None and old is not service:
+        old.close()
+    _STATE.update(service=service, metrics=metrics)
+    return api
+
+
+def _service() -> Service:
+    svc = _STATE.get("service")
+    if svc is None:
+        raise ApiError(503, "the service is starting; retry shortly")
+    return svc
+
+
+api = FastAPI(title="condgen", version="1.0.0",
+              description="Guided sampling from conditional generative models in the MLflow registry.")
+
+
+# -- auth -------------------------------------------------------------------------------------------
+_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when CONDGEN_API_KEY is set")
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require_key(key: str | None = Depends(_key_header),
+                bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    digest = _service().config.api_key_sha256
+    if not digest:
+        return
+    given = key or (bearer.credentials if bearer is not None else None)
+    if not given or not hmac.compare_digest(api_key_digest(given), digest):
+        raise ApiError(401, "missing or wrong API key (send it in the X-API-Key header)",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+# -- errors and metrics -------------------------------------------------------------------------------
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(ValueError)
+@api.exception_handler(TypeError)
+@api.exception_handler(KeyError)
+@api.exception_handler(IndexError)
+async def _model_error(_: Request, exc: Exception) -> JSONResponse:
+    # The model side refused the input (e.g. a shape or range check inside models/): the
+    # request was the problem, so it is a 422 with the reason, not a 500.
+    return JSONResponse({"detail": f"{type(exc).__name__}: {str(exc)[:500]}"}, status_code=422)
+
+
+@api.exception_handler(Cancelled)
+@api.exception_handler(asyncio.TimeoutError)
+async def _timeout(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": "timed out"}, status_code=504)
+
+
+@api.middleware("http")
+async def _observe(request: Request, call_next):
+    t0 = time.perf_counter()
+    path = request.url.path
+    endpoint = path if path in KNOWN_PATHS else "other"
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        response: Response = JSONResponse({"detail": f"body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
+    else:
+        response = await call_next(request)
+    metrics: Metrics | None = _STATE.get("metrics")
+    if metrics is not None and endpoint != "/metrics":
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+    return response
+
+
+# -- routes -------------------------------------------------------------------------------------------
+@api.post("/v1/generate", response_model=schema.GenerateV1Response, dependencies=[Depends(require_key)],
+          responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
+async def generate_v1(req: schema.GenerateV1) -> dict[str, Any]:
+    return await _service().generate(req)
+
+
+@api.post("/v1/edit", response_model=schema.EditV1Response, dependencies=[Depends(require_key)],
+          responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
+async def edit_v1(req: schema.EditV1) -> dict[str, Any]:
+    return await _service().edit(req)
+
+
+@api.post("/v1/interpolate", response_model=schema.InterpolateV1Response, dependencies=[Depends(require_key)],
+          responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
+async def interpolate_v1(req: schema.InterpolateV1) -> dict[str, Any]:
+    return await _service().interpolate(req)
+
+
+@api.post("/v1/map", dependencies=[Depends(require_key)], responses={401: {}, 404: {}, 409: {}, 422: {}, 501: {}})
+async def map_v1(req: schema.MapV1) -> dict[str, Any]:
+    _service().map(req)
+    return {}
+
+
+@api.get("/v1/models", response_model=schema.ModelsV1Response, dependencies=[Depends(require_key)])
+async def models_v1() -> dict[str, Any]:
+    return _service().models()
+
+
+@api.get("/health", response_model=schema.Health)
+async def health() -> dict[str, Any]:
+    svc = _service()
+    out = svc.health()
+    if svc.metrics is not None:
+        for m in svc.pool.all():
+            if m.version.isdigit():
+                svc.metrics.version.labels(m.key).set(int(m.version))
+    return out
+
+
+@api.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    m: Metrics | None = _STATE.get("metrics")
+    body = generate_latest(m.registry) if m is not None else b""
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+@api.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def index() -> str:
+    return PAGE
+
+
+@api.post("/generate", response_model=schema.GenerateResponse, dependencies=[Depends(require_key)])
+async def generate(req: schema.GenerateRequest) -> dict[str, Any]:
+    return await _service().generate_legacy(req)
+
+
+# -- Ray Serve ---------------------------------------------------------------------------------------------
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=512,
+                  health_check_period_s=10)
 @serve.ingress(api)
-class Generator:
-    def __init__(self, model_uri: str, tracking_uri: str):
-        import mlflow
+class CondgenService:
+    def __init__(self, config: dict[str, Any]):
+        import serving.app as this  # this module in the replica's process, whatever pickling did
 
-        from tasks.promote import load_registered
-
-        mlflow.set_tracking_uri(tracking_uri)
-        torch.set_num_threads(1)
-        self.model, self.meta = load_registered(model_uri)
-        self.num_classes = int(getattr(self.model.config, "num_classes", 10))
-        if getattr(self.model.config, "condition", "label") != "label":
-            raise ValueError(f"{model_uri} is text-conditioned; this endpoint serves label models")
-
-    @api.get("/health", response_model=Health)
-    def health(self) -> Health:
-        return Health(status="ok", model=self.meta["name"], version=str(self.meta["version"]))
-
-    @api.post("/generate", response_model=GenerateResponse)
-    def generate(self, req: GenerateRequest) -> GenerateResponse:
-        if req.label >= self.num_classes:
-            raise HTTPException(status_code=422, detail=f"label must be in [0, {self.num_classes - 1}], got {req.label}")
-        g = torch.Generator().manual_seed(req.seed)
-        with torch.no_grad():
-            x = self.model.sample(torch.full((req.n,), req.label, dtype=torch.long), generator=g)
-        images = [base64.b64encode(png_bytes(img)).decode() for img in to_uint8(x)]
-        return GenerateResponse(model=self.meta["name"], version=str(self.meta["version"]), label=req.label,
-                                n=req.n, seed=req.seed, images=images)
+        this.bind_service(Service(ServeConfig.model_validate(config)))
 
 
-def build_app(model_uri: str, tracking_uri: str | None = None):
+Generator = CondgenService  # the original name
+
+
+def make_config(models: str | list[str] | None = None, tracking_uri: str | None = None, **options: Any
+                ) -> ServeConfig:
+    """A ServeConfig from model URIs (``models:/NAME@alias`` | ``models:/NAME/3``) and options.
+
+    The API key is read from ``CONDGEN_API_KEY`` here, on the driver; only its sha256 is
+    put in the config that travels to the replicas.
+    """
     from condgen import settings
 
-    return Generator.bind(model_uri, tracking_uri or settings.tracking_uri())
+    if isinstance(models, str):
+        models = [models]
+    specs = [m if isinstance(m, ModelSpec) else ModelSpec.model_validate(m) if isinstance(m, dict)
+             else ModelSpec(uri=m) for m in (models or ["models:/condgen-cvae@champion"])]
+    key = os.environ.get(API_KEY_ENV)
+    options.setdefault("api_key_sha256", api_key_digest(key) if key else None)
+    return ServeConfig(models=specs, tracking_uri=tracking_uri or settings.tracking_uri(), **options)
 
 
-def run(model_uri: str, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True):
+def build_app(model_uri: str | list[str] | None = None, tracking_uri: str | None = None, *,
+              config: ServeConfig | None = None, **options: Any):
+    config = config or make_config(model_uri, tracking_uri, **options)
+    return CondgenService.options(max_ongoing_requests=max(64, 2 * config.max_queue)).bind(config.model_dump())
+
+
+def run(model_uri: str | list[str] | None = None, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
+        *, config: ServeConfig | None = None, name: str = "condgen", route_prefix: str = "/", **options: Any):
     """Start Ray (local unless RAY_ADDRESS), Serve's proxy on host:port, and the app."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
+        ray.init(address=settings.ray_address(), include_dashboard=False, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(build_app(model_uri), name="condgen", route_prefix="/", blocking=False)
+    handle = serve.run(build_app(model_uri, config=config, **options), name=name, route_prefix=route_prefix,
+                       blocking=False)
     if blocking:
-        import time
-
-        print(f"serving {model_uri} on http://{host}:{port}  (Ctrl-C to stop)", flush=True)
+        print(f"serving {model_uri or [m.uri for m in config.models]} on http://{host}:{port}  "
+              f"(docs: /docs, page: /, Ctrl-C to stop)", flush=True)
         try:
             while True:
                 time.sleep(3600)

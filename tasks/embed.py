@@ -67,9 +67,8 @@ def _source_shards(shards_uri: str) -> tuple[dict[str, Any], list[dict[str, Any]
     """The source manifest and its shard entries as ``{"name", "sha256", "count"}``."""
     manifest = storage.read_json(storage.join(shards_uri, MANIFEST))
     out = []
-    for s in manifest["shards"]:
-        name = s.get("name") or s.get("path") or s.get("file")
-        out.append({"name": name.rsplit("/", 1)[-1], "sha256": s.get("sha256"), "count": s.get("n_samples", s.get("count"))})
+    for s in manifest["shards"]:  # tasks.ingest writes {"name", "n_samples", "sha256"}
+        out.append({"name": s["name"], "sha256": s.get("sha256"), "count": s.get("n_samples")})
     return manifest, out
 
 
@@ -239,7 +238,8 @@ def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", o
                     entry = ray.get(ref)
                     done[s["name"]] = {"name": s["name"], "source_sha256": s["sha256"], **entry}
                     result.computed.append(s["name"])
-                    storage.write_json(manifest_uri, manifest())  # after every shard: an interrupted run resumes from here
+                    # after every shard, so an interrupted run resumes from here
+                    storage.write_json(manifest_uri, manifest())
                     bar.update(1)
         finally:
             bar.close()

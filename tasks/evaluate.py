@@ -4,7 +4,13 @@
   assigns to c, per class and overall;
 * domain FID: the Fréchet distance (Heusel et al. 2017) between the judge's
   penultimate features of samples and of real test images;
-* a per-class sample grid.
+* a per-class sample grid;
+* k-NN precision / recall (Kynkäänniemi et al. 2019) and density / coverage (Naeem et
+  al. 2020) in the judge's feature space: fidelity and coverage of the real manifold;
+* intra-class diversity: mean pairwise judge-feature distance between samples of one
+  class, next to the same figure for real test images of that class;
+* CLIP score (optional, when a CLIP handle is given): cosine between each sample and
+  its class prompt.
 
 Samples are drawn from a fixed seed set, so two models (a candidate and the
 champion) are scored on exactly the same evaluation.
@@ -133,6 +139,62 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
 
 
+def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a.double(), b.double())  # (Na, Nb) Euclidean
+
+
+def knn_radii(feats: torch.Tensor | np.ndarray, k: int = 3) -> torch.Tensor:
+    """Distance from each point to its k-th nearest other point, (N,)."""
+    f = torch.as_tensor(np.asarray(feats)).double()
+    d = _pairwise(f, f)
+    return d.kthvalue(min(k + 1, len(f)), dim=1).values  # +1: the point itself is at distance 0
+
+
+def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray,
+                     k: int = 3) -> dict[str, float]:
+    """Improved precision / recall (Kynkäänniemi et al. 2019) and density / coverage (Naeem et
+    al. 2020) with k-NN hyperspheres in a feature space.
+
+    * precision: share of fake points inside some real point's k-NN ball (fidelity);
+    * recall: share of real points inside some fake point's k-NN ball (diversity / coverage
+      of the real manifold);
+    * density: mean count of real balls containing a fake point, / k (≈1 for matched sets);
+    * coverage: share of real points whose ball holds at least one fake point.
+    """
+    r = torch.as_tensor(np.asarray(real)).double()
+    f = torch.as_tensor(np.asarray(fake)).double()
+    r_real, r_fake = knn_radii(r, k), knn_radii(f, k)
+    d = _pairwise(f, r)  # (F, R)
+    inside_real = d <= r_real[None, :]  # fake f inside real r's ball
+    return {
+        "precision": float(inside_real.any(1).double().mean()),
+        "recall": float((d <= r_fake[:, None]).any(0).double().mean()),
+        "density": float(inside_real.double().sum() / (k * len(f))),
+        "coverage": float(inside_real.any(0).double().mean()),
+    }
+
+
+def intra_class_diversity(feats: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
+    """Mean over classes of the mean pairwise feature distance between members of a class."""
+    f = torch.as_tensor(np.asarray(feats)).double()
+    labels = np.asarray(labels)
+    per_class = []
+    for c in np.unique(labels):
+        idx = torch.from_numpy(np.flatnonzero(labels == c))
+        if len(idx) < 2:
+            continue
+        d = _pairwise(f[idx], f[idx])
+        per_class.append(float(d.sum() / (len(idx) * (len(idx) - 1))))
+    return float(np.mean(per_class)) if per_class else float("nan")
+
+
+def class_prompts(labels: np.ndarray) -> list[str]:
+    """The text a label-conditioned sample is scored against by CLIP ("a handwritten seven")."""
+    from tasks.attributes import label_word
+
+    return [f"a handwritten {label_word(int(c))}" for c in labels]
+
+
 @dataclass
 class EvalResult:
     cond_accuracy: float
@@ -143,20 +205,38 @@ class EvalResult:
     n_samples: int
     judge_fingerprint: str
     grid: np.ndarray = field(repr=False)
+    # Added metrics (None where not computed): k-NN precision/recall/density/coverage in judge
+    # features, intra-class diversity of samples and of real test images, CLIP score.
+    precision: float | None = None
+    recall: float | None = None
+    density: float | None = None
+    coverage: float | None = None
+    diversity: float | None = None
+    diversity_real: float | None = None
+    clip_score: float | None = None
+
+    EXTRA = ("precision", "recall", "density", "coverage", "diversity", "diversity_real", "clip_score")
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         out = {f"{prefix}cond_accuracy": self.cond_accuracy, f"{prefix}fid": self.fid,
                f"{prefix}mean_confidence": self.mean_confidence, f"{prefix}mean_entropy": self.mean_entropy}
         out.update({f"{prefix}acc_class_{c}": a for c, a in enumerate(self.per_class_accuracy)})
+        out.update({f"{prefix}{name}": getattr(self, name) for name in self.EXTRA if getattr(self, name) is not None})
         return out
 
 
 def eval_conditions(model: torch.nn.Module, labels: np.ndarray, test: dict[str, Any]) -> torch.Tensor:
-    """The condition tensor asking for each label: the label itself, or (text models) the
-    embedding of a caption of a test image of that class (fixed choice)."""
-    if getattr(model.config, "condition", "label") != "text":
+    """The condition tensor asking for each label: the label itself; (text models) the
+    embedding of a caption of a test image of that class; (image-conditioned models:
+    pix2pix, CycleGAN) the condition image made from a test digit of that class, so the
+    accuracy is the label agreement between input and translation. Choices are fixed."""
+    kind = getattr(model.config, "condition", "label")
+    if kind == "label":
         return torch.from_numpy(labels).long()
     rng = np.random.default_rng(EVAL_SEED)
+    if kind == "image":
+        idx = [rng.choice(np.flatnonzero(test["y"] == c)) for c in labels]
+        return model.condition_image(from_uint8(test["x"][np.asarray(idx)]))
     rows = []
     for c in labels:
         i = rng.choice(np.flatnonzero(test["y"] == c))
@@ -166,8 +246,10 @@ def eval_conditions(model: torch.nn.Module, labels: np.ndarray, test: dict[str, 
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *, n_per_class: int = 100,
-                   batch_size: int = 250, seed: int = EVAL_SEED) -> EvalResult:
-    """Score ``model.sample`` on a fixed seed set: accuracy, FID, confidence, grid."""
+                   batch_size: int = 250, seed: int = EVAL_SEED, clip: Any = None, knn_k: int = 3) -> EvalResult:
+    """Score ``model.sample`` on a fixed seed set: accuracy, FID, confidence, grid, k-NN
+    precision/recall/density/coverage, intra-class diversity and (``clip``: a
+    ``tasks.clip.ClipHandle``) the CLIP score of each sample against its class prompt."""
     model.eval()
     k = judge.model.config.num_classes
     labels = np.repeat(np.arange(k), n_per_class)
@@ -182,11 +264,21 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
     p_true = probs[torch.arange(len(labels)), torch.from_numpy(labels)]
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
     first = np.concatenate([np.flatnonzero(labels == c)[:8] for c in range(k)])
+    pr = precision_recall(real_feats, feats, k=knn_k)
+    clip_value = None
+    if clip is not None:
+        from tasks.clip import clip_score
+
+        clip_value = float(clip_score(clip, samples, class_prompts(labels)).mean())
     return EvalResult(
         cond_accuracy=float(hit.mean()), per_class_accuracy=per_class,
         fid=frechet_distance(feats.numpy().astype(np.float64), real_feats.numpy().astype(np.float64)),
         mean_confidence=float(p_true.mean()), mean_entropy=float(entropy.mean()), n_samples=len(labels),
         judge_fingerprint=judge.fingerprint, grid=grid(to_uint8(samples[first]), nrow=8),
+        precision=pr["precision"], recall=pr["recall"], density=pr["density"], coverage=pr["coverage"],
+        diversity=intra_class_diversity(feats, labels),
+        diversity_real=intra_class_diversity(real_feats, np.asarray(test["y"])),
+        clip_score=clip_value,
     )
 
 
@@ -201,7 +293,8 @@ def log_eval(run_id: str, result: EvalResult, judge: Judge) -> None:
     client.set_tag(run_id, "condgen.judge", judge.fingerprint)
     client.log_dict(run_id, {"per_class_accuracy": result.per_class_accuracy, "cond_accuracy": result.cond_accuracy,
                              "fid": result.fid, "judge_test_accuracy": judge.test_accuracy,
-                             "n_samples": result.n_samples}, "eval/summary.json")
+                             "n_samples": result.n_samples,
+                             **{name: getattr(result, name) for name in EvalResult.EXTRA}}, "eval/summary.json")
     client.log_image(run_id, result.grid, "eval/class_grid.png")
 
 
@@ -212,13 +305,18 @@ def load_test(shards_uri: str, embeddings: str | None = None) -> dict[str, Any]:
 
 
 def evaluate_run(run_id: str, checkpoint_uri: str, shards_uri: str, *, embeddings: str | None = None,
-                 n_per_class: int = 100, judge_epochs: int = 4) -> dict[str, float]:
-    """Score a trained run's checkpoint with the shard set's judge and log it to the run."""
+                 n_per_class: int = 100, judge_epochs: int = 4, clip: Any = None) -> dict[str, float]:
+    """Score a trained run's checkpoint with the shard set's judge and log it to the run.
+    ``clip``: an optional ``ClipHandle`` (or a ``tasks.clip.load_clip`` spec) for the CLIP score."""
     from tasks.train import load_trained
 
     judge = get_judge(shards_uri, epochs=judge_epochs)
     model, _ = load_trained(checkpoint_uri)
-    result = evaluate_model(model, judge, load_test(shards_uri, embeddings), n_per_class=n_per_class)
+    if isinstance(clip, str):
+        from tasks.clip import load_clip
+
+        clip = load_clip(clip, data_uri=shards_uri)
+    result = evaluate_model(model, judge, load_test(shards_uri, embeddings), n_per_class=n_per_class, clip=clip)
     log_eval(run_id, result, judge)
     return {**result.metrics(), "eval/judge_test_accuracy": judge.test_accuracy}
 

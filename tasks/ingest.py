@@ -147,6 +147,9 @@ def ingest(
             # The manifest vouches for the shards; it stops being true as soon as we
             # start replacing them, so it goes first and comes back last.
             storage.delete(manifest_uri)
+        # A run killed mid-write leaves a hidden temp file beside the shards; this run
+        # owns the output now, so clear it before writing.
+        storage.remove_stale_temp_files(out_uri)
         shards, counts, rejects = _write_shards(src, out_uri, config)
     storage.write_json(rejects_uri, {
         "n_rejected": len(rejects),

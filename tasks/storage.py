@@ -424,6 +424,24 @@ def listdir(uri: str) -> list[str]:
     return _with_retry(f"list {uri}", list_all)
 
 
+def remove_stale_temp_files(uri: str) -> list[str]:
+    """Delete the temp files that writers killed mid-write (SIGKILL, OOM, power loss) left
+    in a local directory; returns their names.
+
+    Only for a directory no other process is writing into at the same moment (a resumed
+    job owns its output). S3 needs nothing: an unfinished upload never becomes visible.
+    """
+    if is_s3(uri):
+        return []
+    path = local_path(uri)
+    if not path.is_dir():
+        return []
+    stale = sorted(n for n in os.listdir(path) if _TMP_MARK in n and (path / n).is_file())
+    for name in stale:
+        (path / name).unlink(missing_ok=True)
+    return stale
+
+
 def list_objects(uri: str) -> list[tuple[str, int, str]]:
     """All (relative key, size, ETag) under an S3 prefix, recursively, sorted by key."""
     bucket, key = _split_s3(uri)

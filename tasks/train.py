@@ -64,6 +64,9 @@ def batches(arrays: dict[str, np.ndarray], batch_size: int, rank: int, world: in
             # One random caption phrasing per sample per step: text is not a lookup table.
             pick = rng.integers(0, arrays["txt"].shape[1], len(idx))
             batch["txt"] = torch.from_numpy(arrays["txt"][idx, pick])
+        if "x_b" in arrays:
+            # Unpaired second domain (CycleGAN): an independent random draw per batch.
+            batch["x_b"] = from_uint8(arrays["x_b"][rng.integers(0, len(arrays["x_b"]), len(idx))])
         yield batch
 
 
@@ -142,9 +145,14 @@ def make_opt_step(optimizers: dict[str, torch.optim.Optimizer]):
 
 
 def grid_conditions(model: torch.nn.Module, arrays: dict[str, np.ndarray], per_class: int = 8) -> torch.Tensor:
-    """Conditions for a class-by-class sample grid: labels, or one caption embedding per class."""
+    """Conditions for a class-by-class sample grid: labels, one caption embedding per class,
+    or (image-conditioned models) condition images made from real digits of each class."""
     classes = np.arange(getattr(model.config, "num_classes", 10))
-    if getattr(model.config, "condition", "label") == "text":
+    kind = getattr(model.config, "condition", "label")
+    if kind == "image":
+        idx = np.concatenate([np.flatnonzero(arrays["y"] == c)[:per_class] for c in classes])
+        return model.condition_image(from_uint8(arrays["x"][idx]))
+    if kind == "text":
         rows = [arrays["txt"][np.flatnonzero(arrays["y"] == c)[0], 0] for c in classes]
         return torch.from_numpy(np.repeat(np.stack(rows), per_class, 0)).float()
     return torch.from_numpy(np.repeat(classes, per_class)).long()
@@ -191,6 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_epoch, step = state["epoch"] + 1, state["step"]
 
     arrays = load_arrays(config["shards_uri"], "train", config.get("embeddings"))
+    if config.get("shards_b_uri"):
+        arrays["x_b"] = load_arrays(config["shards_b_uri"], "train")["x"]
     placement = worker_placement()  # every rank takes part in the gather
     logger = None
     if rank == 0 and config.get("run_id"):
@@ -251,6 +261,7 @@ class TrainRequest:
     num_workers: int = 2
     seed: int = 0
     embeddings: str | None = None  # CLIP fingerprint of precomputed embeddings (text conditioning)
+    shards_b_uri: str | None = None  # a second, unpaired domain (CycleGAN)
     experiment: str = "condgen"
     run_name: str | None = None
     max_failures: int = 2
@@ -286,12 +297,13 @@ def train(req: TrainRequest) -> TrainResult:
     from tasks import tracking
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+        ray.init(address=settings.ray_address(), include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True)
     tracking.configure(req.experiment)
     model = build_model(req.model, req.model_config)  # validates the config before any worker starts
     with mlflow.start_run(run_name=req.run_name or req.model) as run:
         tracking.log_params({"model": req.model, "epochs": req.epochs, "batch_size": req.batch_size,
+                             "shards_b_uri": req.shards_b_uri or "",
                              "num_workers": req.num_workers, "seed": req.seed, "shards_uri": req.shards_uri,
                              "embeddings": req.embeddings or "", **flatten_params(model.config, "cfg.")})
         mlflow.log_dict({"model": req.model, "config": _config_dict(model)}, "model_config.json")
@@ -301,7 +313,7 @@ def train(req: TrainRequest) -> TrainResult:
             "model": req.model, "model_config": _config_dict(model), "shards_uri": req.shards_uri,
             "epochs": req.epochs, "batch_size": req.batch_size, "seed": req.seed, "embeddings": req.embeddings,
             "run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(), "fail_at_epoch": req.fail_at_epoch,
-            "grid_every": req.grid_every,
+            "grid_every": req.grid_every, "shards_b_uri": req.shards_b_uri,
         }
         storage_path, storage_fs = ray_storage(req.storage_path or settings.ray_storage())
         trainer = TorchTrainer(

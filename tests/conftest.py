@@ -224,27 +224,71 @@ def use_mlflow_server_module(mlflow_server):
 # Multi-node Ray, a restartable MLflow server, PostgreSQL. Used by tests/test_faults.py,
 # tests/test_mlflow_postgres.py and tests/test_zz_cluster.py.
 
+import signal  # noqa: E402 - this section's own import, kept with it
+
 # Environment the Ray workers of a test cluster need (storage, S3 endpoint, credentials).
 CLUSTER_ENV_VARS = ("CONDGEN_HOME", "CONDGEN_STORAGE", "CONDGEN_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                     "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE",
                     "AWS_SHARED_CREDENTIALS_FILE", "NO_PROXY", "no_proxy")
 
 
+def start_mlflow_server(backend_uri: str, artifacts_destination: str, port: int, log_path: Path,
+                        env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``mlflow server`` on 127.0.0.1:port in its own process group (see ``kill_process_group``)."""
+    exe = Path(sys.executable).with_name("mlflow")
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [str(exe), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
+             artifacts_destination, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def kill_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    """Signal a process started with ``start_new_session=True`` and all its children
+    (servers fork workers; a flow run starts a Prefect server); SIGKILL if it lingers."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+    try:  # children that outlived their parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 @pytest.fixture
-def ray_cluster(condgen_home):
+def ray_cluster(condgen_home, monkeypatch):
     """A real multi-node Ray cluster on 127.0.0.1 (``ray.cluster_utils.Cluster``).
 
     A head node with 1 CPU and two worker nodes with 1 CPU and one ``trainer`` slot each,
     so training workers that ask for ``{"CPU": 1, "trainer": 1}`` can only land one per
-    worker node. It replaces whatever Ray this process was connected to: the session's
-    ``local_ray`` is shut down and NOT restored, so tests using this fixture live in
-    ``tests/test_zz_cluster.py``, which sorts (and so runs) last.
+    worker node. Every node binds to 127.0.0.1 only. It replaces whatever Ray this process
+    was connected to: the session's ``local_ray`` is shut down and NOT restored, so tests
+    using this fixture live in ``tests/test_zz_cluster.py``, which sorts (and runs) last.
     """
+    import tempfile
+
     import ray
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
+    # A private Ray temp dir: Cluster records its address in <tmp>/ray_current_cluster,
+    # where any other `ray.init()` on this machine would otherwise find and join it.
+    # (Short path: Ray's unix sockets live under it.)
+    ray_tmp = tempfile.mkdtemp(prefix="cgray-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    # ray.init(address=...) rewrites a loopback address to the machine's outward IP, where
+    # nothing listens (nodes below bind 127.0.0.1 only); Ray skips that rewrite when
+    # "clusters are disabled", which is all this flag does on the driver side.
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
     try:
@@ -257,3 +301,4 @@ def ray_cluster(condgen_home):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -21,7 +21,7 @@ def _params(**over):
 
     base = {"limit": 1500, "shard_size": 500, "num_workers": 1, "eval_per_class": 10, "judge_epochs": 2,
             "models": [{"name": "cvae", "epochs": 3, "batch_size": 32, "config": TINY, "registered_name": NAME}],
-            "gate": {"min_accuracy": 0.0, "tolerance": 0.0}}
+            "gate": {"min_accuracy": 0.0, "tolerance": 0.0}, "clip_fit_steps": 10}
     base.update(over)
     return RetrainParams.model_validate(base)
 

@@ -1,0 +1,291 @@
+"""ControlNet: spatial control of a frozen conditional diffusion model.
+
+Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image Diffusion
+Models" (seed 004 "ControlNet"). The pre-trained network F(.; theta) is locked; a
+trainable copy F(.; theta_c) of its encoder (theta_c = theta at the start) sees the
+control image c through a zero-initialised convolution, and its features return
+through zero-initialised 1x1 convolutions Z (weight and bias 0), their Eq. 2:
+
+    y_c = F(x; theta) + Z(F(x + Z(c; theta_z1); theta_c); theta_z2)
+
+Applied as in their §3.2 (Stable Diffusion): the copy covers the U-Net's input conv,
+every down level and the middle block; one zero conv per skip connection and one for
+the middle output add into the locked decoder path. The control image passes a small
+conv "hint" encoder ending in a zero conv (their tiny encoder E(c_i), Eq. 9) and is added
+after the copy's input conv. Because every Z starts at zero, the output at
+initialisation is exactly the locked model's, and the first gradient steps cannot
+damage it ("no harmful noise", §3.1). Only the copy, the hint encoder and the zero convs
+train, optionally with LoRA adapters on the copy instead (Hu et al. 2021,
+``models.conditioning.lora``); the locked base never receives a gradient.
+
+Control images (batch key ``cond_img``, (B, 1, H, W) in [-1, 1]) are computed from ``x``
+inside ``train_step`` when absent: ``control="edges"`` -> ``models.paired.edge_map``,
+``"mask"`` -> foreground mask (x > 0). During training the class condition is dropped to
+the null token with probability ``p_uncond`` (0.5, as the paper replaces 50% of prompts
+with empty strings, §3.3, so the branch learns to read the control image itself).
+
+``sample(cond, generator, control=None)``: with a control image the branch is applied
+(scaled by ``control_scale``); with ``control=None`` the branch is OFF and the result is
+exactly the frozen base's sample. A blank (all -1) edge map is not "no control" but the
+control "no edges anywhere", so it is not used as the default. The generic evaluation
+(``tasks.evaluate``, labels only) therefore scores the base; the control effect is
+measured by edge IoU (``benchmarks/latent_vs_pixel.py``).
+
+The base comes as an object (``ControlNet(config, base=model)``) or from
+``config.base_uri`` (a "diffusion" checkpoint), read lazily like the autoencoder of
+``models.latent_diffusion`` and stored in this model's ``state_dict`` (self-contained).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import OptStep, condition_from_batch
+from models.conditioning.lora import freeze_base, inject_lora
+from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
+from models.diffusion.denoiser import Callback, Denoiser, randn
+from models.diffusion.guidance import cfg
+from models.diffusion.samplers.ddim import sample_ddim
+from models.diffusion.schedule import NoiseSchedule, as_timesteps
+from models.diffusion.unet import UNet, Upsample, timestep_embedding
+from models.latent_diffusion import _nested, freeze, load_frozen
+from models.paired import edge_map
+
+CONTROLS = ("edges", "mask")
+
+
+def control_image(x: torch.Tensor, kind: str = "edges") -> torch.Tensor:
+    """A spatial control computed from images in [-1, 1]: (B, C, H, W) -> (B, 1, H, W) in {-1, 1}."""
+    if kind == "edges":
+        return edge_map(x)
+    if kind == "mask":
+        return torch.where(x.mean(1, keepdim=True) > 0, 1.0, -1.0).to(x.dtype)
+    raise ValueError(f"unknown control kind {kind!r}; choose one of {CONTROLS}")
+
+
+def zero_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    """Z: a 1x1 convolution with weight and bias initialised to 0 (Zhang et al. 2023, §3.1)."""
+    conv = nn.Conv2d(c_in, c_out, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    base_uri: str = ""  # checkpoint of a trained "diffusion" model (read lazily, then frozen)
+    base: DiffusionConfig = field(default_factory=DiffusionConfig)  # its architecture
+    control: str = "edges"  # how cond_img is derived from x when a batch lacks it: "edges" | "mask"
+    control_channels: int = 1
+    hint_channels: int = 16  # width of the small conv encoder of the control image
+    lora_rank: int = 0  # > 0: keep the copy frozen too and train rank-r LoRA adapters on it
+    lora_alpha: float = 4.0
+    p_uncond: float = 0.5  # class dropout during ControlNet training (Zhang et al. 2023 §3.3: 50%)
+    control_scale: float = 1.0  # multiplier on the control residuals at sampling time
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        object.__setattr__(self, "base", _nested(DiffusionConfig, self.base))
+        if self.control not in CONTROLS:
+            raise ValueError(f"control must be one of {CONTROLS}, got {self.control!r}")
+
+    # read by tasks/train.py and tasks/evaluate.py (grid and evaluation conditions)
+    @property
+    def condition(self) -> str:
+        return self.base.condition
+
+    @property
+    def num_classes(self) -> int:
+        return self.base.num_classes
+
+
+class ControlEncoder(nn.Module):
+    """The trainable copy F(.; theta_c): the U-Net's time MLP, input conv, down levels and middle block,
+    deep-copied from the locked base (same attribute names, so the base's weights map 1:1 onto it)."""
+
+    def __init__(self, net: UNet):
+        super().__init__()
+        self.c0, self.context_tokens = net.c0, net.context_tokens
+        for name in ("time_mlp", "conv_in", "down_blocks", "downsamples", "mid1", "to_context", "attn", "mid2"):
+            setattr(self, name, copy.deepcopy(getattr(net, name)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor, hint: torch.Tensor
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Features after each down level (the skips) and after the middle block."""
+        emb = self.time_mlp(timestep_embedding(t, self.c0)) + e
+        h = self.conv_in(x) + hint  # x + Z(c), in feature space after the input conv (as in SD's ControlNet)
+        skips = []
+        for block, down in zip(self.down_blocks, self.downsamples):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.mid1(h, emb)
+        if self.attn is not None:
+            h = self.attn(h, self.to_context(e).view(e.shape[0], self.context_tokens, -1))
+        return skips, self.mid2(h, emb)
+
+
+def unet_with_residuals(net: UNet, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor,
+                        down_res: list[torch.Tensor] | None = None, mid_res: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """``UNet.forward`` of the locked network with ControlNet residuals added to the skip connections and
+    the middle block's output. Op for op the same as ``UNet.forward`` (a test checks bitwise equality with
+    zero residuals), so the locked path is unchanged wherever the residuals are zero."""
+    emb = net.time_mlp(timestep_embedding(t, net.c0)) + e  # (B, E)
+    h = net.conv_in(x)
+    skips = []
+    for block, down in zip(net.down_blocks, net.downsamples):
+        h = block(h, emb)
+        skips.append(h)
+        h = down(h)
+    h = net.mid1(h, emb)
+    if net.attn is not None:
+        h = net.attn(h, net.to_context(e).view(e.shape[0], net.context_tokens, -1))
+    h = net.mid2(h, emb)
+    if mid_res is not None:
+        h = h + mid_res
+    for block, up in zip(net.up_blocks, net.upsamples):
+        skip = skips.pop()
+        if down_res is not None:
+            skip = skip + down_res[len(skips)]
+        h = up(h, skip.shape[-2:]) if isinstance(up, Upsample) else h
+        h = block(torch.cat([h, skip], 1), emb)
+    return net.conv_out(F.silu(net.norm_out(h)))
+
+
+class ControlNet(nn.Module):
+    def __init__(self, config: ControlNetConfig, base: ConditionalDiffusion | None = None):
+        super().__init__()
+        if base is not None:
+            config = dataclasses.replace(config, base=base.config)
+        self.config = c = config
+        self.base = freeze(base if base is not None else ConditionalDiffusion(c.base))
+        self.register_buffer("base_ready", torch.tensor(int(base is not None)))  # int: gloo broadcasts it
+        net = self.base.net
+        widths = c.base.channels
+        self.control = ControlEncoder(net).requires_grad_(True)  # theta_c = theta, trainable (the base is frozen)
+        self.hint = nn.Sequential(  # c -> features at the input conv's width, ending in Z(.; theta_z1)
+            nn.Conv2d(c.control_channels, c.hint_channels, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c.hint_channels, c.hint_channels, 3, padding=1), nn.SiLU(),
+            zero_conv(c.hint_channels, widths[0]),
+        )
+        self.zero_convs = nn.ModuleList(zero_conv(w, w) for w in widths)  # Z(.; theta_z2), one per skip
+        self.zero_mid = zero_conv(widths[-1], widths[-1])
+        if c.lora_rank > 0:
+            inject_lora(self.control, [nn.Conv2d, nn.Linear], rank=c.lora_rank, alpha=c.lora_alpha)
+            freeze_base(self.control)  # only lora_A / lora_B of the copy train
+
+    def train(self, mode: bool = True) -> "ControlNet":
+        super().train(mode)
+        self.base.eval()  # locked
+        return self
+
+    @torch.no_grad()
+    def _ensure_base(self) -> None:
+        if bool(self.base_ready):
+            return
+        if not self.config.base_uri:
+            raise RuntimeError("this ControlNet has no base weights: set config.base_uri to a trained 'diffusion' "
+                               "checkpoint or pass base=")
+        load_frozen(self.base, self.config.base_uri, "diffusion")
+        # theta_c = theta again, in place (the optimiser already holds these parameters). A LoRA-wrapped
+        # layer keeps its weight under ".base."; its adapter (B = 0) keeps its fresh initialisation.
+        src = self.base.net.state_dict()
+        for name, tensor in self.control.state_dict().items():
+            if not name.endswith(("lora_A", "lora_B")):
+                tensor.copy_(src[name.replace(".base.", ".")])
+        self.base_ready.fill_(1)
+
+    # -- the controlled denoiser --------------------------------------------------------------------
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.base.schedule
+
+    def control_image(self, x: torch.Tensor) -> torch.Tensor:
+        return control_image(x, self.config.control)
+
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor, control: torch.Tensor, scale: float = 1.0
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Z(F(x + Z(c); theta_c)) for every skip and the middle block."""
+        skips, mid = self.control(x, t, e, self.hint(control))
+        down = [scale * z(h) for z, h in zip(self.zero_convs, skips)]
+        return down, scale * self.zero_mid(mid)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None,
+            control: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+        """eps(x_t, t, cond; c) (B, C, H, W). cond as for ``ConditionalDiffusion.eps``; ``control`` (B', 1, H, W)
+        with B a multiple of B' (CFG doubles the batch), or None for the locked base alone."""
+        b = x.shape[0]
+        t = as_timesteps(t, b, x.device)
+        # labels / embeddings / None (null) exactly as the base's denoiser takes them (its own conversion)
+        e = self.base._as_embedding(cond, b)
+        if control is None:
+            return self.base.net(x, t, e)  # branch off: the locked model itself
+        control = control.to(x.device, x.dtype)
+        if control.shape[0] != b:
+            control = control.repeat(b // control.shape[0], 1, 1, 1)
+        down, mid = self.residuals(x, t, e, control, scale)
+        return unet_with_residuals(self.base.net, x, t, e, down, mid)
+
+    def denoiser(self, control: torch.Tensor | None, scale: float | None = None) -> Denoiser:
+        """D(x, t, cond) -> eps with the control image bound: composes with every sampler / guidance wrapper."""
+        self._ensure_base()
+        s = self.config.control_scale if scale is None else scale
+        return lambda x, t, cond: self.eps(x, t, cond, control, s)
+
+    # -- training -------------------------------------------------------------------------------
+    def optimizer_groups(self):
+        return {"main": [p for p in self.parameters() if p.requires_grad]}  # never the locked base
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
+        """L_simple with the control branch (Zhang et al. 2023, Eq. 10), base frozen."""
+        self._ensure_base()
+        x0 = batch["x"]
+        c = batch["cond_img"] if "cond_img" in batch else self.control_image(x0)
+        y = condition_from_batch(batch, self.config.condition)
+        b = x0.shape[0]
+        t = torch.randint(0, self.base.config.timesteps, (b,), device=x0.device)
+        noise = torch.randn_like(x0)
+        a_bar = self.base.alpha_bars[t].view(b, 1, 1, 1)
+        x_t = a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * noise
+        drop = torch.rand(b, device=x0.device) < self.config.p_uncond
+        e = self.base.net.cond(y, drop=drop)  # (B, E); frozen table, so no gradient reaches it
+        down, mid = self.residuals(x_t, t, e, c.to(x0.dtype))
+        loss = F.mse_loss(unet_with_residuals(self.base.net, x_t, t, e, down, mid), noise)
+        opt_step("main", loss)
+        return {"loss": loss.item()}
+
+    # -- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        generator: torch.Generator | None = None,
+        control: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        control_scale: float | None = None,
+        eta: float = 0.0,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1]; DDIM + CFG as the base samples, with ``control`` (B, 1, H, W) applied
+        to both CFG branches. ``control=None``: the branch is off, i.e. exactly the base's sample."""
+        self._ensure_base()
+        bc = self.base.config
+        b, dev = cond.shape[0], self.base_ready.device
+        x_T = randn((b, bc.in_channels, bc.image_size, bc.image_size), generator, dev)
+        e = self.base.embed_condition(cond)
+        w = bc.guidance_scale if guidance_scale is None else guidance_scale
+        D = cfg(self.denoiser(control, control_scale), w, self.base.null_embedding(1))
+        x = sample_ddim(D, x_T, self.base.schedule, cond=e, generator=generator, callback=callback,
+                        steps=bc.sample_steps if steps is None else steps, eta=eta)
+        return x.clamp(-1, 1)
+
+    def extra_repr(self) -> str:
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return f"trainable={n}, control={self.config.control!r}, lora_rank={self.config.lora_rank}"

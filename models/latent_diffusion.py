@@ -1,0 +1,261 @@
+"""Latent diffusion: the conditional DDPM of ``models.diffusion`` run on an autoencoder's latents.
+
+Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"
+(seed 004 "Latent Diffusion Models"): a frozen first stage (``models.autoencoder``,
+KL- or VQ-regularised; Esser et al. 2021, van den Oord et al. 2017) maps x to
+z = E(x) of H/f x W/f x c, and the diffusion model learns p(z | c) instead of p(x | c):
+
+    L_LDM = E_{E(x), c, eps ~ N(0, I), t} || eps - eps_theta(z_t, t, c) ||^2      (their Eq. 2, with c)
+
+Sampling draws z_T ~ N(0, I) of the latent shape, runs any sampler / guidance, and
+decodes once: x = D(z_0). z is scaled to unit variance by ``scale_factor`` (their
+App. G; here 1 / the autoencoder's ``latent_std`` unless the config fixes it).
+
+Composition, not copying: ``self.diffusion`` IS a ``ConditionalDiffusion`` whose
+``image_size`` / ``in_channels`` are the latent's, so its U-Net, condition embedding
+(null token), ``loss`` (L_simple with condition dropout), ``denoiser()`` and
+``schedule`` are used as they are, and every function of ``models.diffusion`` that
+takes a denoiser applies to latents unchanged, e.g.::
+
+    z = ldm.encode(x)                                           # (B, 4, 7, 7)
+    z_edit = sdedit(ldm.denoiser(), z, ldm.schedule, strength=0.6, cond=y_new)
+    x_edit = ldm.decode(z_edit)
+    z_T = ddim_invert(ldm.denoiser(), z, ldm.schedule, cond=y, steps=20)
+
+``sample`` differs from ``ConditionalDiffusion.sample`` only at the two ends (latent
+noise shape, decode instead of clamping the latent).
+
+The frozen autoencoder comes either as an object (``LatentDiffusion(config, autoencoder=ae)``)
+or from a checkpoint URI in ``config.autoencoder_uri``. ``models/`` does no storage I/O of
+its own: the URI is read through the reader registered with ``set_checkpoint_reader``
+(``tasks.latents`` registers one for every storage URI when imported); without one, only
+a local directory / ``file://`` URI is read, with safetensors + JSON (never pickle). The
+weights are read lazily, on first use (``train_step`` / ``sample`` / ``encode`` /
+``decode``), and are part of this model's ``state_dict``: a saved latent diffusion model is
+self-contained, and loading its checkpoint does not touch the autoencoder's URI again
+(the ``autoencoder_ready`` buffer records that the weights are real).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote, urlparse
+
+import torch
+from torch import nn
+
+from models.autoencoder import Autoencoder, AutoencoderConfig
+from models.base import OptStep, condition_from_batch, config_from_dict, config_to_dict
+from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
+from models.diffusion.denoiser import Callback, Denoiser, randn
+from models.diffusion.guidance import cfg
+from models.diffusion.samplers.ddim import sample_ddim
+from models.diffusion.schedule import NoiseSchedule
+
+# -- frozen components read from a checkpoint URI ----------------------------------------------
+# reader(uri) -> (state_dict, meta) where meta is the checkpoint's config.json
+# ({"model": registry name, "config": {...}}), the format of tasks/checkpoint.py.
+CheckpointReader = Callable[[str], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+_reader: CheckpointReader | None = None
+
+
+def set_checkpoint_reader(reader: CheckpointReader | None) -> None:
+    """Install the function that reads frozen components (autoencoders, ControlNet bases, cascade
+    bases) from URIs; None restores the local-only default."""
+    global _reader
+    _reader = reader
+
+
+def _read_local_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    if uri.startswith("file://"):
+        path = Path(unquote(urlparse(uri).path))
+    elif "://" in uri or uri.startswith(("runs:/", "models:/")):
+        raise RuntimeError(f"no checkpoint reader for {uri!r}: models/ reads only local directories; "
+                           "import tasks.latents (it registers a reader for every storage URI) or call "
+                           "models.latent_diffusion.set_checkpoint_reader")
+    else:
+        path = Path(uri)
+    return load_file(str(path / "model.safetensors")), json.loads((path / "config.json").read_text())
+
+
+def read_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return (_reader or _read_local_checkpoint)(uri)
+
+
+def _normalised(d: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(d, sort_keys=True))  # tuples -> lists, as after a JSON round trip
+
+
+@torch.no_grad()
+def load_frozen(module: nn.Module, uri: str, model_name: str) -> dict[str, Any]:
+    """Load a registered model's weights from ``uri`` into ``module`` in place, after checking the
+    checkpoint is a ``model_name`` with exactly ``module.config``; returns the checkpoint's meta."""
+    state, meta = read_checkpoint(uri)
+    if meta.get("model") != model_name:
+        raise ValueError(f"{uri} holds a {meta.get('model')!r} checkpoint, expected {model_name!r}")
+    if _normalised(meta.get("config", {})) != _normalised(config_to_dict(module.config)):
+        raise ValueError(f"the {model_name} at {uri} has config {meta.get('config')}, but this model was built "
+                         f"for {config_to_dict(module.config)}; build the config from the checkpoint "
+                         "(tasks.latents.*_config helpers)")
+    module.load_state_dict(state)
+    return meta
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients, eval mode: a frozen component (its buffers may still be loaded)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _nested(cls: type, value: Any) -> Any:
+    return config_from_dict(cls, value) if isinstance(value, dict) else value
+
+
+# -- the model ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatentDiffusionConfig:
+    """Fields shared with ``DiffusionConfig`` are forwarded to the latent U-Net by ``diffusion_config``;
+    ``image_size`` / ``in_channels`` there come from the autoencoder's latent shape."""
+
+    autoencoder_uri: str = ""  # checkpoint of a trained "autoencoder" (read lazily, then frozen)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # its architecture
+    scale_factor: float = 0.0  # z -> scale_factor * z before diffusion; 0 = 1 / autoencoder.latent_std
+    channels: tuple[int, ...] = (32, 64)  # latent U-Net widths: 7 -> 4 (ceil) -> 7
+    num_classes: int = 10
+    condition: str = "label"  # "label" | "text"
+    text_dim: int = 64
+    context_tokens: int = 4
+    timesteps: int = 1000
+    schedule: str = "linear"
+    p_uncond: float = 0.1
+    lr: float = 1e-3
+    prediction: str = "eps"
+    sample_steps: int = 50
+    guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "autoencoder", _nested(AutoencoderConfig, self.autoencoder))
+
+    def diffusion_config(self) -> DiffusionConfig:
+        shared = {f.name for f in dataclasses.fields(DiffusionConfig)} & {f.name for f in dataclasses.fields(self)}
+        c, h, _ = self.autoencoder.latent_shape
+        return DiffusionConfig(image_size=h, in_channels=c, **{k: getattr(self, k) for k in shared})
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, config: LatentDiffusionConfig, autoencoder: Autoencoder | None = None):
+        super().__init__()
+        if autoencoder is not None:  # the object defines the architecture; the config records it
+            config = dataclasses.replace(config, autoencoder=autoencoder.config)
+        self.config = config
+        self.autoencoder = freeze(autoencoder if autoencoder is not None else Autoencoder(config.autoencoder))
+        # True once the autoencoder holds real weights (given, read from the URI, or loaded with a checkpoint).
+        self.register_buffer("autoencoder_ready", torch.tensor(int(autoencoder is not None)))  # int: gloo broadcasts it
+        self.diffusion = ConditionalDiffusion(config.diffusion_config())
+
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: stays in eval mode
+        return self
+
+    def _ensure_autoencoder(self) -> None:
+        if bool(self.autoencoder_ready):
+            return
+        if not self.config.autoencoder_uri:
+            raise RuntimeError("this latent diffusion model has no autoencoder weights: set config.autoencoder_uri "
+                               "to a trained 'autoencoder' checkpoint or pass autoencoder=")
+        load_frozen(self.autoencoder, self.config.autoencoder_uri, "autoencoder")
+        self.autoencoder_ready.fill_(1)
+
+    # -- latent space ------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        """scale_factor applied to raw autoencoder latents (Rombach et al. 2022, App. G)."""
+        if self.config.scale_factor:
+            return float(self.config.scale_factor)
+        self._ensure_autoencoder()
+        return float(1.0 / self.autoencoder.latent_std)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.config.autoencoder.latent_shape
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) in [-1, 1] -> scaled latent z (B, c, h, w), the diffusion model's data."""
+        self._ensure_autoencoder()
+        return self.autoencoder.encode(x) * self.scale
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """scaled latent z (B, c, h, w) -> image (B, C, H, W) clamped to [-1, 1]."""
+        self._ensure_autoencoder()
+        return self.autoencoder.decode(z / self.scale).clamp(-1, 1)
+
+    # -- the denoiser on latents (everything in models.diffusion takes these) ----------------------
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.diffusion.schedule
+
+    def denoiser(self) -> Denoiser:
+        """D(z_t, t, cond) -> eps on scaled latents (labels, embeddings or None, as ConditionalDiffusion)."""
+        return self.diffusion.denoiser()
+
+    def embed_condition(self, c: torch.Tensor | None, batch: int | None = None) -> torch.Tensor:
+        return self.diffusion.embed_condition(c, batch)
+
+    def null_embedding(self, batch: int) -> torch.Tensor:
+        return self.diffusion.null_embedding(batch)
+
+    def null_cond(self, batch: int) -> torch.Tensor:
+        return self.diffusion.null_cond(batch)
+
+    # -- training -------------------------------------------------------------------------------
+    def optimizer_groups(self):
+        return {"main": self.diffusion.parameters()}  # the autoencoder is frozen
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
+        """L_LDM on z = scale * E(x). A batch may carry precomputed raw latents ``z`` (B, c, h, w) of the same
+        autoencoder (``tasks.latents``); otherwise ``x`` is encoded here, with no gradient."""
+        self._ensure_autoencoder()
+        with torch.no_grad():
+            z_raw = batch["z"].to(self.autoencoder_ready.device) if "z" in batch else self.autoencoder.encode(batch["x"])
+            z0 = z_raw * self.scale
+        loss, logs = self.diffusion.loss(z0, condition_from_batch(batch, self.config.condition))
+        opt_step("main", loss)
+        return logs
+
+    # -- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        cond: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_cond: torch.Tensor | None = None,
+        eta: float = 0.0,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        """z_T ~ N(0, I) of the latent shape, then DDIM with CFG (as ConditionalDiffusion.sample); scaled z_0."""
+        conf, d = self.config, self.diffusion
+        dev = self.autoencoder_ready.device
+        z_T = randn((cond.shape[0], *self.latent_shape), generator, dev)
+        e = d.embed_condition(cond)  # (B, E)
+        e_neg = None if negative_cond is None else d.embed_condition(negative_cond)
+        w = conf.guidance_scale if guidance_scale is None else guidance_scale
+        D = cfg(d.denoiser(), w, d.null_embedding(1), e_neg)
+        return sample_ddim(D, z_T, d.schedule, cond=e, generator=generator, callback=callback,
+                           steps=conf.sample_steps if steps is None else steps, eta=eta)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1]: ``sample_latents`` (same keyword arguments), decoded once."""
+        self._ensure_autoencoder()
+        return self.decode(self.sample_latents(cond, generator, **kwargs))

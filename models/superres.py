@@ -1,0 +1,218 @@
+"""Cascaded generation: a conditional diffusion super-resolution stage, 14 x 14 -> 28 x 28.
+
+Saharia et al. 2022, "Image Super-Resolution via Iterative Refinement" (SR3, §2): a
+DDPM whose U-Net sees the bicubic/bilinear-upsampled low-resolution image concatenated
+to x_t along channels, eps_theta([x_t, up(x_low)], t). Chained after a base model this
+is the cascade of Imagen (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion
+Models with Deep Language Understanding", §2.4: base 64 -> SR 256 -> SR 1024, each stage
+conditioned on the same text) and of Ho et al. 2022 ("Cascaded Diffusion Models"), and
+the diffusion counterpart of StackGAN's two stages (Zhang et al. 2017, "StackGAN":
+Stage-I sketches shape and colour at low resolution, Stage-II, conditioned on the
+Stage-I image and the same text, adds detail; seed 003).
+
+Noise conditioning augmentation (Ho et al. 2022 §4.2; Imagen §2.5): in training the
+low-res input gets Gaussian noise of a random std in [0, ``cond_noise``], so the stage
+tolerates the artefacts of a generated (not downsampled-real) low-res image. The
+augmentation level is not fed to the network here; sampling uses a clean input.
+
+Reuse: ``self.diffusion`` is a ``ConditionalDiffusion`` with 2 input channels whose output
+conv is replaced by one producing the image's channels; its condition embedding (null token
+for CFG), ``eps`` and ``schedule`` and the samplers / ``cfg`` of ``models.diffusion`` are
+used unchanged through ``denoiser(low)``, which binds the low-res image.
+
+``cascade_sample(base, sr, cond, generator)`` chains after ANY model of the contract: the
+base's sample is resized (area) to ``low_size`` when it is not already that size. For
+``sample(cond, generator)`` to work alone (tasks/train.py's grid, tasks/evaluate.py), a
+base can be embedded: ``SuperRes(config, base=model)`` or ``config.base_model`` +
+``config.base_uri`` + ``config.base_config`` (read lazily, frozen, saved in this model's
+``state_dict``, like the autoencoder of ``models.latent_diffusion``). Without a base,
+``sample`` needs ``low=`` and otherwise raises NotImplementedError.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import OptStep, condition_from_batch, config_to_dict
+from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
+from models.diffusion.denoiser import Callback, Denoiser, randn
+from models.diffusion.guidance import cfg
+from models.diffusion.samplers.ddim import sample_ddim
+from models.diffusion.schedule import NoiseSchedule
+from models.latent_diffusion import _normalised, freeze, load_frozen
+
+
+@dataclass(frozen=True)
+class SuperResConfig:
+    """Fields shared with ``DiffusionConfig`` are forwarded to the U-Net by ``diffusion_config``."""
+
+    image_size: int = 28
+    low_size: int = 14
+    in_channels: int = 1
+    channels: tuple[int, ...] = (32, 64)
+    num_classes: int = 10
+    condition: str = "label"  # "label" | "text": the same condition as the base stage
+    text_dim: int = 64
+    context_tokens: int = 4
+    timesteps: int = 1000
+    schedule: str = "linear"
+    p_uncond: float = 0.1
+    lr: float = 1e-3
+    prediction: str = "eps"
+    sample_steps: int = 50
+    guidance_scale: float = 1.0
+    cond_noise: float = 0.1  # max std of the Gaussian augmentation of the low-res input in training
+    # Optional embedded first stage, so sample(cond, generator) is a full cascade:
+    base_model: str = ""  # a key of models.registry.MODELS
+    base_uri: str = ""  # its checkpoint (read lazily)
+    base_config: dict[str, Any] = field(default_factory=dict)  # its config (JSON form)
+
+    def __post_init__(self):
+        object.__setattr__(self, "base_config", _normalised(dict(self.base_config)))
+        if self.low_size >= self.image_size:
+            raise ValueError(f"low_size ({self.low_size}) must be below image_size ({self.image_size})")
+
+    def diffusion_config(self) -> DiffusionConfig:
+        shared = {f.name for f in dataclasses.fields(DiffusionConfig)} & {f.name for f in dataclasses.fields(self)}
+        return DiffusionConfig(**{**{k: getattr(self, k) for k in shared}, "in_channels": 2 * self.in_channels})
+
+
+def _registry_name(model: nn.Module) -> str:
+    from models.registry import MODELS  # here, not at import: the registry imports this module
+
+    for name, (_, cls) in MODELS.items():
+        if type(model) is cls:
+            return name
+    raise KeyError(f"{type(model).__name__} is not in models.registry.MODELS")
+
+
+class SuperRes(nn.Module):
+    def __init__(self, config: SuperResConfig, base: nn.Module | None = None):
+        super().__init__()
+        if base is not None:
+            config = dataclasses.replace(config, base_model=_registry_name(base), base_config=config_to_dict(base.config))
+        self.config = c = config
+        self.diffusion = ConditionalDiffusion(c.diffusion_config())  # U-Net input: [x_t, up(x_low)]
+        net = self.diffusion.net
+        net.conv_out = nn.Conv2d(net.c0, c.in_channels, 3, padding=1)  # output: eps of x_t only
+        nn.init.zeros_(net.conv_out.weight)  # as the U-Net's own output conv: start at eps = 0
+        nn.init.zeros_(net.conv_out.bias)
+        self.base: nn.Module | None = None
+        if base is not None or c.base_model:
+            from models.registry import build_model
+
+            self.base = freeze(base if base is not None else build_model(c.base_model, c.base_config))
+        self.register_buffer("base_ready", torch.tensor(int(base is not None)))  # int: gloo broadcasts it
+
+    def train(self, mode: bool = True) -> "SuperRes":
+        super().train(mode)
+        if self.base is not None:
+            self.base.eval()
+        return self
+
+    def _ensure_base(self) -> nn.Module:
+        if self.base is None:
+            raise NotImplementedError("a super-resolution stage without a base needs low=; use "
+                                      "cascade_sample(base, sr, cond, generator) or embed a base")
+        if not bool(self.base_ready):
+            if not self.config.base_uri:
+                raise RuntimeError("the embedded base has no weights: set config.base_uri or pass base=")
+            load_frozen(self.base, self.config.base_uri, self.config.base_model)
+            self.base_ready.fill_(1)
+        return self.base
+
+    # -- resolution changes --------------------------------------------------------------------
+    def downsample(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, low, low), area averaging (= 2x2 mean pooling for 28 -> 14)."""
+        return F.interpolate(x, size=(self.config.low_size,) * 2, mode="area")
+
+    def upsample(self, low: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C, H, W), bilinear (SR3 uses bicubic; bilinear does not overshoot [-1, 1])."""
+        return F.interpolate(low, size=(self.config.image_size,) * 2, mode="bilinear", align_corners=False)
+
+    # -- the denoiser ---------------------------------------------------------------------------
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.diffusion.schedule
+
+    def denoiser(self, low: torch.Tensor) -> Denoiser:
+        """D(x, t, cond) -> eps with the low-res image (B', C, h, w) bound; B a multiple of B' (CFG doubles it)."""
+        up = self.upsample(low.to(self.base_ready.device).float())
+
+        def D(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+            u = up if up.shape[0] == x.shape[0] else up.repeat(x.shape[0] // up.shape[0], 1, 1, 1)
+            return self.diffusion.eps(torch.cat([x, u.to(x.dtype)], 1), t, cond)
+
+        return D
+
+    # -- training -------------------------------------------------------------------------------
+    def optimizer_groups(self):
+        return {"main": self.diffusion.parameters()}  # an embedded base stays frozen
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
+        """L_simple of x given [x_t, up(down(x) + aug noise)] and the condition (SR3 Eq. 6 with eps)."""
+        x0 = batch["x"]
+        b = x0.shape[0]
+        low = self.downsample(x0)
+        if self.config.cond_noise > 0:
+            sigma = torch.rand(b, 1, 1, 1, device=x0.device) * self.config.cond_noise
+            low = low + sigma * torch.randn_like(low)
+        up = self.upsample(low)
+        t = torch.randint(0, self.config.timesteps, (b,), device=x0.device)
+        noise = torch.randn_like(x0)
+        a_bar = self.diffusion.alpha_bars[t].view(b, 1, 1, 1)
+        x_t = a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * noise
+        drop = torch.rand(b, device=x0.device) < self.config.p_uncond
+        e = self.diffusion.net.cond(condition_from_batch(batch, self.config.condition), drop=drop)
+        loss = F.mse_loss(self.diffusion.net(torch.cat([x_t, up], 1), t, e), noise)
+        opt_step("main", loss)
+        return {"loss": loss.item()}
+
+    # -- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        generator: torch.Generator | None = None,
+        low: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_cond: torch.Tensor | None = None,
+        eta: float = 0.0,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] given ``low`` (B, C, low, low) in [-1, 1]; without ``low``, the embedded
+        base's sample is upsampled (``cascade_sample``)."""
+        if low is None:
+            return cascade_sample(self._ensure_base(), self, cond, generator, steps=steps,
+                                  guidance_scale=guidance_scale, negative_cond=negative_cond, eta=eta, callback=callback)
+        conf, d = self.config, self.diffusion
+        x_T = randn((cond.shape[0], conf.in_channels, conf.image_size, conf.image_size), generator,
+                    self.base_ready.device)
+        e = d.embed_condition(cond)
+        e_neg = None if negative_cond is None else d.embed_condition(negative_cond)
+        w = conf.guidance_scale if guidance_scale is None else guidance_scale
+        D = cfg(self.denoiser(low), w, d.null_embedding(1), e_neg)
+        x = sample_ddim(D, x_T, d.schedule, cond=e, generator=generator, callback=callback,
+                        steps=conf.sample_steps if steps is None else steps, eta=eta)
+        return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def cascade_sample(base: nn.Module, sr: SuperRes, cond: torch.Tensor, generator: torch.Generator | None = None,
+                   *, base_kwargs: dict[str, Any] | None = None, **sr_kwargs: Any) -> torch.Tensor:
+    """base.sample(cond) -> resize to sr's low_size if needed -> sr.sample(cond, low=...): (B, C, H, W) in [-1, 1].
+
+    ``base`` is any model of the contract (diffusion, latent diffusion, a GAN, a CVAE, ...). Both stages
+    get the same condition (Imagen §2.4) and draw from the same generator, one after the other.
+    """
+    low = base.sample(cond, generator, **(base_kwargs or {}))
+    if low.shape[-1] != sr.config.low_size or low.shape[-2] != sr.config.low_size:
+        low = sr.downsample(low)
+    return sr.sample(cond, generator, low=low, **sr_kwargs)

@@ -1,0 +1,242 @@
+"""Autoencoder latents for latent diffusion: precompute once per autoencoder, read from any storage URI.
+
+* ``precompute_latents(shards_uri, autoencoder)``: encode every sample of every shard with a
+  frozen ``models.autoencoder.Autoencoder`` and write side-car tars of ``{key}.latent.npy``
+  (raw, unscaled ``encode(x)``, float32 (c, h, w)) under
+  ``{shards}/latents/{fingerprint[:16]}/``, with a ``manifest.json``. The fingerprint is
+  ``tasks.checkpoint.state_fingerprint`` of the autoencoder, so a retrained autoencoder
+  gets a new folder and never reads stale latents; shards whose side-car exists for the
+  same source sha256 are skipped (the layout and resume logic of ``tasks.embed``).
+* ``load_latents`` / ``load_latent_split``: latents aligned to sample keys, for loops that
+  feed ``LatentDiffusion.train_step`` batches with ``z`` (it then skips the encoder).
+* A checkpoint reader for ``models.latent_diffusion.set_checkpoint_reader``, registered on
+  import: frozen components (autoencoders, ControlNet / cascade bases) can then live on
+  any URI ``tasks.storage`` reads (``s3://``, ``file://``, paths).
+* ``*_config`` helpers: a model config dict built from a frozen component's checkpoint
+  (its architecture copied from the checkpoint's config.json).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from models.autoencoder import Autoencoder
+from models.base import config_to_dict
+from models.latent_diffusion import set_checkpoint_reader
+from tasks import checkpoint as ckpt_io
+from tasks import storage
+from tasks.images import from_uint8
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MEMBER = "latent.npy"
+
+
+# -- checkpoints on any storage URI ------------------------------------------------------------
+def read_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, meta) of a checkpoint directory written by ``tasks.checkpoint`` (safetensors + JSON)."""
+    from safetensors.torch import load
+
+    state = load(storage.read_bytes(storage.join(uri, ckpt_io.WEIGHTS)))
+    meta = json.loads(storage.read_bytes(storage.join(uri, ckpt_io.CONFIG)))
+    return state, meta
+
+
+set_checkpoint_reader(read_checkpoint)
+
+
+def checkpoint_meta(uri: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(storage.join(uri, ckpt_io.CONFIG)))
+
+
+def _expect(meta: dict[str, Any], uri: str, *names: str) -> None:
+    if meta.get("model") not in names:
+        raise ValueError(f"{uri} holds a {meta.get('model')!r} checkpoint, expected one of {names}")
+
+
+def latent_diffusion_config(autoencoder_uri: str, **overrides: Any) -> dict[str, Any]:
+    """A ``latent_diffusion`` config dict for the autoencoder checkpoint at ``autoencoder_uri``."""
+    meta = checkpoint_meta(autoencoder_uri)
+    _expect(meta, autoencoder_uri, "autoencoder")
+    return {"autoencoder_uri": autoencoder_uri, "autoencoder": meta["config"], **overrides}
+
+
+def controlnet_config(base_uri: str, **overrides: Any) -> dict[str, Any]:
+    """A ``controlnet`` config dict for the ``diffusion`` checkpoint at ``base_uri``."""
+    meta = checkpoint_meta(base_uri)
+    _expect(meta, base_uri, "diffusion")
+    return {"base_uri": base_uri, "base": meta["config"], **overrides}
+
+
+def superres_config(base_uri: str, **overrides: Any) -> dict[str, Any]:
+    """A ``superres`` config dict with the checkpoint at ``base_uri`` (any registered model) embedded as its base."""
+    meta = checkpoint_meta(base_uri)
+    return {"base_model": meta["model"], "base_uri": base_uri, "base_config": meta["config"], **overrides}
+
+
+def load_autoencoder(uri: str) -> Autoencoder:
+    from tasks.train import load_trained
+
+    model, meta = load_trained(uri)
+    if not isinstance(model, Autoencoder):
+        raise ValueError(f"{uri} holds a {meta['model']!r}, not an autoencoder")
+    return model
+
+
+# -- precomputed latents ------------------------------------------------------------------------
+@dataclass
+class LatentsResult:
+    uri: str  # the side-car folder
+    fingerprint: str  # full sha256 of the autoencoder's weights
+    latent_shape: tuple[int, ...]
+    computed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    n_samples: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def autoencoder_fingerprint(autoencoder: Autoencoder) -> str:
+    return ckpt_io.state_fingerprint(autoencoder)
+
+
+def latents_uri(shards_uri: str, fingerprint: str) -> str:
+    return storage.join(shards_uri, "latents", fingerprint[:16])
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_sidecar(uri: str, keys: Sequence[str], z: np.ndarray) -> str:
+    """Atomically write a tar of ``{key}.latent.npy``; returns its sha256 (deterministic: mtime 0)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, row in zip(keys, z):
+            data = _npy(np.ascontiguousarray(row))
+            info = tarfile.TarInfo(f"{key}.{MEMBER}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    storage.write_bytes(uri, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+@torch.no_grad()
+def encode_images(autoencoder: Autoencoder, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """uint8 (N, H, W) -> raw latents float32 (N, c, h, w) (``encode``: KL mean / VQ pre-quantisation)."""
+    autoencoder.eval()
+    dev = next(autoencoder.parameters()).device
+    out = [autoencoder.encode(from_uint8(images[i:i + batch_size]).to(dev)).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, *autoencoder.config.latent_shape), np.float32)
+
+
+def precompute_latents(shards_uri: str, autoencoder: Autoencoder | str, out_uri: str | None = None, *,
+                       batch_size: int = 256) -> LatentsResult:
+    """Encode every shard of ``shards_uri`` once per autoencoder; skip shards already done.
+
+    ``autoencoder``: a model or a checkpoint URI. Serial on purpose: encoding 5,000 digits
+    takes seconds on a CPU, so the Ray fan-out of ``tasks.embed`` would cost more than it saves.
+    """
+    from tasks.embed import _decode_png, _source_shards, read_samples
+
+    t0 = time.perf_counter()
+    ae = load_autoencoder(autoencoder) if isinstance(autoencoder, str) else autoencoder
+    fp = autoencoder_fingerprint(ae)
+    out_uri = out_uri or latents_uri(shards_uri, fp)
+    source_manifest, shards = _source_shards(shards_uri)
+    manifest_uri = storage.join(out_uri, MANIFEST)
+    done: dict[str, dict[str, Any]] = {}
+    if storage.exists(manifest_uri):
+        old = storage.read_json(manifest_uri)
+        if old.get("fingerprint") == fp:
+            done = {e["name"]: e for e in old.get("shards", [])}
+
+    def up_to_date(s: dict[str, Any]) -> bool:
+        e = done.get(s["name"])
+        return bool(e and s["sha256"] and e.get("source_sha256") == s["sha256"]
+                    and storage.exists(storage.join(out_uri, s["name"])))
+
+    result = LatentsResult(uri=out_uri, fingerprint=fp, latent_shape=tuple(ae.config.latent_shape))
+
+    def manifest() -> dict[str, Any]:
+        sha = {s["name"]: s["sha256"] for s in shards}
+        entries = [done[n] for n in sorted(done) if n in sha and done[n].get("source_sha256") == sha[n]]
+        return {"schema_version": SCHEMA_VERSION, "kind": "autoencoder-latents", "fingerprint": fp,
+                "latent_shape": list(result.latent_shape), "dtype": "float32", "member": MEMBER,
+                "autoencoder_config": config_to_dict(ae.config), "source": shards_uri,
+                "source_fingerprint": source_manifest.get("source_fingerprint"),
+                "complete": len(entries) == len(shards), "shards": entries}
+
+    for s in shards:
+        if up_to_date(s):
+            result.skipped.append(s["name"])
+            continue
+        samples = read_samples(storage.join(shards_uri, s["name"]))
+        images = np.stack([_decode_png(x["png"]) for x in samples]) if samples else np.zeros((0, 0, 0), np.uint8)
+        z = encode_images(ae, images, batch_size) if samples else np.zeros((0, *result.latent_shape), np.float32)
+        sha = _write_sidecar(storage.join(out_uri, s["name"]), [x["__key__"] for x in samples], z)
+        done[s["name"]] = {"name": s["name"], "source_sha256": s["sha256"], "count": len(samples), "sha256": sha}
+        result.computed.append(s["name"])
+        storage.write_json(manifest_uri, manifest())  # after every shard: an interrupted run resumes here
+    final = storage.dumps_json(manifest())
+    if not storage.exists(manifest_uri) or storage.read_bytes(manifest_uri) != final:
+        storage.write_bytes(manifest_uri, final)
+    result.n_samples = sum(int(done[s["name"]]["count"]) for s in shards if s["name"] in done)
+    result.seconds = time.perf_counter() - t0
+    log.info("latents %s: %d computed, %d skipped, %d samples in %.1fs", out_uri, len(result.computed),
+             len(result.skipped), result.n_samples, result.seconds)
+    return result
+
+
+def load_latents(shards_uri: str, fingerprint: str, keys: Sequence[str], *, uri: str | None = None) -> np.ndarray:
+    """Raw latents float32 (N, c, h, w) aligned to ``keys`` (fingerprint: full or its first 16 hex digits)."""
+    from tasks.embed import read_samples
+
+    uri = uri or latents_uri(shards_uri, fingerprint)
+    manifest = storage.read_json(storage.join(uri, MANIFEST))
+    if not manifest["fingerprint"].startswith(fingerprint):
+        raise ValueError(f"{uri} holds latents of autoencoder {manifest['fingerprint'][:16]}, not {fingerprint[:16]}")
+    wanted, found = set(keys), {}
+    for entry in manifest["shards"]:
+        for s in read_samples(storage.join(uri, entry["name"])):
+            if s["__key__"] in wanted:
+                found[s["__key__"]] = np.load(io.BytesIO(s[MEMBER]), allow_pickle=False)
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise KeyError(f"{len(missing)} of {len(keys)} keys have no latents in {uri} (e.g. {missing[:3]}); "
+                       "run precompute_latents for this autoencoder first")
+    shape = tuple(manifest["latent_shape"])
+    return np.stack([found[k] for k in keys]) if keys else np.zeros((0, *shape), np.float32)
+
+
+def load_latent_split(shards_uri: str, split: str, fingerprint: str) -> dict[str, np.ndarray]:
+    """``x`` uint8 (N, H, W), ``y`` int64 (N,), ``z`` float32 (N, c, h, w) for one split."""
+    from tasks.data import load_split
+
+    data = load_split(shards_uri, split)
+    return {"x": data["x"], "y": data["y"].astype(np.int64),
+            "z": load_latents(shards_uri, fingerprint, list(data["key"]))}
+
+
+# I/O-heavy and resumable: retrying on I/O errors is safe.
+precompute_latents_task = task(precompute_latents, name="precompute_latents", retries=2, retry_delay_seconds=5,
+                               retry_condition_fn=storage.retry_on_io, cache_policy=NO_CACHE)
