@@ -31,7 +31,9 @@ CVAE_CONFIG = {"channels": [32, 64], "latent_dim": 8, "cond_dim": 16}
 GAN_CONFIG = {"channels": [32, 64], "latent_dim": 16, "cond_dim": 16}
 
 
-def train_in_process(name: str, config: dict, arrays: dict, *, epochs: int, batch_size: int, seed: int):
+def train_in_process(name: str, config: dict, arrays: dict, *, epochs: int, batch_size: int, seed: int,
+                     score=None):
+    """The worker loop's pieces without Ray; ``score(model) -> str`` is printed after each epoch."""
     import torch
 
     from models.registry import build_model
@@ -48,7 +50,9 @@ def train_in_process(name: str, config: dict, arrays: dict, *, epochs: int, batc
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
         logs = " ".join(f"{k}={v / max(count, 1):.3f}" for k, v in sums.items())
-        print(f"  {name} epoch {epoch + 1}/{epochs}: {logs} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        seconds = time.perf_counter() - t0
+        extra = f" {score(model.eval())}" if score else ""
+        print(f"  {name} epoch {epoch + 1}/{epochs}: {logs} ({seconds:.0f}s){extra}", flush=True)
     return model.eval()
 
 
@@ -59,14 +63,14 @@ def checkpoint_dir(name: str) -> Path:
 
 
 def get_model(kind: str, uri: str | None, config: dict, arrays: dict, *, epochs: int, batch_size: int, seed: int,
-              tag: str) -> tuple[str, float]:
+              tag: str, score=None) -> tuple[str, float]:
     """A checkpoint URI: the given one, or a freshly trained model saved under $CONDGEN_HOME."""
     from tasks import checkpoint as ckpt_io
 
     if uri:
         return uri, 0.0
     t0 = time.perf_counter()
-    model = train_in_process(kind, config, arrays, epochs=epochs, batch_size=batch_size, seed=seed)
+    model = train_in_process(kind, config, arrays, epochs=epochs, batch_size=batch_size, seed=seed, score=score)
     d = checkpoint_dir(tag)
     ckpt_io.save_checkpoint(d, model, extra={"epochs": epochs, "batch_size": batch_size, "seed": seed,
                                              "trained_by": "benchmarks.latent_map"})
@@ -93,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cvae-epochs", type=int, default=5)
     p.add_argument("--gan-epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cvae-config", type=json.loads, default={}, help="JSON overrides of CVAE_CONFIG")
+    p.add_argument("--gan-config", type=json.loads, default={}, help="JSON overrides of GAN_CONFIG")
+    p.add_argument("--eval-every-epoch", action="store_true",
+                   help="print the judge's conditional accuracy (200 samples) after every training epoch")
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--real-sizes", type=int, nargs="+", default=[10, 100],
                    help="support sizes for real-image support sets (a GAN inversion per image: the costly part)")
@@ -118,15 +126,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"shards {shards}: {len(train['y'])} train / {len(test['y'])} test; judge test accuracy "
           f"{judge.test_accuracy:.4f}", flush=True)
 
-    cvae_uri, timings["train_cvae"] = get_model("cvae", args.cvae, CVAE_CONFIG, arrays, epochs=args.cvae_epochs,
-                                                batch_size=args.batch_size, seed=0, tag="cvae_s0")
-    gan_uri, timings["train_gan"] = get_model(args.gan_model, args.gan, GAN_CONFIG, arrays, epochs=args.gan_epochs,
-                                              batch_size=args.batch_size, seed=0, tag=f"{args.gan_model}_s0")
+    def score(model) -> str:
+        return f"cond_accuracy={evaluate_model(model, judge, test_arrays, n_per_class=20).cond_accuracy:.3f}"
+
+    score_fn = score if args.eval_every_epoch else None
+    cvae_cfg, gan_cfg = {**CVAE_CONFIG, **args.cvae_config}, {**GAN_CONFIG, **args.gan_config}
+    print(f"CVAE config {cvae_cfg}, {args.gan_model} config {gan_cfg}", flush=True)
+    cvae_uri, timings["train_cvae"] = get_model("cvae", args.cvae, cvae_cfg, arrays, epochs=args.cvae_epochs,
+                                                batch_size=args.batch_size, seed=0, tag="cvae_s0", score=score_fn)
+    gan_uri, timings["train_gan"] = get_model(args.gan_model, args.gan, gan_cfg, arrays, epochs=args.gan_epochs,
+                                              batch_size=args.batch_size, seed=0, tag=f"{args.gan_model}_s0",
+                                              score=score_fn)
     spaces = {"cvae": ml.load_space(cvae_uri, "cvae"), "gan": ml.load_space(gan_uri, args.gan_model)}
     if args.cvae2:
-        uri2, timings["train_cvae2"] = get_model("cvae", None if args.cvae2 == "train" else args.cvae2, CVAE_CONFIG,
+        uri2, timings["train_cvae2"] = get_model("cvae", None if args.cvae2 == "train" else args.cvae2, cvae_cfg,
                                                  arrays, epochs=args.cvae_epochs, batch_size=args.batch_size, seed=1,
-                                                 tag="cvae_s1")
+                                                 tag="cvae_s1", score=score_fn)
         spaces["cvae2"] = ml.load_space(uri2, "cvae-seed1")
 
     print("\n== models ==")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +199,14 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+class AELoss(NamedTuple):
+    total: torch.Tensor  # L_rec + regulariser (the GAN term is added in train_step)
+    rec: torch.Tensor  # L_rec
+    x_hat: torch.Tensor  # (B, C, H, W) reconstruction, unclamped
+    z: torch.Tensor  # (B, c, h, w) what encode(x) returns (detached)
+    logs: dict[str, float]
+
+
 class Autoencoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
@@ -258,8 +267,8 @@ class Autoencoder(nn.Module):
     def _rec(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(x_hat, x) if self.config.rec_loss == "mse" else F.l1_loss(x_hat, x)
 
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-        """(L_rec + regulariser, L_rec, x_hat, logs); the GAN term is added in ``train_step``."""
+    def loss(self, x: torch.Tensor) -> AELoss:
+        """L_rec + the KL or VQ regulariser (no GAN term: that needs D, see ``train_step``)."""
         c, logs = self.config, {}
         if self.quantizer is None:
             mean, logvar = self._moments(x)
@@ -279,8 +288,7 @@ class Autoencoder(nn.Module):
         x_hat = self.decoder(z)
         rec = self._rec(x_hat, x)
         logs.update(rec=rec.item(), mse=F.mse_loss(x_hat.detach(), x).item())
-        self._track_latents(z_enc.detach())
-        return rec + reg, rec, x_hat, logs
+        return AELoss(rec + reg, rec, x_hat, z_enc.detach(), logs)
 
     @torch.no_grad()
     def _track_latents(self, z: torch.Tensor) -> None:
@@ -307,7 +315,8 @@ class Autoencoder(nn.Module):
     def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
         x = batch["x"]
         self.step += 1
-        loss, rec, x_hat, logs = self.loss(x)
+        loss, rec, x_hat, z, logs = self.loss(x)
+        self._track_latents(z)
         gan_on = self.disc is not None and int(self.step) > self.config.gan_start
         if gan_on:
             with frozen(self.disc):  # G's step: no gradient into D's weights

@@ -133,8 +133,8 @@ def _invert_batch(generate, x, c, z0, steps, lr, prior_weight):
         rec = (generate(z, c) - x).pow(2).flatten(1).mean(-1)  # (B,)
         prior = (z.pow(2).sum(-1) / d - 1).pow(2)  # (B,)
         loss = (rec + prior_weight * prior).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # Gradient w.r.t. z only: the generator's weights get no .grad (it need not be frozen).
+        (z.grad,) = torch.autograd.grad(loss, z)
         opt.step()
     with torch.no_grad():
         err = (generate(z, c) - x).pow(2).flatten(1).mean(-1)

@@ -326,7 +326,9 @@ class Batcher:
             self.batches[info["samples"]] += 1
             try:
                 results = await loop.run_in_executor(self.executor, self.runner, group[0].key, group)
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+            except asyncio.CancelledError:  # the event loop is shutting down
+                raise
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for j in group:
                     if not j.future.done():
                         j.future.set_exception(exc)

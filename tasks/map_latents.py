@@ -126,9 +126,7 @@ def latent_space(model: nn.Module, *, name: str | None = None, uri: str | None =
     if kind is None:
         raise ValueError(f"{type(model).__name__} (condition={getattr(model.config, 'condition', '?')}) has no "
                          "label-conditioned latent space to map (CVAE and cGAN/AC-GAN with condition='label')")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)  # frozen: gradients flow to z only
+    model.eval()  # inversion and CLIP optimisation take gradients w.r.t. z only (autograd.grad)
     return LatentSpace(model, kind, name or type(model).__name__.lower(), uri, state_fingerprint(model))
 
 

@@ -302,3 +302,47 @@ def ray_cluster(condgen_home, monkeypatch):
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory) -> Iterator[dict[str, str | int]]:
+    """A private PostgreSQL server on 127.0.0.1:<free port> (trust auth, throwaway data dir).
+
+    ``infra/scripts/ensure_postgres.sh`` installs Debian's ``postgresql`` if initdb/pg_ctl
+    are missing; the test is skipped only if that is impossible (no root, no apt). As root,
+    initdb and the server run as the ``postgres`` user (PostgreSQL refuses root).
+    Yields ``{"host", "port", "user", "bindir"}``.
+    """
+    import pwd
+    import tempfile
+
+    script = Path(__file__).resolve().parents[1] / "infra" / "scripts" / "ensure_postgres.sh"
+    found = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900)
+    if found.returncode != 0:
+        pytest.skip(f"PostgreSQL cannot be installed here: {found.stderr.strip()[-500:]}")
+    bindir = Path(found.stdout.strip().splitlines()[-1])
+
+    prefix: list[str] = []
+    # Outside pytest's 0700 tmp tree: the postgres user must be able to reach it.
+    root = Path(tempfile.mkdtemp(prefix="condgen-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        pg = pwd.getpwnam("postgres")
+        os.chown(root, pg.pw_uid, pg.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+    try:
+        subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=300)
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
+                        "-t", "120", "-o", f"-p {port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=off",
+                        "start"], check=True, capture_output=True, timeout=180)
+    except subprocess.CalledProcessError as exc:
+        log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"PostgreSQL did not start: {exc.stderr!r}\n{log[-2000:]}") from exc
+    try:
+        yield {"host": "127.0.0.1", "port": port, "user": "postgres", "bindir": str(bindir)}
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)

@@ -127,7 +127,7 @@ def test_autoencoder_gan_term_uses_the_adaptive_weight():
     assert set(groups) == {"ae", "disc"}
     assert not {id(p) for p in groups["ae"]} & {id(p) for p in groups["disc"]}
     # lambda = gan_weight * ||grad_GL L_rec|| / (||grad_GL L_GAN|| + 1e-4), on the decoder's last layer
-    _, rec, x_hat, _ = ae.loss(x)
+    _, rec, x_hat, _, _ = ae.loss(x)
     g = -ae.disc(x_hat).mean()
     last = ae.decoder.conv_out.weight
     expected = 0.5 * torch.autograd.grad(rec, last, retain_graph=True)[0].norm() / (
@@ -412,3 +412,35 @@ def test_registry_builds_the_new_families_from_json_like_dicts():
     assert params["autoencoder.latent_channels"] == "3"
     with pytest.raises(ValueError):
         build_model("autoencoder", {"regularization": "gumbel"})
+
+
+# -- the pipeline: Ray Train loop and evaluation --------------------------------------------------------
+@pytest.mark.slow
+def test_new_families_train_and_evaluate_through_the_pipeline(tiny_shards, local_ray):
+    """autoencoder -> latent_diffusion, diffusion -> controlnet / superres, each through tasks.train.train
+    (TorchTrainer, one worker; frozen components read from the first stage's checkpoint URI inside the
+    worker) and scored by tasks.evaluate.evaluate_run, as the retrain flow does."""
+    from tasks.evaluate import evaluate_run
+    from tasks.latents import controlnet_config, latent_diffusion_config, superres_config
+    from tasks.train import TrainRequest, load_trained, train
+
+    def run(name, config, epochs=1):
+        res = train(TrainRequest(model=name, shards_uri=tiny_shards, model_config=config, epochs=epochs,
+                                 batch_size=64, num_workers=1, run_name=f"test-{name}"))
+        assert len(res.history) == epochs and all(math.isfinite(h["loss"]) for h in res.history), res.history
+        return res
+
+    tiny = {"channels": [4, 8], "timesteps": 20, "sample_steps": 2}
+    ae = run("autoencoder", {"channels": [4, 8], "lr": 5e-3}, epochs=2)
+    assert ae.history[-1]["loss"] < ae.history[0]["loss"]
+    base = run("diffusion", tiny)
+    for name, config in (("latent_diffusion", latent_diffusion_config(ae.checkpoint_uri, **tiny)),
+                         ("controlnet", controlnet_config(base.checkpoint_uri)),
+                         ("superres", superres_config(base.checkpoint_uri, **tiny))):
+        res = run(name, config)
+        model, meta = load_trained(res.checkpoint_uri)
+        assert meta["model"] == name
+        metrics = evaluate_run(res.run_id, res.checkpoint_uri, tiny_shards, n_per_class=2, judge_epochs=1)
+        assert 0 <= metrics["eval/cond_accuracy"] <= 1 and math.isfinite(metrics["eval/fid"])
+    frozen = load_trained(base.checkpoint_uri)[0]
+    assert ckpt_io.state_fingerprint(model.base) == ckpt_io.state_fingerprint(frozen)  # superres's embedded base

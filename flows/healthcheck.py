@@ -1,0 +1,41 @@
+"""The ``healthcheck`` flow: a worker of the pool runs it on demand to show that it can
+run condgen flows and reach storage, MLflow and (optionally) Ray.
+
+Deployed beside ``retrain`` and ``batch_generate`` (prefect.yaml), it is the cheap
+first run after a deploy: it fails exactly where a real run would, in seconds.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel
+
+from tasks import health, storage
+
+
+class HealthcheckParams(BaseModel):
+    storage: bool = True
+    tracking: bool = True
+    ray: bool = False  # starts a local Ray when RAY_ADDRESS is unset: off by default
+
+
+storage_task = task(health.storage_roundtrip, name="storage", retries=2, retry_delay_seconds=2,
+                    retry_condition_fn=storage.retry_on_io, cache_policy=NONE)
+tracking_task = task(health.tracking_ping, name="tracking", retries=2, retry_delay_seconds=2, cache_policy=NONE)
+ray_task = task(health.ray_ping, name="ray", cache_policy=NONE)
+
+
+@flow(name="healthcheck")
+def healthcheck(params: HealthcheckParams = HealthcheckParams()) -> dict[str, Any]:
+    log = get_run_logger()
+    out: dict[str, Any] = {}
+    if params.storage:
+        out["storage"] = storage_task()
+    if params.tracking:
+        out["tracking"] = tracking_task()
+    if params.ray:
+        out["ray"] = ray_task()
+    log.info("healthy: %s", out)
+    return out
