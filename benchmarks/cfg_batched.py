@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per timed run")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scale", type=float, default=2.0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     args = p.parse_args(argv)

@@ -39,10 +39,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: 1,000 digits, a tiny model, few samples")
     p.add_argument("--shards", help="an ingested shard set URI (default: bundled:mnist under the storage root)")
     p.add_argument("--checkpoint", help="a trained diffusion checkpoint URI (default: train or reuse the cached one)")
-    p.add_argument("--epochs", type=int, help="diffusion training epochs (default 8; --quick 1)")
+    p.add_argument("--epochs", type=int, help="diffusion training epochs (default 20; --quick 1)")
     p.add_argument("--batch-size", type=int, default=32, help="per Ray Train worker (global = x --workers)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads for sampling")
+    # 1 thread: on a 2-core machine that other jobs also load, 2 intra-op threads were measured
+    # 3-10x SLOWER than 1 (spin-waiting threads); raise it on an idle or bigger machine.
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for sampling")
     p.add_argument("--classifier-checkpoint", help="a trained noisy_classifier checkpoint URI (classifier guidance)")
     p.add_argument("--classifier-epochs", type=int, help="noisy classifier training epochs (default 4; --quick 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -118,7 +120,7 @@ def trained(name: str, config: dict[str, Any], shards_uri: str, *, epochs: int, 
 
 def diffusion_model(args: argparse.Namespace, shards_uri: str) -> tuple[torch.nn.Module, str]:
     config = QUICK_DIFFUSION if args.quick else BENCH_DIFFUSION
-    epochs = args.epochs or (1 if args.quick else 8)
+    epochs = args.epochs or (1 if args.quick else 20)
     return trained("diffusion", config, shards_uri, epochs=epochs, batch_size=args.batch_size,
                    workers=args.workers, seed=args.seed, checkpoint=args.checkpoint)
 

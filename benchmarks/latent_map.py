@@ -28,7 +28,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 CVAE_CONFIG = {"channels": [32, 64], "latent_dim": 8, "cond_dim": 16}
-GAN_CONFIG = {"channels": [32, 64], "latent_dim": 16, "cond_dim": 16}
+# The generator/discriminator widths of the validated cGAN recipe (models/gan.py); a (32, 64) cGAN
+# collapsed (D won, every sample a "1") after 4 epochs in our runs. latent_dim 32 instead of 64 halves
+# the dimensions a GAN inversion has to find.
+GAN_CONFIG = {"channels": [64, 128], "latent_dim": 32, "cond_dim": 32}
 
 
 def train_in_process(name: str, config: dict, arrays: dict, *, epochs: int, batch_size: int, seed: int,
@@ -94,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gan", help="checkpoint URI of a trained cGAN (skips training)")
     p.add_argument("--cvae2", nargs="?", const="train", help="add CVAE <-> CVAE of another seed (URI or train)")
     p.add_argument("--gan-model", default="cgan", choices=["cgan", "acgan"])
-    p.add_argument("--cvae-epochs", type=int, default=5)
-    p.add_argument("--gan-epochs", type=int, default=6)
+    p.add_argument("--cvae-epochs", type=int, default=8)
+    p.add_argument("--gan-epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cvae-config", type=json.loads, default={}, help="JSON overrides of CVAE_CONFIG")
     p.add_argument("--gan-config", type=json.loads, default={}, help="JSON overrides of GAN_CONFIG")
@@ -107,9 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--inversion-steps", type=int, default=100)
     p.add_argument("--n-edit", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
+    # One thread by default: on a shared, oversubscribed 2-core machine, two intra-op threads made a
+    # cGAN step 3-15x slower than one (each parallel region waits for the descheduled thread).
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-mlflow", action="store_true", help="do not log the maps to MLflow")
     p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--report", help="also render the HTML report (tasks/report.py) into this folder")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -145,9 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         spaces["cvae2"] = ml.load_space(uri2, "cvae-seed1")
 
     print("\n== models ==")
-    model_rows = {}
+    model_rows, evals = {}, {}
     for key, space in spaces.items():
-        r = evaluate_model(space.model, judge, test_arrays, n_per_class=50)
+        r = evals[key] = evaluate_model(space.model, judge, test_arrays, n_per_class=50)
         model_rows[key] = {"uri": space.uri, "cond_accuracy": r.cond_accuracy, "fid": r.fid,
                            "precision": r.precision, "recall": r.recall}
         print(f"{space.name}: {space.uri}  cond_accuracy={r.cond_accuracy:.3f} fid={r.fid:.2f} "
@@ -219,6 +225,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{s} -> {t} ({mode}): best class_kept {r['class_kept']:.3f} at support {r['support']} "
               f"({r['method']}); random-latent baseline {r['class_random']:.3f}; M {r['M']:.4f} vs "
               f"M_random {r['M_random']:.4f} -> {verdict}")
+    if args.report:
+        from tasks.report import ModelSection, render_report
+
+        sections = [ModelSection(space.name, None, evals[key].metrics(), evals[key].grid,
+                                 ml.interpolation_strips(space, x=xt, y=yt)) for key, space in spaces.items()]
+        path = render_report(args.report, title="condgen latent-map benchmark", models=sections, map_rows=all_rows,
+                             attribute_study=study, info={"cvae": cvae_uri, "gan": gan_uri})
+        print(f"report: {path}")
     timings["total"] = time.perf_counter() - t_start
     timings["total_cpu"] = time.process_time()  # all threads of this process: comparable across machine loads
     print("\ntimings (s, wall unless named cpu):", {k: round(v, 1) for k, v in timings.items()})

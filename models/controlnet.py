@@ -46,6 +46,7 @@ from torch import nn
 
 from models.base import OptStep, condition_from_batch
 from models.conditioning.lora import freeze_base, inject_lora
+from models.diffusion.clipping import clip_x0
 from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
 from models.diffusion.denoiser import Callback, Denoiser, randn
 from models.diffusion.guidance import cfg
@@ -273,8 +274,8 @@ class ControlNet(nn.Module):
         eta: float = 0.0,
         callback: Callback | None = None,
     ) -> torch.Tensor:
-        """(B, C, H, W) in [-1, 1]; DDIM + CFG as the base samples, with ``control`` (B, 1, H, W) applied
-        to both CFG branches. ``control=None``: the branch is off, i.e. exactly the base's sample."""
+        """(B, C, H, W) in [-1, 1]; DDIM + CFG (+ x0 clipping when the base's config asks) as the base samples,
+        with ``control`` (B, 1, H, W) applied to both CFG branches. ``control=None``: the branch is off, i.e. exactly the base's sample."""
         self._ensure_base()
         bc = self.base.config
         b, dev = cond.shape[0], self.base_ready.device
@@ -282,6 +283,8 @@ class ControlNet(nn.Module):
         e = self.base.embed_condition(cond)
         w = bc.guidance_scale if guidance_scale is None else guidance_scale
         D = cfg(self.denoiser(control, control_scale), w, self.base.null_embedding(1))
+        if bc.clip_denoised:  # exactly as the base samples (ConditionalDiffusion.sample)
+            D = clip_x0(D, self.base.schedule)
         x = sample_ddim(D, x_T, self.base.schedule, cond=e, generator=generator, callback=callback,
                         steps=bc.sample_steps if steps is None else steps, eta=eta)
         return x.clamp(-1, 1)

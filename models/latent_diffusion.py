@@ -23,7 +23,8 @@ takes a denoiser applies to latents unchanged, e.g.::
     z_T = ddim_invert(ldm.denoiser(), z, ldm.schedule, cond=y, steps=20)
 
 ``sample`` differs from ``ConditionalDiffusion.sample`` only at the two ends (latent
-noise shape, decode instead of clamping the latent).
+noise shape, decode instead of clamping the latent) and in never clipping x0_hat
+(``models.diffusion.clipping`` clamps to the pixel range; latents have no fixed range).
 
 The frozen autoencoder comes either as an object (``LatentDiffusion(config, autoencoder=ae)``)
 or from a checkpoint URI in ``config.autoencoder_uri``. ``models/`` does no storage I/O of
@@ -144,7 +145,8 @@ class LatentDiffusionConfig:
     def diffusion_config(self) -> DiffusionConfig:
         shared = {f.name for f in dataclasses.fields(DiffusionConfig)} & {f.name for f in dataclasses.fields(self)}
         c, h, _ = self.autoencoder.latent_shape
-        return DiffusionConfig(image_size=h, in_channels=c, **{k: getattr(self, k) for k in shared})
+        # clip_denoised=False: x0-clipping clamps to the data range [-1, 1], and latents have no fixed range
+        return DiffusionConfig(image_size=h, in_channels=c, clip_denoised=False, **{k: getattr(self, k) for k in shared})
 
 
 class LatentDiffusion(nn.Module):

@@ -25,7 +25,8 @@ base's sample is resized (area) to ``low_size`` when it is not already that size
 ``sample(cond, generator)`` to work alone (tasks/train.py's grid, tasks/evaluate.py), a
 base can be embedded: ``SuperRes(config, base=model)`` or ``config.base_model`` +
 ``config.base_uri`` + ``config.base_config`` (read lazily, frozen, saved in this model's
-``state_dict``, like the autoencoder of ``models.latent_diffusion``). Without a base,
+``state_dict``, like the autoencoder of ``models.latent_diffusion``; read at the first
+``train_step`` or ``sample``, whichever comes first). Without a base,
 ``sample`` needs ``low=`` and otherwise raises NotImplementedError.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import OptStep, condition_from_batch, config_to_dict
+from models.diffusion.clipping import clip_x0
 from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
 from models.diffusion.denoiser import Callback, Denoiser, randn
 from models.diffusion.guidance import cfg
@@ -66,6 +68,7 @@ class SuperResConfig:
     prediction: str = "eps"
     sample_steps: int = 50
     guidance_scale: float = 1.0
+    clip_denoised: bool = True  # sample(): clamp x0_hat to [-1, 1] every step (models.diffusion.clipping)
     cond_noise: float = 0.1  # max std of the Gaussian augmentation of the low-res input in training
     # Optional embedded first stage, so sample(cond, generator) is a full cascade:
     base_model: str = ""  # a key of models.registry.MODELS
@@ -156,6 +159,8 @@ class SuperRes(nn.Module):
 
     def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
         """L_simple of x given [x_t, up(down(x) + aug noise)] and the condition (SR3 Eq. 6 with eps)."""
+        if self.base is not None:
+            self._ensure_base()  # unused here, but read now so every checkpoint saved from training carries it
         x0 = batch["x"]
         b = x0.shape[0]
         low = self.downsample(x0)
@@ -199,6 +204,8 @@ class SuperRes(nn.Module):
         e_neg = None if negative_cond is None else d.embed_condition(negative_cond)
         w = conf.guidance_scale if guidance_scale is None else guidance_scale
         D = cfg(self.denoiser(low), w, d.null_embedding(1), e_neg)
+        if conf.clip_denoised:
+            D = clip_x0(D, d.schedule)
         x = sample_ddim(D, x_T, d.schedule, cond=e, generator=generator, callback=callback,
                         steps=conf.sample_steps if steps is None else steps, eta=eta)
         return x.clamp(-1, 1)

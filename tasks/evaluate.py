@@ -143,15 +143,16 @@ def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a.double(), b.double())  # (Na, Nb) Euclidean
 
 
-def knn_radii(feats: torch.Tensor | np.ndarray, k: int = 3) -> torch.Tensor:
-    """Distance from each point to its k-th nearest other point, (N,)."""
+def knn_radii(feats: torch.Tensor | np.ndarray, k: int = 3, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each point to its k-th nearest other point, (N,). Row chunks keep memory
+    at chunk x N distances (a 10k-image test split would otherwise need a 10k x 10k matrix)."""
     f = torch.as_tensor(np.asarray(feats)).double()
-    d = _pairwise(f, f)
-    return d.kthvalue(min(k + 1, len(f)), dim=1).values  # +1: the point itself is at distance 0
+    kth = min(k + 1, len(f))  # +1: the point itself is at distance 0
+    return torch.cat([_pairwise(f[i:i + chunk], f).kthvalue(kth, dim=1).values for i in range(0, len(f), chunk)])
 
 
 def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray,
-                     k: int = 3) -> dict[str, float]:
+                     k: int = 3, chunk: int = 1024) -> dict[str, float]:
     """Improved precision / recall (Kynkäänniemi et al. 2019) and density / coverage (Naeem et
     al. 2020) with k-NN hyperspheres in a feature space.
 
@@ -163,14 +164,22 @@ def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.nd
     """
     r = torch.as_tensor(np.asarray(real)).double()
     f = torch.as_tensor(np.asarray(fake)).double()
-    r_real, r_fake = knn_radii(r, k), knn_radii(f, k)
-    d = _pairwise(f, r)  # (F, R)
-    inside_real = d <= r_real[None, :]  # fake f inside real r's ball
+    r_real, r_fake = knn_radii(r, k, chunk), knn_radii(f, k, chunk)
+    precise, density = 0, 0.0
+    covered = torch.zeros(len(r), dtype=torch.bool)  # real r's ball holds a fake point
+    recalled = torch.zeros(len(r), dtype=torch.bool)  # real r lies in some fake point's ball
+    for i in range(0, len(f), chunk):
+        d = _pairwise(f[i:i + chunk], r)  # (chunk, R)
+        inside_real = d <= r_real[None, :]  # fake inside real r's ball
+        precise += int(inside_real.any(1).sum())
+        density += float(inside_real.double().sum())
+        covered |= inside_real.any(0)
+        recalled |= (d <= r_fake[i:i + chunk, None]).any(0)
     return {
-        "precision": float(inside_real.any(1).double().mean()),
-        "recall": float((d <= r_fake[:, None]).any(0).double().mean()),
-        "density": float(inside_real.double().sum() / (k * len(f))),
-        "coverage": float(inside_real.any(0).double().mean()),
+        "precision": precise / len(f),
+        "recall": float(recalled.double().mean()),
+        "density": density / (k * len(f)),
+        "coverage": float(covered.double().mean()),
     }
 
 

@@ -26,6 +26,7 @@ from models.diffusion import (
     ConditionalDiffusion,
     cfg,
     classifier_guidance,
+    clip_x0,
     clip_guidance,
     ddim_invert,
     null_text_inversion,
@@ -167,6 +168,7 @@ def sample_images(
     clip_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     clip_text: torch.Tensor | None = None,
     conditional: bool = True,
+    clip_denoised: bool | None = None,
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = True,
@@ -184,6 +186,8 @@ def sample_images(
     conditional  False runs the network with the null token (the condition then only acts
               through guidance: classifier guidance on the unconditional model, as in
               Dhariwal & Nichol 2021; with cfg it makes ``negative`` the only steer).
+    clip_denoised  clamp x0_hat to [-1, 1] at every step (``models.diffusion.clip_x0``, applied to
+              the guided prediction); default ``config.clip_denoised``, as ``model.sample`` does.
     seed      one ``torch.Generator`` drives x_T and every sampler noise draw: the same seed,
               conditions and ``batch_size`` give the same images.
     """
@@ -196,6 +200,7 @@ def sample_images(
     if steps is None:
         steps = conf.sample_steps if sampler == "ddim" else conf.timesteps
     n_steps = len(model.schedule.timesteps(steps))
+    clipping = getattr(conf, "clip_denoised", False) if clip_denoised is None else clip_denoised
     g = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -208,6 +213,8 @@ def sample_images(
                                           negative=None if neg is None else neg[i:i + batch_size].to(dev),
                                           classifier=classifier, clip_encoder=clip_encoder, clip_text=clip_text,
                                           conditional=conditional)
+                if clipping:
+                    D = clip_x0(D, model.schedule)
                 x_T = randn((c.shape[0], conf.in_channels, conf.image_size, conf.image_size), g, dev)
                 kw = {"eta": eta} if sampler == "ddim" else {}
                 x = SAMPLERS[sampler](D, x_T, model.schedule, cond=c_in, generator=g, callback=cb, steps=steps, **kw)
@@ -243,8 +250,10 @@ def edit_images(
                         the inversion pivots, so target == source reconstructs the image even at
                         large ``scale``; a new target then edits it. ``inner_steps`` Adam steps/step.
       "sdedit"          SDEdit (Meng et al. 2022): noise to t_0 = strength * T, then the
-                        stochastic reverse process (eta = 1) with CFG towards the target;
-                        ``strength`` 0 returns the input unchanged. ``source_cond`` is unused.
+                        stochastic reverse process (eta = 1) with CFG towards the target (and
+                        x0 clipping if ``config.clip_denoised``); ``strength`` 0 returns the input
+                        unchanged. ``source_cond`` is unused.
+              The inversions never clip x0: their regeneration must mirror the inversion exactly.
     steps     DDIM steps over the whole chain (default ``config.sample_steps``); SDEdit runs the
               ``strength`` fraction of them.
     scale     CFG weight w (default ``config.guidance_scale``).
@@ -279,8 +288,11 @@ def edit_images(
                 if strength == 0:
                     return images.clone()
                 n = max(1, math.ceil(strength * steps))
+                G = cfg(D, w, null)
+                if getattr(conf, "clip_denoised", False):
+                    G = clip_x0(G, model.schedule)
                 with _progress(n, "sdedit", progress) as cb:
-                    x = sdedit(cfg(D, w, null), x0, model.schedule, strength=strength, cond=e_tgt, generator=g,
+                    x = sdedit(G, x0, model.schedule, strength=strength, cond=e_tgt, generator=g,
                                steps=n, eta=1.0, callback=cb)
                 return x.clamp(-1, 1).cpu()
             e_src = model.embed_condition(source.to(dev))

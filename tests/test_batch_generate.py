@@ -98,26 +98,21 @@ def test_interrupted_job_resumes_to_exactly_n_samples(models, local_ray, condgen
     keys = [s["key"] for s in samples]
     assert len(keys) == n == len(set(keys))  # no duplicates, nothing missing
     assert {(s["meta"]["label"], s["meta"]["seed"]) for s in samples} == {(c, j) for c in range(10) for j in range(6)}
-    # a rerun is a no-op; a fresh job at another prefix gives the very same shard bytes
+    # a rerun is a no-op
     assert bg.run_job(spec)["made"] == 0
-    again = bg.JobSpec(**{**spec.__dict__, "out_uri": (condgen_home / "generated" / "again").as_uri()})
-    # (pinned to the same version explicitly, since the alias moved)
-    again = bg.JobSpec(**{**again.__dict__, "model_uri": f"models:/{DIFF}/{models['diffusion']}"})
-    bg.run_job(again, use_ray=False, max_shards=1)
-    assert _files(again.out_uri)["shard-000000.tar"] == files["shard-000000.tar"]
     with pytest.raises(ValueError, match="another job"):
         bg.make_plan(bg.JobSpec(**{**spec.__dict__, "seeds_per_condition": 7}))
 
 
 @pytest.mark.slow
-def test_provenance_detector_flags_generated_not_real(models, tiny_shards, s3_uri, local_ray):
+def test_provenance_detector_flags_generated_not_real(models, tiny_shards, s3_uri):
     """On S3: every generated sample carries a valid signed record and its mark; real MNIST digits
     checked against those records are not flagged."""
     from tasks.data import load_split
 
     spec = bg.JobSpec(model_uri=f"models:/{CVAE}@champion", out_uri=s3_uri, labels=tuple(range(10)),
                       prompts=("a seven", "a forbidden 3", "no digit"), seeds_per_condition=4, shard_size=16)
-    res = bg.run_job(spec)
+    res = bg.run_job(spec, use_ray=False)  # (the Ray path is covered by the resume test)
     manifest = storage.read_json(storage.join(s3_uri, bg.MANIFEST))
     assert res["n_samples"] == 44 and manifest["n_blocked"] == 8  # 13 conditions x 4 seeds = 52
     assert manifest["blocked"] == {"prompt:deny_list": 4, "prompt:no_label": 4}

@@ -162,6 +162,31 @@ def test_edit_images_needs_conditions(model):
         edit_images(model, torch.zeros(2, 1, 14, 14), method="sdedit", target_cond=[1, 2], progress=False)
 
 
+def test_clip_x0_clamps_the_denoised_estimate_and_leaves_in_range_ones_alone():
+    from models.diffusion import clip_x0, make_schedule
+
+    sched = make_schedule("linear", 50)
+    x, t = torch.randn(3, 1, 4, 4), torch.tensor([0, 25, 49])
+    a = sched.alpha_bar_like(t, x)
+
+    def denoiser_for(x0):  # the eps whose implied x0_hat is exactly x0
+        return lambda x, t, c: (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    inside = torch.rand(3, 1, 4, 4) * 1.8 - 0.9
+    assert torch.allclose(clip_x0(denoiser_for(inside), sched)(x, t, None), denoiser_for(inside)(x, t, None),
+                          atol=1e-4)
+    outside = 3 * torch.randn(3, 1, 4, 4)
+    eps = clip_x0(denoiser_for(outside), sched)(x, t, None)
+    assert torch.allclose((x - (1 - a).sqrt() * eps) / a.sqrt(), outside.clamp(-1, 1), atol=1e-4)
+
+
+def test_model_sample_clips_by_default_and_the_flag_turns_it_off(model):
+    y = torch.tensor([1, 2])
+    clipped = sample_images(model, y, seed=0, progress=False)
+    assert torch.equal(clipped, sample_images(model, y, seed=0, clip_denoised=True, progress=False))
+    assert not torch.equal(clipped, sample_images(model, y, seed=0, clip_denoised=False, progress=False))
+
+
 # -- command line ------------------------------------------------------------------------------
 def test_condgen_sample_and_edit_commands_write_pngs(model, classifier, tmp_path):
     from condgen.cli import main

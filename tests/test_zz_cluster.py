@@ -14,11 +14,10 @@ from tasks import storage
 from tasks.ingest import ingest
 from tasks.train import TrainRequest, load_trained, train
 
-pytestmark = pytest.mark.slow
-
 TINY_CVAE = {"channels": [4, 8], "latent_dim": 4, "cond_dim": 4, "lr": 5e-3}
 
 
+@pytest.mark.slow
 def test_training_spreads_over_two_nodes_reading_s3(s3_uri, ray_cluster, capsys):
     """Head + 2 worker nodes (1 CPU and one ``trainer`` slot each): the 2 training workers
     must run on 2 different nodes, read their shards from S3 (moto on 127.0.0.1) and keep
@@ -53,3 +52,23 @@ def test_training_spreads_over_two_nodes_reading_s3(s3_uri, ray_cluster, capsys)
     # Ray Train's own checkpoints went to S3, not to a node's disk.
     ray_objects = [k for k, _, _ in storage.list_objects(storage.join(s3_uri, "ray_results"))]
     assert any(k.endswith("model.safetensors") for k in ray_objects), ray_objects[:20]
+
+
+def test_placement_defaults_are_the_laptops():
+    req = TrainRequest(model="cvae", shards_uri="file:///x")
+    assert req.resources_per_worker is None and req.placement_strategy == "PACK" and req.storage_path is None
+
+
+def test_ray_storage_paths(monkeypatch, tmp_path):
+    import pyarrow.fs
+
+    from tasks.train import ray_storage
+
+    assert ray_storage(str(tmp_path)) == (str(tmp_path), None)
+    assert ray_storage(tmp_path.as_uri()) == (str(tmp_path), None)
+    monkeypatch.delenv("CONDGEN_S3_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    assert ray_storage("s3://bucket/runs") == ("s3://bucket/runs", None)  # AWS: pyarrow resolves it
+    monkeypatch.setenv("CONDGEN_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    path, fs = ray_storage("s3://bucket/runs")
+    assert path == "bucket/runs" and isinstance(fs, pyarrow.fs.S3FileSystem)

@@ -6,9 +6,11 @@ ddpm       DiffusionConfig, ConditionalDiffusion   model contract of models/base
            NoisyClassifierConfig, NoisyClassifier  p_phi(y | x_t, t) for classifier guidance
 samplers   sample_ddpm, sample_ddim                sample_<name>(denoiser, x, schedule, *, cond, generator, callback)
 guidance   cfg, classifier_guidance, clip_guidance denoiser -> denoiser wrappers
+clipping   clip_x0                                 denoiser wrapper: x0_hat clamped to the data range
 inversion  ddim_invert, null_text_inversion        x_0 -> x_T (+ per-step null embeddings)
 sdedit     sdedit                                  noise to strength * T, denoise with a new condition
 """
+from models.diffusion.clipping import clip_x0
 from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
 from models.diffusion.guidance import cfg, classifier_guidance, clip_guidance
 from models.diffusion.inversion import (
@@ -33,6 +35,7 @@ __all__ = [
     "PerStepCondition",
     "cfg",
     "classifier_guidance",
+    "clip_x0",
     "clip_guidance",
     "ddim_inversion_trajectory",
     "ddim_invert",

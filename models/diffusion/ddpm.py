@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import OptStep, condition_from_batch
+from models.diffusion.clipping import clip_x0
 from models.diffusion.denoiser import Callback, Denoiser, randn
 from models.diffusion.guidance import cfg
 from models.diffusion.samplers.ddim import sample_ddim
@@ -44,6 +45,7 @@ class DiffusionConfig:
     prediction: str = "eps"  # only eps; v / x0 would go in a preconditioning wrapper
     sample_steps: int = 50  # DDIM steps used by sample()
     guidance_scale: float = 1.0  # CFG w in eps~ = (1 + w) eps(c) - w eps(null); 0 = no guidance
+    clip_denoised: bool = True  # sample(): clamp x0_hat to [-1, 1] every step (Ho et al. 2020's sampler)
 
 
 class ConditionalDiffusion(nn.Module):
@@ -156,7 +158,8 @@ class ConditionalDiffusion(nn.Module):
         eta: float = 0.0,
         callback: Callback | None = None,
     ) -> torch.Tensor:
-        """x_T ~ N(0, I), then DDIM (``sample_steps``, eta) with CFG; (B, C, H, W) clamped to [-1, 1].
+        """x_T ~ N(0, I), then DDIM (``sample_steps``, eta) with CFG (and x0 clipping when
+        ``clip_denoised``); (B, C, H, W) clamped to [-1, 1].
 
         ``cond`` / ``negative_cond`` are raw conditions (labels (B,) or CLIP text (B, D));
         everything is embedded once up front, so the sampling loop only runs the U-Net.
@@ -168,6 +171,8 @@ class ConditionalDiffusion(nn.Module):
         e_neg = None if negative_cond is None else self.embed_condition(negative_cond)
         w = conf.guidance_scale if guidance_scale is None else guidance_scale
         D = cfg(self.denoiser(), w, self.null_embedding(1), e_neg)
+        if conf.clip_denoised:
+            D = clip_x0(D, self.schedule)
         x = sample_ddim(D, x_T, self.schedule, cond=e, generator=generator, callback=callback,
                         steps=conf.sample_steps if steps is None else steps, eta=eta)
         return x.clamp(-1, 1)
