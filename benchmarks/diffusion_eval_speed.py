@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-per-class", type=int, help="samples per class (the pipeline uses 100; --quick 2)")
     p.add_argument("--steps", default="50,25", help="sample_steps to time the trained model at")
     p.add_argument("--skip-default", action="store_true", help="do not time the default (32, 64) U-Net")
+    p.add_argument("--default-n-per-class", type=int,
+                   help="samples per class for the default U-Net (default: --n-per-class); time scales linearly")
     args = p.parse_args(argv)
 
     from models.diffusion import ConditionalDiffusion, DiffusionConfig
@@ -58,16 +60,17 @@ def main(argv: list[str] | None = None) -> dict:
     rows, results = [], []
     for name, m in cases:
         conf = m.config
+        trained = not name.startswith("default")
         t0 = time.perf_counter()
-        r = evaluate_model(m, scorer.judge, scorer.test, n_per_class=n_pc)
+        r = evaluate_model(m, scorer.judge, scorer.test,
+                           n_per_class=n_pc if trained else (args.default_n_per_class or n_pc))
         seconds = time.perf_counter() - t0
         n = r.n_samples
         grid_s = seconds / n * 80
-        trained = not name.startswith("default")
         results.append({"model": name, "sample_steps": conf.sample_steps, "guidance_scale": conf.guidance_scale,
                         "n": n, "seconds": seconds, "acc": r.cond_accuracy if trained else None,
                         "fid": r.fid if trained else None})
-        rows.append([name, conf.sample_steps, conf.guidance_scale, n, f"{seconds:.0f}",
+        rows.append([name, conf.sample_steps, f"{conf.guidance_scale:g}", n, f"{seconds:.0f}",
                      f"{seconds * 1000 / n:.0f}", f"{grid_s:.0f}",
                      f"{100 * r.cond_accuracy:.1f}" if trained else "—", r.fid if trained else "—"])
         print(f"  {name} steps={conf.sample_steps}: {n} samples in {seconds:.0f}s", flush=True)

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         headers += [f"{name}: acc %", f"{name}: FID", f"{name}: s"]
     rows = []
     for w in scales:
-        row = [w]
+        row = [f"{w:g}"]
         for name, _, _ in families:
             r = results[name][w]
             row += [f"{100 * r['acc']:.1f}", r["fid"], f"{r['seconds']:.0f}"]

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      inner_steps=args.inner_steps, progress=False)
                 nti = mse01(rec, x)
             part.append({"w": w, "plain": plain, "cfg_inversion": cfg_inv, "null_text": nti, "null_text_s": nti_s})
-            rows.append([w, f"{plain:.5f}", f"{cfg_inv:.5f}", "—" if np.isnan(nti) else f"{nti:.5f}",
+            rows.append([f"{w:g}", f"{plain:.5f}", f"{cfg_inv:.5f}", "—" if np.isnan(nti) else f"{nti:.5f}",
                          "—" if np.isnan(nti_s) else f"{nti_s:.0f}"])
             print(f"  w={w}: plain {plain:.5f}  CFG inversion {cfg_inv:.5f}  null-text {nti:.5f}", flush=True)
         print(f"\n2. Reconstruction MSE on [0,1] under CFG weight w: {n} test digits, {steps} DDIM steps, "

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         label = f"{r['sampler']} {r['steps']}" + (" (full chain)" if r is full else "")
         rows.append([label, r["nfe"], f"{100 * r['acc']:.1f} ± {100 * r['acc_se']:.1f}", r["fid"],
-                     r["seconds"], f"{full['seconds'] / r['seconds']:.1f}x"])
+                     f"{r['seconds']:.1f}", f"{full['seconds'] / r['seconds']:.1f}x"])
     floor = scorer.real_fid(len(labels))
     print()
     print(C.table(["sampler, steps", "network evals / sample", "cond. accuracy % (± s.e.)",

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cvae2", nargs="?", const="train", help="add CVAE <-> CVAE of another seed (URI or train)")
     p.add_argument("--gan-model", default="cgan", choices=["cgan", "acgan"])
     p.add_argument("--cvae-epochs", type=int, default=8)
-    p.add_argument("--gan-epochs", type=int, default=10)
+    p.add_argument("--gan-epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cvae-config", type=json.loads, default={}, help="JSON overrides of CVAE_CONFIG")
     p.add_argument("--gan-config", type=json.loads, default={}, help="JSON overrides of GAN_CONFIG")

@@ -346,3 +346,25 @@ def postgres_server(tmp_path_factory) -> Iterator[dict[str, str | int]]:
         subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
                        capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[str]:
+    """``prefect server start`` on 127.0.0.1 with its own PREFECT_HOME (SQLite); yields the API URL.
+
+    Flow runs pointed at it (``PREFECT_API_URL``) skip ephemeral mode's per-process server start.
+    """
+    home = tmp_path_factory.mktemp("prefect_server")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": ""}
+    with open(home / "server.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{api}/health", timeout=180, proc=proc)
+        yield api
+    finally:
+        kill_process_group(proc, signal.SIGTERM)

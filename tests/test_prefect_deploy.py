@@ -10,7 +10,6 @@ against the flows' own pydantic models), not run: a retrain is minutes on 2 core
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import PREFECT_FILE, deploy, read_deployments
-from tests.conftest import free_port, kill_process_group, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -29,24 +27,6 @@ POOL = "condgen"
 
 def _prefect(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect", *args]
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """``prefect server start`` on 127.0.0.1 with its own PREFECT_HOME (SQLite); yields the API URL."""
-    home = tmp_path_factory.mktemp("prefect_server")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": ""}
-    with open(home / "server.log", "wb") as log:
-        proc = subprocess.Popen(_prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)),
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{api}/health", timeout=180, proc=proc)
-        yield api
-    finally:
-        kill_process_group(proc, signal.SIGTERM)
 
 
 def test_deploy_and_run_on_a_process_worker(prefect_server, tmp_path, monkeypatch):

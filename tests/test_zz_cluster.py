@@ -5,7 +5,6 @@ and does not restore it (see tests/conftest.py).
 """
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
