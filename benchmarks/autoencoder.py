@@ -97,7 +97,8 @@ def evaluate_autoencoder(ae: torch.nn.Module, x_test: np.ndarray, batch_size: in
             codes.append(ae.quantizer.indices(z).flatten())
     mse = se / n
     out = {"mse": mse, "psnr": 10 * math.log10(4.0 / mse), "latent_std_test": torch.cat(z_all).std().item(),
-           "latent_std_ema": float(ae.latent_std), **{f"compression_{k}": v for k, v in ae.config.compression().items()}}
+           "latent_std_ema": float(ae.latent_std),
+           **{f"compression_{k}": v for k, v in ae.config.compression().items()}}
     if codes:
         counts = torch.bincount(torch.cat(codes), minlength=ae.config.codebook_size).float()
         p = counts / counts.sum()

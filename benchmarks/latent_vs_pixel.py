@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=1.0, help="CFG weight w (0 = off)")
     p.add_argument("--eval-per-class", type=int, help="samples per class for accuracy/FID (default 20; --quick 5)")
     p.add_argument("--controlnet-steps", type=int, help="ControlNet training steps (default 120; --quick 15)")
-    p.add_argument("--iou-images", type=int, help="test digits whose edges control the samples (default 100; --quick 20)")
+    p.add_argument("--iou-images", type=int,
+                   help="test digits whose edges control the samples (default 100; --quick 20)")
     p.add_argument("--judge-epochs", type=int, help="judge training epochs (default 2; --quick 1)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine, intra-op spin-waits cost more than they give)")
@@ -139,9 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     judge = get_judge(shards, epochs=judge_epochs, log_to_mlflow=False)
     print(f"data {shards}; judge test accuracy {judge.test_accuracy:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    out: dict[str, Any] = {"args": vars(args), "budget": {"ae_steps": ae_steps, "steps": steps, "sample_steps": sample_steps,
-                           "eval_per_class": per_class, "controlnet_steps": cn_steps, "iou_images": n_iou},
-                           "judge_test_accuracy": judge.test_accuracy}
+    budget = {"ae_steps": ae_steps, "steps": steps, "sample_steps": sample_steps, "eval_per_class": per_class,
+              "controlnet_steps": cn_steps, "iou_images": n_iou}
+    out: dict[str, Any] = {"args": vars(args), "budget": budget, "judge_test_accuracy": judge.test_accuracy}
 
     # -- first stage ------------------------------------------------------------------------------
     if args.autoencoder:
@@ -172,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     pixel = build_model("diffusion", {**common, "channels": [int(c) for c in args.pixel_channels.split(",")]})
     torch.manual_seed(args.seed)
-    latent = LatentDiffusion(LatentDiffusionConfig(**common, channels=tuple(int(c) for c in args.latent_channels.split(","))),
-                             autoencoder=ae)
+    latent_widths = tuple(int(c) for c in args.latent_channels.split(","))
+    latent = LatentDiffusion(LatentDiffusionConfig(**common, channels=latent_widths), autoencoder=ae)
     on_the_fly = copy.deepcopy(latent)  # the same model, fed x (encoded every step) instead of cached z
 
     pix_batches = image_batches(train["x"], train["y"], args.batch_size)
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     labels = torch.arange(10).repeat_interleave(10)  # 100 samples: the sampling-time batch
     models = {"pixel": pixel, "latent": latent}
     for name, model in models.items():
-        r = out[name] = {"train": runs[name], "params_trained": sum(p.numel() for p in model.optimizer_groups()["main"])}
+        trained_params = sum(p.numel() for p in model.optimizer_groups()["main"])
+        r = out[name] = {"train": runs[name], "params_trained": trained_params}
         _, r["sample_100_s"] = timed_sample(model, labels, args.seed)
         t0 = time.perf_counter()
         ev = evaluate_model(model, judge, test, n_per_class=per_class, batch_size=250)
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- report ------------------------------------------------------------------------------------
     pr, lr_ = out["pixel"], out["latent"]
-    print(f"\nbudget: {steps} steps x batch {args.batch_size}{' (latent: equal wall-clock)' if args.equal_time else ''}; "
+    equal = " (latent: equal wall-clock)" if args.equal_time else ""
+    print(f"\nbudget: {steps} steps x batch {args.batch_size}{equal}; "
           f"DDIM {sample_steps} steps, CFG w={args.guidance}; {10 * per_class} samples for accuracy/FID; "
           f"{args.threads} thread(s); whole run {out['seconds']:.0f}s")
     print(f"{'':22s} {'pixel':>10s} {'latent':>10s} {'pixel/latent':>12s}")
@@ -254,8 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = a / b if b and not (isinstance(a, float) and np.isnan(a)) else float("nan")
         print(f"{label:22s} {a:10.3f} {b:10.3f} {ratio:12.2f}")
     ref = out["real_reference"]
-    print(f"reference, {ref['n']} real test digits: judge accuracy {ref['accuracy']:.3f}, FID {ref['fid_same_size']:.2f}; "
-          f"autoencoder test MSE {out['autoencoder']['test']['mse']:.4f} (latent 7x7x4, 4x fewer dims)")
+    print(f"reference, {ref['n']} real test digits: judge accuracy {ref['accuracy']:.3f}, "
+          f"FID {ref['fid_same_size']:.2f}; "
+          f"autoencoder test MSE {out['autoencoder']['test']['mse']:.4f} (latent {lat.latent_shape}, "
+          f"{out['autoencoder']['test']['compression_dims']:.0f}x fewer dims)")
     c = out["controlnet"]
     print(f"\nControlNet on the pixel model: {cn_steps} steps ({c['train']['step_s'] * 1e3:.0f} ms/step, "
           f"{c['params_trained']} trained params; base weights unchanged)")

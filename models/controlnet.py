@@ -275,7 +275,8 @@ class ControlNet(nn.Module):
         callback: Callback | None = None,
     ) -> torch.Tensor:
         """(B, C, H, W) in [-1, 1]; DDIM + CFG (+ x0 clipping when the base's config asks) as the base samples,
-        with ``control`` (B, 1, H, W) applied to both CFG branches. ``control=None``: the branch is off, i.e. exactly the base's sample."""
+        with ``control`` (B, 1, H, W) applied to both CFG branches. ``control=None``: the branch is off, i.e.
+        exactly the base's sample."""
         self._ensure_base()
         bc = self.base.config
         b, dev = cond.shape[0], self.base_ready.device

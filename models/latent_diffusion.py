@@ -146,7 +146,8 @@ class LatentDiffusionConfig:
         shared = {f.name for f in dataclasses.fields(DiffusionConfig)} & {f.name for f in dataclasses.fields(self)}
         c, h, _ = self.autoencoder.latent_shape
         # clip_denoised=False: x0-clipping clamps to the data range [-1, 1], and latents have no fixed range
-        return DiffusionConfig(image_size=h, in_channels=c, clip_denoised=False, **{k: getattr(self, k) for k in shared})
+        return DiffusionConfig(image_size=h, in_channels=c, clip_denoised=False,
+                               **{k: getattr(self, k) for k in shared})
 
 
 class LatentDiffusion(nn.Module):
@@ -226,7 +227,10 @@ class LatentDiffusion(nn.Module):
         autoencoder (``tasks.latents``); otherwise ``x`` is encoded here, with no gradient."""
         self._ensure_autoencoder()
         with torch.no_grad():
-            z_raw = batch["z"].to(self.autoencoder_ready.device) if "z" in batch else self.autoencoder.encode(batch["x"])
+            if "z" in batch:
+                z_raw = batch["z"].to(self.autoencoder_ready.device)
+            else:
+                z_raw = self.autoencoder.encode(batch["x"])
             z0 = z_raw * self.scale
         loss, logs = self.diffusion.loss(z0, condition_from_batch(batch, self.config.condition))
         opt_step("main", loss)

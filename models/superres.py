@@ -98,7 +98,8 @@ class SuperRes(nn.Module):
     def __init__(self, config: SuperResConfig, base: nn.Module | None = None):
         super().__init__()
         if base is not None:
-            config = dataclasses.replace(config, base_model=_registry_name(base), base_config=config_to_dict(base.config))
+            config = dataclasses.replace(config, base_model=_registry_name(base),
+                                         base_config=config_to_dict(base.config))
         self.config = c = config
         self.diffusion = ConditionalDiffusion(c.diffusion_config())  # U-Net input: [x_t, up(x_low)]
         net = self.diffusion.net
@@ -196,7 +197,8 @@ class SuperRes(nn.Module):
         base's sample is upsampled (``cascade_sample``)."""
         if low is None:
             return cascade_sample(self._ensure_base(), self, cond, generator, steps=steps,
-                                  guidance_scale=guidance_scale, negative_cond=negative_cond, eta=eta, callback=callback)
+                                  guidance_scale=guidance_scale, negative_cond=negative_cond, eta=eta,
+                                  callback=callback)
         conf, d = self.config, self.diffusion
         x_T = randn((cond.shape[0], conf.in_channels, conf.image_size, conf.image_size), generator,
                     self.base_ready.device)

@@ -59,6 +59,7 @@ MAP_WEIGHTS = "map.safetensors"
 MAP_META = "map.json"
 SUPPORT_SIZES = (10, 100, 1000)
 EDIT_ATTRIBUTES = ("thickness", "slant", "size")
+EDIT_STRENGTHS = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
 
 
 # -- a model's latent space ---------------------------------------------------------------------
@@ -510,15 +511,15 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def attribute_study(space: LatentSpace, x: torch.Tensor, y: torch.Tensor, attributes: np.ndarray, *,
-                    names: Sequence[str] = EDIT_ATTRIBUTES, strengths: Sequence[float] = (-2, -1.5, -1, -0.5, 0,
-                                                                                          0.5, 1, 1.5, 2),
+                    names: Sequence[str] = EDIT_ATTRIBUTES, strengths: Sequence[float] = EDIT_STRENGTHS,
                     n_edit: int = 100, strip_rows: int = 3, seed: int = 0,
                     method: str = "projection") -> AttributeStudy:
     """Attribute directions by regression in a CVAE's latent space, edits, leakage and monotonicity.
 
     ``x`` (N, 1, H, W) real images, ``y`` labels, ``attributes`` (N, 4) in ``ATTRIBUTE_NAMES``
     order (``load_split``'s column). Directions are regressed on the posterior means of all N
-    images; edits move the first ``n_edit`` images by ``strength`` along each direction, scaled so that a unit strength predicts +1 std of its attribute (``calibrate``),
+    images; edits move ``n_edit`` of them (a permutation drawn with ``seed``) by ``strength`` along each direction,
+    scaled so that a unit strength predicts +1 std of its attribute (``calibrate``),
     raw and orthogonalised alike; the decoded images are measured with ``tasks.attributes``.
     """
     if space.kind != "cvae":
@@ -538,7 +539,8 @@ def attribute_study(space: LatentSpace, x: torch.Tensor, y: torch.Tensor, attrib
     variants = {"raw": lm.calibrate(normals, normals),
                 "orthogonal": lm.calibrate(lm.orthogonalize(normals, method=method), normals)}
     s = torch.tensor(list(strengths), dtype=torch.float32)
-    z_e, y_e = z[:n_edit], y[:n_edit]
+    pick = torch.from_numpy(np.random.default_rng(seed).permutation(len(z))[:n_edit])
+    z_e, y_e = z[pick], y[pick]
     slopes, leakage, mono, curves, strips, dirs = {}, {}, {}, {}, {}, {}
     for v, d in variants.items():
         dirs[v] = d

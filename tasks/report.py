@@ -179,7 +179,8 @@ def attribute_curves(study: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}h3{font-size:1.05em}
-table{border-collapse:collapse;margin:8px 0;font-size:.85em}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+table{border-collapse:collapse;margin:8px 0;font-size:.85em}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 img{image-rendering:pixelated;border:1px solid #ddd;margin:4px;max-width:100%}
 .plots img{image-rendering:auto}.row{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}

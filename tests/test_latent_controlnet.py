@@ -55,7 +55,8 @@ def _adam(params, lr):
 
 def _adam_groups(model, lr):
     """One Adam per optimizer group, exactly as tasks/train.py's make_optimizers (requires_grad only)."""
-    opts = {k: torch.optim.Adam([p for p in ps if p.requires_grad], lr=lr) for k, ps in model.optimizer_groups().items()}
+    opts = {k: torch.optim.Adam([p for p in ps if p.requires_grad], lr=lr)
+            for k, ps in model.optimizer_groups().items()}
 
     def opt_step(name, loss):
         opts[name].zero_grad()
@@ -202,8 +203,8 @@ def test_every_sampler_guidance_and_editing_method_works_on_latents():
     z_T = ddim_invert(D, z, sched, cond=y, steps=4)  # (an untrained net: no round-trip accuracy to expect)
     back = sample_ddim(guided, z_T, sched, cond=y, steps=4)
     assert z_T.shape == back.shape == z.shape and torch.isfinite(back).all()
-    edited = sdedit(guided, z, sched, strength=0.5, cond=torch.tensor([5, 6]), generator=torch.Generator().manual_seed(0),
-                    steps=3)
+    edited = sdedit(guided, z, sched, strength=0.5, cond=torch.tensor([5, 6]),
+                    generator=torch.Generator().manual_seed(0), steps=3)
     assert edited.shape == z.shape and not torch.allclose(edited, z)
     assert ldm.decode(edited).shape == (2, 1, 28, 28)
     # sample() is DDIM + CFG on latents with the model's condition embedding, decoded
@@ -309,7 +310,8 @@ def test_controlnet_training_changes_only_the_control_branch(lora):
         assert changed and all(k.endswith(("lora_A", "lora_B")) for k in changed)
     else:
         assert any(k.startswith("down_blocks") for k in changed)
-    assert net.sample(y[:2], torch.Generator().manual_seed(0), control=control_image(x[:2]), steps=2).shape == (2, 1, 28, 28)
+    s = net.sample(y[:2], torch.Generator().manual_seed(0), control=control_image(x[:2]), steps=2)
+    assert s.shape == (2, 1, 28, 28)
 
 
 def test_controlnet_reads_its_base_lazily_and_copies_it(tmp_path):
@@ -400,7 +402,8 @@ def test_save_load_gives_identical_outputs(tmp_path, name):
 def test_registry_builds_the_new_families_from_json_like_dicts():
     ae = build_model("autoencoder", {"channels": [4, 8], "regularization": "vq", "codebook_size": 16})
     assert ae.config.channels == (4, 8) and ae.config.latent_shape == (4, 7, 7)
-    ldm = build_model("latent_diffusion", {"channels": [4, 8], "autoencoder": {"channels": [4, 8], "latent_channels": 3}})
+    ldm = build_model("latent_diffusion",
+                      {"channels": [4, 8], "autoencoder": {"channels": [4, 8], "latent_channels": 3}})
     assert ldm.config.autoencoder.channels == (4, 8) and ldm.diffusion.config.in_channels == 3
     assert ldm.diffusion.config.image_size == 7
     net = build_model("controlnet", {"base": {"channels": [4, 8], "condition": "text", "text_dim": 12}})

@@ -7,6 +7,16 @@ import torch
 from models import latent_map as lm
 
 TINY_GAN = {"channels": (8, 16), "latent_dim": 6, "cond_dim": 4}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (and on a loaded
+    machine makes each step many times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 TINY_CVAE = {"channels": (8, 16), "latent_dim": 4, "cond_dim": 4}
 
 
