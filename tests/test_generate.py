@@ -187,6 +187,31 @@ def test_model_sample_clips_by_default_and_the_flag_turns_it_off(model):
     assert not torch.equal(clipped, sample_images(model, y, seed=0, clip_denoised=False, progress=False))
 
 
+def test_ema_weights_follow_training_and_are_what_eval_mode_samples_with(tmp_path):
+    torch.manual_seed(0)
+    m = ConditionalDiffusion(DiffusionConfig(**TINY, ema_decay=0.9))
+    opt = torch.optim.Adam(m.optimizer_groups()["main"], lr=1e-2)
+    assert all(p.requires_grad for p in opt.param_groups[0]["params"])
+    assert len(opt.param_groups[0]["params"]) == len(list(m.net.parameters()))  # the EMA copy is not optimised
+
+    def opt_step(_, loss):
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    x, y, t = _images(4), torch.tensor([0, 1, 2, 3]), torch.tensor([3, 7, 11, 15])
+    for _ in range(3):
+        m.train().train_step({"x": x, "y": y}, opt_step)
+    assert int(m.ema_updates) == 3
+    with torch.no_grad():
+        train_eps, eval_eps = m.train().eps(x, t, y), m.eval().eps(x, t, y)
+        assert not torch.allclose(train_eps, eval_eps)  # eval mode runs the averaged weights
+        assert torch.allclose(eval_eps, m.ema(x, t, m.ema.cond(y)))
+    ckpt_io.save_checkpoint(tmp_path, m)
+    loaded, _ = ckpt_io.load_checkpoint(tmp_path)
+    assert torch.equal(sample_images(loaded, y, steps=2, progress=False), sample_images(m, y, steps=2, progress=False))
+
+
 # -- command line ------------------------------------------------------------------------------
 def test_condgen_sample_and_edit_commands_write_pngs(model, classifier, tmp_path):
     from condgen.cli import main

@@ -4,7 +4,9 @@
   L_simple of Eq. 14) trained jointly conditional/unconditional by dropping the
   condition to the learned null token with probability p_uncond (Ho & Salimans 2022,
   Algorithm 1), so one network serves both terms of classifier-free guidance.
-  ``sample`` = DDIM (Song et al. 2021) with CFG at ``guidance_scale``.
+  ``sample`` = DDIM (Song et al. 2021) with CFG at ``guidance_scale``. With ``ema_decay`` > 0
+  it keeps an exponential moving average of the weights (Ho et al. 2020, App. B) that the
+  denoiser uses in eval mode.
 * ``NoisyClassifier``: p_phi(y | x_t, t), a time-conditioned CNN trained with cross-entropy
   on images noised by the same schedule (Dhariwal & Nichol 2021, §4.1), for
   ``guidance.classifier_guidance``.
@@ -14,6 +16,7 @@ The noise schedule is rebuilt from the config; it is not part of the state_dict.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +49,9 @@ class DiffusionConfig:
     sample_steps: int = 50  # DDIM steps used by sample()
     guidance_scale: float = 1.0  # CFG w in eps~ = (1 + w) eps(c) - w eps(null); 0 = no guidance
     clip_denoised: bool = True  # sample(): clamp x0_hat to [-1, 1] every step (Ho et al. 2020's sampler)
+    # > 0: keep an exponential moving average of the weights and sample with it in eval mode (Ho et al.
+    # 2020 use 0.9999), warmed up as min(decay, (1 + n) / (10 + n)) over n updates so short runs work.
+    ema_decay: float = 0.0
 
 
 class ConditionalDiffusion(nn.Module):
@@ -63,6 +69,26 @@ class ConditionalDiffusion(nn.Module):
         self.register_buffer("alpha_bars", self.schedule.alpha_bars.float(), persistent=False)
         self.net = UNet(config.in_channels, config.channels, config.condition, config.num_classes,
                         config.text_dim, config.context_tokens)
+        self.ema: UNet | None = None
+        if config.ema_decay > 0:
+            self.ema = copy.deepcopy(self.net).requires_grad_(False)
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def sampling_net(self) -> UNet:
+        """The weights the denoiser uses: the EMA copy in eval mode when there is one, else the trained ones."""
+        return self.ema if self.ema is not None and not self.training else self.net
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- d ema + (1 - d) net, d = min(ema_decay, (1 + n) / (10 + n)); a no-op without EMA."""
+        if self.ema is None:
+            return
+        n = int(self.ema_updates)
+        d = min(self.config.ema_decay, (1 + n) / (10 + n))
+        for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
+            p_ema.lerp_(p.detach(), 1 - d)
+        self.ema_updates += 1
 
     @property
     def cond_dim(self) -> int:
@@ -79,15 +105,15 @@ class ConditionalDiffusion(nn.Module):
             if batch is None:
                 raise ValueError("embed_condition(None) needs batch=")
             return self.null_embedding(batch)
-        return self.net.cond(c.to(self._device()))
+        return self.sampling_net.cond(c.to(self._device()))
 
     def null_embedding(self, batch: int) -> torch.Tensor:
         """The learned null token as an embedding, (batch, E): the starting point of null-text inversion."""
         dev, conf = self._device(), self.config
         if conf.condition == "label":
-            return self.net.cond(torch.full((batch,), conf.num_classes, dtype=torch.long, device=dev))
+            return self.sampling_net.cond(torch.full((batch,), conf.num_classes, dtype=torch.long, device=dev))
         drop = torch.ones(batch, dtype=torch.bool, device=dev)
-        return self.net.cond(torch.zeros(batch, conf.text_dim, device=dev), drop=drop)
+        return self.sampling_net.cond(torch.zeros(batch, conf.text_dim, device=dev), drop=drop)
 
     def null_cond(self, batch: int) -> torch.Tensor:
         """The null condition in the form the denoiser takes for this model, for ``cfg``:
@@ -104,7 +130,7 @@ class ConditionalDiffusion(nn.Module):
         if cond.dtype == torch.long:
             if self.config.condition != "label":
                 raise TypeError("a text model's denoiser takes embeddings; labels are for label models")
-            return self.net.cond(cond)
+            return self.sampling_net.cond(cond)
         if cond.shape != (batch, self.cond_dim):
             raise ValueError(
                 f"float conditions given to the denoiser are embeddings of shape ({batch}, {self.cond_dim}), got "
@@ -117,7 +143,7 @@ class ConditionalDiffusion(nn.Module):
         """eps_theta(x_t, t, cond), (B, C, H, W). cond: int64 labels (label models), float
         embeddings (B, E) from ``embed_condition``/``null_embedding``, or None (null token)."""
         b = x.shape[0]
-        return self.net(x, as_timesteps(t, b, x.device), self._as_embedding(cond, b))
+        return self.sampling_net(x, as_timesteps(t, b, x.device), self._as_embedding(cond, b))
 
     def denoiser(self) -> Denoiser:
         """The callable D(x, t, cond) -> eps of DESIGN.md's denoiser contract (no guidance)."""
@@ -138,11 +164,12 @@ class ConditionalDiffusion(nn.Module):
         return loss, {"loss": loss.item()}
 
     def optimizer_groups(self):
-        return {"main": self.parameters()}
+        return {"main": self.net.parameters()}  # the EMA copy is not optimised
 
     def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
         loss, logs = self.loss(batch["x"], condition_from_batch(batch, self.config.condition))
         opt_step("main", loss)
+        self.update_ema()  # after the all-reduced step, so every worker's EMA stays identical
         return logs
 
     # -- sampling -------------------------------------------------------------------------
