@@ -38,6 +38,7 @@ from torch import nn
 
 from models.diffusion.denoiser import randn
 from models.diffusion.inversion import ddim_invert, null_text_inversion
+from models.diffusion.clipping import clip_x0
 from models.diffusion.samplers.ddim import ddim_step, sample_ddim
 from models.diffusion.sdedit import sdedit
 
@@ -270,10 +271,16 @@ def _sample_diffusion(model: nn.Module, requests: Sequence[SampleRequest], *, cl
     rows = _rows(model, requests)
     guidance = "free" if r0.guidance in ("none", "cfg") else r0.guidance
 
-    def eps_fn(x: torch.Tensor, t_b: torch.Tensor) -> torch.Tensor:
+    def raw_eps(x: torch.Tensor, t_b: torch.Tensor, _cond=None) -> torch.Tensor:
         if guidance == "free":
             return _free_eps(model, rows, x, t_b)
         return _guided_eps(model, rows, guidance, x, t_b, classifier=classifier, clip_tower=clip_tower)
+
+    # The same x0 clipping wrapper as ConditionalDiffusion.sample, so a batch equals lone runs.
+    clipped = clip_x0(raw_eps, model.schedule) if getattr(conf, "clip_denoised", False) else raw_eps
+
+    def eps_fn(x: torch.Tensor, t_b: torch.Tensor) -> torch.Tensor:
+        return clipped(x, t_b, None)
 
     def check_cancelled() -> None:
         if all(r.cancelled() for r in requests):

@@ -77,7 +77,13 @@ def test_deploy_and_run_on_a_process_worker(prefect_server, tmp_path, monkeypatc
         t_run = time.monotonic() - t1
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(run.id).state
-            logs = [entry.message for entry in client.read_logs(LogFilter(flow_run_id={"any_": [run.id]}))]
+            # Run logs reach the API asynchronously: give the last batch a few seconds to land.
+            deadline = time.monotonic() + 30
+            while True:
+                logs = [entry.message for entry in client.read_logs(LogFilter(flow_run_id={"any_": [run.id]}))]
+                if any(m.startswith("healthy:") for m in logs) or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
         print(f"\ndeployed {len(ids)} deployments in {t_deploy:.1f}s; probe run {run.id} -> {state.type.value} "
               f"in {t_run:.1f}s on a process worker")
         assert state.is_completed(), f"{state}\n{worker.stdout[-4000:]}\n{worker.stderr[-4000:]}"
