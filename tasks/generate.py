@@ -160,7 +160,7 @@ def sample_images(
     *,
     sampler: str = "ddim",
     steps: int | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     guidance: str = "cfg",
     scale: float | None = None,
     negative: CondInput | None = None,
@@ -175,8 +175,8 @@ def sample_images(
 ) -> torch.Tensor:
     """One sample per condition row, (B, C, H, W) in [-1, 1] on the CPU.
 
-    sampler   "ddim" (Song et al. 2021; ``eta`` 0 = deterministic) or "ddpm" (Ho et al. 2020,
-              Algorithm 2; ``eta`` is ignored). ``steps``: DDIM default ``config.sample_steps``,
+    sampler   "ddim" (Song et al. 2021; ``eta`` 0 = deterministic, 1 = ancestral; default
+              ``config.sample_eta``) or "ddpm" (Ho et al. 2020, Algorithm 2; ``eta`` is ignored). ``steps``: DDIM default ``config.sample_steps``,
               DDPM default every one of the T timesteps.
     guidance  "none": the conditional model; "cfg": classifier-free with weight ``scale``
               (default ``config.guidance_scale``) and optional ``negative`` condition in place
@@ -216,7 +216,7 @@ def sample_images(
                 if clipping:
                     D = clip_x0(D, model.schedule)
                 x_T = randn((c.shape[0], conf.in_channels, conf.image_size, conf.image_size), g, dev)
-                kw = {"eta": eta} if sampler == "ddim" else {}
+                kw = {"eta": getattr(conf, "sample_eta", 0.0) if eta is None else eta} if sampler == "ddim" else {}
                 x = SAMPLERS[sampler](D, x_T, model.schedule, cond=c_in, generator=g, callback=cb, steps=steps, **kw)
                 out.append(x.clamp(-1, 1).cpu())
     finally:

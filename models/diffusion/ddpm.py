@@ -47,6 +47,7 @@ class DiffusionConfig:
     lr: float = 1e-3  # small U-Net on 28x28: higher than DDPM's 2e-4 converges in fewer epochs
     prediction: str = "eps"  # only eps; v / x0 would go in a preconditioning wrapper
     sample_steps: int = 50  # DDIM steps used by sample()
+    sample_eta: float = 0.0  # DDIM eta used by sample(): 0 deterministic, 1 = DDPM ancestral on the same steps
     guidance_scale: float = 1.0  # CFG w in eps~ = (1 + w) eps(c) - w eps(null); 0 = no guidance
     clip_denoised: bool = True  # sample(): clamp x0_hat to [-1, 1] every step (Ho et al. 2020's sampler)
     # > 0: keep an exponential moving average of the weights and sample with it in eval mode (Ho et al.
@@ -182,10 +183,10 @@ class ConditionalDiffusion(nn.Module):
         steps: int | None = None,
         guidance_scale: float | None = None,
         negative_cond: torch.Tensor | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         callback: Callback | None = None,
     ) -> torch.Tensor:
-        """x_T ~ N(0, I), then DDIM (``sample_steps``, eta) with CFG (and x0 clipping when
+        """x_T ~ N(0, I), then DDIM (``sample_steps``, ``sample_eta``) with CFG (and x0 clipping when
         ``clip_denoised``); (B, C, H, W) clamped to [-1, 1].
 
         ``cond`` / ``negative_cond`` are raw conditions (labels (B,) or CLIP text (B, D));
@@ -201,7 +202,8 @@ class ConditionalDiffusion(nn.Module):
         if conf.clip_denoised:
             D = clip_x0(D, self.schedule)
         x = sample_ddim(D, x_T, self.schedule, cond=e, generator=generator, callback=callback,
-                        steps=conf.sample_steps if steps is None else steps, eta=eta)
+                        steps=conf.sample_steps if steps is None else steps,
+                        eta=conf.sample_eta if eta is None else eta)
         return x.clamp(-1, 1)
 
 
