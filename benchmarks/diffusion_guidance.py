@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-per-class", type=int, help="samples per class per row (default 30; --quick 3)")
     p.add_argument("--steps", type=int, help="DDIM steps (default 25; --quick 5)")
     p.add_argument("--scales", default="0,0.5,1,2,4")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM eta: 0 deterministic (default), 1 = ancestral (DDPM) on the same steps")
     p.add_argument("--uncond-classifier", action="store_true",
                    help="also classifier guidance on the unconditional branch")
     args = p.parse_args(argv)
@@ -51,11 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     scales = [float(s) for s in args.scales.split(",")]
     print(f"machine: {C.machine()}")
     print(f"model: {ckpt}  channels {model.config.channels}  T={model.config.timesteps}\n"
-          f"classifier: {clf_ckpt}\n{len(labels)} samples per row, DDIM {steps} steps, seed {args.seed}", flush=True)
+          f"classifier: {clf_ckpt}\n{len(labels)} samples per row, DDIM {steps} steps, eta {args.eta:g}, seed {args.seed}", flush=True)
 
     def run(guidance: str, w: float, **kw) -> dict:
-        x, seconds = C.timed(sample_images, model, cond, sampler="ddim", steps=steps, guidance=guidance, scale=w,
-                             seed=args.seed, batch_size=len(labels), progress=False, **kw)
+        x, seconds = C.timed(sample_images, model, cond, sampler="ddim", steps=steps, eta=args.eta, guidance=guidance,
+                             scale=w, seed=args.seed, batch_size=len(labels), progress=False, **kw)
         s = scorer.score(x, labels)
         print(f"  {guidance:<10} {'' if kw.get('conditional', True) else '(uncond) '}w={w:<4} acc {s['acc']:.3f}  "
               f"FID {s['fid']:.2f}  {seconds:.1f}s", flush=True)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{len(labels)} samples per cell (accuracy s.e. <= {100 * se:.1f} points); FID of {len(labels)} real "
           f"train images vs the test split = {floor:.2f} (the floor at this n); judge test accuracy "
           f"{scorer.judge.test_accuracy:.4f}")
-    payload = {"checkpoint": ckpt, "classifier": clf_ckpt, "n": len(labels), "steps": steps, "fid_floor": floor,
+    payload = {"checkpoint": ckpt, "classifier": clf_ckpt, "n": len(labels), "steps": steps, "eta": args.eta, "fid_floor": floor,
                "results": {k: {str(w): v for w, v in d.items()} for k, d in results.items()}}
     C.write_json(args.json, payload)
     return payload

@@ -34,6 +34,14 @@ from benchmarks import diffusion_common as C  # noqa: E402
 PAPER_CIFAR10 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004}  # Song et al. 2021, Table 2
 
 
+def test_subset(test: dict, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n test digits drawn at random (the split is stored sorted by class), as [-1, 1] images + labels."""
+    from tasks.images import from_uint8
+
+    idx = np.sort(np.random.default_rng(seed).permutation(len(test["y"]))[:n])
+    return from_uint8(test["x"][idx]), torch.from_numpy(test["y"][idx]).long()
+
+
 def mse01(a: torch.Tensor, b: torch.Tensor) -> float:
     """Per-pixel MSE of two [-1, 1] images measured on the [0, 1] scale."""
     return float(((a.clamp(-1, 1) - b) / 2).pow(2).mean())
@@ -51,12 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-negative", type=int, help="samples per class for part 3 (default 20; --quick 2)")
     p.add_argument("--negative-scale", type=float, default=2.0, help="CFG weight w for part 3")
     p.add_argument("--sample-steps", type=int, help="DDIM steps for part 3 (default 25; --quick 5)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta for part 3 (1 = ancestral)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: 1,2,3")
     args = p.parse_args(argv)
 
     from models.diffusion import cfg, ddim_invert, sample_ddim
     from tasks.generate import edit_images, sample_images
-    from tasks.images import from_uint8
 
     shards = C.setup(args)
     model, ckpt = C.diffusion_model(args, shards)
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     # -- 1. reconstruction vs steps --------------------------------------------------------------
     if "1" not in skip:
         n = args.n_images or (8 if args.quick else 100)
-        x, y = from_uint8(test["x"][:n]), torch.from_numpy(test["y"][:n])
+        x, y = test_subset(test, n, args.seed)
         rows, part = [], []
         for steps in [int(s) for s in args.steps.split(",") if s]:
             rec, seconds = C.timed(edit_images, model, x, method="ddim_inversion", source_cond=y, target_cond=y,
@@ -79,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
             part.append({"steps": steps, "mse01": err, "seconds": seconds})
             rows.append([steps, f"{err:.5f}", PAPER_CIFAR10.get(steps, "—"), f"{seconds:.1f}"])
             print(f"  inversion {steps} steps: MSE {err:.5f}  {seconds:.1f}s", flush=True)
-        print(f"\n1. DDIM inversion -> DDIM reconstruction of {n} test digits under their own label (w = 0)\n")
+        print(f"\n1. DDIM inversion -> DDIM reconstruction of {n} random test digits under their own label "
+              f"(w = 0; digits per class {np.bincount(y.numpy(), minlength=10).tolist()})\n")
         print(C.table(["steps", "MSE on [0,1] (ours, MNIST)", "DDIM paper, CIFAR-10", "wall s"], rows))
         payload["reconstruction_vs_steps"] = part
 
@@ -87,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "2" not in skip:
         n = args.n_guided or (4 if args.quick else 12)
         steps = args.guided_steps or (10 if args.quick else 50)
-        x, y = from_uint8(test["x"][:n]), torch.from_numpy(test["y"][:n])
+        x, y = test_subset(test, n, args.seed)
         D, sched = model.denoiser(), model.schedule
         nti_scales = {float(s) for s in args.nti_scales.split(",") if s}
         rows, part = [], []
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         w = args.negative_scale
         labels = C.balanced_labels(n_pc, k)
         d = torch.from_numpy(labels)
-        kw = dict(sampler="ddim", steps=steps, seed=args.seed, batch_size=len(labels), progress=False)
+        kw = dict(sampler="ddim", steps=steps, eta=args.eta, seed=args.seed, batch_size=len(labels), progress=False)
 
         def pred(x):
             return scorer.probs(x)
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         acc_b = float((cond_base.argmax(-1).numpy() == labels).mean())
         acc_n = float((cond_neg.argmax(-1).numpy() == labels).mean())
         pb, pn = float(cond_base[idx, y_neg].mean()), float(cond_neg[idx, y_neg].mean())
-        print(f"\n3. Negative prompts, CFG w = {w}, DDIM {steps} steps, {len(labels)} samples per row\n")
+        print(f"\n3. Negative prompts, CFG w = {w}, DDIM {steps} steps (eta {args.eta:g}), {len(labels)} samples per row\n")
         print(C.table(
             ["setting", "samples judged as the negated digit %", "mean p(negated digit)", "accuracy on y+ %"],
             [["(a) unconditional", f"{100 * rate_base:.1f}", p_base, "—"],
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
              ["(b) y+ with CFG, negative = most-confused y-", f"{100 * rn:.1f}", pn, f"{100 * acc_n:.1f}"]]))
         pairs = ", ".join(f"{c}→{int(confusable[c])}" for c in range(k))
         print(f"\n(b) pairs y+→y-: {pairs}")
-        payload["negative"] = {"w": w, "n": len(labels), "uncond_rate": [rate_base, rate_neg],
+        payload["negative"] = {"w": w, "eta": args.eta, "n": len(labels), "uncond_rate": [rate_base, rate_neg],
                                "uncond_p": [p_base, p_neg], "cond_rate": [rb, rn], "cond_p": [pb, pn],
                                "cond_acc": [acc_b, acc_n], "pairs": confusable.tolist()}
     C.write_json(args.json, payload)
