@@ -52,8 +52,6 @@ from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.base import OptStep, condition_from_batch, config_from_dict, config_to_dict
 from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
 from models.diffusion.denoiser import Callback, Denoiser, randn
-from models.diffusion.guidance import cfg
-from models.diffusion.samplers.ddim import sample_ddim
 from models.diffusion.schedule import NoiseSchedule
 
 # -- frozen components read from a checkpoint URI ----------------------------------------------
@@ -253,12 +251,9 @@ class LatentDiffusion(nn.Module):
         conf, d = self.config, self.diffusion
         dev = self.autoencoder_ready.device
         z_T = randn((cond.shape[0], *self.latent_shape), generator, dev)
-        e = d.embed_condition(cond)  # (B, E)
-        e_neg = None if negative_cond is None else d.embed_condition(negative_cond)
-        w = conf.guidance_scale if guidance_scale is None else guidance_scale
-        D = cfg(d.denoiser(), w, d.null_embedding(1), e_neg)
-        return sample_ddim(D, z_T, d.schedule, cond=e, generator=generator, callback=callback,
-                           steps=conf.sample_steps if steps is None else steps, eta=eta)
+        return d.sample_from(z_T, cond, generator, negative_cond=negative_cond, eta=eta, callback=callback,
+                             steps=conf.sample_steps if steps is None else steps,
+                             guidance_scale=conf.guidance_scale if guidance_scale is None else guidance_scale)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:

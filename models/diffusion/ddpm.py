@@ -193,18 +193,36 @@ class ConditionalDiffusion(nn.Module):
         everything is embedded once up front, so the sampling loop only runs the U-Net.
         """
         conf = self.config
-        b, dev = cond.shape[0], self._device()
-        x_T = randn((b, conf.in_channels, conf.image_size, conf.image_size), generator, dev)
+        x_T = randn((cond.shape[0], conf.in_channels, conf.image_size, conf.image_size), generator, self._device())
+        x = self.sample_from(x_T, cond, generator, steps=steps, guidance_scale=guidance_scale,
+                             negative_cond=negative_cond, eta=eta, callback=callback)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample_from(
+        self,
+        x_T: torch.Tensor,
+        cond: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_cond: torch.Tensor | None = None,
+        eta: float | None = None,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        """DDIM with CFG (and x0 clipping when ``clip_denoised``) from a given x_T, no final clamp:
+        ``sample`` in pixel space and latent diffusion (whose latents have no fixed range) share it."""
+        conf = self.config
         e = self.embed_condition(cond)  # (B, E)
         e_neg = None if negative_cond is None else self.embed_condition(negative_cond)
         w = conf.guidance_scale if guidance_scale is None else guidance_scale
         D = cfg(self.denoiser(), w, self.null_embedding(1), e_neg)
         if conf.clip_denoised:
             D = clip_x0(D, self.schedule)
-        x = sample_ddim(D, x_T, self.schedule, cond=e, generator=generator, callback=callback,
-                        steps=conf.sample_steps if steps is None else steps,
-                        eta=conf.sample_eta if eta is None else eta)
-        return x.clamp(-1, 1)
+        return sample_ddim(D, x_T, self.schedule, cond=e, generator=generator, callback=callback,
+                           steps=conf.sample_steps if steps is None else steps,
+                           eta=conf.sample_eta if eta is None else eta)
 
 
 @dataclass(frozen=True)
