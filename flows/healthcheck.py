@@ -2,13 +2,14 @@
 run condgen flows and reach storage, MLflow and (optionally) Ray.
 
 Deployed beside ``retrain`` and ``batch_generate`` (prefect.yaml), it is the cheap
-first run after a deploy: it fails exactly where a real run would, in seconds.
+first run after a deploy: it fails exactly where a real run would, in seconds. Its
+findings go to the run log and to ``<storage>/healthcheck/latest.json``.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
@@ -37,5 +38,8 @@ def healthcheck(params: HealthcheckParams = HealthcheckParams()) -> dict[str, An
         out["tracking"] = tracking_task()
     if params.ray:
         out["ray"] = ray_task()
+    if params.storage:  # storage answered: keep the report there
+        where = health.write_report(out, run_id=runtime.flow_run.id)
+        log.info("report written to %s", where)
     log.info("healthy: %s", out)
     return out

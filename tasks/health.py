@@ -69,3 +69,16 @@ def ray_ping(address: str | None = None) -> dict[str, Any]:
     return {"ray": "local" if not address else _where(address if "://" in address else f"ray://{address}"),
             "nodes": len(nodes), "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0),
             "task_node": node[:12], "seconds": time.perf_counter() - t0}
+
+
+def report_uri(root: str | None = None) -> str:
+    """Where the last probe's report is kept: ``<storage>/healthcheck/latest.json``."""
+    return storage.join(root or settings.storage_root(), "healthcheck", "latest.json")
+
+
+def write_report(found: dict[str, Any], run_id: str | None = None, root: str | None = None) -> str:
+    """Keep the probe's findings (atomically) for an operator or a deploy script to read back
+    without the orchestrator's UI; returns the report's URI."""
+    uri = report_uri(root)
+    storage.write_json(uri, {"healthy": found, "flow_run_id": run_id, "time": time.time()})
+    return uri

@@ -30,10 +30,13 @@ def free_port() -> int:
 
 
 def start_moto_server(port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``moto_server`` on 127.0.0.1:port (returns at once; see ``wait_until_up``)."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    """Start moto's S3 server on 127.0.0.1:port (returns at once; see ``wait_until_up``).
+
+    Launched through ``tests/s3_server.py``, which fixes the one reply of moto's that
+    pyarrow's S3 client rejects (see that module)."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, str(Path(__file__).with_name("s3_server.py")), "-H", "127.0.0.1",
+                                 "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_until_up(endpoint: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:

@@ -65,9 +65,11 @@ def test_batched_equals_unbatched(tiny_diffusion, sampler, eta):
     for req, out in zip(reqs, batched):
         lone = bs.sample_batch(tiny_diffusion, [req])[0]
         # Same noise, same arithmetic; only BLAS/oneDNN kernel choices that depend on the batch
-        # size differ (~1e-7 per forward), so the returned images are identical.
+        # size differ (~1e-7 per forward). The 8-bit images agree except where a value sits
+        # on a rounding boundary: there, and only on a rare pixel, one grey level apart.
         assert (out - lone).abs().max().item() < 2e-3
-        assert np.array_equal(to_uint8(out), to_uint8(lone))
+        levels = np.abs(to_uint8(out).astype(int) - to_uint8(lone).astype(int))
+        assert levels.max() <= 1 and (levels > 0).mean() < 0.005
     assert not torch.equal(batched[1][0], batched[3][0])  # different seeds/labels really differ
     same_noise = [bs.SampleRequest(cond=torch.tensor([c]), segments=[(0, 1)], sampler=sampler, steps=5, eta=eta)
                   for c in (1, 2)]
