@@ -3,9 +3,15 @@
 The flow only orchestrates; every step is a plain function in ``tasks/`` wrapped as
 a Prefect task here. Runs on ephemeral Prefect by default and against a server
 when ``PREFECT_API_URL`` is set; ``prefect.yaml`` schedules it nightly.
+
+Specs run in order and can chain: a config value ``"@<name>"`` is the checkpoint of an
+earlier spec (``resolve_refs``), so one run trains an autoencoder and then the latent
+diffusion model on top of it. Components (``models.base.is_generator`` false) train and
+checkpoint but skip evaluate and promote.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -13,6 +19,8 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
 from condgen import settings
+from models.base import config_from_dict, config_to_dict, is_generator
+from models.registry import MODELS, config_class
 from tasks import evaluate as evaluate_mod
 from tasks import ingest as ingest_mod
 from tasks import promote as promote_mod
@@ -28,6 +36,7 @@ class ModelSpec(BaseModel):
     batch_size: int = Field(128, ge=1, le=65_536)
     registered_name: str | None = Field(None, description="MLflow registry name; default condgen-<name>")
     source_b: str | None = Field(None, description="second, unpaired domain (CycleGAN), e.g. bundled:uci_digits")
+    grid_every: int = Field(1, ge=0, le=10_000, description="log a sample grid every N epochs (0: never)")
 
 
 class GateParams(BaseModel):
@@ -67,6 +76,29 @@ class RetrainParams(BaseModel):
     clip: str | None = Field("embedded", description="CLIP for the embed step: 'embedded' (fitted on the data, "
                              "no download), a local/s3 checkpoint, or NAME:TAG; None skips embedding")
     clip_fit_steps: int = Field(300, ge=1, le=1_000_000, description="training steps of the embedded CLIP")
+
+
+def resolve_refs(config: dict[str, Any], model: str, trained: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Chain specs of one flow run: a config value ``"@<name>"`` becomes the checkpoint URI of
+    the earlier spec registered (or named) ``<name>``, e.g. a latent diffusion model's
+    ``{"autoencoder_uri": "@autoencoder"}`` or a ControlNet's ``{"base_uri": "@diffusion"}``.
+    When the key is ``<field>_uri`` and ``<field>`` is a config field the spec leaves unset,
+    ``<field>`` gets the referenced model's config, so the architecture always matches the
+    weights. An unknown name is an error before any training starts."""
+    fields = {f.name for f in dataclasses.fields(config_class(model))}
+    out = dict(config)
+    for key, value in config.items():
+        if not (isinstance(value, str) and value.startswith("@")):
+            continue
+        ref = trained.get(value[1:])
+        if ref is None:
+            raise ValueError(f"{model}: {key}={value!r} names no earlier model of this run "
+                             f"(known: {sorted(trained) or 'none'})")
+        out[key] = ref["checkpoint"]
+        stem = key.removesuffix("_uri")
+        if key.endswith("_uri") and stem in fields and stem not in config:
+            out[stem] = ref["config"]
+    return out
 
 
 def default_shards_uri(source: str) -> str:
@@ -121,13 +153,13 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         emb = embed_task(shards_uri, params.clip, params.clip_fit_steps, params.num_workers)
         log.info("CLIP embeddings %s (%d computed, %d up to date)", emb["uri"], len(emb["computed"]),
                  len(emb["skipped"]))
-    results = []
+    results, components, trained_refs = [], [], {}
     for spec in params.models:
         shards_b = None
         if spec.source_b:
             shards_b = default_shards_uri(spec.source_b)
             ingest_task(spec.source_b, shards_b, shard_size=params.shard_size, seed=params.seed, limit=params.limit)
-        config, embeddings = dict(spec.config), None
+        config, embeddings = resolve_refs(spec.config, spec.name, trained_refs), None
         if config.get("condition") == "text":
             # Text models train on the precomputed CLIP text embeddings, never re-encoding captions.
             if emb is None:
@@ -137,18 +169,29 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
         req = train_mod.TrainRequest(model=spec.name, shards_uri=shards_uri, model_config=config,
                                      shards_b_uri=shards_b, embeddings=embeddings,
                                      epochs=spec.epochs, batch_size=spec.batch_size, num_workers=params.num_workers,
-                                     seed=params.seed, experiment=params.experiment)
+                                     seed=params.seed, experiment=params.experiment, grid_every=spec.grid_every)
         trained = train_task(req)
+        name = spec.registered_name or f"condgen-{spec.name}"
+        ref = {"checkpoint": trained.checkpoint_uri,
+               "config": config_to_dict(config_from_dict(config_class(spec.name), config))}
+        trained_refs[spec.name] = trained_refs[name] = ref
+        if not is_generator(MODELS[spec.name][1]):
+            # A component (autoencoder, guidance classifier, super-res stage): it has no
+            # samples of its own to judge, so it is neither evaluated nor promoted; later
+            # specs reach its weights through "@<name>".
+            log.info("%s: component trained (run %s); not evaluated or promoted", name, trained.run_id)
+            components.append({"model": spec.name, "run_id": trained.run_id, "checkpoint": trained.checkpoint_uri,
+                               "metrics": trained.metrics})
+            continue
         metrics = evaluate_task(trained.run_id, trained.checkpoint_uri, shards_uri, embeddings=embeddings,
                                 n_per_class=params.eval_per_class, judge_epochs=params.judge_epochs)
-        name = spec.registered_name or f"condgen-{spec.name}"
         decision = promote_task(trained.run_id, name, metrics, params.gate, shards_uri,
                                 params.eval_per_class, params.judge_epochs, embeddings)
         log.info("%s: cond_accuracy=%.4f fid=%.3f -> %s (%s)", name, metrics["eval/cond_accuracy"],
                  metrics["eval/fid"], "promoted" if decision["promoted"] else "kept champion", decision["reason"])
         results.append({"model": spec.name, "run_id": trained.run_id, "checkpoint": trained.checkpoint_uri,
                         "metrics": metrics, "promotion": decision})
-    out = {"shards_uri": shards_uri, "manifest": ing.manifest_uri, "results": results}
+    out = {"shards_uri": shards_uri, "manifest": ing.manifest_uri, "results": results, "components": components}
     if params.report.enabled and results:
         rep = report_task(results, shards_uri, params.report, params.experiment, params.judge_epochs, params.seed)
         log.info("report: %s (MLflow run %s)", rep["uri"], rep["run_id"])

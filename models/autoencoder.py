@@ -208,6 +208,8 @@ class AELoss(NamedTuple):
 
 
 class Autoencoder(nn.Module):
+    GENERATOR = False  # a component: trained and checkpointed, not judged as a generator (models.base)
+
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         c = self.config = config

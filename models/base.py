@@ -43,6 +43,17 @@ class GenerativeModel(Protocol):
         """Draw one sample per condition row, (B, C, H, W) in [-1, 1]."""
 
 
+def is_generator(model: type | nn.Module) -> bool:
+    """Whether a model family draws samples from a condition alone, so that the pipeline
+    judges it (conditional accuracy, FID) and gates its promotion on that.
+
+    Components set ``GENERATOR = False``: the judge and guidance classifiers, the
+    autoencoder of latent diffusion, a super-resolution stage that needs its low-resolution
+    input. They train and checkpoint like any model; later specs use their weights.
+    """
+    return bool(getattr(model, "GENERATOR", True))
+
+
 def condition_from_batch(batch: dict[str, torch.Tensor], condition: str) -> torch.Tensor:
     """The condition tensor a model of kind ``condition`` ("label" | "text") reads from a batch."""
     if condition == "label":

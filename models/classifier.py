@@ -24,6 +24,8 @@ class ClassifierConfig:
 
 
 class DigitClassifier(nn.Module):
+    GENERATOR = False  # a component: trained and checkpointed, not judged as a generator (models.base)
+
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = cfg = config

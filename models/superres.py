@@ -95,6 +95,8 @@ def _registry_name(model: nn.Module) -> str:
 
 
 class SuperRes(nn.Module):
+    GENERATOR = False  # a component: trained and checkpointed, not judged as a generator (models.base)
+
     def __init__(self, config: SuperResConfig, base: nn.Module | None = None):
         super().__init__()
         if base is not None:

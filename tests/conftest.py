@@ -371,3 +371,17 @@ def prefect_server(tmp_path_factory) -> Iterator[str]:
         yield api
     finally:
         kill_process_group(proc, signal.SIGTERM)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop Prefect's ephemeral API server while pytest's streams are still open: left to
+    its atexit hook, it logs "Stopping temporary server" to a closed stream, and Python
+    prints a logging traceback after the test summary."""
+    server_mod = sys.modules.get("prefect.server.api.server")
+    if server_mod is None:
+        return
+    for server in list(server_mod.SubprocessASGIServer._instances.values()):
+        try:
+            server.stop()
+        except Exception as exc:  # shutting down: report, never fail the session over it
+            print(f"prefect ephemeral server did not stop cleanly: {exc!r}", file=sys.stderr)

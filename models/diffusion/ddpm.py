@@ -245,6 +245,8 @@ class NoisyClassifier(nn.Module):
     coarse layout that a global average would throw away (it matters for digits).
     """
 
+    GENERATOR = False  # a component: trained and checkpointed, not judged as a generator (models.base)
+
     def __init__(self, config: NoisyClassifierConfig):
         super().__init__()
         self.config = c = config
