@@ -108,6 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raw[key] = getattr(args, flag)
     if args.no_batching:
         raw["batching"] = False
+    if args.map:
+        raw["maps"] = [*raw.get("maps", []), *args.map]
     run(host=args.host, port=args.port, blocking=True, config=make_config(models, **raw))
     return 0
 
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--judge", help="classifier URI for the output safety check")
     s.add_argument("--max-batch", type=int, help="samples per forward pass (default 32)")
     s.add_argument("--no-batching", action="store_true")
+    s.add_argument("--map", action="append", default=[],
+                   help="a fitted latent map for /v1/map (runs:/RUN/maps/A__B, s3://..., a folder; repeatable)")
     s.add_argument("--poll-s", type=float, help="registry alias poll period (default 30; 0 = off)")
     s.add_argument("--timeout-s", type=float, help="per-request timeout (default 60)")
     s.add_argument("--threads", type=int, help="torch threads per replica (default 1)")

@@ -7,7 +7,8 @@ Routes (OpenAPI docs at ``/docs``):
   model version used. Compatible requests share one forward pass (``serving/engine.py``).
 * ``POST /v1/edit``  image + source/target condition, ddim_inversion | null_text | sdedit.
 * ``POST /v1/interpolate``  two seeds or latents, linear | slerp (CVAE, GAN, diffusion x_T).
-* ``POST /v1/map``  501 until latent maps between models exist.
+* ``POST /v1/map``  source -> target model latent through a fitted linear map (config ``maps``):
+  both latents and both decoded images.
 * ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /`` (web page).
 * ``POST /generate``  the original endpoint: {label, n, seed} on the first model.
 
@@ -171,10 +172,10 @@ async def interpolate_v1(req: schema.InterpolateV1) -> dict[str, Any]:
     return await _service().interpolate(req)
 
 
-@api.post("/v1/map", dependencies=[Depends(require_key)], responses={401: {}, 404: {}, 409: {}, 422: {}, 501: {}})
+@api.post("/v1/map", response_model=schema.MapV1Response, dependencies=[Depends(require_key)],
+          responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
 async def map_v1(req: schema.MapV1) -> dict[str, Any]:
-    _service().map(req)
-    return {}
+    return await _service().map(req)
 
 
 @api.get("/v1/models", response_model=schema.ModelsV1Response, dependencies=[Depends(require_key)])

@@ -80,6 +80,9 @@ class ServeConfig(BaseModel):
     poll_s: float = Field(30.0, ge=0, description="registry alias poll period; 0 = never")
     torch_threads: int = Field(1, ge=1, le=256)
     api_key_sha256: str | None = Field(None, description="sha256 of the API key (never the key itself)")
+    maps: list[str] = Field(default_factory=list,
+                            description="fitted latent maps (tasks.map_latents.load_map URIs: runs:/…, s3://…, a "
+                                        "folder); /v1/map uses the one fitted on the loaded models' weights")
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -396,6 +399,8 @@ class Service:
             mlflow.set_tracking_uri(config.tracking_uri)
         torch.set_num_threads(config.torch_threads)
         self.pool = ModelPool(config.models)
+        self._fingerprints: dict[int, str] = {}
+        self.maps = [self._load_map(uri) for uri in config.maps]
         self.clip = None
         if config.clip:
             from tasks.clip import load_clip
@@ -413,6 +418,15 @@ class Service:
         self.metrics = None  # set by the app (prometheus collectors)
         if config.poll_s > 0:
             threading.Thread(target=self._poll, name="condgen-registry-poll", daemon=True).start()
+
+    @staticmethod
+    def _load_map(uri: str):
+        from tasks.map_latents import load_map
+
+        try:
+            return load_map(uri)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ValueError(f"latent map {uri}: {exc}") from exc
 
     def close(self) -> None:
         self._stop.set()
@@ -631,15 +645,66 @@ class Service:
         return {"model": loaded.key, "version": loaded.version, "images": b64_png(x), "parameters": params,
                 "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
-    def map(self, req: schema.MapV1) -> None:
-        for name in (req.source_model, req.target_model):
-            self.pool.get(name)
-        try:
-            import tasks.map  # noqa: F401  (the pipeline step that fits latent maps)
-        except ImportError:
-            raise ApiError(501, "latent maps between models are not available yet: no fitted map exists "
-                                "(the pipeline's 'map latents' step has not been built)") from None
-        raise ApiError(409, f"no latent map from {req.source_model!r} to {req.target_model!r} is loaded")
+    def _fingerprint(self, model: torch.nn.Module) -> str:
+        from tasks.checkpoint import state_fingerprint
+
+        key = id(model)  # loaded models are never mutated; a reload brings a new object
+        if key not in self._fingerprints:
+            self._fingerprints[key] = state_fingerprint(model)
+        return self._fingerprints[key]
+
+    def _find_map(self, src: Loaded, tgt: Loaded):
+        """The loaded map fitted on exactly these two models' weights."""
+        want = (self._fingerprint(src.model), self._fingerprint(tgt.model))
+        for m in self.maps:
+            if (m.source.get("fingerprint"), m.target.get("fingerprint")) == want:
+                return m
+        have = [f"{m.source.get('name')} -> {m.target.get('name')}" for m in self.maps] or ["none"]
+        raise ApiError(409, f"no latent map from {src.key!r} (version {src.version}) to {tgt.key!r} (version "
+                            f"{tgt.version}) is loaded: maps are fitted on given weights; loaded maps: "
+                            f"{', '.join(have)}. Fit one with the 'map latents' step and add it to `maps`")
+
+    async def map(self, req: schema.MapV1) -> dict[str, Any]:
+        """Translate a latent of one model to another through a fitted linear map
+        (Asperti & Tonelli 2023): z_b = z_a W, and decode both under the same label."""
+        from tasks import map_latents as ml
+
+        t0 = time.perf_counter()
+        src, tgt = self.pool.get(req.source_model), self.pool.get(req.target_model)
+        for loaded in (src, tgt):
+            if ml.space_kind(loaded.model) is None:
+                raise ApiError(409, f"{loaded.key} is a {loaded.kind} model with no label-conditioned latent space "
+                                    "to map (CVAE, cGAN, AC-GAN)")
+        if req.label is None:
+            raise ApiError(422, "label is required: both latent spaces are conditioned on it")
+        for loaded in (src, tgt):
+            if req.label >= loaded.info["num_classes"]:
+                raise ApiError(422, f"label must be in [0, {loaded.info['num_classes'] - 1}] for {loaded.key}, "
+                                    f"got {req.label}")
+        m = self._find_map(src, tgt)
+        a = ml.LatentSpace(src.model, ml.space_kind(src.model), src.key)
+        b = ml.LatentSpace(tgt.model, ml.space_kind(tgt.model), tgt.key)
+        cond = torch.tensor([req.label])
+        if req.latent is not None and len(req.latent) != a.latent_dim:
+            raise ApiError(422, f"latent needs {a.latent_dim} numbers for {src.key}, got {len(req.latent)}")
+
+        def work() -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                z_a = (torch.tensor([req.latent], dtype=torch.float32) if req.latent is not None
+                       else a.prior_sample(cond, generator=torch.Generator().manual_seed(req.seed)))
+                z_b = ml.translate(z_a, m)
+                return {"z_a": z_a, "z_b": z_b, "x_a": a.decode(z_a, cond), "x_b": b.decode(z_b, cond)}
+
+        out = await self._submit_solo(work, None)
+        return {"source_model": src.key, "source_version": src.version, "target_model": tgt.key,
+                "target_version": tgt.version, "label": req.label,
+                "seed": None if req.latent is not None else req.seed,
+                "latent_source": [round(float(v), 6) for v in out["z_a"][0]],
+                "latent_target": [round(float(v), 6) for v in out["z_b"][0]],
+                "images": {"source": b64_png(out["x_a"])[0], "target": b64_png(out["x_b"])[0]},
+                "map": {"method": m.method, "support_size": m.support_size, "support_mode": m.support_mode,
+                        "metrics": {k: float(v) for k, v in m.metrics.items()}},
+                "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     def models(self) -> dict[str, Any]:
         out = []

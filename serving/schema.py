@@ -185,6 +185,22 @@ class MapV1(_Strict):
     latent: list[float] | None = Field(None, min_length=1, max_length=MAX_LATENT)
 
 
+class MapV1Response(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    source_model: str
+    source_version: str
+    target_model: str
+    target_version: str
+    label: int
+    seed: int | None
+    latent_source: list[float]
+    latent_target: list[float]
+    images: dict[str, str]  # "source", "target": base64 PNG
+    map: dict[str, Any]
+    elapsed_ms: float
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 

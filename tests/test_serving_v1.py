@@ -30,6 +30,7 @@ from tasks import batch_sampling as bs
 from tasks.images import to_uint8
 
 DIFF, CVAE, NOISY = "sv1-diffusion", "sv1-cvae", "sv1-noisy-classifier"
+CVAE_B = "sv1-cvae-b"  # the target of the served latent map (another latent size)
 
 
 # -- unit: the batched sampler ---------------------------------------------------------------------
@@ -144,7 +145,20 @@ def registered(use_mlflow_server_module, condgen_home):
         torch.nn.init.normal_(m.lora_B, std=0.5)  # a non-trivial adapter
     adapter_uri = (condgen_home / "adapters" / "bold").as_uri()
     save_adapter(adapter_uri, base, targets=["mid1.conv1"], rank=2, alpha=2.0)
-    return {"adapter": adapter_uri, "tracking": use_mlflow_server_module}
+    return {"adapter": adapter_uri, "tracking": use_mlflow_server_module, "map": _fit_map(condgen_home)}
+
+
+def _fit_map(home) -> str:
+    """A CVAE -> CVAE_B latent map fitted on the registered weights, saved to a folder."""
+    from tasks import map_latents as ml
+    from tasks.promote import load_registered
+
+    register_tiny(CVAE_B, "cvae", {**TINY_CVAE, "latent_dim": 6}, seed=3)
+    a = ml.latent_space(load_registered(f"models:/{CVAE}/1")[0], name=CVAE)
+    b = ml.latent_space(load_registered(f"models:/{CVAE_B}/1")[0], name=CVAE_B)
+    y = torch.arange(200) % 10
+    m = ml.fit_map(ml.build_support(a, b, None, y, mode="generated"), a, b)
+    return ml.save_map(m, home / "maps" / "cvae_ab").as_uri()
 
 
 def _config(registered, **over):
@@ -152,8 +166,9 @@ def _config(registered, **over):
 
     models = [{"uri": f"models:/{DIFF}@champion", "classifier": f"models:/{NOISY}@champion",
                "adapters": {"bold": registered["adapter"]}},
-              {"uri": f"models:/{CVAE}/1"}]
+              {"uri": f"models:/{CVAE}/1"}, {"uri": f"models:/{CVAE_B}/1"}]
     over.setdefault("poll_s", 0)
+    over.setdefault("maps", [registered["map"]])
     return make_config(models, registered["tracking"], **over)
 
 
@@ -203,7 +218,7 @@ def test_generate_reports_parameters_and_version(client):
     plain = client.post("/v1/generate", json={"label": 3, "seed": 0, "steps": 4}).json()
     assert adapted["adapter"] == "bold" and adapted["images"] != plain["images"]
     models = client.get("/v1/models").json()
-    assert [m["name"] for m in models["models"]] == [DIFF, CVAE]
+    assert [m["name"] for m in models["models"]] == [DIFF, CVAE, CVAE_B]
     assert models["models"][0]["adapters"] == ["bold"] and models["models"][0]["classifier_guidance"]
 
 
@@ -284,6 +299,11 @@ BAD_REQUESTS = [
     ("/v1/interpolate", {"label": 1, "model": CVAE, "latent_a": [0.0] * 3}),  # wrong latent size
     ("/v1/interpolate", {"label": 1, "latent_a": [0.0] * 16}),  # explicit latents: CVAE/GAN only
     ("/v1/map", {"source_model": "nope", "target_model": CVAE}),
+    ("/v1/map", {"source_model": CVAE, "target_model": CVAE_B}),  # no label
+    ("/v1/map", {"source_model": CVAE, "target_model": CVAE_B, "label": 10}),
+    ("/v1/map", {"source_model": CVAE, "target_model": CVAE_B, "label": 1, "latent": [0.0] * 3}),  # wrong size
+    ("/v1/map", {"source_model": CVAE_B, "target_model": CVAE, "label": 1}),  # no map that way: 409
+    ("/v1/map", {"source_model": DIFF, "target_model": CVAE, "label": 1}),  # no latent space: 409
     ("/generate", {"label": 10}),
     ("/generate", {"label": 3, "n": 10_000}),
 ]
@@ -315,7 +335,28 @@ def test_every_bad_input_is_a_4xx_with_a_reason(client):
     r = client.post("/v1/generate", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert r.status_code == 413
     print(f"{len(BAD_REQUESTS) + 3} bad requests -> {statuses} (+422, 422, 413)")
-    assert client.post("/v1/map", json={"source_model": DIFF, "target_model": CVAE}).status_code == 501
+
+
+def test_map_translates_a_latent_between_models(client, service):
+    from tasks import map_latents as ml
+
+    r = client.post("/v1/map", json={"source_model": CVAE, "target_model": CVAE_B, "label": 4, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["latent_source"]) == TINY_CVAE.get("latent_dim", 16) and len(body["latent_target"]) == 6
+    assert body["map"]["method"] == "lstsq" and body["map"]["support_size"] == 200
+    # The served translation is z_a W with the map from the config, to float32 rounding.
+    want = ml.translate(torch.tensor([body["latent_source"]]), ml.load_map(service.config.maps[0]))[0]
+    assert torch.allclose(want, torch.tensor(body["latent_target"]), atol=1e-4)
+    for side in ("source", "target"):
+        assert _img(body["images"][side]).shape == (28, 28)
+    # An explicit latent is used as given; the same seed gives the same answer.
+    z = body["latent_source"]
+    again = client.post("/v1/map", json={"source_model": CVAE, "target_model": CVAE_B, "label": 4, "latent": z})
+    assert again.status_code == 200 and again.json()["seed"] is None
+    assert np.allclose(again.json()["latent_target"], body["latent_target"], atol=1e-4)
+    other = client.post("/v1/map", json={"source_model": CVAE, "target_model": CVAE_B, "label": 4, "seed": 4})
+    assert other.json()["latent_source"] != z
 
 
 def test_edit_and_interpolate(client):
@@ -460,7 +501,7 @@ def test_fuzz_openapi_schema_gives_no_5xx(registered):
                 r = c.post(path, json=body)
                 n += 1
                 counts[r.status_code] = counts.get(r.status_code, 0) + 1
-                assert r.status_code < 500 or r.status_code in (501, 503, 504), (path, body, r.status_code, r.text)
+                assert r.status_code < 500 or r.status_code in (503, 504), (path, body, r.status_code, r.text)
                 if r.status_code >= 400:
                     assert r.json().get("detail"), (path, body, r.text)
     finally:
