@@ -13,11 +13,16 @@
   ``tasks.storage`` into a temp folder and built by open_clip itself
   (``pretrained=<file>.safetensors``, which open_clip reads with safetensors: nothing
   is unpickled);
+* a registry URI, ``"models:/condgen-clip@champion"`` (or ``/<version>``): the MLflow
+  model version's ``model/`` artifacts are that same checkpoint folder;
 * ``"embedded"``: a small CLIP (``models/clip_configs/condgen-clip-tiny.json``: open_clip's
   ModifiedResNet image tower at 32 px, width 16, one block per stage; a 3-layer, 128-wide
   text transformer with open_clip's own tokenizer; 128-d embeddings; 8.1M parameters, 6.3M
   of them the token table) fitted by :func:`fit_clip` with open_clip's ``ClipLoss`` on a
   shard set's train captions, cached next to the shards so every later call reuses it.
+  A fit is tracked as an MLflow run (settings, contrastive loss, zero-shot accuracy) and
+  registered as a new version of ``condgen-clip`` under the ``champion`` alias
+  (:func:`register_clip`), so any later run or service can name it by registry URI.
   ``condgen-clip-test.json`` is a 1-layer ViT for unit tests.
 
 All three give the same handle: ``encode_images`` / ``encode_texts`` (L2-normalised
@@ -311,6 +316,8 @@ def load_clip(spec: "str | ClipHandle", *, device: str | torch.device = "cpu", d
     if isinstance(spec, ClipHandle):
         return spec
     spec = os.path.expanduser(spec) if spec.startswith("~") else spec
+    if spec.startswith("models:/"):
+        return load_registered_clip(spec, device=device)
     if spec == "embedded":
         if data_uri is None:
             raise ValueError("the embedded CLIP is fitted on a shard set's captions: pass data_uri=<shards URI>")
@@ -396,6 +403,56 @@ def load_checkpoint(uri: str, *, device: str | torch.device = "cpu") -> ClipHand
     handle = ClipHandle(model, tokenizer, meta["model_name"], meta["model_cfg"], meta["preprocess_cfg"], source=uri)
     _check_fingerprint(handle, meta.get("fingerprint"), uri)
     return handle
+
+
+REGISTERED_NAME = "condgen-clip"
+REGISTRY_NOTE = "registry.json"  # beside a cached embedded CLIP: where it was registered
+
+
+def load_registered_clip(model_uri: str, *, device: str | torch.device = "cpu") -> ClipHandle:
+    """A CLIP registered by :func:`register_clip` (``models:/NAME@ALIAS`` or ``models:/NAME/N``).
+    ``source`` becomes the resolved ``models:/NAME/N``, so embeddings record the exact version."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.promote import parse_model_uri
+
+    name, alias, version = parse_model_uri(model_uri)
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    with tempfile.TemporaryDirectory(prefix="condgen-clip-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp)
+        handle = load_checkpoint(local, device=device)
+    handle.source = f"models:/{name}/{mv.version}"
+    return handle
+
+
+def register_clip(handle: ClipHandle, *, params: dict[str, Any] | None = None,
+                  metrics: dict[str, float] | None = None, name: str = REGISTERED_NAME,
+                  experiment: str = "condgen-clip", alias: str | None = "champion") -> str:
+    """Log a CLIP as an MLflow run (params, metrics, the checkpoint as ``model/``), register a
+    new version of ``name`` and point ``alias`` at it. Returns ``models:/name/<version>``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks import tracking
+    from tasks.promote import register
+
+    tracking.configure(experiment)
+    with mlflow.start_run(run_name=f"clip-{handle.fingerprint[:8]}") as run:
+        tracking.log_params({"model_name": handle.model_name, "embed_dim": handle.embed_dim,
+                             "fingerprint": handle.fingerprint, **(params or {})})
+        clean = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if clean:
+            mlflow.log_metrics(clean)
+        with tempfile.TemporaryDirectory(prefix="condgen-clip-") as tmp:
+            save_clip(handle, tmp)
+            mlflow.log_artifacts(tmp, artifact_path="model")
+        version = register(run.info.run_id, name, tags={"fingerprint": handle.fingerprint, "kind": "clip"})
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, version)
+    log.info("registered CLIP %s as %s version %s (run %s)", handle.fingerprint[:12], name, version, run.info.run_id)
+    return f"models:/{name}/{version}"
 
 
 def save_clip(handle: ClipHandle, uri: str, *, extra: dict[str, Any] | None = None) -> str:
@@ -523,9 +580,15 @@ def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.n
 
 
 def embedded_clip(data_uri: str, *, config: str = DEFAULT_CONFIG, steps: int = 300, batch_size: int = 128,
-                  lr: float = 2e-3, seed: int = 0, device: str | torch.device = "cpu", **fit_kwargs: Any) -> ClipHandle:
+                  lr: float = 2e-3, seed: int = 0, device: str | torch.device = "cpu",
+                  register_as: str | None = REGISTERED_NAME, **fit_kwargs: Any) -> ClipHandle:
     """The embedded default CLIP for a shard set: fitted once on its train split, then cached at
-    ``{data_uri}/clip/embedded-<key>`` (key: shard manifest + fit settings)."""
+    ``{data_uri}/clip/embedded-<key>`` (key: shard manifest + fit settings).
+
+    A new fit is registered in MLflow as ``register_as`` (``@champion``: the CLIP of the
+    latest data); None skips the registry. The registered URI is noted beside the cache
+    (``registry.json``), and a cached fit that never reached the registry (MLflow was down)
+    is registered on the next call instead of being fitted again."""
     from tasks.data import load_split
 
     register_configs()
@@ -538,12 +601,24 @@ def embedded_clip(data_uri: str, *, config: str = DEFAULT_CONFIG, steps: int = 3
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     uri = storage.join(data_uri, "clip", f"embedded-{key}")
     if storage.exists(storage.join(uri, CONFIG)):
-        return load_checkpoint(uri, device=device)
-    train = load_split(data_uri, "train")
-    handle, metrics = fit_clip(train["x"], train["captions"], train["y"], config=config, steps=steps,
-                               batch_size=batch_size, lr=lr, seed=seed, device=device, **fit_kwargs)
-    save_clip(handle, uri, extra={"fit": settings, "metrics": metrics, "data_uri": data_uri})
-    handle.source = uri
+        handle = load_checkpoint(uri, device=device)
+        metrics = storage.read_json(storage.join(uri, CONFIG)).get("metrics", {})
+    else:
+        train = load_split(data_uri, "train")
+        handle, metrics = fit_clip(train["x"], train["captions"], train["y"], config=config, steps=steps,
+                                   batch_size=batch_size, lr=lr, seed=seed, device=device, **fit_kwargs)
+        save_clip(handle, uri, extra={"fit": settings, "metrics": metrics, "data_uri": data_uri})
+        handle.source = uri
+    note = storage.join(uri, REGISTRY_NOTE)
+    if register_as and not storage.exists(note):
+        try:
+            model_uri = register_clip(handle, params={**settings, "data_uri": data_uri, "cache_key": key},
+                                      metrics=metrics, name=register_as)
+        except Exception as exc:  # noqa: BLE001 - the fit is cached; registering is retried next call
+            log.warning("embedded CLIP fitted and cached at %s, but not registered (%s: %s); the next call "
+                        "registers it", uri, type(exc).__name__, exc)
+        else:
+            storage.write_json(note, {"model_uri": model_uri, "fingerprint": handle.fingerprint})
     return handle
 
 

@@ -192,12 +192,42 @@ def test_clip_score_and_evaluation(fitted, shards):
     assert metrics["n"] == len(texts)
 
 
-def test_embedded_spec_fits_once_then_reuses(shards):
+def test_embedded_spec_fits_once_then_reuses(shards, condgen_home):
+    from mlflow.tracking import MlflowClient
+
     kw = dict(config=TEST_CONFIG, steps=3, batch_size=32, warmup=1)
     first = C.load_clip("embedded", data_uri=shards, **kw)
     assert first.source and first.source.startswith(storage.join(shards, "clip"))
     again = C.load_clip("embedded", data_uri=shards, **kw)
     assert again.fingerprint == first.fingerprint and again.source == first.source
+    # The fit was tracked and registered once (the cached reuse registers nothing new) ...
+    versions = MlflowClient().search_model_versions(f"name='{C.REGISTERED_NAME}'")
+    mine = [v for v in versions if v.tags.get("fingerprint") == first.fingerprint]
+    assert len(mine) == 1
+    run = MlflowClient().get_run(mine[0].run_id)
+    assert run.data.params["steps"] == "3" and {"loss_initial", "loss_final"} <= set(run.data.metrics)
+    # ... and the registry URI loads the very same model.
+    reg = C.load_clip(f"models:/{C.REGISTERED_NAME}@champion")
+    assert reg.fingerprint == first.fingerprint and reg.source == f"models:/{C.REGISTERED_NAME}/{mine[0].version}"
+    x = np.zeros((2, 28, 28), np.uint8)
+    assert torch.equal(reg.encode_images(x), first.encode_images(x))
+
+
+def test_embedded_clip_registers_later_when_mlflow_was_down(shards, condgen_home, monkeypatch):
+    """MLflow unreachable at fit time: the fit is kept (cached, not lost) and the next call
+    registers it instead of fitting again."""
+    from mlflow.tracking import MlflowClient
+
+    kw = dict(config=TEST_CONFIG, steps=2, batch_size=32, warmup=1, seed=7)
+    monkeypatch.setattr(C, "register_clip", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down")))
+    first = C.load_clip("embedded", data_uri=shards, **kw)
+    monkeypatch.undo()
+    fits = []
+    monkeypatch.setattr(C, "fit_clip", lambda *a, **k: fits.append(1))
+    again = C.load_clip("embedded", data_uri=shards, **kw)
+    assert not fits and again.fingerprint == first.fingerprint
+    versions = MlflowClient().search_model_versions(f"name='{C.REGISTERED_NAME}'")
+    assert [v for v in versions if v.tags.get("fingerprint") == first.fingerprint]
 
 
 # -- precomputed embeddings ----------------------------------------------------------------------
