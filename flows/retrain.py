@@ -6,7 +6,8 @@ when ``PREFECT_API_URL`` is set; ``prefect.yaml`` schedules it nightly.
 
 Specs run in order and can chain: a config value ``"@<name>"`` is the checkpoint of an
 earlier spec (``resolve_refs``), so one run trains an autoencoder and then the latent
-diffusion model on top of it. Components (``models.base.is_generator`` false) train and
+diffusion model on top of it (its training reads latents precomputed once per
+autoencoder, ``tasks/latents.py``). Components (``models.base.is_generator`` false) train and
 checkpoint but skip evaluate and promote.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from models.base import config_from_dict, config_to_dict, is_generator
 from models.registry import MODELS, config_class
 from tasks import evaluate as evaluate_mod
 from tasks import ingest as ingest_mod
+from tasks import latents as latents_mod
 from tasks import promote as promote_mod
 from tasks import report as report_mod
 from tasks import storage
@@ -109,6 +111,7 @@ def default_shards_uri(source: str) -> str:
 ingest_task = task(ingest_mod.ingest, name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 train_task = task(train_mod.train, name="train", cache_policy=NONE)
 evaluate_task = task(evaluate_mod.evaluate_run, name="evaluate", cache_policy=NONE)
+latents_task = latents_mod.precompute_latents_task
 
 
 @task(name="embed", cache_policy=NONE, retries=1, retry_condition_fn=storage.retry_on_io)
@@ -166,8 +169,16 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
                 raise ValueError(f"{spec.name} is text-conditioned: set `clip` so the embed step runs")
             embeddings = emb["fingerprint"]
             config.setdefault("text_dim", emb["embed_dim"])
+        latents = None
+        if spec.name == "latent_diffusion" and config.get("autoencoder_uri"):
+            # Encode the shards once per autoencoder (side-car tars keyed by its weights'
+            # fingerprint, like the CLIP embeddings); training then never runs the encoder.
+            lat = latents_task(shards_uri, config["autoencoder_uri"])
+            latents = lat.fingerprint
+            log.info("autoencoder latents %s (%d computed, %d up to date)", lat.uri, len(lat.computed),
+                     len(lat.skipped))
         req = train_mod.TrainRequest(model=spec.name, shards_uri=shards_uri, model_config=config,
-                                     shards_b_uri=shards_b, embeddings=embeddings,
+                                     shards_b_uri=shards_b, embeddings=embeddings, latents=latents,
                                      epochs=spec.epochs, batch_size=spec.batch_size, num_workers=params.num_workers,
                                      seed=params.seed, experiment=params.experiment, grid_every=spec.grid_every)
         trained = train_task(req)

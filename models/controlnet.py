@@ -46,11 +46,8 @@ from torch import nn
 
 from models.base import OptStep, condition_from_batch
 from models.conditioning.lora import freeze_base, inject_lora
-from models.diffusion.clipping import clip_x0
 from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
 from models.diffusion.denoiser import Callback, Denoiser, randn
-from models.diffusion.guidance import cfg
-from models.diffusion.samplers.ddim import sample_ddim
 from models.diffusion.schedule import NoiseSchedule, as_timesteps
 from models.diffusion.unet import UNet, Upsample, timestep_embedding
 from models.latent_diffusion import _nested, freeze, load_frozen
@@ -248,17 +245,15 @@ class ControlNet(nn.Module):
         x0 = batch["x"]
         c = batch["cond_img"] if "cond_img" in batch else self.control_image(x0)
         y = condition_from_batch(batch, self.config.condition)
-        b = x0.shape[0]
-        t = torch.randint(0, self.base.config.timesteps, (b,), device=x0.device)
-        noise = torch.randn_like(x0)
-        a_bar = self.base.alpha_bars[t].view(b, 1, 1, 1)
-        x_t = a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * noise
-        drop = torch.rand(b, device=x0.device) < self.config.p_uncond
-        e = self.base.net.cond(y, drop=drop)  # (B, E); frozen table, so no gradient reaches it
-        down, mid = self.residuals(x_t, t, e, c.to(x0.dtype))
-        loss = F.mse_loss(unet_with_residuals(self.base.net, x_t, t, e, down, mid), noise)
+        c = c.to(x0.dtype)
+
+        def eps_model(x_t: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+            # e: the base's frozen condition table, so no gradient reaches it
+            return unet_with_residuals(self.base.net, x_t, t, e, *self.residuals(x_t, t, e, c))
+
+        loss, logs = self.base.loss(x0, y, eps_model=eps_model, p_uncond=self.config.p_uncond)
         opt_step("main", loss)
-        return {"loss": loss.item()}
+        return logs
 
     # -- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -279,15 +274,9 @@ class ControlNet(nn.Module):
         exactly the base's sample."""
         self._ensure_base()
         bc = self.base.config
-        b, dev = cond.shape[0], self.base_ready.device
-        x_T = randn((b, bc.in_channels, bc.image_size, bc.image_size), generator, dev)
-        e = self.base.embed_condition(cond)
-        w = bc.guidance_scale if guidance_scale is None else guidance_scale
-        D = cfg(self.denoiser(control, control_scale), w, self.base.null_embedding(1))
-        if bc.clip_denoised:  # exactly as the base samples (ConditionalDiffusion.sample)
-            D = clip_x0(D, self.base.schedule)
-        x = sample_ddim(D, x_T, self.base.schedule, cond=e, generator=generator, callback=callback,
-                        steps=bc.sample_steps if steps is None else steps, eta=eta)
+        x_T = randn((cond.shape[0], bc.in_channels, bc.image_size, bc.image_size), generator, self.base_ready.device)
+        x = self.base.sample_from(x_T, cond, generator, steps=steps, guidance_scale=guidance_scale, eta=eta,
+                                  callback=callback, denoiser=self.denoiser(control, control_scale))
         return x.clamp(-1, 1)
 
     def extra_repr(self) -> str:

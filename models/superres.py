@@ -40,11 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import OptStep, condition_from_batch, config_to_dict
-from models.diffusion.clipping import clip_x0
 from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
 from models.diffusion.denoiser import Callback, Denoiser, randn
-from models.diffusion.guidance import cfg
-from models.diffusion.samplers.ddim import sample_ddim
 from models.diffusion.schedule import NoiseSchedule
 from models.latent_diffusion import _normalised, freeze, load_frozen
 
@@ -171,15 +168,14 @@ class SuperRes(nn.Module):
             sigma = torch.rand(b, 1, 1, 1, device=x0.device) * self.config.cond_noise
             low = low + sigma * torch.randn_like(low)
         up = self.upsample(low)
-        t = torch.randint(0, self.config.timesteps, (b,), device=x0.device)
-        noise = torch.randn_like(x0)
-        a_bar = self.diffusion.alpha_bars[t].view(b, 1, 1, 1)
-        x_t = a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * noise
-        drop = torch.rand(b, device=x0.device) < self.config.p_uncond
-        e = self.diffusion.net.cond(condition_from_batch(batch, self.config.condition), drop=drop)
-        loss = F.mse_loss(self.diffusion.net(torch.cat([x_t, up], 1), t, e), noise)
+
+        def eps_model(x_t: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+            return self.diffusion.net(torch.cat([x_t, up], 1), t, e)
+
+        loss, logs = self.diffusion.loss(x0, condition_from_batch(batch, self.config.condition), eps_model=eps_model,
+                                         p_uncond=self.config.p_uncond)
         opt_step("main", loss)
-        return {"loss": loss.item()}
+        return logs
 
     # -- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -201,17 +197,12 @@ class SuperRes(nn.Module):
             return cascade_sample(self._ensure_base(), self, cond, generator, steps=steps,
                                   guidance_scale=guidance_scale, negative_cond=negative_cond, eta=eta,
                                   callback=callback)
-        conf, d = self.config, self.diffusion
+        conf = self.config
         x_T = randn((cond.shape[0], conf.in_channels, conf.image_size, conf.image_size), generator,
                     self.base_ready.device)
-        e = d.embed_condition(cond)
-        e_neg = None if negative_cond is None else d.embed_condition(negative_cond)
-        w = conf.guidance_scale if guidance_scale is None else guidance_scale
-        D = cfg(self.denoiser(low), w, d.null_embedding(1), e_neg)
-        if conf.clip_denoised:
-            D = clip_x0(D, d.schedule)
-        x = sample_ddim(D, x_T, d.schedule, cond=e, generator=generator, callback=callback,
-                        steps=conf.sample_steps if steps is None else steps, eta=eta)
+        x = self.diffusion.sample_from(x_T, cond, generator, steps=steps, guidance_scale=guidance_scale,
+                                       negative_cond=negative_cond, eta=eta, callback=callback,
+                                       denoiser=self.denoiser(low))
         return x.clamp(-1, 1)
 
 

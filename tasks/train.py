@@ -32,8 +32,10 @@ from tasks.images import from_uint8, grid, to_uint8
 
 
 # -- data --------------------------------------------------------------------------------
-def load_arrays(shards_uri: str, split: str, embeddings: str | None = None) -> dict[str, np.ndarray]:
-    """Arrays for a split: x uint8 (N,H,W), y int64 (N,), txt float (N, n_captions, D) if embedded."""
+def load_arrays(shards_uri: str, split: str, embeddings: str | None = None,
+                latents: str | None = None) -> dict[str, np.ndarray]:
+    """Arrays for a split: x uint8 (N,H,W), y int64 (N,), txt float (N, n_captions, D) if embedded,
+    z float32 (N, c, h, w) when ``latents`` names precomputed autoencoder latents (``tasks.latents``)."""
     from tasks.data import load_split
 
     data = load_split(shards_uri, split)
@@ -43,6 +45,10 @@ def load_arrays(shards_uri: str, split: str, embeddings: str | None = None) -> d
 
         emb = load_embeddings(shards_uri, embeddings, list(data["key"]))
         out["txt"] = emb["txt"].astype(np.float32)
+    if latents:
+        from tasks.latents import load_latents
+
+        out["z"] = load_latents(shards_uri, latents, list(data["key"]))
     return out
 
 
@@ -60,6 +66,8 @@ def batches(arrays: dict[str, np.ndarray], batch_size: int, rank: int, world: in
     for i in range(0, per_rank - batch_size + 1 if per_rank >= batch_size else 1, batch_size):
         idx = perm[i:i + batch_size]
         batch = {"x": from_uint8(arrays["x"][idx]), "y": torch.from_numpy(arrays["y"][idx])}
+        if "z" in arrays:  # precomputed autoencoder latents: latent diffusion skips its encoder
+            batch["z"] = torch.from_numpy(arrays["z"][idx])
         if "txt" in arrays:
             # One random caption phrasing per sample per step: text is not a lookup table.
             pick = rng.integers(0, arrays["txt"].shape[1], len(idx))
@@ -198,7 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                            state["optimizers"])
             start_epoch, step = state["epoch"] + 1, state["step"]
 
-    arrays = load_arrays(config["shards_uri"], "train", config.get("embeddings"))
+    arrays = load_arrays(config["shards_uri"], "train", config.get("embeddings"), config.get("latents"))
     if config.get("shards_b_uri"):
         arrays["x_b"] = load_arrays(config["shards_b_uri"], "train")["x"]
     placement = worker_placement()  # every rank takes part in the gather
@@ -261,6 +269,7 @@ class TrainRequest:
     num_workers: int = 2
     seed: int = 0
     embeddings: str | None = None  # CLIP fingerprint of precomputed embeddings (text conditioning)
+    latents: str | None = None  # autoencoder fingerprint of precomputed latents (latent diffusion)
     shards_b_uri: str | None = None  # a second, unpaired domain (CycleGAN)
     experiment: str = "condgen"
     run_name: str | None = None
@@ -305,7 +314,8 @@ def train(req: TrainRequest) -> TrainResult:
         tracking.log_params({"model": req.model, "epochs": req.epochs, "batch_size": req.batch_size,
                              "shards_b_uri": req.shards_b_uri or "",
                              "num_workers": req.num_workers, "seed": req.seed, "shards_uri": req.shards_uri,
-                             "embeddings": req.embeddings or "", **flatten_params(model.config, "cfg.")})
+                             "embeddings": req.embeddings or "", "latents": req.latents or "",
+                             **flatten_params(model.config, "cfg.")})
         mlflow.log_dict({"model": req.model, "config": _config_dict(model)}, "model_config.json")
         mlflow.set_tags({"condgen.model": req.model, "condgen.shards": req.shards_uri,
                          "condgen.condition": getattr(model.config, "condition", "label")})
@@ -313,7 +323,7 @@ def train(req: TrainRequest) -> TrainResult:
             "model": req.model, "model_config": _config_dict(model), "shards_uri": req.shards_uri,
             "epochs": req.epochs, "batch_size": req.batch_size, "seed": req.seed, "embeddings": req.embeddings,
             "run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(), "fail_at_epoch": req.fail_at_epoch,
-            "grid_every": req.grid_every, "shards_b_uri": req.shards_b_uri,
+            "grid_every": req.grid_every, "shards_b_uri": req.shards_b_uri, "latents": req.latents,
         }
         storage_path, storage_fs = ray_storage(req.storage_path or settings.ray_storage())
         trainer = TorchTrainer(

@@ -44,5 +44,23 @@ def test_components_train_then_feed_the_next_spec(condgen_home, local_ray):
     assert model.config.autoencoder_uri == ae["checkpoint"]
     assert model.config.autoencoder.latent_channels == 4
     client = MlflowClient()
+    # Latent diffusion trained on latents precomputed once with that autoencoder.
+    from tasks import latents as L
+
+    fp = client.get_run(ld["run_id"]).data.params["latents"]
+    assert fp == L.autoencoder_fingerprint(L.load_autoencoder(ae["checkpoint"]))
+    assert L.load_latent_split(out["shards_uri"], "train", fp)["z"].shape[1:] == (4, 7, 7)
     assert not [m for m in client.search_registered_models() if m.name == "condgen-autoencoder"]
     assert "eval/cond_accuracy" not in client.get_run(ae["run_id"]).data.metrics
+
+
+def test_batches_carry_precomputed_latents():
+    import numpy as np
+
+    from tasks.train import batches
+
+    arrays = {"x": np.zeros((10, 28, 28), np.uint8), "y": np.arange(10, dtype=np.int64),
+              "z": np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((1, 4, 7, 7), np.float32)}
+    for b in batches(arrays, 4, 0, 1, 0, 0):
+        assert b["z"].shape == (4, 4, 7, 7)
+        assert np.array_equal(b["z"][:, 0, 0, 0].numpy(), b["y"].numpy().astype(np.float32))  # rows stay aligned

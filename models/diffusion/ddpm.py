@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -151,17 +152,24 @@ class ConditionalDiffusion(nn.Module):
         return self.eps
 
     # -- training -------------------------------------------------------------------------
-    def loss(self, x0: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, x0: torch.Tensor, c: torch.Tensor, *,
+             eps_model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             p_uncond: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """L_simple = E_{t, eps} ||eps - eps_theta(sqrt(a_bar) x0 + sqrt(1 - a_bar) eps, t, c~)||^2
-        (Ho et al. 2020, Eq. 14), with c~ = null w.p. p_uncond (Ho & Salimans 2022, Algorithm 1)."""
+        (Ho et al. 2020, Eq. 14), with c~ = null w.p. p_uncond (Ho & Salimans 2022, Algorithm 1).
+
+        ``eps_model(x_t, t, e)`` replaces the U-Net for models that wrap it (ControlNet adds its
+        residuals, super-resolution concatenates the upsampled low-resolution image); the
+        noising, the condition dropout and the random draws stay the same."""
         b = x0.shape[0]
         t = torch.randint(0, self.config.timesteps, (b,), device=x0.device)  # t ~ Uniform({0..T-1})
         eps = torch.randn_like(x0)
         a_bar = self.alpha_bars[t].view(b, 1, 1, 1)
         x_t = a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * eps
-        drop = torch.rand(b, device=x0.device) < self.config.p_uncond
+        p = self.config.p_uncond if p_uncond is None else p_uncond
+        drop = torch.rand(b, device=x0.device) < p
         e = self.net.cond(c, drop=drop)  # (B, E)
-        loss = F.mse_loss(self.net(x_t, t, e), eps)
+        loss = F.mse_loss((eps_model or self.net)(x_t, t, e), eps)
         return loss, {"loss": loss.item()}
 
     def optimizer_groups(self):
@@ -210,14 +218,19 @@ class ConditionalDiffusion(nn.Module):
         negative_cond: torch.Tensor | None = None,
         eta: float | None = None,
         callback: Callback | None = None,
+        denoiser: Denoiser | None = None,
     ) -> torch.Tensor:
-        """DDIM with CFG (and x0 clipping when ``clip_denoised``) from a given x_T, no final clamp:
-        ``sample`` in pixel space and latent diffusion (whose latents have no fixed range) share it."""
+        """DDIM with CFG (and x0 clipping when ``clip_denoised``) from a given x_T, no final clamp.
+
+        ``sample`` in pixel space and latent diffusion (whose latents have no fixed range) share
+        it, and so do the models that wrap this one's U-Net: ControlNet and super-resolution pass
+        their own ``denoiser`` (the U-Net with a control branch / a bound low-resolution image),
+        which takes the same embedded conditions as ``self.denoiser()``."""
         conf = self.config
         e = self.embed_condition(cond)  # (B, E)
         e_neg = None if negative_cond is None else self.embed_condition(negative_cond)
         w = conf.guidance_scale if guidance_scale is None else guidance_scale
-        D = cfg(self.denoiser(), w, self.null_embedding(1), e_neg)
+        D = cfg(denoiser or self.denoiser(), w, self.null_embedding(1), e_neg)
         if conf.clip_denoised:
             D = clip_x0(D, self.schedule)
         return sample_ddim(D, x_T, self.schedule, cond=e, generator=generator, callback=callback,
