@@ -47,15 +47,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (timings synchronise the device)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from models.diffusion import ConditionalDiffusion, DiffusionConfig, cfg, sample_ddim
-    from tasks.train import load_trained
 
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if args.checkpoint:
+        from tasks.train import load_trained
+
         models = {"checkpoint": load_trained(args.checkpoint)[0]}
     else:
         models = {}
@@ -67,11 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
                 for prm in m.parameters():
                     prm.add_(0.02 * torch.randn_like(prm))
             models[name] = m.eval()
+    models = {k: m.to(dev) for k, m in models.items()}
     sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     steps, repeats = (2, 2) if args.quick else (args.steps, args.repeats)
     if args.quick:
         sizes = sizes[:2]
-    print(f"machine: {C.machine()}")
+    print(f"machine: {C.machine()}" + (f", {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""))
     print(f"DDIM {steps} steps per run, CFG w={args.scale}, median of {repeats} alternating repeats", flush=True)
 
     rows, results = [], []
@@ -81,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         batched, two = cfg(D, args.scale, null), two_forward_cfg(D, args.scale, null)
         for b in sizes:
             g = torch.Generator().manual_seed(b)
-            x_T = torch.randn(b, 1, 28, 28, generator=g)
-            e = model.embed_condition(torch.arange(b) % model.config.num_classes).detach()
+            x_T = torch.randn(b, 1, 28, 28, generator=g).to(dev)
+            e = model.embed_condition(torch.arange(b, device=dev) % model.config.num_classes).detach()
             run = {"batched": lambda: sample_ddim(batched, x_T, sched, cond=e, steps=steps),
                    "two": lambda: sample_ddim(two, x_T, sched, cond=e, steps=steps)}
             with torch.no_grad():
@@ -91,8 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
                 times = {"batched": [], "two": []}
                 for _ in range(repeats):
                     for key in ("two", "batched"):
+                        sync()
                         t0 = time.perf_counter()
                         run[key]()
+                        sync()
                         times[key].append(time.perf_counter() - t0)
             tb, tt = statistics.median(times["batched"]), statistics.median(times["two"])
             results.append({"model": name, "batch": b, "batched_s": tb, "two_s": tt, "speedup": tt / tb,
