@@ -154,8 +154,8 @@ def _sample_cvae(model: nn.Module, requests: Sequence[SampleRequest]) -> torch.T
     dev = next(model.parameters()).device
     cond = torch.cat([r.cond for r in requests]).to(dev)
     mu, logvar = model.prior(cond)  # (B, latent)
-    eps = torch.cat([torch.cat([torch.randn((c, mu.shape[1]), generator=g, device=mu.device)
-                                for g, c in r.generators()]) for r in requests])
+    # drawn on each request's (CPU) generator, then moved: the same noise on every device
+    eps = torch.cat([_noise(r.generators(), (mu.shape[1],), mu.device) for r in requests])
     return model.decode(mu + eps * (0.5 * logvar).exp(), cond)
 
 
@@ -164,8 +164,7 @@ def _sample_gan(model: nn.Module, requests: Sequence[SampleRequest]) -> torch.Te
     dev = next(model.parameters()).device
     cond = torch.cat([r.cond for r in requests]).to(dev)
     d = model.config.latent_dim
-    z = torch.cat([torch.cat([torch.randn((c, d), generator=g, device=dev) for g, c in r.generators()])
-                   for r in requests])
+    z = torch.cat([_noise(r.generators(), (d,), dev) for r in requests])
     return model.G(z, cond)
 
 
