@@ -252,3 +252,20 @@ def test_gan_to_gan_maps_invert_the_other_side():
                           methods=("lstsq",), inversion_steps=3, both_directions=False)
     (row,) = real.rows
     assert row["R"] > 0  # a real image is only approximately in the target GAN's range
+
+
+def test_clip_optimize_with_an_open_clip_model():
+    """The real path: an open_clip model (the 1-layer ViT test config, through ClipHandle's
+    differentiable image tower and preprocessing) scores a CVAE's decoded image against a
+    text embedding from the same handle; optimising z raises that score."""
+    from tasks.clip import new_clip
+    from tasks.map_latents import clip_optimize
+
+    a, _ = _spaces()
+    handle = new_clip("condgen-clip-test", seed=0)
+    text = handle.encode_texts(["a handwritten seven"])[0]
+    z0 = torch.zeros(2, 4)
+    z, history = clip_optimize(a.model, z0, torch.tensor([7, 7]), text, handle, steps=10, lr=0.5)
+    assert z.shape == (2, 4) and not torch.equal(z, z0)
+    assert history[-1] > history[0]
+    assert all(p.grad is None for p in handle.model.parameters())  # only z is optimised
