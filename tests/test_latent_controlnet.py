@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.autoencoder import Autoencoder, AutoencoderConfig
-from models.controlnet import ControlNet, ControlNetConfig, control_image, unet_with_residuals
+from models.controlnet import ControlNet, ControlNetConfig, control_image
 from models.diffusion import ConditionalDiffusion, DiffusionConfig, cfg, ddim_invert, sample_ddim, sdedit
 from models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from models.registry import build_model
@@ -273,8 +273,10 @@ def test_controlnet_at_init_equals_the_frozen_base_exactly(condition, lora):
     with torch.no_grad():
         ref = base.eps(x, t, cond)
         assert torch.equal(net.eps(x, t, cond, c), ref)
-        assert torch.equal(unet_with_residuals(base.net, x, t, base.embed_condition(cond) if condition == "label"
-                                               else cond), ref)  # the locked path mirrors UNet.forward
+        e = base.embed_condition(cond) if condition == "label" else cond
+        zeros = [torch.zeros_like(s) for s in base.net.encode(x, t, e)[1]]
+        # zero residuals leave the locked network's output unchanged, bit for bit
+        assert torch.equal(base.net(x, t, e, zeros, torch.zeros_like(base.net.encode(x, t, e)[2])), ref)
         assert torch.equal(net.eps(x, t, None, c), base.eps(x, t, None))
     y = torch.tensor([1, 4, 7]) if condition == "label" else torch.randn(3, 12)
     a = net.sample(y, torch.Generator().manual_seed(0), control=c, steps=3, guidance_scale=1.5)

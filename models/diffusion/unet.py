@@ -137,9 +137,15 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # start by predicting eps = 0
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor, hint: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The way down: (emb (B, E), the skip after each level, the middle block's output).
+        ``hint`` is added after the input conv (ControlNet's Z(c)). ``models.controlnet``'s
+        trainable copy runs this same code on its own copies of these layers."""
         emb = self.time_mlp(timestep_embedding(t, self.c0)) + e  # (B, E)
         h = self.conv_in(x)  # (B, c0, H, W)
+        if hint is not None:
+            h = h + hint
         skips = []
         for block, down in zip(self.down_blocks, self.downsamples):
             h = block(h, emb)
@@ -149,9 +155,24 @@ class UNet(nn.Module):
         if self.attn is not None:
             context = self.to_context(e).view(e.shape[0], self.context_tokens, -1)  # (B, L, E)
             h = self.attn(h, context)
-        h = self.mid2(h, emb)
+        return emb, skips, self.mid2(h, emb)
+
+    def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        """The way up from the middle block's output, consuming the skips deepest first."""
+        skips = list(skips)
         for block, up in zip(self.up_blocks, self.upsamples):
             skip = skips.pop()
             h = up(h, skip.shape[-2:]) if isinstance(up, Upsample) else h
             h = block(torch.cat([h, skip], 1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor,
+                down_res: list[torch.Tensor] | None = None, mid_res: torch.Tensor | None = None) -> torch.Tensor:
+        """eps. ``down_res`` / ``mid_res``: residuals added to the skips and to the middle block's
+        output (ControlNet, Zhang et al. 2023, Fig. 3); None leaves the network as it is."""
+        emb, skips, h = self.encode(x, t, e)
+        if mid_res is not None:
+            h = h + mid_res
+        if down_res is not None:
+            skips = [s + r for s, r in zip(skips, down_res)]
+        return self.decode(h, skips, emb)
