@@ -6,10 +6,11 @@ UCI from scratch; scored by a judge trained on UCI digits.
     python -m benchmarks.lora_adapt --epochs 3 --base-epochs 3 --per-class 20   # smoke run
 
 The base is the demo CVAE with the FiLM block (``channels=(32, 64)``, ``latent_dim=4``),
-trained on bundled MNIST. The adapter (``models/conditioning/lora.py``, Hu et al. 2021)
-wraps the decoder's FiLM projections (condition -> gamma, beta) and its output
-convolution with rank-``--rank`` updates; everything else is frozen
-(``lora.freeze_base``). The full fine-tune trains every parameter for the same epochs,
+trained on bundled MNIST. The adapters (``models/conditioning/lora.py``, Hu et al. 2021)
+wrap three target sets with rank-``--rank`` updates, everything else frozen
+(``lora.freeze_base``): the decoder's FiLM projections (condition -> gamma, beta) and its
+output convolution (< 1% of the parameters); all FiLM projections and all ``Conv2d``
+layers; every ``Linear`` and ``Conv2d`` (the transposed convolutions have no adapter). The full fine-tune trains every parameter for the same epochs,
 with the same optimiser and batches. All loops are ``tasks.train``'s batches,
 optimisers and ``train_step`` in this process, one torch thread.
 Figures: conditional accuracy on UCI style (the UCI judge's verdict on 100 samples per
@@ -25,7 +26,13 @@ import time
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-TARGETS = ["decoder.blocks.0.proj", "decoder.blocks.1.proj", "to_out"]
+# (row name, LoRA targets): from under 1% of the parameters up to every supported layer
+VARIANTS = [
+    ("decoder FiLM + output conv", ["decoder.blocks.0.proj", "decoder.blocks.1.proj", "to_out"]),
+    ("all FiLM + all convs", ["encoder.blocks.0.proj", "encoder.blocks.1.proj", "decoder.blocks.0.proj",
+                              "decoder.blocks.1.proj", "encoder.convs.0", "encoder.convs.1", "to_out"]),
+    ("every Linear and Conv2d", ["Linear", "Conv2d"]),
+]
 
 
 def fit(model, arrays, epochs: int, batch_size: int = 64, seed: int = 0) -> float:
@@ -81,10 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name}: accuracy {r.cond_accuracy:.3f}, FID {r.fid:.1f}", flush=True)
 
     score("MNIST base, no adaptation", base, 0, 0.0)
-    adapted = copy.deepcopy(base)
-    lora.inject_lora(adapted, TARGETS, rank=args.rank, alpha=float(args.rank))
-    n_lora = lora.freeze_base(adapted)
-    score(f"LoRA rank {args.rank} (decoder FiLM + output conv)", adapted, n_lora, fit(adapted, a_uci, args.epochs))
+    for name, targets in VARIANTS:
+        adapted = copy.deepcopy(base)
+        targets = [getattr(torch.nn, t) if t in ("Linear", "Conv2d") else t for t in targets]
+        lora.inject_lora(adapted, targets, rank=args.rank, alpha=float(args.rank))
+        n_lora = lora.freeze_base(adapted)
+        score(f"LoRA rank {args.rank}: {name}", adapted, n_lora, fit(adapted, a_uci, args.epochs))
     full = copy.deepcopy(base)
     score("full fine-tune", full, total, fit(full, a_uci, args.epochs))
     torch.manual_seed(0)
