@@ -21,7 +21,6 @@ split's mean image (MSE of predicting nothing but the average digit).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -31,6 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from benchmarks import diffusion_common as C
 
 
 def fit(model: torch.nn.Module, sample_batch: Callable[[np.random.Generator], dict[str, torch.Tensor]], steps: int,
@@ -180,9 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{m['mse']:9.4f} {m['psnr']:8.2f} {m.get('perplexity', float('nan')):8.1f} "
               f"{m.get('codes_used', 0) or '':>6} {m['latent_std_test']:6.3f} {r['train']['step_s'] * 1000:8.0f}")
     print(f"reference: every test digit replaced by the mean train image: MSE {ref_mse:.4f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+    C.write_json(args.json, results, default=str)
     return results
 
 

@@ -17,14 +17,18 @@ same run) and for the fitted one:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/clip_quality.py` from the root
+
+from benchmarks import diffusion_common as C  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,9 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label:44s} {untrained[key]:9.3f} {fitted[key]:7.3f} {chance:7.3f} {fitted[key] / chance:13.1f}")
     out = {"config": vars(args), "fit": fit, "fit_wall_s": fit_wall, "untrained": untrained, "fitted": fitted,
            "n_params": n_params, "fingerprint": handle.fingerprint}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+    C.write_json(args.json, out, default=str)
     return out
 
 

@@ -207,10 +207,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | None, payload: dict[str, Any]) -> None:
+def write_json(path: str | None, payload: dict[str, Any], default: Any = float) -> None:
+    """Write a benchmark's figures to ``path`` (``--json``) when one is given; ``default``
+    converts what json cannot (numpy scalars by default)."""
     if path:
         with open(path, "w") as f:
-            json.dump(payload, f, indent=2, default=float)
+            json.dump(payload, f, indent=2, default=default)
         print(f"figures written to {path}")
 
 

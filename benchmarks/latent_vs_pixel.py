@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import diffusion_common as C
 from benchmarks.autoencoder import evaluate_autoencoder, fit, image_batches, train_autoencoder
 
 
@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"± {c['iou_se']['controlnet']:.3f}   base (no control) {c['iou']['base']:.3f} ± {c['iou_se']['base']:.3f}   "
           f"another real digit of the class {c['iou']['real_same_class']:.3f}")
     print(f"judge accuracy of those samples: ControlNet {acc['controlnet']:.3f}, base {acc['base']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+    C.write_json(args.json, out, default=str)
     return out
 
 

@@ -399,7 +399,7 @@ class Service:
             mlflow.set_tracking_uri(config.tracking_uri)
         torch.set_num_threads(config.torch_threads)
         self.pool = ModelPool(config.models)
-        self._fingerprints: dict[int, str] = {}
+        self._fingerprints: dict[tuple, str] = {}  # Loaded.batch_id -> state_fingerprint of its weights
         self.maps = [self._load_map(uri) for uri in config.maps]
         self.clip = None
         if config.clip:
@@ -645,17 +645,19 @@ class Service:
         return {"model": loaded.key, "version": loaded.version, "images": b64_png(x), "parameters": params,
                 "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
-    def _fingerprint(self, model: torch.nn.Module) -> str:
+    def _fingerprint(self, loaded: Loaded) -> str:
+        """Hashed once per (model, version, adapter): a Loaded's weights never change, and a
+        reload is a new version (an ``id()`` key could be reused by a later object)."""
         from tasks.checkpoint import state_fingerprint
 
-        key = id(model)  # loaded models are never mutated; a reload brings a new object
+        key = loaded.batch_id
         if key not in self._fingerprints:
-            self._fingerprints[key] = state_fingerprint(model)
+            self._fingerprints[key] = state_fingerprint(loaded.model)
         return self._fingerprints[key]
 
     def _find_map(self, src: Loaded, tgt: Loaded):
         """The loaded map fitted on exactly these two models' weights."""
-        want = (self._fingerprint(src.model), self._fingerprint(tgt.model))
+        want = (self._fingerprint(src), self._fingerprint(tgt))
         for m in self.maps:
             if (m.source.get("fingerprint"), m.target.get("fingerprint")) == want:
                 return m
@@ -671,8 +673,9 @@ class Service:
 
         t0 = time.perf_counter()
         src, tgt = self.pool.get(req.source_model), self.pool.get(req.target_model)
-        for loaded in (src, tgt):
-            if ml.space_kind(loaded.model) is None:
+        kinds = [ml.space_kind(loaded.model) for loaded in (src, tgt)]
+        for loaded, kind in zip((src, tgt), kinds):
+            if kind is None:
                 raise ApiError(409, f"{loaded.key} is a {loaded.kind} model with no label-conditioned latent space "
                                     "to map (CVAE, cGAN, AC-GAN)")
         if req.label is None:
@@ -682,8 +685,7 @@ class Service:
                 raise ApiError(422, f"label must be in [0, {loaded.info['num_classes'] - 1}] for {loaded.key}, "
                                     f"got {req.label}")
         m = self._find_map(src, tgt)
-        a = ml.LatentSpace(src.model, ml.space_kind(src.model), src.key)
-        b = ml.LatentSpace(tgt.model, ml.space_kind(tgt.model), tgt.key)
+        a, b = ml.LatentSpace(src.model, kinds[0], src.key), ml.LatentSpace(tgt.model, kinds[1], tgt.key)
         cond = torch.tensor([req.label])
         if req.latent is not None and len(req.latent) != a.latent_dim:
             raise ApiError(422, f"latent needs {a.latent_dim} numbers for {src.key}, got {len(req.latent)}")

@@ -229,12 +229,11 @@ def load_latents(shards_uri: str, fingerprint: str, keys: Sequence[str], *, uri:
 
 
 def load_latent_split(shards_uri: str, split: str, fingerprint: str) -> dict[str, np.ndarray]:
-    """``x`` uint8 (N, H, W), ``y`` int64 (N,), ``z`` float32 (N, c, h, w) for one split."""
-    from tasks.data import load_split
+    """``x`` uint8 (N, H, W), ``y`` int64 (N,), ``z`` float32 (N, c, h, w) for one split: the
+    arrays the training loop reads (``tasks.train.load_arrays`` with ``latents``)."""
+    from tasks.train import load_arrays
 
-    data = load_split(shards_uri, split)
-    return {"x": data["x"], "y": data["y"].astype(np.int64),
-            "z": load_latents(shards_uri, fingerprint, list(data["key"]))}
+    return load_arrays(shards_uri, split, latents=fingerprint)
 
 
 # I/O-heavy and resumable: retrying on I/O errors is safe.
