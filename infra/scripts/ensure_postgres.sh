@@ -21,23 +21,13 @@ find_bindir() {
 
 if dir=$(find_bindir); then echo "$dir"; exit 0; fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "no PostgreSQL server and no apt-get on this machine" >&2; exit 2
-fi
-SUDO=""
-if [ "$(id -u)" != "0" ]; then
-  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
-    echo "no PostgreSQL server, and installing it needs root (run: apt-get install -y postgresql)" >&2; exit 2
-  fi
-fi
-export DEBIAN_FRONTEND=noninteractive
+. "$(dirname "$0")/apt_lib.sh"
+apt_ready "PostgreSQL server" postgresql
 # No default cluster: postgresql-common reads this before the server package's postinst.
 $SUDO mkdir -p /etc/postgresql-common
 if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
   echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
 fi
-# An update first: on a fresh machine the package lists may be empty or stale.
-$SUDO apt-get update -qq >&2 || echo "apt-get update failed; trying the install anyway" >&2
-$SUDO apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold postgresql >&2 || {
+apt_install -o Dpkg::Options::=--force-confold postgresql || {
   echo "apt-get install postgresql failed" >&2; exit 3; }
 find_bindir || { echo "postgresql installed but initdb/pg_ctl not found" >&2; exit 4; }
