@@ -95,3 +95,15 @@ def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)
     return out
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, updates: torch.Tensor, decay: float) -> None:
+    """ema <- d ema + (1 - d) net with d = min(decay, (1 + n) / (10 + n)), n = ``updates``
+    (incremented in place). The warm-up lets short runs average too. Parameters only: the
+    models that use it keep no running statistics (GroupNorm, not BatchNorm)."""
+    n = int(updates)
+    d = min(decay, (1 + n) / (10 + n))
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p.detach(), 1 - d)
+    updates += 1

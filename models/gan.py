@@ -24,14 +24,15 @@ the rest of the batch (batched == single; latent inversion and mapping stay pure
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.adversarial import frozen, hinge_d_loss, hinge_g_loss, sn
-from models.base import OptStep, condition_from_batch
+from models.adversarial import diff_augment, frozen, hinge_d_loss, hinge_g_loss, sn
+from models.base import OptStep, condition_from_batch, ema_update
 from models.conditioning import make_block
 from models.conditioning.conv_stack import CondConvStack
 from models.conditioning.embedding import ConditionEmbedding
@@ -51,8 +52,15 @@ class CGANConfig:
     condition: str = "label"  # "label" | "text" (a float CLIP embedding (B, text_dim))
     text_dim: int = 64
     block: str = "concat"  # generator conditioning: "concat" | "film" | "adain"
-    lr: float = 2e-4
+    # 5e-4 (not DCGAN's 2e-4) with G's EMA: on 4k bundled digits x 20 epochs the cGAN's
+    # samples follow the label 0.976 of the time vs 0.69 at 2e-4 without EMA (benchmarks/model_table.py)
+    lr: float = 5e-4
+    d_lr: float | None = None  # the discriminator's learning rate when it differs from lr (TTUR)
     betas: tuple[float, float] = (0.5, 0.999)
+    augment: str = ""  # DiffAugment policy for every image D sees, e.g. "translation,cutout"; "" = off
+    # > 0: keep an exponential moving average of G's weights and generate with it in eval mode
+    # (Yazici et al. 2019, "The unusual effectiveness of averaging in GAN training"; Karras et al.).
+    ema_decay: float = 0.999
 
 
 @dataclass(frozen=True)
@@ -151,11 +159,28 @@ class AuxClassifierDiscriminator(nn.Module):
 
 
 class _ConditionalGAN(nn.Module):
-    """What cGAN and AC-GAN share: the generator, latents, sampling and optimiser groups."""
+    """What cGAN and AC-GAN share: the generator (and its EMA), latents, sampling and optimiser groups."""
 
     config: CGANConfig
     G: Generator
     D: nn.Module
+
+    def _init_ema(self) -> None:
+        # set on the instance, not as a class attribute: nn.Module keeps submodules in
+        # _modules, and a class-level None would shadow the registered copy
+        self.G_ema: Generator | None = None
+        if self.config.ema_decay > 0:
+            self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def gen(self) -> Generator:
+        """The generator samples come from: the EMA copy in eval mode when there is one."""
+        return self.G_ema if self.G_ema is not None and not self.training else self.G
+
+    def _after_g_step(self) -> None:
+        if self.G_ema is not None:  # after the all-reduced step: every worker's EMA stays identical
+            ema_update(self.G_ema, self.G, self.ema_updates, self.config.ema_decay)
 
     @property
     def latent_dim(self) -> int:
@@ -163,7 +188,7 @@ class _ConditionalGAN(nn.Module):
 
     def generate(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x = G(z, c), (B, C, H, W) in [-1, 1]; differentiable in z (for inversion and latent maps)."""
-        return self.G(z, c)
+        return self.gen(z, c)
 
     @torch.no_grad()
     def latent_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -175,10 +200,18 @@ class _ConditionalGAN(nn.Module):
     def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """z ~ N(0, I), x = G(z, c); (B, C, H, W) in [-1, 1]."""
         z = torch.randn(cond.shape[0], self.config.latent_dim, generator=generator, device=cond.device)
-        return self.G(z, cond)
+        return self.gen(z, cond)
 
     def optimizer_groups(self):
         return {"disc": self.D.parameters(), "gen": self.G.parameters()}
+
+    def group_lr(self, name: str) -> float:
+        """Two time-scale update rule (Heusel et al. 2017): D may learn at ``d_lr``."""
+        cfg = self.config
+        return cfg.d_lr if name == "disc" and cfg.d_lr is not None else cfg.lr
+
+    def _aug(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.config.augment) if self.config.augment else x
 
     def _fake(self, c: torch.Tensor) -> torch.Tensor:
         z = torch.randn(c.shape[0], self.config.latent_dim, device=c.device)
@@ -191,16 +224,18 @@ class CGAN(_ConditionalGAN):
         self.config = config
         self.G = Generator(config)
         self.D = ProjectionDiscriminator(config)
+        self._init_ema()
 
     def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
         x, c = batch["x"], condition_from_batch(batch, self.config.condition)
         fake = self._fake(c)  # (B, C, H, W)
-        d_real, d_fake = self.D(x, c), self.D(fake.detach(), c)
+        d_real, d_fake = self.D(self._aug(x), c), self.D(self._aug(fake.detach()), c)
         d_loss = hinge_d_loss(d_real, d_fake)
         opt_step("disc", d_loss)
         with frozen(self.D):
-            g_loss = hinge_g_loss(self.D(fake, c))
+            g_loss = hinge_g_loss(self.D(self._aug(fake), c))
         opt_step("gen", g_loss)
+        self._after_g_step()
         return {
             "d_loss": d_loss.item(),
             "g_loss": g_loss.item(),
@@ -217,22 +252,24 @@ class ACGAN(_ConditionalGAN):
         self.config = config
         self.G = Generator(config)
         self.D = AuxClassifierDiscriminator(config)
+        self._init_ema()
 
     def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
         cfg = self.config
         x, y = batch["x"], batch["y"]
         fake = self._fake(y)
-        (real_adv, real_cls), (fake_adv, _) = self.D(x), self.D(fake.detach())
+        (real_adv, real_cls), (fake_adv, _) = self.D(self._aug(x)), self.D(self._aug(fake.detach()))
         term1 = F.cross_entropy(real_cls, y)  # -E_{p(x,c)} ln q(c|x)
         d_loss = hinge_d_loss(real_adv, fake_adv) + cfg.aux_weight * term1
         opt_step("disc", d_loss)
         with frozen(self.D):
-            adv, cls = self.D(fake)
+            adv, cls = self.D(self._aug(fake))
             term2 = F.cross_entropy(cls, y)  # -E_{p_theta(x,c)} ln q(c|x)
             g_loss = hinge_g_loss(adv)
             if cfg.acgan_term2:
                 g_loss = g_loss + cfg.aux_weight * term2
         opt_step("gen", g_loss)
+        self._after_g_step()
         return {
             "d_loss": d_loss.item(),
             "g_loss": g_loss.item(),

@@ -165,7 +165,7 @@ def _sample_gan(model: nn.Module, requests: Sequence[SampleRequest]) -> torch.Te
     cond = torch.cat([r.cond for r in requests]).to(dev)
     d = model.config.latent_dim
     z = torch.cat([_noise(r.generators(), (d,), dev) for r in requests])
-    return model.G(z, cond)
+    return model.generate(z, cond)
 
 
 # -- diffusion ------------------------------------------------------------------------------------
@@ -402,7 +402,7 @@ def interpolate(model: nn.Module, cond: torch.Tensor, a: torch.Tensor, b: torch.
         mu, logvar = model.prior(c)
         return model.decode(mu + z * (0.5 * logvar).exp(), c)
     if kind == "gan":
-        return model.G(z, c)
+        return model.generate(z, c)
     from models.diffusion.guidance import cfg
 
     D = cfg(model.denoiser(), scale, model.null_embedding(1))

@@ -136,7 +136,8 @@ def worker_placement() -> list[dict[str, Any]]:
 def make_optimizers(model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
     cfg = model.config
     betas = tuple(getattr(cfg, "betas", (0.9, 0.999)))
-    return {name: torch.optim.Adam([p for p in params if p.requires_grad], lr=cfg.lr, betas=betas)
+    lr = getattr(model, "group_lr", lambda name: cfg.lr)  # a model may give a group its own rate
+    return {name: torch.optim.Adam([p for p in params if p.requires_grad], lr=lr(name), betas=betas)
             for name, params in model.optimizer_groups().items()}
 
 

@@ -219,3 +219,52 @@ def test_registry_builds_from_json_like_dicts(name):
         cfg["disc_channels"] = [4, 8]
     model = build_model(name, cfg)
     assert model.config.channels == (4, 8)
+
+
+def test_generator_ema_follows_its_formula_and_is_what_eval_samples_from():
+    model = _build("cgan", ema_decay=0.5)
+    before = [p.detach().clone() for p in model.G_ema.parameters()]
+    model.train_step(_batch("cgan"), _opt_step(model))
+    d = min(0.5, 1 / 10)  # warm-up: min(decay, (1 + n) / (10 + n)) at n = 0
+    for p0, p_ema, p in zip(before, model.G_ema.parameters(), model.G.parameters()):
+        torch.testing.assert_close(p_ema, d * p0 + (1 - d) * p.detach())
+    assert int(model.ema_updates) == 1
+    c, g = torch.arange(4), lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    z = model.latent_sample(4, g())
+    assert torch.equal(model.train().sample(c, g()), model.G(z, c))
+    assert torch.equal(model.eval().sample(c, g()), model.G_ema(z, c))
+    assert not torch.allclose(model.G(z, c), model.G_ema(z, c))
+    assert _build("cgan", ema_decay=0.0).G_ema is None
+
+
+def test_discriminator_learning_rate_can_differ_from_the_generator_s():
+    from tasks.train import make_optimizers
+
+    opts = make_optimizers(_build("acgan", lr=1e-4, d_lr=4e-4))
+    assert opts["disc"].param_groups[0]["lr"] == 4e-4 and opts["gen"].param_groups[0]["lr"] == 1e-4
+    opts = make_optimizers(_build("cgan", lr=1e-4))
+    assert opts["disc"].param_groups[0]["lr"] == opts["gen"].param_groups[0]["lr"] == 1e-4
+
+
+def test_diff_augment_keeps_shape_range_and_gradient_and_is_seedable():
+    from models.adversarial import diff_augment
+
+    x, _ = _digits()
+    x = x[:8].clone().requires_grad_(True)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for policy in ("translation", "cutout", "translation,cutout"):
+        a = diff_augment(x, policy, g())
+        assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1
+        assert torch.equal(a, diff_augment(x, policy, g()))  # same generator, same transform
+        assert not torch.equal(a, x)
+    diff_augment(x, "translation,cutout,brightness,contrast").sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # differentiable: G learns through it
+    # translation moves a centred blob without changing it
+    blob = torch.full((16, 1, 28, 28), -1.0)
+    blob[:, :, 12:16, 12:16] = 1
+    moved = diff_augment(blob, "translation", g())
+    assert torch.equal((moved > 0).sum(dim=(1, 2, 3)), torch.full((16,), 16))
+    assert not torch.equal(moved, blob)
+    assert torch.equal(diff_augment(blob, ""), blob)
+    with pytest.raises(ValueError, match="unknown DiffAugment op"):
+        diff_augment(blob, "rotate")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import OptStep, condition_from_batch
+from models.base import OptStep, condition_from_batch, ema_update
 from models.diffusion.clipping import clip_x0
 from models.diffusion.denoiser import Callback, Denoiser, randn
 from models.diffusion.guidance import cfg
@@ -86,11 +86,7 @@ class ConditionalDiffusion(nn.Module):
         """ema <- d ema + (1 - d) net, d = min(ema_decay, (1 + n) / (10 + n)); a no-op without EMA."""
         if self.ema is None:
             return
-        n = int(self.ema_updates)
-        d = min(self.config.ema_decay, (1 + n) / (10 + n))
-        for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
-            p_ema.lerp_(p.detach(), 1 - d)
-        self.ema_updates += 1
+        ema_update(self.ema, self.net, self.ema_updates, self.config.ema_decay)
 
     @property
     def cond_dim(self) -> int:
