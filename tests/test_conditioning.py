@@ -227,6 +227,24 @@ def test_merge_unmerge_and_enabled_switch_swap_adapters_on_one_base():
     torch.testing.assert_close(model(x), merged_out, atol=1e-5, rtol=1e-5)
 
 
+def test_transposed_conv_lora_starts_as_identity_and_merges_exactly():
+    from models.conditioning.lora import LoRAConvTranspose2d
+
+    up = nn.Sequential(nn.ConvTranspose2d(6, 4, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(4, 3, 3, 2, 1, output_padding=1))
+    x = torch.randn(2, 6, 5, 5)
+    before = up(x)
+    assert sorted(inject_lora(up, [nn.ConvTranspose2d], rank=2, alpha=4)) == ["0", "2"]
+    assert isinstance(up[0], LoRAConvTranspose2d) and torch.equal(up(x), before)
+    _randomise_adapters(up)
+    adapted = up(x)
+    assert adapted.shape == before.shape == (2, 3, 20, 20) and not torch.allclose(adapted, before)
+    merge_lora(up)  # Delta W = sum_r A[i, r] B[o, r] is an exact transposed-conv kernel
+    torch.testing.assert_close(up(x), adapted, atol=1e-4, rtol=1e-4)
+    unmerge_lora(up)
+    set_lora_enabled(up, False)
+    torch.testing.assert_close(up(x), before, atol=1e-5, rtol=1e-5)
+
+
 def test_inject_lora_rejects_a_target_that_matches_nothing():
     with pytest.raises(ValueError, match="matches no"):
         inject_lora(_Tiny(), ["to_k"], rank=2, alpha=2)

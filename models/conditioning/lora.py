@@ -122,8 +122,37 @@ class LoRAConv2d(_LoRABase):
         return F.conv2d(h, self.lora_B)  # (B, out, H', W')
 
 
-# Explicit map from base layer type to its adapter (no string imports).
-LORA_LAYERS: dict[type[nn.Module], type[_LoRABase]] = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}
+class LoRAConvTranspose2d(_LoRABase):
+    """nn.ConvTranspose2d(in, out, k) + (alpha/r) B A (the up-sampling layers of GAN and VAE decoders).
+
+    A is a transposed convolution in -> r with the base's kernel, stride, padding and
+    output padding (weight (in, r, k, k)); B a 1x1 convolution r -> out. Their composition
+    is again a transposed convolution, Delta W[i, o] = sum_r A[i, r] B[o, r], so it merges.
+    """
+
+    def __init__(self, base: nn.ConvTranspose2d, rank: int = 4, alpha: float = 4.0):
+        super().__init__(base, rank, alpha)
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise ValueError("LoRAConvTranspose2d supports groups=1, padding_mode='zeros' only")
+        w = base.weight  # (in, out, k, k)
+        kh, kw = base.kernel_size
+        self.lora_A = nn.Parameter(torch.empty(base.in_channels, rank, kh, kw, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * torch.einsum("irkl,or->iokl", self.lora_A, self.lora_B[:, :, 0, 0])  # (in, out, k, k)
+
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        h = F.conv_transpose2d(x, self.lora_A, None, b.stride, b.padding, b.output_padding, 1, b.dilation)
+        return F.conv2d(h, self.lora_B)  # (B, out, H', W')
+
+
+# Explicit map from base layer type to its adapter (no string imports). ConvTranspose2d is not a
+# subclass of Conv2d, so the isinstance lookup below cannot pick the wrong adapter.
+LORA_LAYERS: dict[type[nn.Module], type[_LoRABase]] = {
+    nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d, nn.ConvTranspose2d: LoRAConvTranspose2d}
 
 
 def _adapter_for(module: nn.Module) -> type[_LoRABase] | None:
@@ -150,7 +179,7 @@ def lora_modules(model: nn.Module) -> dict[str, _LoRABase]:
 
 
 def inject_lora(model: nn.Module, targets: Iterable[str | type], rank: int = 4, alpha: float = 4.0) -> list[str]:
-    """Wrap every nn.Linear / nn.Conv2d matching ``targets`` (names or types) in a LoRA adapter.
+    """Wrap every nn.Linear / nn.Conv2d / nn.ConvTranspose2d matching ``targets`` (names or types) in a LoRA adapter.
 
     Returns the dotted names of the adapted layers. Layers already wrapped, the layers
     inside a wrapper, and nn.MultiheadAttention's projections (it reads their weights
@@ -170,7 +199,7 @@ def inject_lora(model: nn.Module, targets: Iterable[str | type], rank: int = 4, 
             chosen.append((name, module))
     for t in targets:
         if isinstance(t, str) and not any(n == t or n.endswith("." + t) for n, _ in chosen):
-            raise ValueError(f"LoRA target {t!r} matches no nn.Linear / nn.Conv2d in the model")
+            raise ValueError(f"LoRA target {t!r} matches no nn.Linear / nn.Conv2d / nn.ConvTranspose2d in the model")
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
