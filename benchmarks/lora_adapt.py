@@ -1,9 +1,17 @@
-"""LoRA: adapt a CVAE trained on MNIST to the second digit style (upscaled UCI digits) by
+"""LoRA: adapt a model trained on MNIST to the second digit style (upscaled UCI digits) by
 training < 1% of its parameters, vs a full fine-tune, vs no adaptation, vs training on
 UCI from scratch; scored by a judge trained on UCI digits.
 
-    python -m benchmarks.lora_adapt                     # base 15 epochs, adaptation 15 epochs
+    python -m benchmarks.lora_adapt                     # CVAE: base 15 epochs, adaptation 15 epochs
+    python -m benchmarks.lora_adapt --model cgan        # cGAN: base 20 epochs, adaptation 30 epochs
     python -m benchmarks.lora_adapt --epochs 3 --base-epochs 3 --per-class 20   # smoke run
+
+cGAN: the adapters go on the generator (its transposed convolutions, ``LoRAConvTranspose2d``,
+the output convolution and, in the larger variant, the z projection); the share is of the
+generator's parameters, the model that is served. The discriminator is a training-time
+critic that is never served: every adaptation row (and the full fine-tune) trains all of
+it, starting from the MNIST one. The generator's EMA restarts from the adapted generator,
+with the same adapters, so eval-mode samples (and a saved adapter) use the averaged weights.
 
 The base is the demo CVAE with the FiLM block (``channels=(32, 64)``, ``latent_dim=4``),
 trained on bundled MNIST. The adapters (``models/conditioning/lora.py``, Hu et al. 2021)
@@ -27,12 +35,45 @@ import time
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # (row name, LoRA targets): from under 1% of the parameters up to every supported layer
-VARIANTS = [
+CVAE_VARIANTS = [
     ("decoder FiLM + output conv", ["decoder.blocks.0.proj", "decoder.blocks.1.proj", "to_out"]),
     ("all FiLM + all convs", ["encoder.blocks.0.proj", "encoder.blocks.1.proj", "decoder.blocks.0.proj",
                               "decoder.blocks.1.proj", "encoder.convs.0", "encoder.convs.1", "to_out"]),
     ("every Linear and Conv2d", ["Linear", "Conv2d"]),
 ]
+GAN_UP = ["G.up.convs.0", "G.up.convs.1", "G.to_img"]
+GAN_VARIANTS = [
+    ("G up-sampling + output convs", GAN_UP),
+    ("G up-sampling + output convs + z projection", GAN_UP + ["G.from_z"]),
+]
+SETUPS = {  # model -> (config, base epochs, adaptation epochs, variants)
+    "cvae": ({"channels": [32, 64], "latent_dim": 4, "block": "film"}, 15, 15, CVAE_VARIANTS),
+    "cgan": ({}, 20, 30, GAN_VARIANTS),
+}
+
+
+def inject(model, targets: list, rank: int) -> int:
+    """Adapters on ``targets``, everything else frozen; returns the trained scalars that are served
+    (a GAN's discriminator trains too, as the critic, but is not counted: it is never served)."""
+    import copy
+
+    import torch
+
+    from models.conditioning import lora
+
+    targets = [getattr(torch.nn, t) if t in ("Linear", "Conv2d") else t for t in targets]
+    lora.inject_lora(model, targets, rank=rank, alpha=float(rank))
+    n = lora.freeze_base(model)
+    if getattr(model, "G_ema", None) is not None:
+        model.G_ema = copy.deepcopy(model.G).requires_grad_(False)  # EMA restarts from the adapted G
+        model.ema_updates.zero_()
+    if hasattr(model, "D"):
+        model.D.requires_grad_(True)
+    return n
+
+
+def served_parameters(model) -> int:
+    return sum(q.numel() for q in (model.G if hasattr(model, "G") else model).parameters())
 
 
 def fit(model, arrays, epochs: int, batch_size: int = 64, seed: int = 0) -> float:
@@ -52,16 +93,16 @@ def fit(model, arrays, epochs: int, batch_size: int = 64, seed: int = 0) -> floa
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base-epochs", type=int, default=15)
-    p.add_argument("--epochs", type=int, default=15, help="adaptation epochs (LoRA, full, scratch)")
-    p.add_argument("--rank", type=int, default=2)
+    p.add_argument("--model", choices=list(SETUPS), default="cvae")
+    p.add_argument("--base-epochs", type=int, help="MNIST epochs of the base (default 15 CVAE, 20 cGAN)")
+    p.add_argument("--epochs", type=int, help="adaptation epochs: LoRA, full, scratch (default 15 CVAE, 30 cGAN)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 2 CVAE, 1 cGAN)")
     p.add_argument("--per-class", type=int, default=100)
     args = p.parse_args(argv)
 
     import torch
 
     from flows.retrain import default_shards_uri
-    from models.conditioning import lora
     from models.registry import build_model
     from tasks.evaluate import evaluate_model, get_judge, load_test
     from tasks.ingest import ingest
@@ -73,12 +114,14 @@ def main(argv: list[str] | None = None) -> dict:
     ingest("bundled:uci_digits", uci)
     a_mnist, a_uci = load_arrays(mnist, "train"), load_arrays(uci, "train")
     judge, test = get_judge(uci, log_to_mlflow=False), load_test(uci)
-    cfg = {"channels": [32, 64], "latent_dim": 4, "block": "film"}
+    cfg, base_epochs, epochs, variants = SETUPS[args.model]
+    args.base_epochs, args.epochs = args.base_epochs or base_epochs, args.epochs or epochs
+    args.rank = args.rank or (2 if args.model == "cvae" else 1)
 
     torch.manual_seed(0)
-    base = build_model("cvae", cfg)
+    base = build_model(args.model, cfg)
     t_base = fit(base, a_mnist, args.base_epochs)
-    total = sum(q.numel() for q in base.parameters())
+    total = served_parameters(base)
 
     rows = []
 
@@ -88,19 +131,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name}: accuracy {r.cond_accuracy:.3f}, FID {r.fid:.1f}", flush=True)
 
     score("MNIST base, no adaptation", base, 0, 0.0)
-    for name, targets in VARIANTS:
+    for name, targets in variants:
         adapted = copy.deepcopy(base)
-        targets = [getattr(torch.nn, t) if t in ("Linear", "Conv2d") else t for t in targets]
-        lora.inject_lora(adapted, targets, rank=args.rank, alpha=float(args.rank))
-        n_lora = lora.freeze_base(adapted)
+        n_lora = inject(adapted, targets, args.rank)
         score(f"LoRA rank {args.rank}: {name}", adapted, n_lora, fit(adapted, a_uci, args.epochs))
     full = copy.deepcopy(base)
     score("full fine-tune", full, total, fit(full, a_uci, args.epochs))
     torch.manual_seed(0)
-    scratch = build_model("cvae", cfg)
+    scratch = build_model(args.model, cfg)
     score("UCI from scratch (same epochs)", scratch, total, fit(scratch, a_uci, args.epochs))
 
-    print(f"\nCVAE {cfg}: {total:,} parameters; base {args.base_epochs} epochs on MNIST ({t_base:.0f} s); "
+    print(f"\n{args.model} {cfg}: {total:,} served parameters; base {args.base_epochs} epochs on MNIST ({t_base:.0f} s); "
           f"adaptation {args.epochs} epochs on {len(a_uci['y'])} UCI digits; UCI judge test accuracy "
           f"{judge.test_accuracy:.3f}; {10 * args.per_class} samples per row\n")
     print("| model | parameters trained | share | UCI cond. accuracy | UCI FID | train s |")
