@@ -53,27 +53,15 @@ SETUPS = {  # model -> (config, base epochs, adaptation epochs, variants)
 
 
 def inject(model, targets: list, rank: int) -> int:
-    """Adapters on ``targets``, everything else frozen; returns the trained scalars that are served
-    (a GAN's discriminator trains too, as the critic, but is not counted: it is never served)."""
-    import copy
-
+    """Adapters on ``targets``, everything else frozen (``tasks.adapters.prepare``); returns the
+    trained scalars that are served (a GAN's discriminator trains too, as the critic, but is
+    never served, so it is not counted)."""
     import torch
 
-    from models.conditioning import lora
+    from tasks.adapters import prepare, trained_adapter_parameters
 
-    targets = [getattr(torch.nn, t) if t in ("Linear", "Conv2d") else t for t in targets]
-    lora.inject_lora(model, targets, rank=rank, alpha=float(rank))
-    n = lora.freeze_base(model)
-    if getattr(model, "G_ema", None) is not None:
-        model.G_ema = copy.deepcopy(model.G).requires_grad_(False)  # EMA restarts from the adapted G
-        model.ema_updates.zero_()
-    if hasattr(model, "D"):
-        model.D.requires_grad_(True)
-    return n
-
-
-def served_parameters(model) -> int:
-    return sum(q.numel() for q in (model.G if hasattr(model, "G") else model).parameters())
+    prepare(model, [getattr(torch.nn, t) if t in ("Linear", "Conv2d") else t for t in targets], rank, float(rank))
+    return trained_adapter_parameters(model)
 
 
 def fit(model, arrays, epochs: int, batch_size: int = 64, seed: int = 0) -> float:
@@ -104,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from flows.retrain import default_shards_uri
     from models.registry import build_model
+    from tasks.adapters import served_parameters
     from tasks.evaluate import evaluate_model, get_judge, load_test
     from tasks.ingest import ingest
     from tasks.train import load_arrays

@@ -185,6 +185,15 @@ class _ConditionalGAN(nn.Module):
         """The generator samples come from: the EMA copy in eval mode when there is one."""
         return self.G_ema if self.G_ema is not None and not self.training else self.G
 
+    def after_lora_injection(self) -> None:
+        """Adapter training (``tasks.adapters.prepare``): the discriminator, a critic that is never
+        served, trains in full; the EMA restarts as a copy of the adapted G, adapters included, so
+        eval-mode samples and the saved adapter use the averaged adapter weights."""
+        self.D.requires_grad_(True)
+        if self.G_ema is not None:
+            self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
+            self.ema_updates.zero_()
+
     def _after_g_step(self) -> None:
         if self.G_ema is not None:  # after the all-reduced step: every worker's EMA stays identical
             ema_update(self.G_ema, self.G, self.ema_updates, self.config.ema_decay)

@@ -43,12 +43,11 @@ from pydantic import BaseModel, Field
 
 from serving import schema
 from tasks import batch_sampling as bs
+from tasks.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, save_adapter  # noqa: F401 (re-exported)
 from tasks.images import png_bytes, to_uint8
 
 log = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter.json"
 
 
 class ApiError(Exception):
@@ -62,7 +61,8 @@ class ModelSpec(BaseModel):
     uri: str = Field(..., description="models:/NAME@ALIAS or models:/NAME/VERSION")
     name: str | None = Field(None, description="name in the API; default: the registered name")
     classifier: str | None = Field(None, description="noise-aware classifier for classifier guidance (URI)")
-    adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapter name -> storage URI")
+    adapters: dict[str, str] = Field(default_factory=dict,
+                                   description="LoRA adapter name -> storage folder URI or models:/NAME@alias")
 
 
 class ServeConfig(BaseModel):
@@ -103,38 +103,6 @@ def load_model_uri(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     meta.setdefault("version", "checkpoint")
     meta.setdefault("run_id", "")
     return model, meta
-
-
-def save_adapter(uri: str, model: torch.nn.Module, *, targets: list[str], rank: int, alpha: float) -> str:
-    """Write an injected model's LoRA weights + their injection settings to a storage folder."""
-    from safetensors.torch import save as st_save
-
-    from models.conditioning import lora
-    from tasks import storage
-
-    sd = lora.lora_state_dict(model)
-    storage.write_bytes(storage.join(uri, ADAPTER_WEIGHTS), st_save({k: v.contiguous() for k, v in sd.items()}))
-    storage.write_json(storage.join(uri, ADAPTER_CONFIG), {"targets": targets, "rank": rank, "alpha": alpha})
-    return uri
-
-
-def apply_adapter(base: torch.nn.Module, uri: str) -> torch.nn.Module:
-    """A merged copy of ``base`` with the adapter at ``uri`` (the base stays untouched)."""
-    import copy
-
-    from safetensors.torch import load as st_load
-
-    from models.conditioning import lora
-    from tasks import storage
-
-    if not hasattr(lora, "lora_state_dict") or not hasattr(lora, "load_lora_state_dict"):
-        raise ValueError("models.conditioning.lora has no lora_state_dict/load_lora_state_dict")
-    cfg = storage.read_json(storage.join(uri, ADAPTER_CONFIG))
-    model = copy.deepcopy(base)
-    lora.inject_lora(model, cfg["targets"], rank=int(cfg["rank"]), alpha=float(cfg["alpha"]))
-    lora.load_lora_state_dict(model, st_load(storage.read_bytes(storage.join(uri, ADAPTER_WEIGHTS))))
-    lora.merge_lora(model)
-    return model.eval()
 
 
 @dataclass(frozen=True)

@@ -314,13 +314,21 @@ def load_test(shards_uri: str, embeddings: str | None = None) -> dict[str, Any]:
 
 
 def evaluate_run(run_id: str, checkpoint_uri: str, shards_uri: str, *, embeddings: str | None = None,
-                 n_per_class: int = 100, judge_epochs: int = 4, clip: Any = None) -> dict[str, float]:
+                 n_per_class: int = 100, judge_epochs: int = 4, clip: Any = None,
+                 adapter_base: str | None = None) -> dict[str, float]:
     """Score a trained run's checkpoint with the shard set's judge and log it to the run.
-    ``clip``: an optional ``ClipHandle`` (or a ``tasks.clip.load_clip`` spec) for the CLIP score."""
+    ``clip``: an optional ``ClipHandle`` (or a ``tasks.clip.load_clip`` spec) for the CLIP score.
+    ``adapter_base``: ``checkpoint_uri`` is a LoRA adapter folder for this base (``tasks.adapters``)."""
     from tasks.train import load_trained
 
     judge = get_judge(shards_uri, epochs=judge_epochs)
-    model, _ = load_trained(checkpoint_uri)
+    if adapter_base:
+        from serving.engine import load_model_uri
+        from tasks.adapters import apply_adapter
+
+        model = apply_adapter(load_model_uri(adapter_base)[0], checkpoint_uri)
+    else:
+        model, _ = load_trained(checkpoint_uri)
     if isinstance(clip, str):
         from tasks.clip import load_clip
 

@@ -41,8 +41,9 @@ class Promotion:
     champion_version: str | None
 
 
-def register(run_id: str, name: str, tags: dict[str, str] | None = None) -> str:
-    """Create a new version of ``name`` from the run's ``model/`` artifacts; returns the version."""
+def register(run_id: str, name: str, tags: dict[str, str] | None = None, artifact_path: str = "model") -> str:
+    """Create a new version of ``name`` from the run's ``model/`` (or ``artifact_path``) artifacts;
+    returns the version."""
     client = MlflowClient()
     try:
         client.create_registered_model(name, tags={"condgen": "true"})
@@ -50,7 +51,7 @@ def register(run_id: str, name: str, tags: dict[str, str] | None = None) -> str:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
             raise
     run = client.get_run(run_id)
-    source = f"{run.info.artifact_uri}/model"
+    source = f"{run.info.artifact_uri}/{artifact_path}"
     mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
     return mv.version
 

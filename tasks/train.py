@@ -190,6 +190,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"])
     torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
     model = build_model(config["model"], config["model_config"])
+    adapter = config.get("adapter")
+    if adapter:  # LoRA run: the base weights (safetensors bytes in Ray's object store), then adapters
+        from safetensors.torch import load as st_load
+
+        from tasks.adapters import prepare
+
+        model.load_state_dict(st_load(ray.get(adapter["weights_ref"])))
+        prepare(model, adapter["targets"], adapter["rank"], adapter["alpha"])
     model.to(ray.train.torch.get_device())
     broadcast_model(model)
     optimizers = make_optimizers(model)
@@ -249,6 +257,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
                 save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
                 Path(tmp, "trainer_state.json").write_text(json.dumps({"epoch": epoch, "step": step, "optimizers": meta}))
+                if adapter:
+                    from tasks.adapters import save_adapter
+
+                    save_adapter(Path(tmp).as_uri(), model, rank=adapter["rank"], alpha=adapter["alpha"],
+                                 base=adapter["base"])
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if logger:
                     logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
@@ -286,6 +299,18 @@ class TrainRequest:
     # Where Ray Train keeps run state and checkpoints; None = settings.ray_storage().
     # Must be shared by all nodes on a real multi-node cluster (s3://… or a shared mount).
     storage_path: str | None = None
+    # A LoRA adapter run: ``AdapterSpec`` of a trained base; ``model``/``model_config`` are taken
+    # from the base and only the adapters train (plus a GAN's critic).
+    adapter: "AdapterSpec | None" = None
+
+
+@dataclass
+class AdapterSpec:
+    base: str  # models:/NAME@alias, models:/NAME/3 or a checkpoint folder URI
+    targets: list[str]  # layer names (or suffixes) to wrap: nn.Linear / nn.Conv2d / nn.ConvTranspose2d
+    rank: int = 4
+    alpha: float | None = None  # None = rank (scale 1)
+    register_as: str | None = None  # register the adapter in the MLflow registry under this name
 
 
 @dataclass
@@ -310,7 +335,11 @@ def train(req: TrainRequest) -> TrainResult:
         ray.init(address=settings.ray_address(), include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True)
     tracking.configure(req.experiment)
-    model = build_model(req.model, req.model_config)  # validates the config before any worker starts
+    adapter_cfg = None
+    if req.adapter is not None:
+        model, adapter_cfg = _adapter_setup(req)
+    else:
+        model = build_model(req.model, req.model_config)  # validates the config before any worker starts
     with mlflow.start_run(run_name=req.run_name or req.model) as run:
         tracking.log_params({"model": req.model, "epochs": req.epochs, "batch_size": req.batch_size,
                              "shards_b_uri": req.shards_b_uri or "",
@@ -320,11 +349,18 @@ def train(req: TrainRequest) -> TrainResult:
         mlflow.log_dict({"model": req.model, "config": _config_dict(model)}, "model_config.json")
         mlflow.set_tags({"condgen.model": req.model, "condgen.shards": req.shards_uri,
                          "condgen.condition": getattr(model.config, "condition", "label")})
+        if adapter_cfg:
+            mlflow.set_tags({"condgen.kind": "adapter", "condgen.adapter_base": adapter_cfg["base"]})
+            tracking.log_params({"adapter.targets": ",".join(adapter_cfg["targets"]),
+                                 "adapter.rank": adapter_cfg["rank"], "adapter.alpha": adapter_cfg["alpha"],
+                                 "adapter.trained_parameters": adapter_cfg["trained"],
+                                 "adapter.share": adapter_cfg["share"]})
         loop_config = {
             "model": req.model, "model_config": _config_dict(model), "shards_uri": req.shards_uri,
             "epochs": req.epochs, "batch_size": req.batch_size, "seed": req.seed, "embeddings": req.embeddings,
             "run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(), "fail_at_epoch": req.fail_at_epoch,
             "grid_every": req.grid_every, "shards_b_uri": req.shards_b_uri, "latents": req.latents,
+            "adapter": adapter_cfg,
         }
         storage_path, storage_fs = ray_storage(req.storage_path or settings.ray_storage())
         trainer = TorchTrainer(
@@ -341,14 +377,51 @@ def train(req: TrainRequest) -> TrainResult:
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training {req.model} produced no checkpoint: {result.error}")
-        dest = storage.join(settings.storage_root(), "checkpoints", run.info.run_id)
+        if adapter_cfg:  # the product is the adapter, never a copy of the base
+            from tasks.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+            files, folder = (ADAPTER_WEIGHTS, ADAPTER_CONFIG), "adapters"
+        else:
+            files, folder = (ckpt_io.WEIGHTS, ckpt_io.CONFIG), "checkpoints"
+        dest = storage.join(settings.storage_root(), folder, run.info.run_id)
         with result.checkpoint.as_directory() as d:
-            for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
+            for name in files:
                 storage.write_bytes(storage.join(dest, name), Path(d, name).read_bytes())
-                mlflow.log_artifact(os.path.join(d, name), artifact_path="model")
+                mlflow.log_artifact(os.path.join(d, name), artifact_path="adapter" if adapter_cfg else "model")
         history = _history(run.info.run_id)
-        mlflow.set_tag("condgen.checkpoint", dest)
+        mlflow.set_tag("condgen.adapter" if adapter_cfg else "condgen.checkpoint", dest)
+        if adapter_cfg and req.adapter.register_as:
+            from tasks.promote import register
+
+            version = register(run.info.run_id, req.adapter.register_as, artifact_path="adapter",
+                               tags={"condgen.kind": "adapter", "condgen.adapter_base": adapter_cfg["base"]})
+            mlflow.tracking.MlflowClient().set_registered_model_alias(req.adapter.register_as, "latest-adapter",
+                                                                      version)
         return TrainResult(run.info.run_id, dest, dict(result.metrics or {}), history)
+
+
+def _adapter_setup(req: TrainRequest) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load the base on the driver (fail fast on a bad URI or target), put its weights in Ray's
+    object store as safetensors bytes, and fill ``req.model`` / ``req.model_config`` from it."""
+    import ray
+    from safetensors.torch import save as st_save
+
+    from serving.engine import load_model_uri
+    from tasks.adapters import prepare, served_parameters, trained_adapter_parameters
+
+    spec = req.adapter
+    base, meta = load_model_uri(spec.base)
+    req.model = ckpt_io.model_name(base)
+    req.model_config = _config_dict(base)
+    weights = st_save({k: v.detach().cpu().contiguous() for k, v in base.state_dict().items()})
+    alpha = float(spec.alpha if spec.alpha is not None else spec.rank)
+    served = served_parameters(base)
+    prepare(base, list(spec.targets), spec.rank, alpha)  # validates the targets here, not in a worker
+    trained = trained_adapter_parameters(base)
+    cfg = {"base": spec.base, "targets": list(spec.targets), "rank": spec.rank, "alpha": alpha,
+           "weights_ref": ray.put(weights), "trained": trained, "share": trained / served,
+           "base_version": str(meta.get("version", ""))}
+    return base, cfg
 
 
 def ray_storage(uri: str) -> tuple[str, Any]:
