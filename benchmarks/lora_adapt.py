@@ -7,7 +7,8 @@ UCI from scratch; scored by a judge trained on UCI digits.
     python -m benchmarks.lora_adapt --epochs 3 --base-epochs 3 --per-class 20   # smoke run
 
 cGAN: the adapters go on the generator (its transposed convolutions, ``LoRAConvTranspose2d``,
-the output convolution and, in the larger variant, the z projection); the share is of the
+the output convolution and, in the larger variant, the z projection; a third variant also
+trains the 10 x 32 class-embedding table in full); the share is of the
 generator's parameters, the model that is served. The discriminator is a training-time
 critic that is never served: every adaptation row (and the full fine-tune) trains all of
 it, starting from the MNIST one. The generator's EMA restarts from the adapted generator,
@@ -45,6 +46,8 @@ GAN_UP = ["G.up.convs.0", "G.up.convs.1", "G.to_img"]
 GAN_VARIANTS = [
     ("G up-sampling + output convs", GAN_UP),
     ("G up-sampling + output convs + z projection", GAN_UP + ["G.from_z"]),
+    # "+G.cond": the class embedding table (10 x 32) trains in full next to the adapters
+    ("G up-sampling + output convs, class embeddings trained", GAN_UP + ["+G.cond"]),
 ]
 SETUPS = {  # model -> (config, base epochs, adaptation epochs, variants)
     "cvae": ({"channels": [32, 64], "latent_dim": 4, "block": "film"}, 15, 15, CVAE_VARIANTS),
@@ -60,8 +63,16 @@ def inject(model, targets: list, rank: int) -> int:
 
     from tasks.adapters import prepare, trained_adapter_parameters
 
-    prepare(model, [getattr(torch.nn, t) if t in ("Linear", "Conv2d") else t for t in targets], rank, float(rank))
-    return trained_adapter_parameters(model)
+    extra = [t[1:] for t in targets if t.startswith("+")]  # modules trained in full, not adapted
+    targets = [getattr(torch.nn, t) if t in ("Linear", "Conv2d") else t for t in targets if not t.startswith("+")]
+    prepare(model, targets, rank, float(rank))
+    n = trained_adapter_parameters(model)
+    for name in extra:
+        params = list(model.get_submodule(name).parameters())
+        for q in params:
+            q.requires_grad_(True)
+        n += sum(q.numel() for q in params)
+    return n
 
 
 def fit(model, arrays, epochs: int, batch_size: int = 64, seed: int = 0) -> float:
@@ -86,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, help="adaptation epochs: LoRA, full, scratch (default 15 CVAE, 30 cGAN)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 2 CVAE, 1 cGAN)")
     p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--lora-only", action="store_true", help="skip the full fine-tune and from-scratch rows")
     args = p.parse_args(argv)
 
     import torch
@@ -124,11 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
         adapted = copy.deepcopy(base)
         n_lora = inject(adapted, targets, args.rank)
         score(f"LoRA rank {args.rank}: {name}", adapted, n_lora, fit(adapted, a_uci, args.epochs))
-    full = copy.deepcopy(base)
-    score("full fine-tune", full, total, fit(full, a_uci, args.epochs))
-    torch.manual_seed(0)
-    scratch = build_model(args.model, cfg)
-    score("UCI from scratch (same epochs)", scratch, total, fit(scratch, a_uci, args.epochs))
+    if not args.lora_only:
+        full = copy.deepcopy(base)
+        score("full fine-tune", full, total, fit(full, a_uci, args.epochs))
+        torch.manual_seed(0)
+        scratch = build_model(args.model, cfg)
+        score("UCI from scratch (same epochs)", scratch, total, fit(scratch, a_uci, args.epochs))
 
     print(f"\n{args.model} {cfg}: {total:,} served parameters; base {args.base_epochs} epochs on MNIST ({t_base:.0f} s); "
           f"adaptation {args.epochs} epochs on {len(a_uci['y'])} UCI digits; UCI judge test accuracy "
