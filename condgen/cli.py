@@ -82,7 +82,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tasks.ingest import ingest
     from tasks.train import TrainRequest, train
 
-    shards = args.shards or default_shards_uri("bundled:mnist")
+    shards = args.shards
+    if not shards:  # the bundled default, ingested on first use (a no-op once its manifest exists)
+        shards = default_shards_uri("bundled:mnist")
+        ingest("bundled:mnist", shards)
     shards_b = None
     if args.source_b:  # CycleGAN's second domain, ingested on demand
         shards_b = default_shards_uri(args.source_b)
