@@ -28,13 +28,11 @@ import itertools
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -43,11 +41,10 @@ from pydantic import BaseModel, Field
 
 from serving import schema
 from tasks import batch_sampling as bs
-from tasks.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, save_adapter  # noqa: F401 (re-exported)
+from tasks.adapters import apply_adapter
 from tasks.images import png_bytes, to_uint8
 
 log = logging.getLogger(__name__)
-
 
 
 class ApiError(Exception):
@@ -83,26 +80,6 @@ class ServeConfig(BaseModel):
     maps: list[str] = Field(default_factory=list,
                             description="fitted latent maps (tasks.map_latents.load_map URIs: runs:/…, s3://…, a "
                                         "folder); /v1/map uses the one fitted on the loaded models' weights")
-
-
-# -- loading ------------------------------------------------------------------------------------
-def load_model_uri(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``models:/…`` through the registry, anything else as a checkpoint folder in storage."""
-    if uri.startswith("models:/"):
-        from tasks.promote import load_registered
-
-        return load_registered(uri)
-    from tasks import checkpoint as ckpt_io
-    from tasks import storage
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
-            Path(tmp, name).write_bytes(storage.read_bytes(storage.join(uri, name)))
-        model, meta = ckpt_io.load_checkpoint(tmp)
-    meta.setdefault("name", uri.rstrip("/").rsplit("/", 1)[-1])
-    meta.setdefault("version", "checkpoint")
-    meta.setdefault("run_id", "")
-    return model, meta
 
 
 @dataclass(frozen=True)
@@ -143,6 +120,8 @@ class ModelPool:
 
     @staticmethod
     def _load(spec: ModelSpec) -> dict[str | None, Loaded]:
+        from tasks.promote import load_model_uri
+
         model, meta = load_model_uri(spec.uri)
         kind = bs.model_kind(model)
         if kind == "other":
@@ -376,6 +355,8 @@ class Service:
             self.clip = load_clip(config.clip)
             self.clip.model.eval()
         deny = DenyList(config.deny_list) if config.deny_list is not None else DenyList.from_env()
+        from tasks.promote import load_model_uri
+
         judge = load_model_uri(config.judge)[0].eval() if config.judge else None
         self.safety = SafetyFilter([deny], [LabelMatch(judge, config.judge_min_prob)] if judge is not None else [])
         self.batcher = Batcher(self._run_group, enabled=config.batching, max_batch=config.max_batch,

@@ -323,7 +323,7 @@ def evaluate_run(run_id: str, checkpoint_uri: str, shards_uri: str, *, embedding
 
     judge = get_judge(shards_uri, epochs=judge_epochs)
     if adapter_base:
-        from serving.engine import load_model_uri
+        from tasks.promote import load_model_uri
         from tasks.adapters import apply_adapter
 
         model = apply_adapter(load_model_uri(adapter_base)[0], checkpoint_uri)

@@ -85,6 +85,20 @@ def load_registered(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, meta
 
 
+def load_model_uri(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``models:/…`` through the registry, anything else as a checkpoint folder in storage
+    (``tasks.train.load_trained``); meta always has ``name``, ``version`` and ``run_id``."""
+    if uri.startswith("models:/"):
+        return load_registered(uri)
+    from tasks.train import load_trained
+
+    model, meta = load_trained(uri)  # already in eval mode
+    meta.setdefault("name", uri.rstrip("/").rsplit("/", 1)[-1])
+    meta.setdefault("version", "checkpoint")
+    meta.setdefault("run_id", "")
+    return model, meta
+
+
 def decide(candidate: float, champion: float | None, gate: Gate, fid: float | None = None) -> tuple[bool, str]:
     """The gate as a pure function (so it is tested without a registry)."""
     if candidate < gate.min_accuracy:

@@ -406,7 +406,7 @@ def _adapter_setup(req: TrainRequest) -> tuple[torch.nn.Module, dict[str, Any]]:
     import ray
     from safetensors.torch import save as st_save
 
-    from serving.engine import load_model_uri
+    from tasks.promote import load_model_uri
     from tasks.adapters import prepare, served_parameters, trained_adapter_parameters
 
     spec = req.adapter

@@ -133,7 +133,7 @@ def test_batcher_groups_by_key_and_times_out():
 def registered(use_mlflow_server_module, condgen_home):
     from models.conditioning import lora
     from models.registry import build_model
-    from serving.engine import save_adapter
+    from tasks.adapters import save_adapter
 
     register_tiny(DIFF, "diffusion", TINY_DIFFUSION, seed=0)
     register_tiny(CVAE, "cvae", TINY_CVAE, seed=0)
