@@ -41,7 +41,7 @@ def fit(model: torch.nn.Module, sample_batch: Callable[[np.random.Generator], di
     Returns wall seconds, the mean seconds per train_step (batch assembly excluded) and the
     first/last logs. ``sample_batch(rng)`` returns a batch dict.
     """
-    from tasks.train import make_opt_step, make_optimizers
+    from condgen.tasks.training.driver import make_opt_step, make_optimizers
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -62,7 +62,7 @@ def fit(model: torch.nn.Module, sample_batch: Callable[[np.random.Generator], di
 
 
 def image_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Callable[[np.random.Generator], dict]:
-    from tasks.images import from_uint8
+    from condgen.tasks.io.images import from_uint8
 
     def sample(rng: np.random.Generator) -> dict[str, torch.Tensor]:
         idx = rng.integers(0, len(y), batch_size)
@@ -72,10 +72,10 @@ def image_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Callable[[np
 
 
 def load_data(shards: str | None) -> tuple[str, dict, dict]:
-    from tasks.data import load_split
+    from condgen.tasks.data.splits import load_split
 
     if shards is None:
-        from tasks.ingest import ingest
+        from condgen.tasks.data.ingest import ingest
 
         shards = tempfile.mkdtemp(prefix="condgen-ae-bench-")
         ingest("bundled:mnist", shards, shard_size=1000)
@@ -84,7 +84,7 @@ def load_data(shards: str | None) -> tuple[str, dict, dict]:
 
 @torch.no_grad()
 def evaluate_autoencoder(ae: torch.nn.Module, x_test: np.ndarray, batch_size: int = 500) -> dict[str, float]:
-    from tasks.images import from_uint8
+    from condgen.tasks.io.images import from_uint8
 
     ae.eval()
     se, n, codes, z_all = 0.0, 0, [], []
@@ -110,7 +110,7 @@ def evaluate_autoencoder(ae: torch.nn.Module, x_test: np.ndarray, batch_size: in
 
 def train_autoencoder(train_x: np.ndarray, config: dict[str, Any], *, steps: int, batch_size: int, seed: int = 0,
                       log_every: int = 0, name: str = "ae") -> tuple[torch.nn.Module, dict[str, Any]]:
-    from models.registry import build_model
+    from condgen.models.registry import build_model
 
     torch.manual_seed(seed)
     ae = build_model("autoencoder", config)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs["vq+gan"] = {**base, "regularization": "vq", "gan_weight": 0.1, "gan_start": steps // 2,
                           "betas": [0.5, 0.9]}
 
-    from tasks.images import from_uint8
+    from condgen.tasks.io.images import from_uint8
 
     mean_img = from_uint8(train["x"]).mean(0, keepdim=True)
     x_test = from_uint8(test["x"])
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = {"train": run, "test": metrics, "latent_shape": list(ae.config.latent_shape),
                          "params": sum(p.numel() for p in ae.parameters())}
         if args.save:
-            from tasks import checkpoint as ckpt_io
+            from condgen.tasks.io import checkpoint as ckpt_io
 
             path = os.path.join(args.save, name.replace("+", "_"))
             ckpt_io.save_checkpoint(path, ae)

@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from models.diffusion import ConditionalDiffusion, DiffusionConfig, cfg, sample_ddim
+    from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig, cfg, sample_ddim
 
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if args.checkpoint:
-        from tasks.train import load_trained
+        from condgen.tasks.io.model_store import load_trained
 
         models = {"checkpoint": load_trained(args.checkpoint)[0]}
     else:

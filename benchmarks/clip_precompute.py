@@ -51,16 +51,15 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     import torch
 
-    from condgen import settings
     from condgen.cli import DEMO_MODELS
-    from models.registry import build_model
-    from tasks import storage
-    from tasks.clip import load_clip, new_clip
-    from tasks.data import load_split
-    from tasks.embed import embed, load_embeddings
-    from tasks.ingest import ingest
-    from tasks.images import from_uint8
-    from tasks.train import make_opt_step, make_optimizers
+    from condgen.models.registry import build_model
+    from condgen.tasks.clip.embed import embed, load_embeddings
+    from condgen.tasks.clip.handle import load_clip, new_clip
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.data.splits import load_split
+    from condgen.tasks.io import settings, storage
+    from condgen.tasks.io.images import from_uint8
+    from condgen.tasks.training.driver import make_opt_step, make_optimizers
 
     torch.set_num_threads(1)
     shards = storage.join(settings.storage_root(), "shards", "mnist")

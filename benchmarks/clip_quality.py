@@ -17,18 +17,15 @@ same run) and for the fitted one:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/clip_quality.py` from the root
 
-from benchmarks import diffusion_common as C  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,12 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    from tasks import clip as C
-    from tasks.data import load_split
+    from condgen.tasks.clip import handle as C
+    from condgen.tasks.data.splits import load_split
 
     shards = args.shards
     if shards is None:
-        from tasks.ingest import ingest
+        from condgen.tasks.data.ingest import ingest
 
         shards = tempfile.mkdtemp(prefix="condgen-clip-bench-")
         ingest("bundled:mnist", shards, shard_size=1000)

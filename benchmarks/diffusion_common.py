@@ -60,9 +60,8 @@ def setup(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     if args.shards:
         return args.shards
-    from condgen import settings
-    from tasks import storage
-    from tasks.ingest import ingest
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.io import settings, storage
 
     limit = 1000 if args.quick else None
     uri = storage.join(settings.storage_root(), "shards", "mnist" if limit is None else f"mnist-{limit}")
@@ -82,9 +81,9 @@ def _ensure_ray(workers: int) -> None:
 def trained(name: str, config: dict[str, Any], shards_uri: str, *, epochs: int, batch_size: int, workers: int,
             seed: int, checkpoint: str | None = None) -> tuple[torch.nn.Module, str]:
     """(model, checkpoint URI): loaded from ``checkpoint``, from the benchmark cache, or trained now."""
-    from condgen import settings
-    from tasks import storage
-    from tasks.train import TrainRequest, load_trained, train
+    from condgen.tasks.io import settings, storage
+    from condgen.tasks.io.model_store import load_trained
+    from condgen.tasks.training.driver import TrainRequest, train
 
     if checkpoint:
         model, _ = load_trained(checkpoint)
@@ -145,8 +144,8 @@ class Scorer:
 
     @classmethod
     def for_shards(cls, shards_uri: str) -> "Scorer":
-        from tasks.evaluate import get_judge, load_test, predict
-        from tasks.images import from_uint8
+        from condgen.tasks.io.images import from_uint8
+        from condgen.tasks.judging.evaluate import get_judge, load_test, predict
 
         judge = get_judge(shards_uri, log_to_mlflow=False)
         test = load_test(shards_uri)
@@ -156,12 +155,12 @@ class Scorer:
         return cls(judge, feats.numpy().astype(np.float64), test, shards_uri)
 
     def probs(self, samples: torch.Tensor) -> torch.Tensor:
-        from tasks.evaluate import predict
+        from condgen.tasks.judging.evaluate import predict
 
         return predict(self.judge.model, samples)[0]
 
     def score(self, samples: torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float]:
-        from tasks.evaluate import frechet_distance, predict
+        from condgen.tasks.judging.evaluate import frechet_distance, predict
 
         labels = np.asarray(labels)
         probs, feats = predict(self.judge.model, samples)
@@ -174,9 +173,9 @@ class Scorer:
 
     def real_fid(self, n: int, seed: int = 0) -> float:
         """FID of n real *train* images against the test features: the floor at this sample size."""
-        from tasks.data import load_split
-        from tasks.evaluate import frechet_distance, predict
-        from tasks.images import from_uint8
+        from condgen.tasks.data.splits import load_split
+        from condgen.tasks.io.images import from_uint8
+        from condgen.tasks.judging.evaluate import frechet_distance, predict
 
         train = load_split(self.shards_uri, "train")
         idx = np.random.default_rng(seed).choice(len(train["y"]), size=min(n, len(train["y"])), replace=False)

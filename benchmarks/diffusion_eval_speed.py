@@ -28,7 +28,7 @@ from benchmarks import diffusion_common as C  # noqa: E402
 
 def with_config(model, **changes):
     """The same weights under a changed sampling config (sample_steps, guidance_scale)."""
-    from models.diffusion import ConditionalDiffusion
+    from condgen.models.diffusion import ConditionalDiffusion
 
     m = ConditionalDiffusion(dataclasses.replace(model.config, **changes))
     m.load_state_dict(model.state_dict())
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="samples per class for the default U-Net (default: --n-per-class); time scales linearly")
     args = p.parse_args(argv)
 
-    from models.diffusion import ConditionalDiffusion, DiffusionConfig
-    from tasks.evaluate import evaluate_model
+    from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig
+    from condgen.tasks.judging.evaluate import evaluate_model
 
     shards = C.setup(args)
     model, ckpt = C.diffusion_model(args, shards)

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also classifier guidance on the unconditional branch")
     args = p.parse_args(argv)
 
-    from tasks.generate import sample_images
+    from condgen.tasks.generation.sampling import sample_images
 
     shards = C.setup(args)
     model, ckpt = C.diffusion_model(args, shards)

@@ -36,7 +36,7 @@ PAPER_CIFAR10 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004}  #
 
 def test_subset(test: dict, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n test digits drawn at random (the split is stored sorted by class), as [-1, 1] images + labels."""
-    from tasks.images import from_uint8
+    from condgen.tasks.io.images import from_uint8
 
     idx = np.sort(np.random.default_rng(seed).permutation(len(test["y"]))[:n])
     return from_uint8(test["x"][idx]), torch.from_numpy(test["y"][idx]).long()
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: 1,2,3")
     args = p.parse_args(argv)
 
-    from models.diffusion import cfg, ddim_invert, sample_ddim
-    from tasks.generate import edit_images, sample_images
+    from condgen.models.diffusion import cfg, ddim_invert, sample_ddim
+    from condgen.tasks.generation.sampling import edit_images, sample_images
 
     shards = C.setup(args)
     model, ckpt = C.diffusion_model(args, shards)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scale", type=float, default=0.0, help="CFG weight for every row (0 = the conditional model)")
     args = p.parse_args(argv)
 
-    from tasks.generate import sample_images
+    from condgen.tasks.generation.sampling import sample_images
 
     shards = C.setup(args)
     model, ckpt = C.diffusion_model(args, shards)

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from models.diffusion import ConditionalDiffusion, DiffusionConfig
-    from tasks.batch_sampling import SampleRequest, sample_batch
+    from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig
+    from condgen.tasks.generation.batched import SampleRequest, sample_batch
 
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -44,8 +44,8 @@ def train_in_process(name: str, config: dict, arrays: dict, *, epochs: int, batc
     """The worker loop's pieces without Ray; ``score(model) -> str`` is printed after each epoch."""
     import torch
 
-    from models.registry import build_model
-    from tasks.train import batches, make_opt_step, make_optimizers
+    from condgen.models.registry import build_model
+    from condgen.tasks.training.driver import batches, make_opt_step, make_optimizers
 
     torch.manual_seed(seed)
     model = build_model(name, config)
@@ -65,7 +65,7 @@ def train_in_process(name: str, config: dict, arrays: dict, *, epochs: int, batc
 
 
 def checkpoint_dir(name: str) -> Path:
-    from condgen import settings
+    from condgen.tasks.io import settings
 
     return settings.home() / "bench" / "latent_map" / name
 
@@ -73,7 +73,7 @@ def checkpoint_dir(name: str) -> Path:
 def get_model(kind: str, uri: str | None, config: dict, arrays: dict, *, epochs: int, batch_size: int, seed: int,
               tag: str, score=None) -> tuple[str, float]:
     """A checkpoint URI: the given one, or a freshly trained model saved under $CONDGEN_HOME."""
-    from tasks import checkpoint as ckpt_io
+    from condgen.tasks.io import checkpoint as ckpt_io
 
     if uri:
         return uri, 0.0
@@ -89,13 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from flows.retrain import default_shards_uri
-    from tasks import map_latents as ml
-    from tasks.data import load_split
-    from tasks.evaluate import evaluate_model, get_judge
-    from tasks.images import from_uint8
-    from tasks.ingest import ingest
-    from tasks.train import load_arrays
+    from condgen.flows.retrain import default_shards_uri
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.data.splits import load_arrays, load_split
+    from condgen.tasks.io.images import from_uint8
+    from condgen.tasks.judging import latent_maps as ml
+    from condgen.tasks.judging.evaluate import evaluate_model, get_judge
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cvae", help="checkpoint URI of a trained CVAE (skips training)")
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-mlflow", action="store_true", help="do not log the maps to MLflow")
     p.add_argument("--json", help="write every figure to this JSON file")
-    p.add_argument("--report", help="also render the HTML report (tasks/report.py) into this folder")
+    p.add_argument("--report", help="also render the HTML report (tasks/judging/report.py) into this folder")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        from tasks import tracking
+        from condgen.tasks.io import tracking
 
         tracking.configure("condgen-latent-map")
         with mlflow.start_run(run_name="benchmark-latent-map") as run:
@@ -231,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
               f"({r['method']}); random-latent baseline {r['class_random']:.3f}; M {r['M']:.4f} vs "
               f"M_random {r['M_random']:.4f} -> {verdict}")
     if args.report:
-        from tasks.report import ModelSection, render_report
+        from condgen.tasks.judging.report import ModelSection, render_report
 
         sections = [ModelSection(space.name, None, evals[key].metrics(), evals[key].grid,
                                  ml.interpolation_strips(space, x=xt, y=yt)) for key, space in spaces.items()]

@@ -41,7 +41,7 @@ from benchmarks.autoencoder import evaluate_autoencoder, fit, image_batches, tra
 
 
 def latent_batches(x: np.ndarray, y: np.ndarray, z: np.ndarray, batch_size: int):
-    from tasks.images import from_uint8
+    from condgen.tasks.io.images import from_uint8
 
     def sample(rng: np.random.Generator) -> dict[str, torch.Tensor]:
         idx = rng.integers(0, len(y), batch_size)
@@ -52,7 +52,7 @@ def latent_batches(x: np.ndarray, y: np.ndarray, z: np.ndarray, batch_size: int)
 
 def fit_for(model, sample_batch, seconds: float, seed: int, max_steps: int = 1_000_000) -> dict[str, Any]:
     """Train for a wall-clock budget (``--equal-time``), one step at a time."""
-    from tasks.train import make_opt_step, make_optimizers
+    from condgen.tasks.training.driver import make_opt_step, make_optimizers
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -118,15 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     torch.set_num_threads(args.threads)
-    from models.controlnet import ControlNet, ControlNetConfig
-    from models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
-    from models.paired import edge_map
-    from models.registry import build_model
-    from tasks.data import load_split
-    from tasks.evaluate import evaluate_model, get_judge, predict
-    from tasks.images import from_uint8
-    from tasks.ingest import ingest
-    from tasks.latents import load_autoencoder, load_latent_split, precompute_latents
+    from condgen.models.controlnet import ControlNet, ControlNetConfig
+    from condgen.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+    from condgen.models.paired import edge_map
+    from condgen.models.registry import build_model
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.data.latents import load_autoencoder, load_latent_split, precompute_latents
+    from condgen.tasks.data.splits import load_split
+    from condgen.tasks.io.images import from_uint8
+    from condgen.tasks.judging.evaluate import evaluate_model, get_judge, predict
 
     t_run = time.perf_counter()
     shards = args.shards
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
                                               "regularization": "kl", "lr": args.lr},
                                     steps=ae_steps, batch_size=args.batch_size, seed=args.seed,
                                     log_every=max(ae_steps // 2, 1), name="autoencoder")
-        from tasks import checkpoint as ckpt_io
-        from tasks import storage
+        from condgen.tasks.io import checkpoint as ckpt_io
+        from condgen.tasks.io import storage
 
         ae_uri = storage.join(shards, "bench-autoencoder", ckpt_io.state_fingerprint(ae)[:16])
         ckpt_io.save_checkpoint(storage.local_path(ae_uri), ae)  # reuse with --autoencoder (local shards only)
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     idx = rng.choice(len(test["y"]), size=min(n_eval, len(test["y"])), replace=False)
     probs, feats = predict(judge.model, from_uint8(test["x"][idx]))
-    from tasks.evaluate import frechet_distance
+    from condgen.tasks.judging.evaluate import frechet_distance
 
     out["real_reference"] = {"accuracy": float((probs.argmax(-1).numpy() == test["y"][idx]).mean()),
                              "fid_same_size": frechet_distance(feats.numpy().astype(np.float64),
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     # -- ControlNet on the pixel model -------------------------------------------------------------
     torch.manual_seed(args.seed)
     cn = ControlNet(ControlNetConfig(lr=args.lr), base=pixel)
-    from tasks import checkpoint as ckpt_io
+    from condgen.tasks.io import checkpoint as ckpt_io
 
     base_hash = ckpt_io.state_fingerprint(pixel)
     cn_run = fit(cn, pix_batches, cn_steps, args.seed, max(cn_steps // 2, 1), "controlnet")

@@ -61,7 +61,7 @@ def inject(model, targets: list, rank: int) -> int:
     never served, so it is not counted)."""
     import torch
 
-    from tasks.adapters import prepare, trained_adapter_parameters
+    from condgen.tasks.training.adapters import prepare, trained_adapter_parameters
 
     extra = [t[1:] for t in targets if t.startswith("+")]  # modules trained in full, not adapted
     targets = [getattr(torch.nn, t) if t in ("Linear", "Conv2d") else t for t in targets if not t.startswith("+")]
@@ -78,7 +78,7 @@ def inject(model, targets: list, rank: int) -> int:
 def fit(model, arrays, epochs: int, batch_size: int = 64, seed: int = 0) -> float:
     import torch
 
-    from tasks.train import batches, make_opt_step, make_optimizers
+    from condgen.tasks.training.driver import batches, make_opt_step, make_optimizers
 
     torch.manual_seed(seed)
     opt_step = make_opt_step(make_optimizers(model))  # only parameters with requires_grad
@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from flows.retrain import default_shards_uri
-    from models.registry import build_model
-    from tasks.adapters import served_parameters
-    from tasks.evaluate import evaluate_model, get_judge, load_test
-    from tasks.ingest import ingest
-    from tasks.train import load_arrays
+    from condgen.flows.retrain import default_shards_uri
+    from condgen.models.registry import build_model
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.data.splits import load_arrays
+    from condgen.tasks.judging.evaluate import evaluate_model, get_judge, load_test
+    from condgen.tasks.training.adapters import served_parameters
 
     torch.set_num_threads(1)
     mnist, uci = default_shards_uri("bundled:mnist"), default_shards_uri("bundled:uci_digits")

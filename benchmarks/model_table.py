@@ -32,10 +32,10 @@ ROWS: dict[str, tuple[str, dict, int, int, str | None]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flows.retrain import default_shards_uri
-    from tasks.evaluate import evaluate_run
-    from tasks.ingest import ingest
-    from tasks.train import TrainRequest, train
+    from condgen.flows.retrain import default_shards_uri
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.judging.evaluate import evaluate_run
+    from condgen.tasks.training.driver import TrainRequest, train
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--only", nargs="*", default=list(ROWS), choices=list(ROWS))
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
 
     shards = default_shards_uri("bundled:mnist")
     ingest("bundled:mnist", shards)
-    from tasks.evaluate import get_judge, load_test, predict
-    from tasks.images import from_uint8
+    from condgen.tasks.io.images import from_uint8
+    from condgen.tasks.judging.evaluate import get_judge, load_test, predict
 
     probs, _ = predict(get_judge(shards).model, from_uint8(load_test(shards)["x"]))
     real_conf = float(probs.max(-1).values.mean())

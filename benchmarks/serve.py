@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ def body(i: int, steps: int, scale: float) -> dict:
 def bench_raw(model, clients: int, seconds: float, steps: int, scale: float) -> dict:
     import torch
 
-    from tasks import batch_sampling as bs
+    from condgen.tasks.generation import batched as bs
 
     lat, done, i = [], 0, 0
     t_end = time.perf_counter() + seconds
@@ -131,15 +130,14 @@ def main() -> int:
     import torch
     from ray import serve
 
-    from serving.app import make_config, run
+    from condgen.serving.app import make_config, run
     from tests.registry_helpers import register_tiny
 
     torch.set_num_threads(args.threads)
     cfg = {"channels": tuple(int(c) for c in args.channels.split(",")), "timesteps": args.timesteps}
     register_tiny("bench-diffusion", "diffusion", cfg, seed=0)
-    from tasks.promote import load_registered
-
-    from condgen import settings
+    from condgen.tasks.io import settings
+    from condgen.tasks.io.model_store import load_registered
 
     __import__("mlflow").set_tracking_uri(settings.tracking_uri())
     model, _ = load_registered("models:/bench-diffusion@champion")

@@ -42,13 +42,14 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from condgen.cli import DEMO_MODELS
-    from flows.retrain import default_shards_uri
-    from tasks.attributes import label_word
-    from tasks.clip import CLASS_NAMES, UNSEEN_TEMPLATES, load_clip
-    from tasks.embed import embed
-    from tasks.evaluate import get_judge, predict
-    from tasks.ingest import ingest
-    from tasks.train import TrainRequest, load_trained, train
+    from condgen.flows.retrain import default_shards_uri
+    from condgen.tasks.clip.embed import embed
+    from condgen.tasks.clip.handle import CLASS_NAMES, UNSEEN_TEMPLATES, load_clip
+    from condgen.tasks.data.attributes import label_word
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.io.model_store import load_trained
+    from condgen.tasks.judging.evaluate import get_judge, predict
+    from condgen.tasks.training.driver import TrainRequest, train
 
     shards = default_shards_uri("bundled:mnist")
     ingest("bundled:mnist", shards)

@@ -38,8 +38,8 @@ def bare_loop(model_name: str, config: dict, arrays: dict, epochs: int, batch_si
     """Epoch times of the same training as the Ray worker runs, without Ray."""
     import torch
 
-    from models.registry import build_model
-    from tasks.train import batches, make_opt_step, make_optimizers
+    from condgen.models.registry import build_model
+    from condgen.tasks.training.driver import batches, make_opt_step, make_optimizers
 
     torch.manual_seed(seed)
     model = build_model(model_name, config)
@@ -55,7 +55,8 @@ def bare_loop(model_name: str, config: dict, arrays: dict, epochs: int, batch_si
 
 
 def loader_rates(shards: str, arrays: dict, batch_size: int, repeats: int = 3) -> dict[str, float]:
-    from tasks.train import batches, load_arrays
+    from condgen.tasks.data.splits import load_arrays
+    from condgen.tasks.training.driver import batches
 
     n = len(arrays["y"])
     decode = []
@@ -88,11 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from condgen import settings
     from condgen.cli import DEMO_MODELS
-    from tasks import storage
-    from tasks.ingest import ingest
-    from tasks.train import TrainRequest, load_arrays, train
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.data.splits import load_arrays
+    from condgen.tasks.io import settings, storage
+    from condgen.tasks.training.driver import TrainRequest, train
 
     torch.set_num_threads(1)  # the Ray worker's setting (threads_per_worker = 1)
     spec = DEMO_MODELS[0]

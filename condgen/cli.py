@@ -33,8 +33,8 @@ def _kv(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_retrain(args: argparse.Namespace, demo: bool = False) -> int:
-    from condgen import settings
-    from flows.retrain import RetrainParams, retrain
+    from condgen.flows.retrain import RetrainParams, retrain
+    from condgen.tasks.io import settings
 
     raw: dict[str, Any] = json.loads(open(args.params).read()) if getattr(args, "params", None) else {}
     if demo:
@@ -67,8 +67,8 @@ def cmd_retrain(args: argparse.Namespace, demo: bool = False) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from flows.retrain import default_shards_uri
-    from tasks.ingest import ingest
+    from condgen.flows.retrain import default_shards_uri
+    from condgen.tasks.data.ingest import ingest
 
     res = ingest(args.source, args.out or default_shards_uri(args.source), shard_size=args.shard_size,
                  limit=args.limit)
@@ -77,10 +77,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from flows.retrain import default_shards_uri
-    from tasks.evaluate import evaluate_run
-    from tasks.ingest import ingest
-    from tasks.train import TrainRequest, train
+    from condgen.flows.retrain import default_shards_uri
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.judging.evaluate import evaluate_run
+    from condgen.tasks.training.driver import TrainRequest, train
 
     shards = args.shards
     if not shards:  # the bundled default, ingested on first use (a no-op once its manifest exists)
@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.app import make_config, run
+    from condgen.serving.app import make_config, run
 
     raw: dict[str, Any] = json.loads(open(args.config).read()) if args.config else {}
     models = args.model or raw.pop("models", None) or ["models:/condgen-cvae@champion"]

@@ -2,7 +2,7 @@
 
 Only orchestration: plan (pin the model version, or resume the plan already at
 ``out_uri``) -> the missing shards as Ray tasks -> manifest. Every step is a plain
-function in ``tasks/batch_generate.py``; re-running after an interruption finishes the
+function in ``tasks/generation/batch.py``; re-running after an interruption finishes the
 job without duplicates (complete shards are kept, shard contents are deterministic).
 """
 from __future__ import annotations
@@ -13,9 +13,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field, model_validator
 
-from condgen import settings
-from tasks import batch_generate as bg
-from tasks import storage
+from condgen.tasks.generation import batch as bg
+from condgen.tasks.io import settings, storage
 
 
 class BatchGenerateParams(BaseModel):

@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.workers.process import ProcessWorker
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "prefect.yaml"
@@ -65,11 +70,6 @@ def _api_url(api_url: str | None) -> str:
 
 def ensure_work_pools(api_url: str, names: set[str]) -> list[str]:
     """Create the missing work pools as ``process`` pools; returns the names created."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.workers.process import ProcessWorker
 
     created = []
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
@@ -87,8 +87,6 @@ def ensure_work_pools(api_url: str, names: set[str]) -> list[str]:
 
 def deploy(api_url: str | None = None, prefect_file: Path | str = PREFECT_FILE, timeout_s: float = 600) -> list[str]:
     """Register every deployment in ``prefect_file`` with the server; return their ids in file order."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = _api_url(api_url)
     prefect_file = Path(prefect_file).resolve()

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
-from tasks import health, storage
+from condgen.tasks.io import health, storage
 
 
 class HealthcheckParams(BaseModel):

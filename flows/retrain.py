@@ -7,7 +7,7 @@ when ``PREFECT_API_URL`` is set; ``prefect.yaml`` schedules it nightly.
 Specs run in order and can chain: a config value ``"@<name>"`` is the checkpoint of an
 earlier spec (``resolve_refs``), so one run trains an autoencoder and then the latent
 diffusion model on top of it (its training reads latents precomputed once per
-autoencoder, ``tasks/latents.py``). Components (``models.base.is_generator`` false) train and
+autoencoder, ``tasks/data/latents.py``). Components (``models.base.is_generator`` false) train and
 checkpoint but skip evaluate and promote.
 """
 from __future__ import annotations
@@ -19,16 +19,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
-from condgen import settings
-from models.base import config_from_dict, config_to_dict, is_generator
-from models.registry import MODELS, config_class
-from tasks import evaluate as evaluate_mod
-from tasks import ingest as ingest_mod
-from tasks import latents as latents_mod
-from tasks import promote as promote_mod
-from tasks import report as report_mod
-from tasks import storage
-from tasks import train as train_mod
+from condgen.models.base import config_from_dict, config_to_dict, is_generator
+from condgen.models.registry import MODELS, config_class
+from condgen.tasks.clip.embed import embed
+from condgen.tasks.data import ingest as ingest_mod
+from condgen.tasks.data import latents as latents_mod
+from condgen.tasks.io import settings, storage
+from condgen.tasks.judging import evaluate as evaluate_mod
+from condgen.tasks.judging import promote as promote_mod
+from condgen.tasks.judging import report as report_mod
+from condgen.tasks.training import driver as train_mod
 
 
 class ModelSpec(BaseModel):
@@ -47,7 +47,7 @@ class GateParams(BaseModel):
 
 
 class ReportParams(BaseModel):
-    """The evaluation report written after all models (tasks/report.py)."""
+    """The evaluation report written after all models (tasks/judging/report.py)."""
 
     enabled: bool = True
     exploration: bool = Field(True, description="interpolation strips + attribute edits/leakage (first CVAE)")
@@ -116,7 +116,6 @@ latents_task = latents_mod.precompute_latents_task
 
 @task(name="embed", cache_policy=NONE, retries=1, retry_condition_fn=storage.retry_on_io)
 def embed_task(shards_uri: str, clip: str, fit_steps: int, num_workers: int) -> dict[str, Any]:
-    from tasks.embed import embed
 
     return embed(shards_uri, clip, num_workers=num_workers, progress=False,
                  fit_kwargs={"steps": fit_steps}).to_dict()

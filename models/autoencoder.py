@@ -28,7 +28,7 @@ a buffer (``latent_std``) so a latent diffusion model can rescale them to unit v
 
 Model contract (models/base.py): ``optimizer_groups`` ({"ae"}, plus {"disc"} with the
 GAN term), ``train_step``, and ``sample`` raising NotImplementedError: an autoencoder is
-not a conditional generator (tasks/train.py's sample grid skips it).
+not a conditional generator (tasks/training/driver.py's sample grid skips it).
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.adversarial import frozen, hinge_d_loss, hinge_g_loss
-from models.base import OptStep
+from condgen.models.adversarial import frozen, hinge_d_loss, hinge_g_loss
+from condgen.models.base import OptStep
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The contract every trainable generative model in condgen follows.
 
 A model is an ``nn.Module`` with a frozen config dataclass next to it (nanoGPT
-style). The generic Ray Train loop in ``tasks/train.py`` knows nothing about
+style). The generic Ray Train loop in ``tasks/training/driver.py`` knows nothing about
 VAEs, GANs or diffusion: it only calls the three methods below, so a GAN's two
 optimisers and a VAE's single one go through the same loop.
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import OptStep
+from condgen.models.base import OptStep
 
 
 @dataclass(frozen=True)

@@ -40,17 +40,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from models.base import OptStep, condition_from_batch
-from models.conditioning.lora import freeze_base, inject_lora
-from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
-from models.diffusion.denoiser import Callback, Denoiser, randn
-from models.diffusion.schedule import NoiseSchedule, as_timesteps
-from models.diffusion.unet import UNet
-from models.latent_diffusion import _nested, freeze, load_frozen
-from models.paired import edge_map
+from condgen.models.base import OptStep, condition_from_batch
+from condgen.models.conditioning.lora import freeze_base, inject_lora
+from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
+from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
+from condgen.models.diffusion.schedule import NoiseSchedule, as_timesteps
+from condgen.models.diffusion.unet import UNet
+from condgen.models.latent_diffusion import _nested, freeze, load_frozen
+from condgen.models.paired import edge_map
 
 CONTROLS = ("edges", "mask")
 
@@ -90,7 +91,7 @@ class ControlNetConfig:
         if self.control not in CONTROLS:
             raise ValueError(f"control must be one of {CONTROLS}, got {self.control!r}")
 
-    # read by tasks/train.py and tasks/evaluate.py (grid and evaluation conditions)
+    # read by tasks/training/driver.py and tasks/judging/evaluate.py (grid and evaluation conditions)
     @property
     def condition(self) -> str:
         return self.base.condition

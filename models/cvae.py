@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import OptStep, condition_from_batch
-from models.conditioning import BLOCKS
-from models.conditioning.conv_stack import CondConvStack
-from models.conditioning.embedding import ConditionEmbedding
+from condgen.models.base import OptStep, condition_from_batch
+from condgen.models.conditioning import BLOCKS
+from condgen.models.conditioning.conv_stack import CondConvStack
+from condgen.models.conditioning.embedding import ConditionEmbedding
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn.functional import l1_loss  # not `F`: F is the paper's B -> A generator
 
-from models.adversarial import frozen, lsgan_d_loss, lsgan_g_loss
-from models.base import OptStep
-from models.pix2pix import PatchDiscriminator
+from condgen.models.adversarial import frozen, lsgan_d_loss, lsgan_g_loss
+from condgen.models.base import OptStep
+from condgen.models.pix2pix import PatchDiscriminator
 
 
 @dataclass(frozen=True)

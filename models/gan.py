@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.adversarial import diff_augment, frozen, hinge_d_loss, hinge_g_loss, sn
-from models.base import OptStep, condition_from_batch, ema_update
-from models.conditioning import make_block
-from models.conditioning.conv_stack import CondConvStack
-from models.conditioning.embedding import ConditionEmbedding
+from condgen.models.adversarial import diff_augment, frozen, hinge_d_loss, hinge_g_loss, sn
+from condgen.models.base import OptStep, condition_from_batch, ema_update
+from condgen.models.conditioning import make_block
+from condgen.models.conditioning.conv_stack import CondConvStack
+from condgen.models.conditioning.embedding import ConditionEmbedding
 
 
 @dataclass(frozen=True)

@@ -46,17 +46,18 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from models.autoencoder import Autoencoder, AutoencoderConfig
-from models.base import OptStep, condition_from_batch, config_from_dict, config_to_dict
-from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
-from models.diffusion.denoiser import Callback, Denoiser, randn
-from models.diffusion.schedule import NoiseSchedule
+from condgen.models.autoencoder import Autoencoder, AutoencoderConfig
+from condgen.models.base import OptStep, condition_from_batch, config_from_dict, config_to_dict
+from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
+from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
+from condgen.models.diffusion.schedule import NoiseSchedule
 
 # -- frozen components read from a checkpoint URI ----------------------------------------------
 # reader(uri) -> (state_dict, meta) where meta is the checkpoint's config.json
-# ({"model": registry name, "config": {...}}), the format of tasks/checkpoint.py.
+# ({"model": registry name, "config": {...}}), the format of tasks/io/checkpoint.py.
 CheckpointReader = Callable[[str], tuple[dict[str, torch.Tensor], dict[str, Any]]]
 _reader: CheckpointReader | None = None
 
@@ -69,7 +70,6 @@ def set_checkpoint_reader(reader: CheckpointReader | None) -> None:
 
 
 def _read_local_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors.torch import load_file
 
     if uri.startswith("file://"):
         path = Path(unquote(urlparse(uri).path))

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.adversarial import bce_d_loss, bce_g_loss, frozen, sn
-from models.paired import edge_map
-from models.base import OptStep
+from condgen.models.adversarial import bce_d_loss, bce_g_loss, frozen, sn
+from condgen.models.base import OptStep
+from condgen.models.paired import edge_map
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,17 @@ from typing import Any
 
 from torch import nn
 
-from models.base import config_from_dict
-from models.autoencoder import Autoencoder, AutoencoderConfig
-from models.classifier import ClassifierConfig, DigitClassifier
-from models.controlnet import ControlNet, ControlNetConfig
-from models.cvae import CVAE, CVAEConfig
-from models.cyclegan import CycleGAN, CycleGANConfig
-from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
-from models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
-from models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
-from models.pix2pix import Pix2Pix, Pix2PixConfig
-from models.superres import SuperRes, SuperResConfig
+from condgen.models.autoencoder import Autoencoder, AutoencoderConfig
+from condgen.models.base import config_from_dict
+from condgen.models.classifier import ClassifierConfig, DigitClassifier
+from condgen.models.controlnet import ControlNet, ControlNetConfig
+from condgen.models.cvae import CVAE, CVAEConfig
+from condgen.models.cyclegan import CycleGAN, CycleGANConfig
+from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
+from condgen.models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
+from condgen.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from condgen.models.pix2pix import Pix2Pix, Pix2PixConfig
+from condgen.models.superres import SuperRes, SuperResConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "cvae": (CVAEConfig, CVAE),

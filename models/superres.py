@@ -22,7 +22,7 @@ used unchanged through ``denoiser(low)``, which binds the low-res image.
 
 ``cascade_sample(base, sr, cond, generator)`` chains after ANY model of the contract: the
 base's sample is resized (area) to ``low_size`` when it is not already that size. For
-``sample(cond, generator)`` to work alone (tasks/train.py's grid, tasks/evaluate.py), a
+``sample(cond, generator)`` to work alone (tasks/training/driver.py's grid, tasks/judging/evaluate.py), a
 base can be embedded: ``SuperRes(config, base=model)`` or ``config.base_model`` +
 ``config.base_uri`` + ``config.base_config`` (read lazily, frozen, saved in this model's
 ``state_dict``, like the autoencoder of ``models.latent_diffusion``; read at the first
@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import OptStep, condition_from_batch, config_to_dict
-from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
-from models.diffusion.denoiser import Callback, Denoiser, randn
-from models.diffusion.schedule import NoiseSchedule
-from models.latent_diffusion import _normalised, freeze, load_frozen
+from condgen.models.base import OptStep, condition_from_batch, config_to_dict
+from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
+from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
+from condgen.models.diffusion.schedule import NoiseSchedule
+from condgen.models.latent_diffusion import _normalised, freeze, load_frozen
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class SuperResConfig:
 
 
 def _registry_name(model: nn.Module) -> str:
-    from models.registry import MODELS  # here, not at import: the registry imports this module
+    from condgen.models.registry import MODELS  # the registry imports this module
 
     for name, (_, cls) in MODELS.items():
         if type(model) is cls:
@@ -107,7 +107,7 @@ class SuperRes(nn.Module):
         nn.init.zeros_(net.conv_out.bias)
         self.base: nn.Module | None = None
         if base is not None or c.base_model:
-            from models.registry import build_model
+            from condgen.models.registry import build_model
 
             self.base = freeze(base if base is not None else build_model(c.base_model, c.base_config))
         self.register_buffer("base_ready", torch.tensor(int(base is not None)))  # int: gloo broadcasts it

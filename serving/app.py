@@ -28,13 +28,15 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from ray import serve
 
-from condgen import settings
-from serving import schema
-from serving.engine import ApiError, ModelSpec, ServeConfig, Service, api_key_digest
-from serving.ui import PAGE
-from tasks.batch_sampling import Cancelled
+from condgen.serving import schema
+from condgen.serving.engine import ApiError, ModelSpec, ServeConfig, Service, api_key_digest
+from condgen.serving.ui import PAGE
+from condgen.tasks.generation.batched import Cancelled
+from condgen.tasks.io import settings
+from condgen.tasks.io.cluster import ensure_ray
 
 API_KEY_ENV = "CONDGEN_API_KEY"
 MAX_BODY_BYTES = 1024 * 1024  # the largest valid body (a 512 KiB base64 image) fits with room to spare
@@ -50,7 +52,6 @@ class Metrics:
     """Prometheus collectors in a registry of their own (several apps may share a process in tests)."""
 
     def __init__(self, service: Service):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
         self.requests = Counter("condgen_requests", "HTTP requests", ["endpoint", "status"], registry=r)
@@ -196,7 +197,6 @@ async def health() -> dict[str, Any]:
 
 @api.get("/metrics", include_in_schema=False)
 async def metrics() -> Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     m: Metrics | None = _STATE.get("metrics")
     body = generate_latest(m.registry) if m is not None else b""
@@ -219,7 +219,7 @@ async def generate(req: schema.GenerateRequest) -> dict[str, Any]:
 @serve.ingress(api)
 class CondgenService:
     def __init__(self, config: dict[str, Any]):
-        import serving.app as this  # this module in the replica's process, whatever pickling did
+        import condgen.serving.app as this  # this module in the replica's process, whatever pickling did
 
         this.bind_service(Service(ServeConfig.model_validate(config)))
 
@@ -234,7 +234,6 @@ def make_config(models: str | list[str] | None = None, tracking_uri: str | None 
     The API key is read from ``CONDGEN_API_KEY`` here, on the driver; only its sha256 is
     put in the config that travels to the replicas.
     """
-    from condgen import settings
 
     if isinstance(models, str):
         models = [models]
@@ -254,10 +253,8 @@ def build_app(model_uri: str | list[str] | None = None, tracking_uri: str | None
 def run(model_uri: str | list[str] | None = None, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
         *, config: ServeConfig | None = None, name: str = "condgen", route_prefix: str = "/", **options: Any):
     """Start Ray (local unless RAY_ADDRESS), Serve's proxy on host:port, and the app."""
-    import ray
 
-    if not ray.is_initialized():
-        ray.init(address=settings.ray_address(), include_dashboard=False, ignore_reinit_error=True)
+    ensure_ray(log_to_driver=True)
     serve.start(http_options={"host": host, "port": port})
     handle = serve.run(build_app(model_uri, config=config, **options), name=name, route_prefix=route_prefix,
                        blocking=False)

@@ -27,7 +27,6 @@ import io
 import itertools
 import logging
 import os
-import re
 import threading
 import time
 from collections import Counter
@@ -35,14 +34,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import mlflow
 import numpy as np
 import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-from serving import schema
-from tasks import batch_sampling as bs
-from tasks.adapters import apply_adapter
-from tasks.images import png_bytes, to_uint8
+from condgen.serving import schema
+from condgen.tasks.data.attributes import label_from_prompt, label_prompt
+from condgen.tasks.generation import batched as bs
+from condgen.tasks.generation.safety import DenyList, LabelMatch, SafetyFilter
+from condgen.tasks.io.checkpoint import state_fingerprint
+from condgen.tasks.io.images import png_bytes, to_uint8
+from condgen.tasks.io.model_store import apply_adapter, load_model_uri, parse_model_uri
+from condgen.tasks.judging import latent_maps as ml
+from condgen.tasks.judging.latent_maps import load_map
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,7 @@ class ModelSpec(BaseModel):
 class ServeConfig(BaseModel):
     models: list[ModelSpec]
     tracking_uri: str | None = None
-    clip: str | None = Field(None, description="tasks.clip.load_clip spec: text prompts and CLIP guidance")
+    clip: str | None = Field(None, description="load_clip spec: text prompts and CLIP guidance")
     judge: str | None = Field(None, description="classifier URI for the output safety check (label match)")
     judge_min_prob: float = 0.5
     deny_list: list[str] | None = Field(None, description="prompt deny-list; default: CONDGEN_DENYLIST or built-in")
@@ -120,7 +127,6 @@ class ModelPool:
 
     @staticmethod
     def _load(spec: ModelSpec) -> dict[str | None, Loaded]:
-        from tasks.promote import load_model_uri
 
         model, meta = load_model_uri(spec.uri)
         kind = bs.model_kind(model)
@@ -156,9 +162,7 @@ class ModelPool:
 
     def refresh(self) -> list[dict[str, str]]:
         """Reload every alias-based model whose alias now points at another version."""
-        from mlflow.tracking import MlflowClient
 
-        from tasks.promote import parse_model_uri
 
         changes = []
         with self._lock:
@@ -290,28 +294,8 @@ class Batcher:
 
 
 # -- conditions -----------------------------------------------------------------------------------
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def label_from_prompt(prompt: str, num_classes: int) -> int | None:
-    """A class named by a prompt for a label model: 'digit 7', 'a seven', '7' (first match)."""
-    words = re.findall(r"[a-z]+|\d+", prompt.lower())
-    for w in words:
-        if w.isdigit() and int(w) < num_classes:
-            return int(w)
-        if w in DIGIT_WORDS and DIGIT_WORDS.index(w) < num_classes:
-            return DIGIT_WORDS.index(w)
-    return None
-
-
-def label_prompt(label: int) -> str:
-    """The caption style of tasks/attributes.py for a bare label (text models, CLIP guidance)."""
-    return f"a handwritten digit {label}"
-
-
 def decode_image(b64: str, size: int) -> torch.Tensor:
     """base64 PNG/JPEG -> (1, 1, size, size) float in [-1, 1]; 422 on anything else."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         data = base64.b64decode(b64, validate=True)
@@ -337,9 +321,7 @@ def b64_png(x: torch.Tensor) -> list[str]:
 class Service:
     def __init__(self, config: ServeConfig):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        import mlflow
 
-        from tasks.safety import DenyList, LabelMatch, SafetyFilter
 
         self.config = config
         if config.tracking_uri:
@@ -350,12 +332,11 @@ class Service:
         self.maps = [self._load_map(uri) for uri in config.maps]
         self.clip = None
         if config.clip:
-            from tasks.clip import load_clip
+            from condgen.tasks.clip.handle import load_clip
 
             self.clip = load_clip(config.clip)
             self.clip.model.eval()
         deny = DenyList(config.deny_list) if config.deny_list is not None else DenyList.from_env()
-        from tasks.promote import load_model_uri
 
         judge = load_model_uri(config.judge)[0].eval() if config.judge else None
         self.safety = SafetyFilter([deny], [LabelMatch(judge, config.judge_min_prob)] if judge is not None else [])
@@ -370,7 +351,6 @@ class Service:
 
     @staticmethod
     def _load_map(uri: str):
-        from tasks.map_latents import load_map
 
         try:
             return load_map(uri)
@@ -597,7 +577,6 @@ class Service:
     def _fingerprint(self, loaded: Loaded) -> str:
         """Hashed once per (model, version, adapter): a Loaded's weights never change, and a
         reload is a new version (an ``id()`` key could be reused by a later object)."""
-        from tasks.checkpoint import state_fingerprint
 
         key = loaded.batch_id
         if key not in self._fingerprints:
@@ -618,7 +597,6 @@ class Service:
     async def map(self, req: schema.MapV1) -> dict[str, Any]:
         """Translate a latent of one model to another through a fitted linear map
         (Asperti & Tonelli 2023): z_b = z_a W, and decode both under the same label."""
-        from tasks import map_latents as ml
 
         t0 = time.perf_counter()
         src, tgt = self.pool.get(req.source_model), self.pool.get(req.target_model)

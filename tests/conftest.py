@@ -85,7 +85,7 @@ def s3_test_env(endpoint: str, scratch: Path) -> dict[str, str | None]:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Endpoint URL of a moto S3 server with bucket ``S3_TEST_BUCKET``; env set for it."""
-    from tasks import storage
+    from condgen.tasks.io import storage
 
     scratch = tmp_path_factory.mktemp("s3")
     port = free_port()
@@ -152,7 +152,7 @@ def condgen_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_shards(condgen_home):
     """600 real MNIST digits in 3 shards (ingested once per session)."""
-    from tasks.ingest import ingest
+    from condgen.tasks.data.ingest import ingest
 
     out = (condgen_home / "shards-tiny").as_uri()
     ingest("bundled:mnist", out, limit=600, shard_size=200)

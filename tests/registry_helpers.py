@@ -1,4 +1,4 @@
-"""Tiny models registered in MLflow the way tasks/promote.py does it (tests of serving and batch generation)."""
+"""Tiny models registered in MLflow the way tasks/judging/promote.py does it (tests of serving and batch generation)."""
 from __future__ import annotations
 
 import tempfile
@@ -27,10 +27,10 @@ def register_tiny(name: str, kind: str, config: dict, *, seed: int = 0, alias: s
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from models.registry import build_model
-    from tasks import checkpoint as ckpt_io
-    from tasks import tracking
-    from tasks.promote import register
+    from condgen.models.registry import build_model
+    from condgen.tasks.io import checkpoint as ckpt_io
+    from condgen.tasks.io import tracking
+    from condgen.tasks.io.model_store import register
 
     torch.manual_seed(seed)
     model = nondegenerate(build_model(kind, config))

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from models.registry import build_model
-from tasks import checkpoint as ckpt_io
-from tasks.adapters import apply_adapter, prepare, served_parameters, trained_adapter_parameters
+from condgen.models.registry import build_model
+from condgen.tasks.io import checkpoint as ckpt_io
+from condgen.tasks.io.model_store import apply_adapter
+from condgen.tasks.training.adapters import prepare, served_parameters, trained_adapter_parameters
 
 TINY_GAN = {"channels": [4, 8], "latent_dim": 8, "cond_dim": 4, "lr": 1e-3}
 TARGETS = ["G.up.convs.0", "G.to_img"]
@@ -31,7 +32,7 @@ def test_prepare_freezes_the_generator_but_trains_the_critic_and_mirrors_the_ema
     for (n1, p1), (n2, p2) in zip(model.G.named_parameters(), model.G_ema.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)  # the EMA restarts as the adapted generator
     base_g = {k: v.clone() for k, v in model.G.state_dict().items() if "lora_" not in k}
-    from tasks.train import make_opt_step, make_optimizers
+    from condgen.tasks.training.driver import make_opt_step, make_optimizers
 
     step = make_opt_step(make_optimizers(model))
     for _ in range(3):
@@ -46,7 +47,7 @@ def test_adapter_run_trains_registers_and_applies_to_a_copy_of_the_base(tiny_sha
                                                                          use_mlflow_server, condgen_home):
     import mlflow
 
-    from tasks.train import AdapterSpec, TrainRequest, train
+    from condgen.tasks.training.driver import AdapterSpec, TrainRequest, train
 
     torch.manual_seed(0)
     base = build_model("cgan", TINY_GAN)
@@ -77,7 +78,7 @@ def test_adapter_run_trains_registers_and_applies_to_a_copy_of_the_base(tiny_sha
     assert not torch.allclose(base_x, adapted_x, atol=1e-4)  # the adapter trained and is used in eval (EMA)
     assert torch.equal(registered.sample(c, g()), adapted_x)  # registry copy == storage copy
 
-    from tasks.evaluate import evaluate_run
+    from condgen.tasks.judging.evaluate import evaluate_run
 
     m = evaluate_run(res.run_id, res.checkpoint_uri, tiny_shards, adapter_base=base_dir.as_uri(), n_per_class=5,
                      judge_epochs=1)
@@ -85,7 +86,7 @@ def test_adapter_run_trains_registers_and_applies_to_a_copy_of_the_base(tiny_sha
 
 
 def test_an_unknown_target_fails_on_the_driver_before_any_worker_starts(condgen_home, tmp_path):
-    from tasks.train import AdapterSpec, TrainRequest, _adapter_setup
+    from condgen.tasks.training.driver import AdapterSpec, TrainRequest, _adapter_setup
 
     torch.manual_seed(0)
     ckpt_io.save_checkpoint(tmp_path / "base", build_model("cgan", TINY_GAN))

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import batch_generate as bg
-from tasks import storage, watermark
+from condgen.tasks.generation import batch as bg
+from condgen.tasks.generation import watermark
+from condgen.tasks.io import storage
 from tests.registry_helpers import TINY_CVAE, TINY_DIFFUSION, register_tiny
 
 DIFF, CVAE = "bg-diffusion", "bg-cvae"
@@ -33,7 +34,7 @@ def test_watermark_signs_marks_and_detects():
 
 
 def test_safety_filter_counts():
-    from tasks.safety import DenyList, LabelMatch, SafetyFilter
+    from condgen.tasks.generation.safety import DenyList, LabelMatch, SafetyFilter
 
     class Judge(torch.nn.Module):  # says "3" for every image
         def __init__(self):
@@ -108,7 +109,7 @@ def test_interrupted_job_resumes_to_exactly_n_samples(models, local_ray, condgen
 def test_provenance_detector_flags_generated_not_real(models, tiny_shards, s3_uri):
     """On S3: every generated sample carries a valid signed record and its mark; real MNIST digits
     checked against those records are not flagged."""
-    from tasks.data import load_split
+    from condgen.tasks.data.splits import load_split
 
     spec = bg.JobSpec(model_uri=f"models:/{CVAE}@champion", out_uri=s3_uri, labels=tuple(range(10)),
                       prompts=("a seven", "a forbidden 3", "no digit"), seeds_per_condition=4, shard_size=16)
@@ -131,8 +132,8 @@ def test_provenance_detector_flags_generated_not_real(models, tiny_shards, s3_ur
 @pytest.mark.slow
 def test_output_check_blocks_and_counts(models, tiny_shards, condgen_home):
     """With the judge as output check, requested = written + blocked (an untrained CVAE mostly fails)."""
-    from models.registry import build_model
-    from tasks import checkpoint as ckpt_io
+    from condgen.models.registry import build_model
+    from condgen.tasks.io import checkpoint as ckpt_io
 
     torch.manual_seed(0)
     judge_dir = condgen_home / "judge-untrained"

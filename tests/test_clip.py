@@ -1,4 +1,4 @@
-"""CLIP without downloads (tasks/clip.py) and embedding precompute (tasks/embed.py).
+"""CLIP without downloads (tasks/clip/handle.py) and embedding precompute (tasks/clip/embed.py).
 
 Tiny components: the ``condgen-clip-test`` open_clip config (1.6M params, mostly the
 token table), 200 real MNIST digits in 2 shards, a local Ray with 2 CPUs.
@@ -14,16 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks import clip as C
-from tasks import embed as E
-from tasks import storage
+from condgen.tasks.clip import embed as E
+from condgen.tasks.clip import handle as C
+from condgen.tasks.data import sidecars
+from condgen.tasks.io.shards import read_samples
+from condgen.tasks.io import storage
 
 TEST_CONFIG = "condgen-clip-test"
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    from tasks.ingest import ingest
+    from condgen.tasks.data.ingest import ingest
 
     out = (tmp_path_factory.mktemp("clip-shards") / "mnist").as_uri()
     ingest("bundled:mnist", out, limit=200, shard_size=100)
@@ -32,7 +34,7 @@ def shards(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def train(shards):
-    from tasks.data import load_split
+    from condgen.tasks.data.splits import load_split
 
     return load_split(shards, "train")
 
@@ -179,7 +181,7 @@ def test_unavailable_specs_fail_clearly(monkeypatch):
 
 
 def test_clip_score_and_evaluation(fitted, shards):
-    from tasks.data import load_split
+    from condgen.tasks.data.splits import load_split
 
     handle, _ = fitted
     test = load_split(shards, "test")
@@ -245,22 +247,22 @@ def test_embed_writes_sidecars_skips_resumes_and_follows_the_model(fitted, shard
     assert C.load_clip(res.clip_uri).fingerprint == handle.fingerprint
 
     # side-car members: float16 rows keyed like the source samples
-    sample = E.read_samples(storage.join(res.uri, names[0]))[0]
-    img = np.load(io.BytesIO(sample[E.IMG_MEMBER]))
-    txt = np.load(io.BytesIO(sample[E.TXT_MEMBER]))
+    sample = read_samples(storage.join(res.uri, names[0]))[0]
+    img = np.load(io.BytesIO(sample[sidecars.IMG_MEMBER]))
+    txt = np.load(io.BytesIO(sample[sidecars.TXT_MEMBER]))
     assert img.dtype == np.float16 and img.shape == (32,)
     assert txt.dtype == np.float16 and txt.shape[1] == 32 and txt.shape[0] >= 3
 
     # aligned to the caller's keys, equal to computing them here (up to float16)
     keys = list(train["key"][::-1])
-    emb = E.load_embeddings(shards, handle.fingerprint, keys)
+    emb = sidecars.load_embeddings(shards, handle.fingerprint, keys)
     assert emb["img"].shape == (len(keys), 32) and emb["txt"].shape[:2] == (len(keys), res.n_captions)
     expect = handle.encode_images(train["x"][::-1]).numpy()
     np.testing.assert_allclose(emb["img"], expect, atol=2e-3)
     first_caps = [c[0] for c in train["captions"][::-1]]
     np.testing.assert_allclose(emb["txt"][:, 0], handle.encode_texts(first_caps).numpy(), atol=2e-3)
     with pytest.raises(KeyError):
-        E.load_embeddings(shards, handle.fingerprint[:16], ["no-such-key"])
+        sidecars.load_embeddings(shards, handle.fingerprint[:16], ["no-such-key"])
 
     # re-running computes nothing
     again = E.embed(shards, handle, num_workers=2, progress=False)

@@ -6,13 +6,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.conditioning import BLOCKS, make_block
-from models.conditioning.adain import AdaIN
-from models.conditioning.concat import ConcatCondition
-from models.conditioning.conv_stack import CondConvStack
-from models.conditioning.cross_attention import CrossAttention
-from models.conditioning.film import FiLM, film
-from models.conditioning.lora import (
+from condgen.models.conditioning import BLOCKS, make_block
+from condgen.models.conditioning.adain import AdaIN
+from condgen.models.conditioning.concat import ConcatCondition
+from condgen.models.conditioning.conv_stack import CondConvStack
+from condgen.models.conditioning.cross_attention import CrossAttention
+from condgen.models.conditioning.film import FiLM, film
+from condgen.models.conditioning.lora import (
     LoRAConv2d,
     LoRALinear,
     freeze_base,
@@ -24,7 +24,7 @@ from models.conditioning.lora import (
     set_lora_enabled,
     unmerge_lora,
 )
-from models.cvae import CVAE, CVAEConfig
+from condgen.models.cvae import CVAE, CVAEConfig
 
 B, C, H, D = 3, 8, 7, 5
 
@@ -228,7 +228,7 @@ def test_merge_unmerge_and_enabled_switch_swap_adapters_on_one_base():
 
 
 def test_transposed_conv_lora_starts_as_identity_and_merges_exactly():
-    from models.conditioning.lora import LoRAConvTranspose2d
+    from condgen.models.conditioning.lora import LoRAConvTranspose2d
 
     up = nn.Sequential(nn.ConvTranspose2d(6, 4, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(4, 3, 3, 2, 1, output_padding=1))
     x = torch.randn(2, 6, 5, 5)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.cvae import CVAE, CVAEConfig, _gaussian_kl
-from models.registry import build_model
-from tasks import checkpoint as ckpt_io
+from condgen.models.cvae import CVAE, CVAEConfig, _gaussian_kl
+from condgen.models.registry import build_model
+from condgen.tasks.io import checkpoint as ckpt_io
 
 TINY = dict(channels=(4, 8), latent_dim=4, cond_dim=4)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.diffusion import (
+from condgen.models.diffusion import (
     ConditionalDiffusion,
     DiffusionConfig,
     NoisyClassifier,
@@ -21,8 +21,8 @@ from models.diffusion import (
     sample_ddpm,
     sdedit,
 )
-from models.registry import build_model
-from tasks import checkpoint as ckpt_io
+from condgen.models.registry import build_model
+from condgen.tasks.io import checkpoint as ckpt_io
 
 TINY = dict(channels=(4, 8), timesteps=20, text_dim=12)
 

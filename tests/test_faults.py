@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import storage
-from tasks.ingest import MANIFEST_NAME, ingest
-from tests.conftest import (free_port, kill_process_group, s3_test_env, start_mlflow_server, wait_http)
+from condgen.tasks.data.ingest import MANIFEST_NAME, ingest
+from condgen.tasks.io import storage
+from tests.conftest import free_port, kill_process_group, s3_test_env, start_mlflow_server, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CVAE = {"channels": [4, 8], "latent_dim": 4, "cond_dim": 4, "lr": 5e-3}
@@ -53,7 +53,7 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
 # code path as the nightly deployment, stopped before embedding and training.
 FLOW_SCRIPT = """
 import sys
-from flows.retrain import RetrainParams, retrain
+from condgen.flows.retrain import RetrainParams, retrain
 retrain(RetrainParams(source="bundled:mnist", shards_uri=sys.argv[1], limit=int(sys.argv[2]),
                       shard_size=int(sys.argv[3]), clip=None, models=[]))
 """
@@ -187,7 +187,7 @@ def test_s3_outage_during_ingestion_loses_nothing(tmp_path: Path, monkeypatch: p
             outage["error"] = exc
 
     # (each set_level also sets the capture handler's level: the lower one goes last)
-    caplog.set_level(logging.WARNING, logger="tasks.storage")
+    caplog.set_level(logging.WARNING, logger="condgen.tasks.io.storage")
     caplog.set_level(logging.DEBUG, logger="botocore.retries.standard")
     thread = threading.Thread(target=break_endpoint, daemon=True)
     limit, shard_size = 1500, 100
@@ -202,7 +202,7 @@ def test_s3_outage_during_ingestion_loses_nothing(tmp_path: Path, monkeypatch: p
 
         retries = [r.getMessage() for r in caplog.records
                    if r.name == "botocore.retries.standard" and "retrying request" in r.getMessage()]
-        ours = [r.getMessage() for r in caplog.records if r.name == "tasks.storage"]
+        ours = [r.getMessage() for r in caplog.records if r.name == "condgen.tasks.io.storage"]
         manifest = storage.read_json(res.manifest_uri)
         listing = watcher.list_objects_v2(Bucket=bucket, Prefix="shards/")
         now = {o["Key"]: o["ETag"] for o in listing.get("Contents", [])}
@@ -250,7 +250,7 @@ def test_mlflow_restart_during_training_keeps_every_epoch(tiny_shards, local_ray
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks.train import TrainRequest, train
+    from condgen.tasks.training.driver import TrainRequest, train
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

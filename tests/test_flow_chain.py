@@ -10,7 +10,7 @@ LD = {"channels": [4, 8], "timesteps": 20, "sample_steps": 4, "autoencoder_uri":
 
 
 def test_resolve_refs_fills_uri_and_architecture():
-    from flows.retrain import resolve_refs
+    from condgen.flows.retrain import resolve_refs
 
     trained = {"autoencoder": {"checkpoint": "file:///ck/ae", "config": {"channels": [4, 8], "latent_channels": 4}}}
     out = resolve_refs({"autoencoder_uri": "@autoencoder", "lr": 1e-3}, "latent_diffusion", trained)
@@ -26,8 +26,8 @@ def test_resolve_refs_fills_uri_and_architecture():
 def test_components_train_then_feed_the_next_spec(condgen_home, local_ray):
     from mlflow.tracking import MlflowClient
 
-    from flows.retrain import RetrainParams, retrain
-    from tasks.train import load_trained
+    from condgen.flows.retrain import RetrainParams, retrain
+    from condgen.tasks.io.model_store import load_trained
 
     params = RetrainParams.model_validate({
         "limit": 300, "shard_size": 300, "num_workers": 1, "eval_per_class": 3, "judge_epochs": 1, "clip": None,
@@ -45,7 +45,7 @@ def test_components_train_then_feed_the_next_spec(condgen_home, local_ray):
     assert model.config.autoencoder.latent_channels == 4
     client = MlflowClient()
     # Latent diffusion trained on latents precomputed once with that autoencoder.
-    from tasks import latents as L
+    from condgen.tasks.data import latents as L
 
     fp = client.get_run(ld["run_id"]).data.params["latents"]
     assert fp == L.autoencoder_fingerprint(L.load_autoencoder(ae["checkpoint"]))
@@ -57,7 +57,7 @@ def test_components_train_then_feed_the_next_spec(condgen_home, local_ray):
 def test_batches_carry_precomputed_latents():
     import numpy as np
 
-    from tasks.train import batches
+    from condgen.tasks.training.driver import batches
 
     arrays = {"x": np.zeros((10, 28, 28), np.uint8), "y": np.arange(10, dtype=np.int64),
               "z": np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((1, 4, 7, 7), np.float32)}

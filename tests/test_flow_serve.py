@@ -17,7 +17,7 @@ NAME = "condgen-cvae-test"
 
 
 def _params(**over):
-    from flows.retrain import RetrainParams
+    from condgen.flows.retrain import RetrainParams
 
     base = {"limit": 1500, "shard_size": 500, "num_workers": 1, "eval_per_class": 10, "judge_epochs": 2,
             "models": [{"name": "cvae", "epochs": 3, "batch_size": 32, "config": TINY, "registered_name": NAME}],
@@ -29,7 +29,7 @@ def _params(**over):
 @pytest.fixture(scope="module")
 def flow_runs(use_mlflow_server_module, local_ray):
     """Two flow runs: a trained model, then a worse (untrained: lr=0) candidate."""
-    from flows.retrain import retrain
+    from condgen.flows.retrain import retrain
 
     first = retrain(_params())
     worse = retrain(_params(models=[{"name": "cvae", "epochs": 1, "batch_size": 32,
@@ -40,7 +40,7 @@ def flow_runs(use_mlflow_server_module, local_ray):
 def test_flow_end_to_end(flow_runs):
     from mlflow.tracking import MlflowClient
 
-    from tasks import storage
+    from condgen.tasks.io import storage
 
     first, _ = flow_runs
     manifest = storage.read_json(first["manifest"])
@@ -83,7 +83,7 @@ def _post(url, body, raw=False):
 def test_serve_generates_each_label_and_rejects_bad_input(flow_runs):
     from ray import serve
 
-    from serving.app import run
+    from condgen.serving.app import run
     from tests.conftest import free_port, wait_http
 
     port = free_port()

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from models.base import GenerativeModel
-from models.cyclegan import CycleGAN, CycleGANConfig
-from models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
-from models.paired import edge_map
-from models.pix2pix import Pix2Pix, Pix2PixConfig
-from models.registry import MODELS, build_model
+from condgen.models.base import GenerativeModel
+from condgen.models.cyclegan import CycleGAN, CycleGANConfig
+from condgen.models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
+from condgen.models.paired import edge_map
+from condgen.models.pix2pix import Pix2Pix, Pix2PixConfig
+from condgen.models.registry import MODELS, build_model
 
 TINY_GAN = dict(channels=(4, 8), latent_dim=8, cond_dim=4, lr=1e-3)
 TEXT_DIM = 12
@@ -197,7 +197,7 @@ def test_pix2pix_and_cyclegan_check_their_batch_keys_and_directions():
     x, _ = _digits()
     # Without paired data pix2pix derives its condition: the digit's edge map.
     p2p = _build("pix2pix")
-    from models.paired import edge_map
+    from condgen.models.paired import edge_map
 
     assert torch.equal(p2p.condition_image(x[:2]), edge_map(x[:2]))
     called = []
@@ -238,7 +238,7 @@ def test_generator_ema_follows_its_formula_and_is_what_eval_samples_from():
 
 
 def test_discriminator_learning_rate_can_differ_from_the_generator_s():
-    from tasks.train import make_optimizers
+    from condgen.tasks.training.driver import make_optimizers
 
     opts = make_optimizers(_build("acgan", lr=1e-4, d_lr=4e-4))
     assert opts["disc"].param_groups[0]["lr"] == 4e-4 and opts["gen"].param_groups[0]["lr"] == 1e-4
@@ -247,7 +247,7 @@ def test_discriminator_learning_rate_can_differ_from_the_generator_s():
 
 
 def test_diff_augment_keeps_shape_range_and_gradient_and_is_seedable():
-    from models.adversarial import diff_augment
+    from condgen.models.adversarial import diff_augment
 
     x, _ = _digits()
     x = x[:8].clone().requires_grad_(True)

@@ -1,4 +1,4 @@
-"""tasks/generate.py (sample_images, edit_images), the `condgen sample` / `condgen edit` commands,
+"""tasks/generation/sampling.py (sample_images, edit_images), the `condgen sample` / `condgen edit` commands,
 and Ray Train runs of the diffusion model and the noisy classifier. Tiny configs, seconds each
 (the TorchTrainer runs are marked slow)."""
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.diffusion import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
-from tasks import checkpoint as ckpt_io
-from tasks.generate import edit_images, sample_images
+from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
+from condgen.tasks.generation.sampling import edit_images, sample_images
+from condgen.tasks.io import checkpoint as ckpt_io
 
 TINY = dict(channels=(4, 8), timesteps=20, text_dim=12, sample_steps=4)
 
@@ -163,7 +163,7 @@ def test_edit_images_needs_conditions(model):
 
 
 def test_clip_x0_clamps_the_denoised_estimate_and_leaves_in_range_ones_alone():
-    from models.diffusion import clip_x0, make_schedule
+    from condgen.models.diffusion import clip_x0, make_schedule
 
     sched = make_schedule("linear", 50)
     x, t = torch.randn(3, 1, 4, 4), torch.tensor([0, 25, 49])
@@ -240,7 +240,8 @@ def test_condgen_sample_and_edit_commands_write_pngs(model, classifier, tmp_path
     ("noisy_classifier", {"channels": [4, 8], "timesteps": 50, "lr": 5e-3}),
 ])
 def test_torchtrainer_trains_diffusion_and_noisy_classifier(tiny_shards, local_ray, name, config):
-    from tasks.train import TrainRequest, load_trained, train
+    from condgen.tasks.io.model_store import load_trained
+    from condgen.tasks.training.driver import TrainRequest, train
 
     res = train(TrainRequest(model=name, shards_uri=tiny_shards, model_config=config, epochs=2, batch_size=32,
                              num_workers=1, run_name=f"test-{name}"))
@@ -256,6 +257,6 @@ def test_torchtrainer_trains_diffusion_and_noisy_classifier(tiny_shards, local_r
 
 def test_command_choices_match_the_api():
     from condgen.commands import diffusion as cmd
-    from tasks import generate
+    from condgen.tasks.generation import sampling as generate
 
     assert cmd.GUIDANCE == generate.GUIDANCE and cmd.EDIT_METHODS == generate.EDIT_METHODS

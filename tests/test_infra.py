@@ -117,7 +117,7 @@ def test_ray_cluster_specs_have_cpu_and_gpu_autoscaling_groups(kind):
 
 
 def test_rayjob_runs_the_nightly_retrain_with_the_deployments_parameters():
-    from flows.retrain import RetrainParams
+    from condgen.flows.retrain import RetrainParams
 
     job = _manifests()["RayJob/condgen-retrain"]["spec"]
     assert job["shutdownAfterJobFinishes"] is True and job["submissionMode"] == "K8sJobMode"
@@ -145,9 +145,9 @@ def test_rayservice_serves_the_serving_app_through_its_builder():
     builder = getattr(importlib.import_module(module), attr)
     built = call_user_app_builder_with_args_if_necessary(builder, app["args"])  # Serve's own check
     assert isinstance(built, Application)
-    import serving.app
+    import condgen.serving.app as serving_app
 
-    assert {d["name"] for d in app["deployments"]} == {serving.app.CondgenService.name}
+    assert {d["name"] for d in app["deployments"]} == {serving_app.CondgenService.name}
     scaling = app["deployments"][0]["autoscaling_config"]
     assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]
     for uri in app["args"]["models"]:
@@ -156,7 +156,7 @@ def test_rayservice_serves_the_serving_app_through_its_builder():
 
 def test_configmap_holds_settings_that_condgen_reads():
     cm = _manifests()["ConfigMap/condgen-config"]["data"]
-    settings_src = (REPO / "condgen" / "settings.py").read_text() + (REPO / "tasks" / "storage.py").read_text()
+    settings_src = (REPO / "tasks" / "io" / "settings.py").read_text() + (REPO / "tasks" / "io" / "storage.py").read_text()
     third_party = {"PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED", "HF_HUB_OFFLINE", "RAY_TRAIN_V2_ENABLED",
                    "MLFLOW_TRACKING_URI"}
     for key in cm:
@@ -238,7 +238,7 @@ def test_ray_cluster_launcher_config_passes_rays_schema():
 
 
 def test_prefect_yaml_deployments_point_at_flows():
-    from flows.deploy import read_deployments
+    from condgen.flows.deploy import read_deployments
 
     deps = {f"{d['flow_name']}/{d['name']}": d for d in read_deployments()}
     assert set(deps) == {"retrain/nightly", "batch_generate/on-demand", "healthcheck/probe"}
@@ -248,7 +248,7 @@ def test_prefect_yaml_deployments_point_at_flows():
 
 
 def test_deploy_needs_a_server(monkeypatch):
-    from flows.deploy import deploy
+    from condgen.flows.deploy import deploy
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with pytest.raises(ValueError, match="no Prefect server"):

@@ -13,10 +13,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tasks import ingest as ingest_mod
-from tasks import storage
-from tasks.data import load_split
-from tasks.ingest import ingest
+from condgen.tasks.data import ingest as ingest_mod
+from condgen.tasks.data.ingest import ingest
+from condgen.tasks.data.splits import load_split
+from condgen.tasks.io import storage
 
 SMALL = dict(limit=300, shard_size=100)  # 3 shards: fast, still exercises sharding
 
@@ -352,8 +352,8 @@ def test_ingest_to_and_from_s3(s3_uri: str, tmp_path: Path) -> None:
 
 
 def test_prefect_wrappers_keep_plain_functions() -> None:
-    from tasks.data import load_split_task
-    from tasks.ingest import ingest_task
+    from condgen.tasks.data.ingest import ingest_task
+    from condgen.tasks.data.splits import load_split_task
 
     assert ingest_task.fn is ingest and ingest_task.retries == 2
     assert load_split_task.fn is load_split

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.autoencoder import Autoencoder, AutoencoderConfig
-from models.controlnet import ControlNet, ControlNetConfig, control_image
-from models.diffusion import ConditionalDiffusion, DiffusionConfig, cfg, ddim_invert, sample_ddim, sdedit
-from models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
-from models.registry import build_model
-from models.superres import SuperRes, SuperResConfig, cascade_sample
-from tasks import checkpoint as ckpt_io
+from condgen.models.autoencoder import Autoencoder, AutoencoderConfig
+from condgen.models.controlnet import ControlNet, ControlNetConfig, control_image
+from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig, cfg, ddim_invert, sample_ddim, sdedit
+from condgen.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from condgen.models.registry import build_model
+from condgen.models.superres import SuperRes, SuperResConfig, cascade_sample
+from condgen.tasks.io import checkpoint as ckpt_io
 
 AE = dict(channels=(4, 8), latent_channels=4)  # 28 x 28 x 1 -> 7 x 7 x 4
 DIFF = dict(channels=(4, 8), timesteps=20, text_dim=12)
@@ -54,7 +54,7 @@ def _adam(params, lr):
 
 
 def _adam_groups(model, lr):
-    """One Adam per optimizer group, exactly as tasks/train.py's make_optimizers (requires_grad only)."""
+    """One Adam per optimizer group, exactly as tasks/training/driver.py's make_optimizers (requires_grad only)."""
     opts = {k: torch.optim.Adam([p for p in ps if p.requires_grad], lr=lr)
             for k, ps in model.optimizer_groups().items()}
 
@@ -216,7 +216,7 @@ def test_every_sampler_guidance_and_editing_method_works_on_latents():
 
 
 def test_latent_diffusion_reads_its_autoencoder_lazily_from_a_uri(tmp_path):
-    from tasks.latents import latent_diffusion_config
+    from condgen.tasks.data.latents import latent_diffusion_config
 
     ae = _perturb(_ae("vq"), 2)
     ckpt_io.save_checkpoint(tmp_path / "ae", ae)
@@ -245,9 +245,9 @@ def test_latent_diffusion_reads_its_autoencoder_lazily_from_a_uri(tmp_path):
 
 
 def test_precomputed_latents_are_cached_by_autoencoder_fingerprint(tiny_shards):
-    from tasks.data import load_split
-    from tasks.images import from_uint8
-    from tasks.latents import load_latent_split, precompute_latents
+    from condgen.tasks.data.latents import load_latent_split, precompute_latents
+    from condgen.tasks.data.splits import load_split
+    from condgen.tasks.io.images import from_uint8
 
     ae = _ae()
     first = precompute_latents(tiny_shards, ae)
@@ -317,7 +317,7 @@ def test_controlnet_training_changes_only_the_control_branch(lora):
 
 
 def test_controlnet_reads_its_base_lazily_and_copies_it(tmp_path):
-    from tasks.latents import controlnet_config
+    from condgen.tasks.data.latents import controlnet_config
 
     base = _base()
     ckpt_io.save_checkpoint(tmp_path / "base", base)
@@ -412,7 +412,7 @@ def test_registry_builds_the_new_families_from_json_like_dicts():
     assert net.config.condition == "text" and net.config.base.channels == (4, 8)
     sr = build_model("superres", {"channels": [4, 8]})
     assert sr.config.channels == (4, 8) and sr.base is None
-    from models.base import flatten_params
+    from condgen.models.base import flatten_params
 
     params = flatten_params(ldm.config)
     assert params["autoencoder.latent_channels"] == "3"
@@ -426,9 +426,10 @@ def test_new_families_train_and_evaluate_through_the_pipeline(tiny_shards, local
     """autoencoder -> latent_diffusion, diffusion -> controlnet / superres, each through tasks.train.train
     (TorchTrainer, one worker; frozen components read from the first stage's checkpoint URI inside the
     worker) and scored by tasks.evaluate.evaluate_run, as the retrain flow does."""
-    from tasks.evaluate import evaluate_run
-    from tasks.latents import controlnet_config, latent_diffusion_config, superres_config
-    from tasks.train import TrainRequest, load_trained, train
+    from condgen.tasks.data.latents import controlnet_config, latent_diffusion_config, superres_config
+    from condgen.tasks.io.model_store import load_trained
+    from condgen.tasks.judging.evaluate import evaluate_run
+    from condgen.tasks.training.driver import TrainRequest, train
 
     def run(name, config, epochs=1):
         res = train(TrainRequest(model=name, shards_uri=tiny_shards, model_config=config, epochs=epochs,

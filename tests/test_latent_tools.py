@@ -1,10 +1,10 @@
-"""Latent tools (models/latent_map.py, tasks/map_latents.py) and the added evaluation
+"""Latent tools (models/latent_map.py, tasks/judging/latent_maps.py) and the added evaluation
 metrics, on synthetic latents and tiny untrained models: seconds on CPU."""
 import numpy as np
 import pytest
 import torch
 
-from models import latent_map as lm
+from condgen.models import latent_map as lm
 
 TINY_GAN = {"channels": (8, 16), "latent_dim": 6, "cond_dim": 4}
 
@@ -110,7 +110,7 @@ def test_edit_moves_along_the_direction():
 
 # -- GAN inversion ----------------------------------------------------------------------------------
 def test_gan_inversion_lowers_reconstruction_error():
-    from models.gan import CGAN, CGANConfig
+    from condgen.models.gan import CGAN, CGANConfig
 
     torch.manual_seed(0)
     gan = CGAN(CGANConfig(**TINY_GAN, image_size=16)).eval()  # 16 px: the same code, a third of the work
@@ -133,9 +133,9 @@ def test_gan_inversion_lowers_reconstruction_error():
 
 # -- the task layer: support sets, map persistence, CLIP optimisation ----------------------------------------
 def _spaces():
-    from models.cvae import CVAE, CVAEConfig
-    from models.gan import CGAN, CGANConfig
-    from tasks.map_latents import latent_space
+    from condgen.models.cvae import CVAE, CVAEConfig
+    from condgen.models.gan import CGAN, CGANConfig
+    from condgen.tasks.judging.latent_maps import latent_space
 
     torch.manual_seed(0)
     return (latent_space(CVAE(CVAEConfig(**TINY_CVAE)), name="cvae"),
@@ -143,7 +143,7 @@ def _spaces():
 
 
 def test_compare_spaces_rows_and_map_round_trip(tmp_path):
-    from tasks.map_latents import check_models, compare_spaces, load_map, save_map, translate
+    from condgen.tasks.judging.latent_maps import check_models, compare_spaces, load_map, save_map, translate
 
     a, b = _spaces()
     g = torch.Generator().manual_seed(0)
@@ -172,7 +172,7 @@ def test_compare_spaces_rows_and_map_round_trip(tmp_path):
 
 
 def test_clip_optimize_raises_the_score_with_a_tiny_image_encoder():
-    from tasks.map_latents import clip_optimize
+    from condgen.tasks.judging.latent_maps import clip_optimize
 
     a, _ = _spaces()
     torch.manual_seed(0)
@@ -185,8 +185,8 @@ def test_clip_optimize_raises_the_score_with_a_tiny_image_encoder():
 
 
 def test_interpolation_strip_endpoints_decode_the_endpoints():
-    from tasks.images import to_uint8
-    from tasks.map_latents import interpolation_strip
+    from condgen.tasks.io.images import to_uint8
+    from condgen.tasks.judging.latent_maps import interpolation_strip
 
     a, _ = _spaces()
     z0, z1 = torch.randn(4), torch.randn(4)
@@ -200,7 +200,7 @@ def test_interpolation_strip_endpoints_decode_the_endpoints():
 
 # -- added evaluation metrics ------------------------------------------------------------------------------
 def test_knn_precision_recall_and_diversity():
-    from tasks.evaluate import intra_class_diversity, precision_recall
+    from condgen.tasks.judging.evaluate import intra_class_diversity, precision_recall
 
     g = torch.Generator().manual_seed(0)
     real = torch.randn(300, 4, generator=g)
@@ -215,9 +215,9 @@ def test_knn_precision_recall_and_diversity():
 
 
 def test_evaluate_model_reports_the_added_metrics():
-    from models.classifier import ClassifierConfig, DigitClassifier
-    from models.cvae import CVAE, CVAEConfig
-    from tasks.evaluate import Judge, evaluate_model
+    from condgen.models.classifier import ClassifierConfig, DigitClassifier
+    from condgen.models.cvae import CVAE, CVAEConfig
+    from condgen.tasks.judging.evaluate import Judge, evaluate_model
 
     torch.manual_seed(0)
     judge = Judge(DigitClassifier(ClassifierConfig(channels=(4, 8), feature_dim=16)).eval(), 0.0, "test")
@@ -233,8 +233,8 @@ def test_evaluate_model_reports_the_added_metrics():
 def test_gan_to_gan_maps_invert_the_other_side():
     """Both spaces GANs (cGAN <-> AC-GAN, other latent sizes): ``generated`` draws z from the
     source GAN and inverts the target one; ``real`` inverts both. Maps go both ways."""
-    from models.gan import ACGAN, ACGANConfig, CGAN, CGANConfig
-    from tasks.map_latents import compare_spaces, latent_space
+    from condgen.models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
+    from condgen.tasks.judging.latent_maps import compare_spaces, latent_space
 
     torch.manual_seed(0)
     a = latent_space(CGAN(CGANConfig(**TINY_GAN)), name="cgan")
@@ -258,8 +258,8 @@ def test_clip_optimize_with_an_open_clip_model():
     """The real path: an open_clip model (the 1-layer ViT test config, through ClipHandle's
     differentiable image tower and preprocessing) scores a CVAE's decoded image against a
     text embedding from the same handle; optimising z raises that score."""
-    from tasks.clip import new_clip
-    from tasks.map_latents import clip_optimize
+    from condgen.tasks.clip.handle import new_clip
+    from condgen.tasks.judging.latent_maps import clip_optimize
 
     a, _ = _spaces()
     handle = new_clip("condgen-clip-test", seed=0)

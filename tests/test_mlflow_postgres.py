@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import storage
+from condgen.tasks.io import storage
 from tests.conftest import S3_TEST_BUCKET, free_port, kill_process_group, start_mlflow_server, wait_http
 
 pytestmark = pytest.mark.slow
@@ -48,9 +48,10 @@ def test_run_artifact_and_registry_on_postgres_and_s3(mlflow_pg_server, monkeypa
     import psycopg2
     import torch
 
-    from models.registry import build_model
-    from tasks import checkpoint as ckpt_io
-    from tasks.promote import ALIAS, Gate, load_registered, promote
+    from condgen.models.registry import build_model
+    from condgen.tasks.io import checkpoint as ckpt_io
+    from condgen.tasks.io.model_store import load_registered
+    from condgen.tasks.judging.promote import ALIAS, Gate, promote
 
     url = mlflow_pg_server["url"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.deploy import PREFECT_FILE, deploy, read_deployments
+from condgen.flows.deploy import PREFECT_FILE, deploy, read_deployments
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +35,8 @@ def test_deploy_and_run_on_a_process_worker(prefect_server, tmp_path, monkeypatc
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.batch_generate import BatchGenerateParams
-    from flows.retrain import RetrainParams
+    from condgen.flows.batch_generate import BatchGenerateParams
+    from condgen.flows.retrain import RetrainParams
 
     t0 = time.monotonic()
     ids = deploy(prefect_server)

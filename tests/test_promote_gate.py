@@ -1,7 +1,8 @@
 """The promotion gate as a pure function."""
 import pytest
 
-from tasks.promote import Gate, decide, parse_model_uri
+from condgen.tasks.io.model_store import parse_model_uri
+from condgen.tasks.judging.promote import Gate, decide
 
 
 def test_first_model_needs_threshold():

@@ -1,4 +1,4 @@
-"""The HTML evaluation report (tasks/report.py): self-contained page, rendered in headless
+"""The HTML evaluation report (tasks/judging/report.py): self-contained page, rendered in headless
 Chromium with every image decoded, logged to MLflow and fetched by ``condgen report``."""
 import re
 import subprocess
@@ -22,7 +22,7 @@ def _study():
 
 
 def _render(out_dir):
-    from tasks.report import ModelSection, render_report
+    from condgen.tasks.judging.report import ModelSection, render_report
 
     rng = np.random.default_rng(0)
     img = lambda h, w: rng.integers(0, 255, (h, w), dtype=np.uint8)  # noqa: E731
@@ -85,12 +85,12 @@ def test_write_report_logs_to_mlflow_and_cli_prints_the_path(tiny_shards, tmp_pa
     from mlflow.tracking import MlflowClient
 
     from condgen.cli import main
-    from models.cvae import CVAE, CVAEConfig
-    from models.gan import CGAN, CGANConfig
-    from tasks import tracking
-    from tasks.checkpoint import save_checkpoint
-    from tasks.map_latents import load_map
-    from tasks.report import ReportOptions, write_report
+    from condgen.models.cvae import CVAE, CVAEConfig
+    from condgen.models.gan import CGAN, CGANConfig
+    from condgen.tasks.io import tracking
+    from condgen.tasks.io.checkpoint import save_checkpoint
+    from condgen.tasks.judging.latent_maps import load_map
+    from condgen.tasks.judging.report import ReportOptions, write_report
 
     tracking.configure("condgen-report-test")
     torch.manual_seed(0)

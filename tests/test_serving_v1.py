@@ -25,9 +25,9 @@ import pytest
 import torch
 from PIL import Image
 
+from condgen.tasks.generation import batched as bs
+from condgen.tasks.io.images import to_uint8
 from tests.registry_helpers import TINY_CVAE, TINY_DIFFUSION, nondegenerate, register_tiny
-from tasks import batch_sampling as bs
-from tasks.images import to_uint8
 
 DIFF, CVAE, NOISY = "sv1-diffusion", "sv1-cvae", "sv1-noisy-classifier"
 CVAE_B = "sv1-cvae-b"  # the target of the served latent map (another latent size)
@@ -36,7 +36,7 @@ CVAE_B = "sv1-cvae-b"  # the target of the served latent map (another latent siz
 # -- unit: the batched sampler ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_diffusion():
-    from models.registry import build_model
+    from condgen.models.registry import build_model
 
     torch.manual_seed(0)
     return nondegenerate(build_model("diffusion", TINY_DIFFUSION)).eval()
@@ -79,7 +79,7 @@ def test_batched_equals_unbatched(tiny_diffusion, sampler, eta):
 
 
 def test_batched_cvae_matches_within_float_rounding():
-    from models.registry import build_model
+    from condgen.models.registry import build_model
 
     torch.manual_seed(0)
     model = build_model("cvae", TINY_CVAE).eval()
@@ -101,7 +101,7 @@ def test_incompatible_requests_are_refused(tiny_diffusion):
 
 # -- unit: the batcher -----------------------------------------------------------------------------------
 def test_batcher_groups_by_key_and_times_out():
-    from serving.engine import Batcher, Overloaded
+    from condgen.serving.engine import Batcher, Overloaded
 
     calls = []
 
@@ -131,9 +131,9 @@ def test_batcher_groups_by_key_and_times_out():
 # -- in-process service -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def registered(use_mlflow_server_module, condgen_home):
-    from models.conditioning import lora
-    from models.registry import build_model
-    from tasks.adapters import save_adapter
+    from condgen.models.conditioning import lora
+    from condgen.models.registry import build_model
+    from condgen.tasks.io.model_store import save_adapter
 
     register_tiny(DIFF, "diffusion", TINY_DIFFUSION, seed=0)
     register_tiny(CVAE, "cvae", TINY_CVAE, seed=0)
@@ -150,8 +150,8 @@ def registered(use_mlflow_server_module, condgen_home):
 
 def _fit_map(home) -> str:
     """A CVAE -> CVAE_B latent map fitted on the registered weights, saved to a folder."""
-    from tasks import map_latents as ml
-    from tasks.promote import load_registered
+    from condgen.tasks.io.model_store import load_registered
+    from condgen.tasks.judging import latent_maps as ml
 
     register_tiny(CVAE_B, "cvae", {**TINY_CVAE, "latent_dim": 6}, seed=3)
     a = ml.latent_space(load_registered(f"models:/{CVAE}/1")[0], name=CVAE)
@@ -162,7 +162,7 @@ def _fit_map(home) -> str:
 
 
 def _config(registered, **over):
-    from serving.app import make_config
+    from condgen.serving.app import make_config
 
     models = [{"uri": f"models:/{DIFF}@champion", "classifier": f"models:/{NOISY}@champion",
                "adapters": {"bold": registered["adapter"]}},
@@ -174,7 +174,7 @@ def _config(registered, **over):
 
 @pytest.fixture(scope="module")
 def service(registered):
-    from serving.engine import Service
+    from condgen.serving.engine import Service
 
     svc = Service(_config(registered))
     yield svc
@@ -185,7 +185,7 @@ def service(registered):
 def client(service):
     from fastapi.testclient import TestClient
 
-    from serving.app import bind_service
+    from condgen.serving.app import bind_service
 
     with TestClient(bind_service(service)) as c:
         yield c
@@ -225,8 +225,8 @@ def test_generate_reports_parameters_and_version(client):
 def test_concurrent_requests_share_a_batch_and_match_lone_results(service, registered):
     """Through the service: concurrent compatible requests ride one forward pass; each answer is
     identical to the same request served alone by a service with batching off."""
-    from serving import schema
-    from serving.engine import Service
+    from condgen.serving import schema
+    from condgen.serving.engine import Service
 
     reqs = [schema.GenerateV1(label=i % 10, guidance="cfg" if i % 2 else "none", scale=0.5 * i if i % 2 else 0.0,
                               seed=i, n=1 + i % 2, steps=4) for i in range(8)]
@@ -338,7 +338,7 @@ def test_every_bad_input_is_a_4xx_with_a_reason(client):
 
 
 def test_map_translates_a_latent_between_models(client, service):
-    from tasks import map_latents as ml
+    from condgen.tasks.judging import latent_maps as ml
 
     r = client.post("/v1/map", json={"source_model": CVAE, "target_model": CVAE_B, "label": 4, "seed": 3})
     assert r.status_code == 200, r.text
@@ -390,8 +390,8 @@ def test_timeouts_answer_504_without_hanging(client):
 def test_api_key_required_when_set(registered, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from serving.app import bind_service
-    from serving.engine import Service
+    from condgen.serving.app import bind_service
+    from condgen.serving.engine import Service
 
     monkeypatch.setenv("CONDGEN_API_KEY", "s3cret")
     svc = Service(_config(registered))
@@ -412,7 +412,7 @@ def test_api_key_required_when_set(registered, monkeypatch):
 
 
 def test_replica_reloads_when_champion_moves(registered):
-    from serving.engine import Service
+    from condgen.serving.engine import Service
 
     svc = Service(_config(registered, poll_s=0.3))
     try:
@@ -481,8 +481,8 @@ def test_fuzz_openapi_schema_gives_no_5xx(registered):
     no answer is a 5xx other than 504 (a timeout is allowed), every 4xx has a reason."""
     from fastapi.testclient import TestClient
 
-    from serving.app import bind_service
-    from serving.engine import Service
+    from condgen.serving.app import bind_service
+    from condgen.serving.engine import Service
 
     svc = Service(_config(registered, request_timeout_s=1.0))
     rng = random.Random(1234)
@@ -525,7 +525,7 @@ def _post(url, body, headers=None, timeout=120):
 def served(registered, local_ray):
     from ray import serve
 
-    from serving.app import run
+    from condgen.serving.app import run
     from tests.conftest import free_port, wait_http
 
     serve.shutdown()  # a proxy from an earlier test would keep its own port

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from tasks import storage
+from condgen.tasks.io import storage
 from tests.conftest import S3_TEST_BUCKET, free_port, start_moto_server, stop_server
 
 

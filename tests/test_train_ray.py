@@ -2,7 +2,8 @@
 tracking, checkpoint to storage, and recovery from a killed worker process."""
 import pytest
 
-from tasks.train import TrainRequest, load_trained, train
+from condgen.tasks.io.model_store import load_trained
+from condgen.tasks.training.driver import TrainRequest, train
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from tasks import storage
-from tasks.ingest import ingest
-from tasks.train import TrainRequest, load_trained, train
+from condgen.tasks.data.ingest import ingest
+from condgen.tasks.io import storage
+from condgen.tasks.io.model_store import load_trained
+from condgen.tasks.training.driver import TrainRequest, train
 
 TINY_CVAE = {"channels": [4, 8], "latent_dim": 4, "cond_dim": 4, "lr": 5e-3}
 
@@ -61,7 +62,7 @@ def test_placement_defaults_are_the_laptops():
 def test_ray_storage_paths(monkeypatch, tmp_path):
     import pyarrow.fs
 
-    from tasks.train import ray_storage
+    from condgen.tasks.training.driver import ray_storage
 
     assert ray_storage(str(tmp_path)) == (str(tmp_path), None)
     assert ray_storage(tmp_path.as_uri()) == (str(tmp_path), None)

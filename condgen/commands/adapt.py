@@ -16,10 +16,10 @@ import json
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.retrain import default_shards_uri
-    from tasks.evaluate import evaluate_run
-    from tasks.ingest import ingest
-    from tasks.train import AdapterSpec, TrainRequest, train
+    from condgen.flows.retrain import default_shards_uri
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.judging.evaluate import evaluate_run
+    from condgen.tasks.training.driver import AdapterSpec, TrainRequest, train
 
     shards = args.shards or default_shards_uri(args.source)
     if not args.shards:

@@ -10,7 +10,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from flows.deploy import main
+    from condgen.flows.deploy import main
 
     argv = (["--api-url", args.api_url] if args.api_url else []) + \
         (["--prefect-file", args.prefect_file] if args.prefect_file else [])

@@ -24,10 +24,10 @@ EDIT_METHODS = ("ddim_inversion", "null_text", "sdedit")
 def load_model(uri: str) -> tuple[Any, dict[str, Any]]:
     """A model + its meta from ``models:/…`` (MLflow registry) or a checkpoint URI/path."""
     if uri.startswith("models:/"):
-        from tasks.promote import load_registered
+        from condgen.tasks.io.model_store import load_registered
 
         return load_registered(uri)
-    from tasks.train import load_trained
+    from condgen.tasks.io.model_store import load_trained
 
     return load_trained(uri)
 
@@ -42,8 +42,8 @@ def _labels(text: str | None) -> list[int] | None:
 
 
 def _write_png(out: str, img) -> None:
-    from tasks import storage
-    from tasks.images import png_bytes
+    from condgen.tasks.io import storage
+    from condgen.tasks.io.images import png_bytes
 
     data = png_bytes(img)
     if "://" in out:
@@ -60,8 +60,8 @@ def _read_png(path: str, size: int):
     import numpy as np
     from PIL import Image
 
-    from tasks import storage
-    from tasks.images import from_uint8
+    from condgen.tasks.io import storage
+    from condgen.tasks.io.images import from_uint8
 
     data = storage.read_bytes(path) if "://" in path else Path(path).read_bytes()
     im = Image.open(io.BytesIO(data)).convert("L")
@@ -71,7 +71,7 @@ def _read_png(path: str, size: int):
 
 
 def _text_conditions(args: argparse.Namespace, prompts: list[str]):
-    from tasks.clip import load_clip
+    from condgen.tasks.clip.handle import load_clip
 
     handle = load_clip(args.clip, data_uri=args.clip_data)
     return handle, handle.encode_texts(prompts)
@@ -80,8 +80,8 @@ def _text_conditions(args: argparse.Namespace, prompts: list[str]):
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from tasks.generate import sample_images
-    from tasks.images import grid, to_uint8
+    from condgen.tasks.generation.sampling import sample_images
+    from condgen.tasks.io.images import grid, to_uint8
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,8 +121,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     import torch
 
-    from tasks.generate import edit_images
-    from tasks.images import to_uint8
+    from condgen.tasks.generation.sampling import edit_images
+    from condgen.tasks.io.images import to_uint8
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,8 +6,8 @@ import json
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.retrain import default_shards_uri
-    from tasks.embed import embed
+    from condgen.flows.retrain import default_shards_uri
+    from condgen.tasks.clip.embed import embed
 
     shards = args.shards or default_shards_uri("bundled:mnist")
     res = embed(shards, args.clip, num_workers=args.workers, batch_size=args.batch_size,

@@ -40,8 +40,8 @@ def _labels(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.batch_generate import BatchGenerateParams, batch_generate
-    from tasks import batch_generate as bg
+    from condgen.flows.batch_generate import BatchGenerateParams, batch_generate
+    from condgen.tasks.generation import batch as bg
 
     raw = json.loads(open(args.params).read()) if args.params else {}
     raw.update(model_uri=args.model, labels=_labels(args.labels), prompts=args.prompt, seeds_per_condition=args.seeds,

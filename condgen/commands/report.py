@@ -11,8 +11,8 @@ import argparse
 def cmd_report(args: argparse.Namespace) -> int:
     import mlflow
 
-    from condgen import settings
-    from tasks.report import download_report
+    from condgen.tasks.io import settings
+    from condgen.tasks.judging.report import download_report
 
     mlflow.set_tracking_uri(settings.tracking_uri())
     path = download_report(args.run_id, args.out)

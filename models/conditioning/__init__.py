@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.conditioning.adain import AdaIN
-from models.conditioning.concat import ConcatCondition
-from models.conditioning.cross_attention import CrossAttention
-from models.conditioning.film import FiLM
+from condgen.models.conditioning.adain import AdaIN
+from condgen.models.conditioning.concat import ConcatCondition
+from condgen.models.conditioning.cross_attention import CrossAttention
+from condgen.models.conditioning.film import FiLM
 
 BLOCKS: dict[str, type[nn.Module]] = {
     "concat": ConcatCondition,

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.conditioning import make_block
+from condgen.models.conditioning import make_block
 
 
 class CondConvStack(nn.Module):

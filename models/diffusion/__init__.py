@@ -10,19 +10,19 @@ clipping   clip_x0                                 denoiser wrapper: x0_hat clam
 inversion  ddim_invert, null_text_inversion        x_0 -> x_T (+ per-step null embeddings)
 sdedit     sdedit                                  noise to strength * T, denoise with a new condition
 """
-from models.diffusion.clipping import clip_x0
-from models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
-from models.diffusion.guidance import cfg, classifier_guidance, clip_guidance
-from models.diffusion.inversion import (
+from condgen.models.diffusion.clipping import clip_x0
+from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
+from condgen.models.diffusion.guidance import cfg, classifier_guidance, clip_guidance
+from condgen.models.diffusion.inversion import (
     NullTextInversion,
     PerStepCondition,
     ddim_inversion_trajectory,
     ddim_invert,
     null_text_inversion,
 )
-from models.diffusion.samplers import SAMPLERS, sample_ddim, sample_ddpm
-from models.diffusion.schedule import NoiseSchedule, make_schedule
-from models.diffusion.sdedit import sdedit
+from condgen.models.diffusion.samplers import SAMPLERS, sample_ddim, sample_ddpm
+from condgen.models.diffusion.schedule import NoiseSchedule, make_schedule
+from condgen.models.diffusion.sdedit import sdedit
 
 __all__ = [
     "SAMPLERS",

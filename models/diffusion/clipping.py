@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from models.diffusion.denoiser import Denoiser
-from models.diffusion.schedule import NoiseSchedule, as_timesteps
+from condgen.models.diffusion.denoiser import Denoiser
+from condgen.models.diffusion.schedule import NoiseSchedule, as_timesteps
 
 
 def clip_x0(denoiser: Denoiser, schedule: NoiseSchedule, lo: float = -1.0, hi: float = 1.0) -> Denoiser:

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import OptStep, condition_from_batch, ema_update
-from models.diffusion.clipping import clip_x0
-from models.diffusion.denoiser import Callback, Denoiser, randn
-from models.diffusion.guidance import cfg
-from models.diffusion.samplers.ddim import sample_ddim
-from models.diffusion.schedule import as_timesteps, make_schedule
-from models.diffusion.unet import Downsample, ResBlock, UNet, group_norm, timestep_embedding
+from condgen.models.base import OptStep, condition_from_batch, ema_update
+from condgen.models.diffusion.clipping import clip_x0
+from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
+from condgen.models.diffusion.guidance import cfg
+from condgen.models.diffusion.samplers.ddim import sample_ddim
+from condgen.models.diffusion.schedule import as_timesteps, make_schedule
+from condgen.models.diffusion.unet import Downsample, ResBlock, UNet, group_norm, timestep_embedding
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models.diffusion.denoiser import Denoiser
-from models.diffusion.schedule import NoiseSchedule, as_timesteps
+from condgen.models.diffusion.denoiser import Denoiser
+from condgen.models.diffusion.schedule import NoiseSchedule, as_timesteps
 
 # A condition for the null/negative branch: a fixed tensor, or a function of the timesteps
 # (B,) -> tensor, e.g. the per-step null embeddings of null-text inversion.

@@ -25,9 +25,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from models.diffusion.denoiser import Callback, Denoiser
-from models.diffusion.samplers.ddim import ddim_step
-from models.diffusion.schedule import NoiseSchedule
+from condgen.models.diffusion.denoiser import Callback, Denoiser
+from condgen.models.diffusion.samplers.ddim import ddim_step
+from condgen.models.diffusion.schedule import NoiseSchedule
 
 
 @torch.no_grad()

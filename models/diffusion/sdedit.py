@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from models.diffusion.denoiser import Callback, Denoiser, randn
-from models.diffusion.samplers.ddim import sample_ddim
-from models.diffusion.schedule import NoiseSchedule
+from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
+from condgen.models.diffusion.samplers.ddim import sample_ddim
+from condgen.models.diffusion.schedule import NoiseSchedule
 
 
 @torch.no_grad()

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.conditioning.cross_attention import CrossAttention
-from models.conditioning.embedding import ConditionEmbedding
+from condgen.models.conditioning.cross_attention import CrossAttention
+from condgen.models.conditioning.embedding import ConditionEmbedding
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 One algorithm per file; the RNG is always an argument; the denoiser predicts eps.
 """
-from models.diffusion.samplers.ddim import ddim_step, sample_ddim
-from models.diffusion.samplers.ddpm import sample_ddpm
+from condgen.models.diffusion.samplers.ddim import ddim_step, sample_ddim
+from condgen.models.diffusion.samplers.ddpm import sample_ddpm
 
 SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm}
 

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from models.diffusion.denoiser import Callback, Denoiser, randn
-from models.diffusion.schedule import NoiseSchedule
+from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
+from condgen.models.diffusion.schedule import NoiseSchedule
 
 
 def ddim_step(

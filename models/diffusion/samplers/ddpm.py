@@ -17,8 +17,8 @@ from typing import Sequence
 
 import torch
 
-from models.diffusion.denoiser import Callback, Denoiser, randn
-from models.diffusion.schedule import NoiseSchedule
+from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
+from condgen.models.diffusion.schedule import NoiseSchedule
 
 
 @torch.no_grad()

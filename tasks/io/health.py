@@ -12,8 +12,11 @@ import uuid
 from typing import Any
 from urllib.parse import urlparse
 
-from condgen import settings
-from tasks import storage
+import ray
+from mlflow.tracking import MlflowClient
+
+from condgen.tasks.io import settings, storage
+from condgen.tasks.io.cluster import ensure_ray
 
 
 def _where(uri: str) -> str:
@@ -42,7 +45,6 @@ def storage_roundtrip(root: str | None = None) -> dict[str, Any]:
 
 def tracking_ping(tracking_uri: str | None = None) -> dict[str, Any]:
     """Ask the MLflow tracking store for its experiments (a read: no run is created)."""
-    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or settings.tracking_uri()
     t0 = time.perf_counter()
@@ -52,13 +54,10 @@ def tracking_ping(tracking_uri: str | None = None) -> dict[str, Any]:
 
 def ray_ping(address: str | None = None) -> dict[str, Any]:
     """Connect to Ray (``RAY_ADDRESS`` or a local instance), run one task, report the cluster size."""
-    import ray
 
     address = address if address is not None else os.environ.get("RAY_ADDRESS")
     t0 = time.perf_counter()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    started = ensure_ray(address)
     try:
         node = ray.get(ray.remote(num_cpus=0)(lambda: ray.get_runtime_context().get_node_id()).remote(), timeout=120)
         nodes = [n for n in ray.nodes() if n.get("Alive")]

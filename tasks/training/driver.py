@@ -14,44 +14,38 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import mlflow
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import save as st_save
 
-from models.base import flatten_params
-from models.registry import build_model
-from tasks import checkpoint as ckpt_io
-from tasks import storage
-from tasks.images import from_uint8, grid, to_uint8
+from condgen.models.base import config_to_dict, flatten_params
+from condgen.models.registry import build_model
+from condgen.tasks.data.splits import load_arrays
+from condgen.tasks.io import checkpoint as ckpt_io
+from condgen.tasks.io import settings, storage, tracking
+from condgen.tasks.io.cluster import ensure_ray
+from condgen.tasks.io.images import from_uint8, grid, to_uint8
+from condgen.tasks.io.model_store import load_model_uri
+from condgen.tasks.training.adapters import prepare, served_parameters, trained_adapter_parameters
 
 
 # -- data --------------------------------------------------------------------------------
-def load_arrays(shards_uri: str, split: str, embeddings: str | None = None,
-                latents: str | None = None) -> dict[str, np.ndarray]:
-    """Arrays for a split: x uint8 (N,H,W), y int64 (N,), txt float (N, n_captions, D) if embedded,
-    z float32 (N, c, h, w) when ``latents`` names precomputed autoencoder latents (``tasks.latents``)."""
-    from tasks.data import load_split
-
-    data = load_split(shards_uri, split)
-    out = {"x": data["x"], "y": data["y"].astype(np.int64)}
-    if embeddings:
-        from tasks.embed import load_embeddings
-
-        emb = load_embeddings(shards_uri, embeddings, list(data["key"]))
-        out["txt"] = emb["txt"].astype(np.float32)
-    if latents:
-        from tasks.latents import load_latents
-
-        out["z"] = load_latents(shards_uri, latents, list(data["key"]))
-    return out
-
-
 def batches(arrays: dict[str, np.ndarray], batch_size: int, rank: int, world: int, epoch: int, seed: int):
     """Shuffled, rank-disjoint mini-batches (a DistributedSampler over in-memory arrays).
 
@@ -119,9 +113,7 @@ def mean_across_workers(logs: dict[str, float]) -> dict[str, float]:
 
 def worker_placement() -> list[dict[str, Any]]:
     """``{rank, node_id, host, pid}`` of every worker, in rank order (a collective: all ranks call it)."""
-    import socket
 
-    import ray
 
     rank, world = _world()
     me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
@@ -183,8 +175,6 @@ def sample_grid(model: torch.nn.Module, cond: torch.Tensor, seed: int = 0, per_r
 # -- the worker loop -------------------------------------------------------------------
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: build, (resume), train ``epochs`` epochs, report + checkpoint each epoch."""
-    import ray.train
-    import ray.train.torch
 
     rank, world = _world()
     torch.manual_seed(config["seed"])
@@ -194,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if adapter:  # LoRA run: the base weights (safetensors bytes in Ray's object store), then adapters
         from safetensors.torch import load as st_load
 
-        from tasks.adapters import prepare
+        from condgen.tasks.training.adapters import prepare
 
         model.load_state_dict(st_load(ray.get(adapter["weights_ref"])))
         prepare(model, adapter["targets"], adapter["rank"], adapter["alpha"])
@@ -221,7 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     placement = worker_placement()  # every rank takes part in the gather
     logger = None
     if rank == 0 and config.get("run_id"):
-        from tasks.tracking import MetricLogger
+        from condgen.tasks.io.tracking import MetricLogger
 
         logger = MetricLogger(config["tracking_uri"], config["run_id"])
         # Where the workers ran (one entry per rank): on a cluster, the first question
@@ -258,7 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
                 Path(tmp, "trainer_state.json").write_text(json.dumps({"epoch": epoch, "step": step, "optimizers": meta}))
                 if adapter:
-                    from tasks.adapters import save_adapter
+                    from condgen.tasks.io.model_store import save_adapter
 
                     save_adapter(Path(tmp).as_uri(), model, rank=adapter["rank"], alpha=adapter["alpha"],
                                  base=adapter["base"])
@@ -323,17 +313,9 @@ class TrainResult:
 
 def train(req: TrainRequest) -> TrainResult:
     """Run one TorchTrainer fit as one MLflow run; copy the final checkpoint to storage."""
-    import mlflow
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from condgen import settings
-    from tasks import tracking
 
-    if not ray.is_initialized():
-        ray.init(address=settings.ray_address(), include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
+    ensure_ray()
     tracking.configure(req.experiment)
     adapter_cfg = None
     if req.adapter is not None:
@@ -378,7 +360,7 @@ def train(req: TrainRequest) -> TrainResult:
         if result.checkpoint is None:
             raise RuntimeError(f"training {req.model} produced no checkpoint: {result.error}")
         if adapter_cfg:  # the product is the adapter, never a copy of the base
-            from tasks.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+            from condgen.tasks.io.model_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
             files, folder = (ADAPTER_WEIGHTS, ADAPTER_CONFIG), "adapters"
         else:
@@ -391,7 +373,7 @@ def train(req: TrainRequest) -> TrainResult:
         history = _history(run.info.run_id)
         mlflow.set_tag("condgen.adapter" if adapter_cfg else "condgen.checkpoint", dest)
         if adapter_cfg and req.adapter.register_as:
-            from tasks.promote import register
+            from condgen.tasks.io.model_store import register
 
             version = register(run.info.run_id, req.adapter.register_as, artifact_path="adapter",
                                tags={"condgen.kind": "adapter", "condgen.adapter_base": adapter_cfg["base"]})
@@ -403,11 +385,7 @@ def train(req: TrainRequest) -> TrainResult:
 def _adapter_setup(req: TrainRequest) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load the base on the driver (fail fast on a bad URI or target), put its weights in Ray's
     object store as safetensors bytes, and fill ``req.model`` / ``req.model_config`` from it."""
-    import ray
-    from safetensors.torch import save as st_save
 
-    from tasks.promote import load_model_uri
-    from tasks.adapters import prepare, served_parameters, trained_adapter_parameters
 
     spec = req.adapter
     base, meta = load_model_uri(spec.base)
@@ -436,7 +414,6 @@ def ray_storage(uri: str) -> tuple[str, Any]:
     endpoint = storage.endpoint_url()
     if endpoint is None:
         return uri, None  # AWS: pyarrow resolves s3:// itself
-    from urllib.parse import urlparse
 
     import pyarrow.fs
 
@@ -448,14 +425,12 @@ def ray_storage(uri: str) -> tuple[str, Any]:
 
 
 def _config_dict(model: torch.nn.Module) -> dict[str, Any]:
-    from models.base import config_to_dict
 
     return config_to_dict(model.config)
 
 
 def _history(run_id: str) -> list[dict[str, Any]]:
     """Per-epoch metrics as the rank-0 worker logged them to the MLflow run."""
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     by_epoch: dict[int, dict[str, Any]] = {}
@@ -463,11 +438,3 @@ def _history(run_id: str) -> list[dict[str, Any]]:
         for m in client.get_metric_history(run_id, key):
             by_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
     return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def load_trained(checkpoint_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a checkpoint directory from any storage URI."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
-            Path(tmp, name).write_bytes(storage.read_bytes(storage.join(checkpoint_uri, name)))
-        return ckpt_io.load_checkpoint(tmp)

@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlparse
 
 import boto3
 import botocore.exceptions as bexc
+import webdataset
 from botocore.config import Config
 
 log = logging.getLogger(__name__)
@@ -516,7 +517,6 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[
 
 def register_webdataset_s3() -> None:
     """Let ``webdataset.WebDataset("s3://...")`` stream through boto3 (no ``aws`` CLI)."""
-    import webdataset
 
     # The same dict object as webdataset.gopen.gopen_schemes (the module name is
     # shadowed by the gopen function in the package namespace).

@@ -16,9 +16,9 @@ the run was interrupted. Hence resume is simple and free of duplicates:
 * missing shards run as Ray tasks (one per shard, ``num_cpus`` each); the manifest is
   written last, from the sidecars.
 
-Each sample: ``png`` (marked by ``tasks/watermark.py``), ``cls``, ``json`` with the
+Each sample: ``png`` (marked by ``tasks/generation/watermark.py``), ``cls``, ``json`` with the
 condition, seed and a signed provenance record (model name/version/run, parameters,
-seed, key, job fingerprint). The safety filter (``tasks/safety.py``) drops denied
+seed, key, job fingerprint). The safety filter (``tasks/generation/safety.py``) drops denied
 prompts before sampling and judge-rejected samples after; both are counted per shard
 and in the manifest, so requested = written + blocked.
 """
@@ -28,17 +28,32 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+import mlflow
 import numpy as np
+import ray
 import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
-from condgen import settings
-
-from tasks import storage
-from tasks.images import png_bytes, to_uint8
+from condgen.models.base import config_to_dict
+from condgen.models.registry import build_model
+from condgen.tasks.data.attributes import label_from_prompt
+from condgen.tasks.generation import batched as bs
+from condgen.tasks.generation import watermark
+from condgen.tasks.generation.safety import DenyList, LabelMatch, SafetyFilter
+from condgen.tasks.io import settings, storage
+from condgen.tasks.io.checkpoint import model_name
+from condgen.tasks.io.cluster import ensure_ray
+from condgen.tasks.io.images import png_bytes, to_uint8
+from condgen.tasks.io.model_store import load_registered, load_trained, parse_model_uri
+from condgen.tasks.io.shards import tar_bytes
 
 SCHEMA_VERSION = 1
 PLAN = "plan.json"
@@ -117,11 +132,7 @@ def item(spec: JobSpec, i: int) -> dict[str, Any]:
 # -- planning --------------------------------------------------------------------------------------
 def resolve_model(model_uri: str) -> dict[str, str]:
     """Pin an alias to the version it points at now."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
 
-    from condgen import settings
-    from tasks.promote import parse_model_uri
 
     mlflow.set_tracking_uri(settings.tracking_uri())
     name, alias, version = parse_model_uri(model_uri)
@@ -168,12 +179,7 @@ def missing_shards(plan: Plan) -> list[int]:
 
 # -- the model travels as safetensors bytes + config (never a pickled module) ------------------------
 def model_payload(uri: str) -> dict[str, Any]:
-    from safetensors.torch import save as st_save
 
-    from models.base import config_to_dict
-    from condgen import settings
-    from tasks.checkpoint import model_name
-    from tasks.promote import load_registered
 
     __import__("mlflow").set_tracking_uri(settings.tracking_uri())
     model, meta = load_registered(uri)
@@ -183,9 +189,7 @@ def model_payload(uri: str) -> dict[str, Any]:
 
 
 def model_from_payload(payload: dict[str, Any]) -> torch.nn.Module:
-    from safetensors.torch import load as st_load
 
-    from models.registry import build_model
 
     model = build_model(payload["model"], payload["config"])
     model.load_state_dict(st_load(payload["weights"]))
@@ -195,17 +199,15 @@ def model_from_payload(payload: dict[str, Any]) -> torch.nn.Module:
 def load_any(uri: str) -> torch.nn.Module:
     """A classifier from ``models:/…`` or a checkpoint folder in storage (the judge)."""
     if uri.startswith("models:/"):
-        from tasks.promote import load_registered
+        from condgen.tasks.io.model_store import load_registered
 
         return load_registered(uri)[0].eval()
-    from tasks.train import load_trained
 
     return load_trained(uri)[0].eval()
 
 
 # -- one shard --------------------------------------------------------------------------------------
 def _safety(spec: JobSpec):
-    from tasks.safety import DenyList, LabelMatch, SafetyFilter
 
     deny = DenyList(spec.deny_list) if spec.deny_list is not None else DenyList.from_env()
     outputs = [LabelMatch(load_any(spec.judge_uri), spec.judge_min_prob)] if spec.judge_uri else []
@@ -215,16 +217,12 @@ def _safety(spec: JobSpec):
 def _label_of(model: torch.nn.Module, it: dict[str, Any]) -> int | None:
     if "label" in it:
         return int(it["label"])
-    from serving.engine import label_from_prompt  # the same prompt -> label rule as the service
 
     return label_from_prompt(it["prompt"], int(getattr(model.config, "num_classes", 10)))
 
 
 def generate_shard(payload: dict[str, Any], plan_json: dict[str, Any], k: int) -> dict[str, Any]:
     """Make shard k of the plan, write tar then sidecar; returns the sidecar entry."""
-    from tasks import batch_sampling as bs
-    from tasks import watermark
-    from tasks.ingest import tar_bytes
 
     torch.set_num_threads(1)
     plan = Plan.from_json(plan_json)
@@ -295,11 +293,8 @@ def run_shards(plan: Plan, shard_ids: Sequence[int], payload: dict[str, Any], *,
                 raise RuntimeError(f"injected failure on shard {k}")
             out.append(generate_shard(payload, plan_json, k))
         return out
-    import ray
 
-    if not ray.is_initialized():
-        ray.init(address=settings.ray_address(), include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
+    ensure_ray()
     env = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
 
     @ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])
@@ -346,7 +341,7 @@ def write_manifest(plan: Plan) -> dict[str, Any]:
         "blocked": blocked, "n_blocked": sum(blocked.values()),
         "shards": [{"name": e["name"], "n_samples": e["n_samples"], "sha256": e["sha256"], "blocked": e["blocked"]}
                    for e in entries],
-        "provenance": {"signature": "hmac-sha256", "key_id": __import__("tasks.watermark").watermark.key_id(),
+        "provenance": {"signature": "hmac-sha256", "key_id": __import__("condgen.tasks.generation.watermark", fromlist=["key_id"]).key_id(),
                        "watermark": "lsb-keyed" if plan.spec.watermark else None},
     }
     if n_samples + manifest["n_blocked"] != plan.n_items:
@@ -376,9 +371,7 @@ def run_job(spec: JobSpec, *, use_ray: bool = True, max_shards: int | None = Non
 
 def read_samples(out_uri: str) -> list[dict[str, Any]]:
     """Every sample of a finished job (manifest order): key, image (uint8 HxW), meta."""
-    import tarfile
 
-    from PIL import Image
 
     manifest = storage.read_json(storage.join(out_uri, MANIFEST))
     out = []

@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
 from PIL import Image
+
+from condgen.tasks.data.splits import load_split
+from condgen.tasks.io import settings, tracking
+from condgen.tasks.io.images import from_uint8
+from condgen.tasks.io.model_store import load_trained
+from condgen.tasks.judging import latent_maps as ml
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +353,6 @@ class ReportOptions:
 
 
 def _grid_from_run(run_id: str) -> np.ndarray | None:
-    from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -369,12 +376,7 @@ def gather(results: Sequence[Mapping[str, Any]], shards_uri: str, options: Repor
            *, map_run_id: str | None = None) -> dict[str, Any]:
     """Everything the page shows, for the flow's results list (dicts with model, run_id, checkpoint,
     metrics). Maps are logged to ``map_run_id`` when given."""
-    import torch
 
-    from tasks import map_latents as ml
-    from tasks.data import load_split
-    from tasks.images import from_uint8
-    from tasks.train import load_trained
 
     opt = options or ReportOptions()
     errors: dict[str, str] = {}
@@ -421,7 +423,7 @@ def gather(results: Sequence[Mapping[str, Any]], shards_uri: str, options: Repor
     map_rows: list[dict[str, Any]] = []
     map_uris: dict[str, str] = {}
     if opt.latent_maps and len(spaces) >= 2 and train is not None and test is not None:
-        from tasks.evaluate import get_judge
+        from condgen.tasks.judging.evaluate import get_judge
 
         judge = _section(errors, "judge", lambda: get_judge(shards_uri, epochs=opt.judge_epochs))
         rng = np.random.default_rng(opt.seed)
@@ -449,9 +451,7 @@ def write_report(results: Sequence[Mapping[str, Any]], shards_uri: str, *, exper
                  run_id: str | None = None, title: str = "condgen retrain report") -> dict[str, Any]:
     """Gather, render and log the report. Logs to ``run_id`` when given, otherwise to a new
     run named ``report`` in ``experiment``. Returns ``{"run_id", "uri", "local_path", ...}``."""
-    from mlflow.tracking import MlflowClient
 
-    from tasks import tracking
 
     experiment_id = tracking.configure(experiment)
     client = MlflowClient()
@@ -487,7 +487,6 @@ def write_report(results: Sequence[Mapping[str, Any]], shards_uri: str, *, exper
 
 def report_run_of(run_id: str) -> str:
     """The run that holds the report for ``run_id`` (itself, or the one its tag points to)."""
-    from mlflow.tracking import MlflowClient
 
     run = MlflowClient().get_run(run_id)
     return run.data.tags.get("condgen.report_run", run_id)
@@ -495,9 +494,7 @@ def report_run_of(run_id: str) -> str:
 
 def download_report(run_id: str, dst: str | Path | None = None) -> Path:
     """Download ``report/report.html`` of a report run (or of the report a model run points to)."""
-    from mlflow.tracking import MlflowClient
 
-    from condgen import settings
 
     rid = report_run_of(run_id)
     dst = Path(dst) if dst else settings.home() / "reports" / rid

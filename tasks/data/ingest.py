@@ -57,7 +57,9 @@ from braceexpand import braceexpand
 from PIL import Image
 from prefect import task
 
-from tasks import attributes, storage
+from condgen.tasks.data import attributes
+from condgen.tasks.io import storage
+from condgen.tasks.io.shards import encode_png, tar_bytes
 
 SCHEMA_VERSION = 1
 # Bump when the bytes written for the same source + config change (processing code),
@@ -278,20 +280,6 @@ def _write_shard(out_uri: str, number: int, samples: list[tuple[str, dict[str, b
     return {"name": name, "n_samples": len(samples), "sha256": digest}
 
 
-def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    """A tar with reproducible bytes: given order, sorted members, no times or owners."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for ext in sorted(members):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(members[ext])
-                info.mtime, info.mode, info.uid, info.gid = 0, 0o644, 0, 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(members[ext]))
-    return buf.getvalue()
-
-
 def split_of(key: str, seed: int, splits: Sequence[float]) -> str:
     """Fixed split from a seeded hash of the key: stable under reordering and limits."""
     u = int.from_bytes(hashlib.sha256(f"split:{seed}:{key}".encode()).digest()[:8], "big") / 2.0**64
@@ -395,12 +383,6 @@ def to_square(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] != size:
         img = np.asarray(Image.fromarray(img, mode="L").resize((size, size), Image.Resampling.LANCZOS))
     return np.ascontiguousarray(img, dtype=np.uint8)
-
-
-def encode_png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img, mode="L").save(buf, format="PNG", compress_level=6)  # no timestamps
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------- sources

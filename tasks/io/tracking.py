@@ -5,9 +5,10 @@ import time
 from typing import Any, Callable, TypeVar
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from condgen import settings
+from condgen.tasks.io import settings
 
 T = TypeVar("T")
 
@@ -63,7 +64,6 @@ class MetricLogger:
         self.flush()
 
     def flush(self) -> None:
-        from mlflow.entities import Metric
 
         if not self.pending:
             return

@@ -6,6 +6,7 @@ explicit registry (``models.registry.MODELS``) by the name stored in the JSON.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.base import config_to_dict
-from models.registry import MODELS, build_model
+from condgen.models.base import config_to_dict
+from condgen.models.registry import MODELS, build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -68,7 +69,6 @@ def load_checkpoint(directory: str | Path, map_location: str = "cpu") -> tuple[n
 
 def state_fingerprint(model: nn.Module) -> str:
     """sha256 over the weights, for "did this change?" checks."""
-    import hashlib
 
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):

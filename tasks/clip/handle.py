@@ -27,7 +27,7 @@
 
 All three give the same handle: ``encode_images`` / ``encode_texts`` (L2-normalised
 float32), a differentiable ``image_tower`` for CLIP guidance, and a ``fingerprint``
-(sha256 over weights + config) that keys precomputed embeddings (``tasks/embed.py``).
+(sha256 over weights + config) that keys precomputed embeddings (``tasks/clip/embed.py``).
 
 Images follow the project convention: uint8 (N, 28, 28), or float in [-1, 1] with
 shape (N, 28, 28), (N, 1, H, W) or (N, 3, H, W). The preprocessing is open_clip's
@@ -40,38 +40,44 @@ for every image, so embeddings stay consistent within condgen.
 from __future__ import annotations
 
 import hashlib
-import io
+import importlib.resources
 import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+from urllib.parse import urlparse
 
+import mlflow
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-import models
-from tasks import storage
+from condgen.tasks.data.attributes import DIGIT_WORDS
+from condgen.tasks.data.splits import load_split
+from condgen.tasks.io import storage, tracking
+from condgen.tasks.io.model_store import parse_model_uri, register
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(models.__file__).parent / "clip_configs"  # package data
+CONFIG_DIR = Path(str(importlib.resources.files("condgen.models") / "clip_configs"))  # package data
 DEFAULT_CONFIG = "condgen-clip-tiny"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "condgen-clip/1"
 
-CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CLASS_NAMES = DIGIT_WORDS
 # Zero-shot prompts, averaged per class (CLIP paper, sec. 3.1.4). The first set mixes
 # words the ingest captions use ("handwritten", "the number") with new ones; the
 # second uses none of the caption templates' words besides the digit name, to measure
@@ -424,8 +430,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """Can we open a TCP connection to the model hub? Checked before open_clip's download,
     whose client retries for ~45 s before failing when there is no network. Behind a proxy,
     or with HF_HUB_OFFLINE set (cache only), the download client decides by itself."""
-    import socket
-    from urllib.parse import urlparse
 
     if os.environ.get("HF_HUB_OFFLINE") or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy",
                                                                            "ALL_PROXY", "all_proxy")):
@@ -472,10 +476,7 @@ REGISTRY_NOTE = "registry.json"  # beside a cached embedded CLIP: where it was r
 def load_registered_clip(model_uri: str, *, device: str | torch.device = "cpu") -> ClipHandle:
     """A CLIP registered by :func:`register_clip` (``models:/NAME@ALIAS`` or ``models:/NAME/N``).
     ``source`` becomes the resolved ``models:/NAME/N``, so embeddings record the exact version."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
 
-    from tasks.promote import parse_model_uri
 
     name, alias, version = parse_model_uri(model_uri)
     client = MlflowClient()
@@ -492,11 +493,7 @@ def register_clip(handle: ClipHandle, *, params: dict[str, Any] | None = None,
                   experiment: str = "condgen-clip", alias: str | None = "champion") -> str:
     """Log a CLIP as an MLflow run (params, metrics, the checkpoint as ``model/``), register a
     new version of ``name`` and point ``alias`` at it. Returns ``models:/name/<version>``."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
 
-    from tasks import tracking
-    from tasks.promote import register
 
     tracking.configure(experiment)
     with mlflow.start_run(run_name=f"clip-{handle.fingerprint[:8]}") as run:
@@ -659,7 +656,6 @@ def embedded_clip(data_uri: str, *, config: str = DEFAULT_CONFIG, steps: int = 3
     latest data); None skips the registry. The registered URI is noted beside the cache
     (``registry.json``), and a cached fit that never reached the registry (MLflow was down)
     is registered on the next call instead of being fitted again."""
-    from tasks.data import load_split
 
     register_configs()
     manifest = storage.read_json(storage.join(data_uri, "manifest.json"))
@@ -769,7 +765,6 @@ def fit_clip_task(data_uri: str, out_uri: str | None = None, **fit_kwargs: Any) 
 
 @task(name="evaluate-clip", cache_policy=NO_CACHE)
 def evaluate_clip_task(spec: str, data_uri: str, split: str = "test") -> dict[str, float]:
-    from tasks.data import load_split
 
     handle = load_clip(spec, data_uri=data_uri)
     data = load_split(data_uri, split)

@@ -9,18 +9,11 @@ Every decision is recorded as tags on the model version.
 """
 from __future__ import annotations
 
-import re
-import tempfile
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks import checkpoint as ckpt_io
-
-ALIAS = "champion"
+from condgen.tasks.io.model_store import ALIAS, alias_version, load_registered, register
 
 
 @dataclass(frozen=True)
@@ -39,64 +32,6 @@ class Promotion:
     candidate_accuracy: float
     champion_accuracy: float | None
     champion_version: str | None
-
-
-def register(run_id: str, name: str, tags: dict[str, str] | None = None, artifact_path: str = "model") -> str:
-    """Create a new version of ``name`` from the run's ``model/`` (or ``artifact_path``) artifacts;
-    returns the version."""
-    client = MlflowClient()
-    try:
-        client.create_registered_model(name, tags={"condgen": "true"})
-    except MlflowException as e:
-        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
-            raise
-    run = client.get_run(run_id)
-    source = f"{run.info.artifact_uri}/{artifact_path}"
-    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
-    return mv.version
-
-
-def champion_version(name: str, alias: str = ALIAS) -> str | None:
-    try:
-        return MlflowClient().get_model_version_by_alias(name, alias).version
-    except MlflowException:
-        return None
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name@alias`` or ``models:/name/3`` -> (name, alias, version)."""
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([\w-]+)|/(\d+))", uri)
-    if not m:
-        raise ValueError(f"not a registry URI: {uri!r} (expected models:/NAME@ALIAS or models:/NAME/VERSION)")
-    return m.group(1), m.group(2), m.group(3)
-
-
-def load_registered(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load ``models:/name@alias`` (or ``/version``) as a module + meta (incl. ``version``)."""
-    import mlflow
-
-    name, alias, version = parse_model_uri(uri)
-    client = MlflowClient()
-    mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model", dst_path=tmp)
-        model, meta = ckpt_io.load_checkpoint(local)
-    meta.update(name=name, version=mv.version, run_id=mv.run_id)
-    return model, meta
-
-
-def load_model_uri(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``models:/…`` through the registry, anything else as a checkpoint folder in storage
-    (``tasks.train.load_trained``); meta always has ``name``, ``version`` and ``run_id``."""
-    if uri.startswith("models:/"):
-        return load_registered(uri)
-    from tasks.train import load_trained
-
-    model, meta = load_trained(uri)  # already in eval mode
-    meta.setdefault("name", uri.rstrip("/").rsplit("/", 1)[-1])
-    meta.setdefault("version", "checkpoint")
-    meta.setdefault("run_id", "")
-    return model, meta
 
 
 def decide(candidate: float, champion: float | None, gate: Gate, fid: float | None = None) -> tuple[bool, str]:
@@ -120,7 +55,7 @@ def promote(run_id: str, name: str, candidate_accuracy: float, gate: Gate, *,
     candidate's evaluation; without it the champion's logged metric is used.
     """
     client = MlflowClient()
-    prev = champion_version(name)
+    prev = alias_version(name, ALIAS)
     version = register(run_id, name, tags={"condgen.cond_accuracy": f"{candidate_accuracy:.6f}"})
     champ_acc = None
     if prev is not None:

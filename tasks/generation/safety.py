@@ -2,7 +2,7 @@
 
 * prompt checks: ``DenyList`` (whole-word, case-insensitive patterns; from a list, a file
   given by ``CONDGEN_DENYLIST`` (one term per line, ``#`` comments), or the small default);
-* output checks: ``LabelMatch`` — the judge classifier (tasks/evaluate.py) must give the
+* output checks: ``LabelMatch`` — the judge classifier (tasks/judging/evaluate.py) must give the
   requested label at least ``min_prob`` and rank it first, so samples that do not show
   what was asked for are withheld.
 

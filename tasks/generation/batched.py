@@ -37,11 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.diffusion.denoiser import randn
-from models.diffusion.inversion import ddim_invert, null_text_inversion
-from models.diffusion.clipping import clip_x0
-from models.diffusion.samplers.ddim import ddim_step, sample_ddim
-from models.diffusion.sdedit import sdedit
+from condgen.models.cvae import CVAE
+from condgen.models.diffusion.clipping import clip_x0
+from condgen.models.diffusion.ddpm import ConditionalDiffusion
+from condgen.models.diffusion.denoiser import randn
+from condgen.models.diffusion.guidance import cfg
+from condgen.models.diffusion.inversion import ddim_invert, null_text_inversion
+from condgen.models.diffusion.samplers.ddim import ddim_step, sample_ddim
+from condgen.models.diffusion.sdedit import sdedit
+from condgen.models.gan import _ConditionalGAN
 
 GUIDANCE = ("none", "cfg", "classifier", "clip")
 SAMPLERS = ("ddim", "ddpm")
@@ -55,9 +59,6 @@ class Cancelled(RuntimeError):
 
 def model_kind(model: nn.Module) -> str:
     """"diffusion" | "cvae" | "gan" | "other" — what the sampling code can do with a model."""
-    from models.cvae import CVAE
-    from models.diffusion.ddpm import ConditionalDiffusion
-    from models.gan import _ConditionalGAN
 
     if isinstance(model, ConditionalDiffusion):
         return "diffusion"
@@ -321,7 +322,6 @@ def edit(model: nn.Module, x0: torch.Tensor, source: torch.Tensor, target: torch
       sampling from x_T with the per-step nulls and the target condition;
     * ``sdedit``: noise to ``strength`` * T, denoise towards target (Meng et al. 2022).
     """
-    from models.diffusion.guidance import cfg
 
     if model_kind(model) != "diffusion":
         raise ValueError("editing needs a diffusion model")
@@ -403,7 +403,6 @@ def interpolate(model: nn.Module, cond: torch.Tensor, a: torch.Tensor, b: torch.
         return model.decode(mu + z * (0.5 * logvar).exp(), c)
     if kind == "gan":
         return model.generate(z, c)
-    from models.diffusion.guidance import cfg
 
     D = cfg(model.denoiser(), scale, model.null_embedding(1))
     return sample_ddim(D, z, model.schedule, cond=model.embed_condition(c), steps=steps).clamp(-1, 1)

@@ -21,19 +21,19 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from models.diffusion import (
+from condgen.models.diffusion import (
     SAMPLERS,
     ConditionalDiffusion,
     cfg,
     classifier_guidance,
-    clip_x0,
     clip_guidance,
+    clip_x0,
     ddim_invert,
     null_text_inversion,
     sample_ddim,
     sdedit,
 )
-from models.diffusion.denoiser import Denoiser, randn
+from condgen.models.diffusion.denoiser import Denoiser, randn
 
 GUIDANCE = ("none", "cfg", "classifier", "clip")
 EDIT_METHODS = ("ddim_inversion", "null_text", "sdedit")

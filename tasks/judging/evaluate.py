@@ -28,12 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
 from scipy import linalg
 
-from models.classifier import ClassifierConfig, DigitClassifier
-from tasks import checkpoint as ckpt_io
-from tasks import storage
-from tasks.images import from_uint8, grid, to_uint8
+from condgen.models.classifier import ClassifierConfig, DigitClassifier
+from condgen.tasks.data.attributes import label_word
+from condgen.tasks.data.splits import load_arrays, load_split
+from condgen.tasks.io import checkpoint as ckpt_io
+from condgen.tasks.io import storage
+from condgen.tasks.io.images import from_uint8, grid, to_uint8
+from condgen.tasks.io.model_store import load_trained
 
 EVAL_SEED = 1234
 
@@ -88,7 +92,6 @@ def get_judge(shards_uri: str, *, epochs: int = 4, seed: int = 0, config: Classi
     The judge is cached in storage under the shard manifest's fingerprint, so every
     model trained on the same data is scored by the same classifier.
     """
-    from tasks.data import load_split
 
     cfg = config or ClassifierConfig()
     manifest = storage.read_json(storage.join(shards_uri, "manifest.json"))
@@ -98,7 +101,7 @@ def get_judge(shards_uri: str, *, epochs: int = 4, seed: int = 0, config: Classi
     uri = storage.join(shards_uri, "judge", key)
     test = load_split(shards_uri, "test")
     if storage.exists(storage.join(uri, ckpt_io.CONFIG)):
-        from tasks.train import load_trained
+        from condgen.tasks.io.model_store import load_trained
 
         model, meta = load_trained(uri)
         return Judge(model, meta["test_accuracy"], key, uri)
@@ -113,7 +116,7 @@ def get_judge(shards_uri: str, *, epochs: int = 4, seed: int = 0, config: Classi
         if log_to_mlflow:
             import mlflow
 
-            from tasks import tracking
+            from condgen.tasks.io import tracking
 
             tracking.configure("condgen-judge")
             with mlflow.start_run(run_name="digit-classifier"):
@@ -199,7 +202,6 @@ def intra_class_diversity(feats: torch.Tensor | np.ndarray, labels: np.ndarray) 
 
 def class_prompts(labels: np.ndarray) -> list[str]:
     """The text a label-conditioned sample is scored against by CLIP ("a handwritten seven")."""
-    from tasks.attributes import label_word
 
     return [f"a handwritten {label_word(int(c))}" for c in labels]
 
@@ -276,7 +278,7 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
     pr = precision_recall(real_feats, feats, k=knn_k)
     clip_value = None
     if clip is not None:
-        from tasks.clip import clip_score
+        from condgen.tasks.clip.handle import clip_score
 
         clip_value = float(clip_score(clip, samples, class_prompts(labels)).mean())
     return EvalResult(
@@ -293,7 +295,6 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
 
 def log_eval(run_id: str, result: EvalResult, judge: Judge) -> None:
     """Attach an evaluation to a training run: metrics, per-class table, grid PNG."""
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     for name, value in result.metrics().items():
@@ -308,7 +309,6 @@ def log_eval(run_id: str, result: EvalResult, judge: Judge) -> None:
 
 
 def load_test(shards_uri: str, embeddings: str | None = None) -> dict[str, Any]:
-    from tasks.train import load_arrays
 
     return load_arrays(shards_uri, "test", embeddings)
 
@@ -319,18 +319,16 @@ def evaluate_run(run_id: str, checkpoint_uri: str, shards_uri: str, *, embedding
     """Score a trained run's checkpoint with the shard set's judge and log it to the run.
     ``clip``: an optional ``ClipHandle`` (or a ``tasks.clip.load_clip`` spec) for the CLIP score.
     ``adapter_base``: ``checkpoint_uri`` is a LoRA adapter folder for this base (``tasks.adapters``)."""
-    from tasks.train import load_trained
 
     judge = get_judge(shards_uri, epochs=judge_epochs)
     if adapter_base:
-        from tasks.promote import load_model_uri
-        from tasks.adapters import apply_adapter
+        from condgen.tasks.io.model_store import apply_adapter, load_model_uri
 
         model = apply_adapter(load_model_uri(adapter_base)[0], checkpoint_uri)
     else:
         model, _ = load_trained(checkpoint_uri)
     if isinstance(clip, str):
-        from tasks.clip import load_clip
+        from condgen.tasks.clip.handle import load_clip
 
         clip = load_clip(clip, data_uri=shards_uri)
     result = evaluate_model(model, judge, load_test(shards_uri, embeddings), n_per_class=n_per_class, clip=clip)

@@ -46,12 +46,3 @@ def ray_address() -> str:
     """``RAY_ADDRESS`` when set (a cluster), else ``"local"``: a fresh local instance, never a
     stray cluster some other process left running on this machine."""
     return os.environ.get("RAY_ADDRESS") or "local"
-
-
-def ensure_ray(**kwargs) -> None:
-    """Initialise Ray once per process at ``ray_address()``."""
-    import ray
-
-    if not ray.is_initialized():
-        kwargs.setdefault("include_dashboard", False)
-        ray.init(address=ray_address(), ignore_reinit_error=True, **kwargs)

@@ -17,38 +17,37 @@
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from safetensors.torch import load
 
-from models.autoencoder import Autoencoder
-from models.base import config_to_dict
-from models.latent_diffusion import set_checkpoint_reader
-from tasks import checkpoint as ckpt_io
-from tasks import storage
-from tasks.images import from_uint8
+from condgen.models.autoencoder import Autoencoder
+from condgen.models.base import config_to_dict
+from condgen.models.latent_diffusion import set_checkpoint_reader
+from condgen.tasks.data.sidecars import LATENT_MEMBER, latents_uri, source_shards, write_latents
+from condgen.tasks.data.splits import load_arrays
+from condgen.tasks.io import checkpoint as ckpt_io
+from condgen.tasks.io import storage
+from condgen.tasks.io.images import from_uint8
+from condgen.tasks.io.model_store import load_trained
+from condgen.tasks.io.shards import MANIFEST, decode_png, read_samples
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-MEMBER = "latent.npy"
 
 
 # -- checkpoints on any storage URI ------------------------------------------------------------
 def read_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, meta) of a checkpoint directory written by ``tasks.checkpoint`` (safetensors + JSON)."""
-    from safetensors.torch import load
 
     state = load(storage.read_bytes(storage.join(uri, ckpt_io.WEIGHTS)))
     meta = json.loads(storage.read_bytes(storage.join(uri, ckpt_io.CONFIG)))
@@ -88,7 +87,6 @@ def superres_config(base_uri: str, **overrides: Any) -> dict[str, Any]:
 
 
 def load_autoencoder(uri: str) -> Autoencoder:
-    from tasks.train import load_trained
 
     model, meta = load_trained(uri)
     if not isinstance(model, Autoencoder):
@@ -115,30 +113,6 @@ def autoencoder_fingerprint(autoencoder: Autoencoder) -> str:
     return ckpt_io.state_fingerprint(autoencoder)
 
 
-def latents_uri(shards_uri: str, fingerprint: str) -> str:
-    return storage.join(shards_uri, "latents", fingerprint[:16])
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _write_sidecar(uri: str, keys: Sequence[str], z: np.ndarray) -> str:
-    """Atomically write a tar of ``{key}.latent.npy``; returns its sha256 (deterministic: mtime 0)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, row in zip(keys, z):
-            data = _npy(np.ascontiguousarray(row))
-            info = tarfile.TarInfo(f"{key}.{MEMBER}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
-    storage.write_bytes(uri, data)
-    return hashlib.sha256(data).hexdigest()
-
-
 @torch.no_grad()
 def encode_images(autoencoder: Autoencoder, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """uint8 (N, H, W) -> raw latents float32 (N, c, h, w) (``encode``: KL mean / VQ pre-quantisation)."""
@@ -156,13 +130,12 @@ def precompute_latents(shards_uri: str, autoencoder: Autoencoder | str, out_uri:
     ``autoencoder``: a model or a checkpoint URI. Serial on purpose: encoding 5,000 digits
     takes seconds on a CPU, so the Ray fan-out of ``tasks.embed`` would cost more than it saves.
     """
-    from tasks.embed import _decode_png, _source_shards, read_samples
 
     t0 = time.perf_counter()
     ae = load_autoencoder(autoencoder) if isinstance(autoencoder, str) else autoencoder
     fp = autoencoder_fingerprint(ae)
     out_uri = out_uri or latents_uri(shards_uri, fp)
-    source_manifest, shards = _source_shards(shards_uri)
+    source_manifest, shards = source_shards(shards_uri)
     manifest_uri = storage.join(out_uri, MANIFEST)
     done: dict[str, dict[str, Any]] = {}
     if storage.exists(manifest_uri):
@@ -181,7 +154,7 @@ def precompute_latents(shards_uri: str, autoencoder: Autoencoder | str, out_uri:
         sha = {s["name"]: s["sha256"] for s in shards}
         entries = [done[n] for n in sorted(done) if n in sha and done[n].get("source_sha256") == sha[n]]
         return {"schema_version": SCHEMA_VERSION, "kind": "autoencoder-latents", "fingerprint": fp,
-                "latent_shape": list(result.latent_shape), "dtype": "float32", "member": MEMBER,
+                "latent_shape": list(result.latent_shape), "dtype": "float32", "member": LATENT_MEMBER,
                 "autoencoder_config": config_to_dict(ae.config), "source": shards_uri,
                 "source_fingerprint": source_manifest.get("source_fingerprint"),
                 "complete": len(entries) == len(shards), "shards": entries}
@@ -191,9 +164,9 @@ def precompute_latents(shards_uri: str, autoencoder: Autoencoder | str, out_uri:
             result.skipped.append(s["name"])
             continue
         samples = read_samples(storage.join(shards_uri, s["name"]))
-        images = np.stack([_decode_png(x["png"]) for x in samples]) if samples else np.zeros((0, 0, 0), np.uint8)
+        images = np.stack([decode_png(x["png"]) for x in samples]) if samples else np.zeros((0, 0, 0), np.uint8)
         z = encode_images(ae, images, batch_size) if samples else np.zeros((0, *result.latent_shape), np.float32)
-        sha = _write_sidecar(storage.join(out_uri, s["name"]), [x["__key__"] for x in samples], z)
+        sha = write_latents(storage.join(out_uri, s["name"]), [x["__key__"] for x in samples], z)
         done[s["name"]] = {"name": s["name"], "source_sha256": s["sha256"], "count": len(samples), "sha256": sha}
         result.computed.append(s["name"])
         storage.write_json(manifest_uri, manifest())  # after every shard: an interrupted run resumes here
@@ -207,31 +180,9 @@ def precompute_latents(shards_uri: str, autoencoder: Autoencoder | str, out_uri:
     return result
 
 
-def load_latents(shards_uri: str, fingerprint: str, keys: Sequence[str], *, uri: str | None = None) -> np.ndarray:
-    """Raw latents float32 (N, c, h, w) aligned to ``keys`` (fingerprint: full or its first 16 hex digits)."""
-    from tasks.embed import read_samples
-
-    uri = uri or latents_uri(shards_uri, fingerprint)
-    manifest = storage.read_json(storage.join(uri, MANIFEST))
-    if not manifest["fingerprint"].startswith(fingerprint):
-        raise ValueError(f"{uri} holds latents of autoencoder {manifest['fingerprint'][:16]}, not {fingerprint[:16]}")
-    wanted, found = set(keys), {}
-    for entry in manifest["shards"]:
-        for s in read_samples(storage.join(uri, entry["name"])):
-            if s["__key__"] in wanted:
-                found[s["__key__"]] = np.load(io.BytesIO(s[MEMBER]), allow_pickle=False)
-    missing = [k for k in keys if k not in found]
-    if missing:
-        raise KeyError(f"{len(missing)} of {len(keys)} keys have no latents in {uri} (e.g. {missing[:3]}); "
-                       "run precompute_latents for this autoencoder first")
-    shape = tuple(manifest["latent_shape"])
-    return np.stack([found[k] for k in keys]) if keys else np.zeros((0, *shape), np.float32)
-
-
 def load_latent_split(shards_uri: str, split: str, fingerprint: str) -> dict[str, np.ndarray]:
     """``x`` uint8 (N, H, W), ``y`` int64 (N,), ``z`` float32 (N, c, h, w) for one split: the
     arrays the training loop reads (``tasks.train.load_arrays`` with ``latents``)."""
-    from tasks.train import load_arrays
 
     return load_arrays(shards_uri, split, latents=fingerprint)
 

@@ -14,6 +14,7 @@ Attributes (order = ``ATTRIBUTE_NAMES``, the column order of ``load_split``):
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 from scipy import ndimage
@@ -113,3 +114,19 @@ def pick_caption(key: str, options: list[str], seed: int) -> str:
 
 def _article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+def label_from_prompt(prompt: str, num_classes: int) -> int | None:
+    """A class named by a prompt for a label model: 'digit 7', 'a seven', '7' (first match)."""
+    words = re.findall(r"[a-z]+|\d+", prompt.lower())
+    for w in words:
+        if w.isdigit() and int(w) < num_classes:
+            return int(w)
+        if w in DIGIT_WORDS and DIGIT_WORDS.index(w) < num_classes:
+            return DIGIT_WORDS.index(w)
+    return None
+
+
+def label_prompt(label: int) -> str:
+    """The caption style of label_caption for a bare label (text models, CLIP guidance)."""
+    return f"a handwritten digit {label}"

@@ -43,16 +43,22 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models import latent_map as lm
-from tasks import storage
-from tasks.attributes import ATTRIBUTE_NAMES, has_ink, measure
-from tasks.checkpoint import state_fingerprint
-from tasks.images import from_uint8, grid, to_uint8
+from condgen.models import latent_map as lm
+from condgen.models.cvae import CVAE
+from condgen.models.gan import _ConditionalGAN
+from condgen.tasks.data.attributes import ATTRIBUTE_NAMES, has_ink, measure
+from condgen.tasks.data.splits import load_split
+from condgen.tasks.io import storage
+from condgen.tasks.io.checkpoint import state_fingerprint
+from condgen.tasks.io.images import from_uint8, grid, to_uint8
+from condgen.tasks.io.model_store import load_trained
+from condgen.tasks.judging.evaluate import get_judge, predict
 
 MAP_FORMAT = "condgen-latent-map/1"
 MAP_WEIGHTS = "map.safetensors"
@@ -112,8 +118,6 @@ class LatentSpace:
 
 def space_kind(model: nn.Module) -> str | None:
     """"cvae" | "gan" for models with a latent space this module can map, else None."""
-    from models.cvae import CVAE
-    from models.gan import _ConditionalGAN
 
     if isinstance(model, CVAE) and getattr(model.config, "condition", "label") == "label":
         return "cvae"
@@ -132,7 +136,6 @@ def latent_space(model: nn.Module, *, name: str | None = None, uri: str | None =
 
 
 def load_space(checkpoint_uri: str, name: str | None = None) -> LatentSpace:
-    from tasks.train import load_trained
 
     model, meta = load_trained(checkpoint_uri)
     return latent_space(model, name=name or meta.get("model"), uri=checkpoint_uri)
@@ -281,7 +284,6 @@ def load_map(uri: str) -> LatentMap:
 
 def log_map(m: LatentMap, run_id: str, artifact_path: str) -> str:
     """Log a map to an MLflow run; returns its ``runs:/`` URI (what ``load_map`` takes)."""
-    from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
         save_map(m, tmp)
@@ -299,7 +301,6 @@ def _decode_all(space: LatentSpace, z: torch.Tensor, c: torch.Tensor, bs: int = 
 def map_errors(m: LatentMap, b: LatentSpace, test: Support, judge=None, *, seed: int = 0) -> dict[str, float]:
     """R, L, L_rel, M (+ class_kept and the random-latent baselines when a judge is given) on a
     held-out support set located in a (``z_a``) and b (``z_b``)."""
-    from tasks.evaluate import predict
 
     z_hat = translate(test.z_a, m)  # (N, d_b)
     x_map = _decode_all(b, z_hat, test.y)
@@ -575,8 +576,6 @@ def map_latents(checkpoint_a: str, checkpoint_b: str, shards_uri: str, *, name_a
                 judge_epochs: int = 4, seed: int = 0) -> dict[str, Any]:
     """Fit and score a <-> b maps for two trained checkpoints on a shard set; log every map and
     the table to the MLflow run ``run_id`` (when given). Returns rows, map URIs and timings."""
-    from tasks.data import load_split
-    from tasks.evaluate import get_judge
 
     a, b = load_space(checkpoint_a, name_a), load_space(checkpoint_b, name_b)
     if a.name == b.name:

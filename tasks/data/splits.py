@@ -14,22 +14,14 @@ import webdataset as wds
 from PIL import Image
 from prefect import task
 
-from tasks import storage
-from tasks.attributes import ATTRIBUTE_NAMES
+from condgen.tasks.data.attributes import ATTRIBUTE_NAMES
+from condgen.tasks.data.sidecars import load_embeddings, load_latents
+from condgen.tasks.io import storage
+from condgen.tasks.io.shards import read_manifest, shard_uris
 
 SPLITS = ("train", "val", "test", "all")
 # Optional members added by later steps (embed), and the array names they load into.
 OPTIONAL_ARRAYS = {"clip_txt.npy": "txt", "clip_img.npy": "img"}
-
-
-def read_manifest(shards_uri: str) -> dict[str, Any]:
-    return storage.read_json(storage.join(shards_uri, "manifest.json"))
-
-
-def shard_uris(shards_uri: str, manifest: dict[str, Any] | None = None) -> list[str]:
-    """URIs of the shards listed in ``{shards_uri}/manifest.json``, in order."""
-    manifest = manifest if manifest is not None else read_manifest(shards_uri)
-    return [storage.join(shards_uri, s["name"]) for s in manifest["shards"]]
 
 
 def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = ("x", "y")) -> dict[str, Any]:
@@ -89,6 +81,20 @@ def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = (
     missing = [k for k in keys if k not in out]
     if missing:
         raise KeyError(f"{shards_uri} has no {missing} (available: {sorted(out)})")
+    return out
+
+
+def load_arrays(shards_uri: str, split: str, embeddings: str | None = None,
+                latents: str | None = None) -> dict[str, np.ndarray]:
+    """The training arrays of a split: ``x`` uint8 (N, H, W), ``y`` int64 (N,), ``txt`` float32
+    (N, n_captions, D) when ``embeddings`` names a CLIP fingerprint, ``z`` float32 (N, c, h, w)
+    when ``latents`` names precomputed autoencoder latents (side-cars joined by key)."""
+    data = load_split(shards_uri, split)
+    out = {"x": data["x"], "y": data["y"].astype(np.int64)}
+    if embeddings:
+        out["txt"] = load_embeddings(shards_uri, embeddings, list(data["key"]))["txt"].astype(np.float32)
+    if latents:
+        out["z"] = load_latents(shards_uri, latents, list(data["key"]))
     return out
 
 

@@ -19,7 +19,6 @@ a re-ingested shard is recomputed.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -30,17 +29,22 @@ import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from PIL import Image
 
-from tasks import storage
-from tasks.clip import ClipHandle, load_clip, save_clip
+from condgen.tasks.clip.handle import ClipHandle, load_clip, save_clip
+from condgen.tasks.data.sidecars import (
+    IMG_MEMBER,
+    TXT_MEMBER,
+    embeddings_uri,
+    source_shards,
+    write_embeddings,
+)
+from condgen.tasks.io import storage
+from condgen.tasks.io.cluster import ensure_ray
+from condgen.tasks.io.shards import MANIFEST, decode_png, read_samples
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-IMG_MEMBER = "clip_img.npy"
-TXT_MEMBER = "clip_txt.npy"
 
 
 @dataclass
@@ -59,48 +63,16 @@ class EmbedResult:
         return asdict(self)
 
 
-def embeddings_uri(shards_uri: str, fingerprint: str) -> str:
-    return storage.join(shards_uri, "embeddings", fingerprint[:16])
-
-
-def _source_shards(shards_uri: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The source manifest and its shard entries as ``{"name", "sha256", "count"}``."""
-    manifest = storage.read_json(storage.join(shards_uri, MANIFEST))
-    out = []
-    for s in manifest["shards"]:  # tasks.ingest writes {"name", "n_samples", "sha256"}
-        out.append({"name": s["name"], "sha256": s.get("sha256"), "count": s.get("n_samples")})
-    return manifest, out
-
-
-# -- reading / writing shards ------------------------------------------------------------------
-def read_samples(uri: str) -> list[dict[str, Any]]:
-    """All samples of one WebDataset tar (``__key__`` + raw member bytes by extension)."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    with storage.open_read(uri) as f:
-        return list(group_by_keys({**m, "__url__": uri} for m in tar_file_iterator(f)))
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.uint8)
-
-
 def _captions(sample: dict[str, Any]) -> list[str]:
     meta = json.loads(sample["json"]) if "json" in sample else {}
     caps = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
     return [str(c) for c in caps]
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
 def embed_samples(handle: ClipHandle, samples: Sequence[dict[str, Any]], batch_size: int = 256
                   ) -> tuple[np.ndarray, list[np.ndarray]]:
     """(N, D) float16 image rows and per-sample (n_i, D) float16 caption rows."""
-    images = np.stack([_decode_png(s["png"]) for s in samples])  # (N, 28, 28) uint8
+    images = np.stack([decode_png(s["png"]) for s in samples])  # (N, 28, 28) uint8
     img = handle.encode_images(images, batch_size=batch_size).numpy()
     caps = [_captions(s) for s in samples]
     unique = list(dict.fromkeys(c for cs in caps for c in cs))  # captions repeat a lot: encode each once
@@ -110,24 +82,6 @@ def embed_samples(handle: ClipHandle, samples: Sequence[dict[str, Any]], batch_s
     txt = [txt_u[[row[c] for c in cs]].astype(np.float16) if cs else np.zeros((0, handle.embed_dim), np.float16)
            for cs in caps]
     return img.astype(np.float16), txt
-
-
-def write_sidecar(uri: str, keys: Sequence[str], img: np.ndarray, txt: Sequence[np.ndarray]) -> str:
-    """Atomically write a side-car tar; returns its sha256 (deterministic: mtime 0, sorted members)."""
-    import hashlib
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, i_row, t_rows in zip(keys, img, txt):
-            for member, arr in ((IMG_MEMBER, i_row), (TXT_MEMBER, t_rows)):
-                data = _npy(np.ascontiguousarray(arr))
-                info = tarfile.TarInfo(f"{key}.{member}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
-    storage.write_bytes(uri, data)
-    return hashlib.sha256(data).hexdigest()
 
 
 # -- the per-shard task ------------------------------------------------------------------------
@@ -154,19 +108,12 @@ def embed_shard(payload: dict[str, Any] | ClipHandle, src_uri: str, dst_uri: str
         img, txt = np.zeros((0, handle.embed_dim), np.float16), []
     else:
         img, txt = embed_samples(handle, samples, batch_size)
-    sha = write_sidecar(dst_uri, [s["__key__"] for s in samples], img, txt)
+    sha = write_embeddings(dst_uri, [s["__key__"] for s in samples], img, txt)
     return {"count": len(samples), "sha256": sha, "n_captions": max((len(t) for t in txt), default=0),
             "seconds": time.perf_counter() - t0}
 
 
 # -- the map over shards ---------------------------------------------------------------------
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
-
-
 def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", out_uri: str | None = None, *,
           batch_size: int = 256, num_workers: int = 2, progress: bool = True,
           fit_kwargs: dict[str, Any] | None = None) -> EmbedResult:
@@ -180,7 +127,7 @@ def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", o
     handle = load_clip(clip_spec_or_handle, data_uri=shards_uri, **(fit_kwargs or {}))
     fp = handle.fingerprint
     out_uri = out_uri or embeddings_uri(shards_uri, fp)
-    source_manifest, shards = _source_shards(shards_uri)
+    source_manifest, shards = source_shards(shards_uri)
     manifest_uri = storage.join(out_uri, MANIFEST)
 
     done: dict[str, dict[str, Any]] = {}
@@ -219,7 +166,7 @@ def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", o
         import ray
         from tqdm.auto import tqdm
 
-        _ensure_ray()
+        ensure_ray()
         payload_ref = ray.put(handle.to_payload())
         remote = ray.remote(num_cpus=1, max_retries=2)(embed_shard)
         queue = list(todo)
@@ -256,39 +203,6 @@ def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", o
     log.info("embed %s: %d computed, %d skipped, %d samples in %.1fs", out_uri, len(result.computed),
              len(result.skipped), result.n_samples, result.seconds)
     return result
-
-
-def load_embeddings(shards_uri: str, fingerprint: str, keys: Sequence[str], *,
-                    uri: str | None = None) -> dict[str, np.ndarray]:
-    """Embeddings aligned to ``keys``: ``img`` (N, D) and ``txt`` (N, n_captions, D), float32.
-
-    ``fingerprint`` is the CLIP fingerprint (full or its first 16 hex digits). Samples with
-    fewer phrasings than the most have theirs repeated cyclically to fill ``n_captions``.
-    """
-    uri = uri or embeddings_uri(shards_uri, fingerprint)
-    manifest = storage.read_json(storage.join(uri, MANIFEST))
-    if not manifest["fingerprint"].startswith(fingerprint):
-        raise ValueError(f"{uri} holds embeddings of CLIP {manifest['fingerprint'][:16]}, not {fingerprint[:16]}")
-    wanted = set(keys)
-    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for entry in manifest["shards"]:
-        for s in read_samples(storage.join(uri, entry["name"])):
-            if s["__key__"] in wanted:
-                found[s["__key__"]] = (np.load(io.BytesIO(s[IMG_MEMBER])), np.load(io.BytesIO(s[TXT_MEMBER])))
-    missing = [k for k in keys if k not in found]
-    if missing:
-        raise KeyError(f"{len(missing)} of {len(keys)} keys have no embeddings in {uri} (e.g. {missing[:3]}); "
-                       f"run embed() for this shard set first")
-    d = int(manifest["embed_dim"])
-    n_cap = max((len(found[k][1]) for k in keys), default=0)
-    img = np.zeros((len(keys), d), np.float32)
-    txt = np.zeros((len(keys), n_cap, d), np.float32)
-    for i, k in enumerate(keys):
-        img[i] = found[k][0]
-        t = found[k][1]
-        if len(t):
-            txt[i] = t[np.arange(n_cap) % len(t)]
-    return {"img": img, "txt": txt}
 
 
 # -- Prefect wrapper: embedding is I/O-heavy and resumable, so retrying on I/O errors is safe --------
