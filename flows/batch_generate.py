@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, model_validator
 
+from condgen.flows.steps import manifest_task, missing_task, payload_task, plan_task, shards_task
 from condgen.tasks.generation import batch as bg
 from condgen.tasks.io import settings, storage
 
@@ -52,16 +52,6 @@ class BatchGenerateParams(BaseModel):
         name = self.model_uri.removeprefix("models:/").replace("@", "-").replace("/", "-")
         out = self.out_uri or storage.join(settings.storage_root(), "generated", f"{name}-{probe.fingerprint()}")
         return bg.JobSpec(out_uri=out, **fields)
-
-
-plan_task = task(bg.make_plan, name="plan", retries=2, retry_delay_seconds=5, retry_condition_fn=storage.retry_on_io,
-                 cache_policy=NONE)
-missing_task = task(bg.missing_shards, name="missing-shards", cache_policy=NONE)
-payload_task = task(bg.model_payload, name="load-model", retries=2, retry_delay_seconds=5, cache_policy=NONE,
-                    retry_condition_fn=storage.retry_on_io)
-shards_task = task(bg.run_shards, name="generate-shards", cache_policy=NONE)
-manifest_task = task(bg.write_manifest, name="manifest", retries=2, retry_delay_seconds=5, cache_policy=NONE,
-                     retry_condition_fn=storage.retry_on_io)
 
 
 @flow(name="batch_generate")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, runtime, task
-from prefect.cache_policies import NONE
+from prefect import flow, get_run_logger, runtime
 from pydantic import BaseModel
 
-from condgen.tasks.io import health, storage
+from condgen.flows.steps import ray_check_task, storage_check_task, tracking_check_task
+from condgen.tasks.io import health
 
 
 class HealthcheckParams(BaseModel):
@@ -22,22 +22,16 @@ class HealthcheckParams(BaseModel):
     ray: bool = False  # starts a local Ray when RAY_ADDRESS is unset: off by default
 
 
-storage_task = task(health.storage_roundtrip, name="storage", retries=2, retry_delay_seconds=2,
-                    retry_condition_fn=storage.retry_on_io, cache_policy=NONE)
-tracking_task = task(health.tracking_ping, name="tracking", retries=2, retry_delay_seconds=2, cache_policy=NONE)
-ray_task = task(health.ray_ping, name="ray", cache_policy=NONE)
-
-
 @flow(name="healthcheck")
 def healthcheck(params: HealthcheckParams = HealthcheckParams()) -> dict[str, Any]:
     log = get_run_logger()
     out: dict[str, Any] = {}
     if params.storage:
-        out["storage"] = storage_task()
+        out["storage"] = storage_check_task()
     if params.tracking:
-        out["tracking"] = tracking_task()
+        out["tracking"] = tracking_check_task()
     if params.ray:
-        out["ray"] = ray_task()
+        out["ray"] = ray_check_task()
     if params.storage:  # storage answered: keep the report there
         where = health.write_report(out, run_id=runtime.flow_run.id)
         log.info("report written to %s", where)

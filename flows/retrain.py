@@ -15,20 +15,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
+from condgen.flows.steps import (
+    embed_task,
+    evaluate_task,
+    ingest_task,
+    latents_task,
+    promote_task,
+    report_task,
+    train_task,
+)
 from condgen.models.base import config_from_dict, config_to_dict, is_generator
 from condgen.models.registry import MODELS, config_class
-from condgen.tasks.clip.embed import embed
-from condgen.tasks.data import ingest as ingest_mod
-from condgen.tasks.data import latents as latents_mod
 from condgen.tasks.io import settings, storage
-from condgen.tasks.judging import evaluate as evaluate_mod
-from condgen.tasks.judging import promote as promote_mod
-from condgen.tasks.judging import report as report_mod
-from condgen.tasks.training import driver as train_mod
+from condgen.tasks.judging.report import ReportOptions
+from condgen.tasks.training.driver import TrainRequest
 
 
 class ModelSpec(BaseModel):
@@ -60,6 +63,11 @@ class ReportParams(BaseModel):
     inversion_steps: int = Field(100, ge=1, le=10_000)
     curves: dict[str, Any] = Field(default_factory=dict,
                                    description="optional curves {title: {series: {x: y}}}, e.g. accuracy vs guidance")
+
+    def options(self, judge_epochs: int, seed: int) -> ReportOptions:
+        return ReportOptions(exploration=self.exploration, latent_maps=self.latent_maps,
+                             map_support=tuple(self.map_support), map_mode=self.map_mode, map_test=self.map_test,
+                             inversion_steps=self.inversion_steps, judge_epochs=judge_epochs, seed=seed)
 
 
 class RetrainParams(BaseModel):
@@ -108,42 +116,6 @@ def default_shards_uri(source: str) -> str:
     return storage.join(settings.storage_root(), "shards", tag)
 
 
-ingest_task = task(ingest_mod.ingest, name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NONE)
-train_task = task(train_mod.train, name="train", cache_policy=NONE)
-evaluate_task = task(evaluate_mod.evaluate_run, name="evaluate", cache_policy=NONE)
-latents_task = latents_mod.precompute_latents_task
-
-
-@task(name="embed", cache_policy=NONE, retries=1, retry_condition_fn=storage.retry_on_io)
-def embed_task(shards_uri: str, clip: str, fit_steps: int, num_workers: int) -> dict[str, Any]:
-
-    return embed(shards_uri, clip, num_workers=num_workers, progress=False,
-                 fit_kwargs={"steps": fit_steps}).to_dict()
-
-
-@task(name="promote", cache_policy=NONE)
-def promote_task(run_id: str, registered_name: str, metrics: dict[str, float], gate: GateParams,
-                 shards_uri: str, eval_per_class: int, judge_epochs: int,
-                 embeddings: str | None = None) -> dict[str, Any]:
-    score = evaluate_mod.scorer(shards_uri, embeddings=embeddings, n_per_class=eval_per_class,
-                                judge_epochs=judge_epochs)
-    p = promote_mod.promote(run_id, registered_name, metrics["eval/cond_accuracy"],
-                            promote_mod.Gate(gate.min_accuracy, gate.tolerance), champion_accuracy_fn=score)
-    return p.__dict__
-
-
-@task(name="report", cache_policy=NONE)
-def report_task(results: list[dict[str, Any]], shards_uri: str, params: ReportParams, experiment: str,
-                judge_epochs: int, seed: int) -> dict[str, Any]:
-    """One HTML report for every model of this flow run, logged to a dedicated MLflow run."""
-    options = report_mod.ReportOptions(exploration=params.exploration, latent_maps=params.latent_maps,
-                                       map_support=tuple(params.map_support), map_mode=params.map_mode,
-                                       map_test=params.map_test, inversion_steps=params.inversion_steps,
-                                       judge_epochs=judge_epochs, seed=seed)
-    return report_mod.write_report(results, shards_uri, experiment=experiment, curves=params.curves or None,
-                                   options=options)
-
-
 @flow(name="retrain", log_prints=True)
 def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     log = get_run_logger()
@@ -176,7 +148,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
             latents = lat.fingerprint
             log.info("autoencoder latents %s (%d computed, %d up to date)", lat.uri, len(lat.computed),
                      len(lat.skipped))
-        req = train_mod.TrainRequest(model=spec.name, shards_uri=shards_uri, model_config=config,
+        req = TrainRequest(model=spec.name, shards_uri=shards_uri, model_config=config,
                                      shards_b_uri=shards_b, embeddings=embeddings, latents=latents,
                                      epochs=spec.epochs, batch_size=spec.batch_size, num_workers=params.num_workers,
                                      seed=params.seed, experiment=params.experiment, grid_every=spec.grid_every)
@@ -195,15 +167,16 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
             continue
         metrics = evaluate_task(trained.run_id, trained.checkpoint_uri, shards_uri, embeddings=embeddings,
                                 n_per_class=params.eval_per_class, judge_epochs=params.judge_epochs)
-        decision = promote_task(trained.run_id, name, metrics, params.gate, shards_uri,
-                                params.eval_per_class, params.judge_epochs, embeddings)
+        decision = promote_task(trained.run_id, name, metrics, params.gate.min_accuracy, params.gate.tolerance,
+                                shards_uri, params.eval_per_class, params.judge_epochs, embeddings)
         log.info("%s: cond_accuracy=%.4f fid=%.3f -> %s (%s)", name, metrics["eval/cond_accuracy"],
                  metrics["eval/fid"], "promoted" if decision["promoted"] else "kept champion", decision["reason"])
         results.append({"model": spec.name, "run_id": trained.run_id, "checkpoint": trained.checkpoint_uri,
                         "metrics": metrics, "promotion": decision})
     out = {"shards_uri": shards_uri, "manifest": ing.manifest_uri, "results": results, "components": components}
     if params.report.enabled and results:
-        rep = report_task(results, shards_uri, params.report, params.experiment, params.judge_epochs, params.seed)
+        rep = report_task(results, shards_uri, params.report.options(params.judge_epochs, params.seed),
+                          params.experiment, params.report.curves or None)
         log.info("report: %s (MLflow run %s)", rep["uri"], rep["run_id"])
         out.update(report_uri=rep["uri"], report_run_id=rep["run_id"])
     else:

@@ -17,8 +17,8 @@ from PIL import Image
 from condgen.tasks.clip import embed as E
 from condgen.tasks.clip import handle as C
 from condgen.tasks.data import sidecars
-from condgen.tasks.io.shards import read_samples
 from condgen.tasks.io import storage
+from condgen.tasks.io.shards import read_samples
 
 TEST_CONFIG = "condgen-clip-test"
 
@@ -274,7 +274,9 @@ def test_embed_writes_sidecars_skips_resumes_and_follows_the_model(fitted, shard
     assert resumed.computed == [names[1]] and resumed.skipped == [names[0]]
 
     # the Prefect task wraps the same function (nothing left to do)
-    out = E.embed_task.fn(shards, res.clip_uri)
+    from condgen.flows.steps import embed_task
+
+    out = embed_task.fn(shards, res.clip_uri, 10, 2)
     assert out["computed"] == [] and out["fingerprint"] == handle.fingerprint
 
     # a different model (fingerprint) recomputes everything into its own folder

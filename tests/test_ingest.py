@@ -351,9 +351,11 @@ def test_ingest_to_and_from_s3(s3_uri: str, tmp_path: Path) -> None:
     assert from_tars.n_rejected == 0 and sum(from_tars.counts.values()) == 200
 
 
-def test_prefect_wrappers_keep_plain_functions() -> None:
-    from condgen.tasks.data.ingest import ingest_task
-    from condgen.tasks.data.splits import load_split_task
+def test_prefect_steps_wrap_the_plain_functions_and_retry_on_io_only() -> None:
+    from condgen.flows import steps
 
-    assert ingest_task.fn is ingest and ingest_task.retries == 2
-    assert load_split_task.fn is load_split
+    assert steps.ingest_task.fn is ingest and steps.ingest_task.retries == 2
+    for step in (steps.ingest_task, steps.latents_task, steps.embed_task, steps.plan_task, steps.manifest_task):
+        assert step.retry_condition_fn is steps.retry_on_io, step.name
+    for step in (steps.train_task, steps.evaluate_task, steps.shards_task):
+        assert not step.retries, step.name

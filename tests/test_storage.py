@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from condgen.flows.steps import retry_on_io
 from condgen.tasks.io import storage
 from tests.conftest import S3_TEST_BUCKET, free_port, start_moto_server, stop_server
 
@@ -240,5 +241,5 @@ def test_transient_io_classification() -> None:
 def test_prefect_retry_condition_only_for_io() -> None:
     from prefect.states import Failed
 
-    assert storage.retry_on_io(None, None, Failed(data=bexc.EndpointConnectionError(endpoint_url="x")))
-    assert not storage.retry_on_io(None, None, Failed(data=ValueError("bad config")))
+    assert retry_on_io(None, None, Failed(data=bexc.EndpointConnectionError(endpoint_url="x")))
+    assert not retry_on_io(None, None, Failed(data=ValueError("bad config")))

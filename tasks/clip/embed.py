@@ -27,8 +27,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from condgen.tasks.clip.handle import ClipHandle, load_clip, save_clip
 from condgen.tasks.data.sidecars import (
@@ -203,13 +201,3 @@ def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", o
     log.info("embed %s: %d computed, %d skipped, %d samples in %.1fs", out_uri, len(result.computed),
              len(result.skipped), result.n_samples, result.seconds)
     return result
-
-
-# -- Prefect wrapper: embedding is I/O-heavy and resumable, so retrying on I/O errors is safe --------
-@task(name="embed", retries=2, retry_delay_seconds=10, retry_condition_fn=storage.retry_on_io,
-      cache_policy=NO_CACHE)
-def embed_task(shards_uri: str, clip_spec: str = "embedded", out_uri: str | None = None, *,
-               batch_size: int = 256, num_workers: int = 2, fit_kwargs: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
-    return embed(shards_uri, clip_spec, out_uri, batch_size=batch_size, num_workers=num_workers,
-                 progress=False, fit_kwargs=fit_kwargs).to_dict()

@@ -59,8 +59,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -748,30 +746,3 @@ def clip_score(handle: ClipHandle, images: np.ndarray | torch.Tensor, texts: Seq
 
 
 # -- Prefect wrappers (retries only where I/O can fail transiently) ---------------------------
-@task(name="load-clip", retries=2, retry_delay_seconds=5, retry_condition_fn=storage.retry_on_io,
-      cache_policy=NO_CACHE)
-def load_clip_task(spec: str, data_uri: str | None = None) -> ClipHandle:
-    return load_clip(spec, data_uri=data_uri)
-
-
-@task(name="fit-clip", cache_policy=NO_CACHE)
-def fit_clip_task(data_uri: str, out_uri: str | None = None, **fit_kwargs: Any) -> dict[str, Any]:
-    """Fit the embedded CLIP on a shard set (cached) and return where it is and its fingerprint."""
-    handle = embedded_clip(data_uri, **fit_kwargs)
-    if out_uri:
-        save_clip(handle, out_uri)
-    return {"uri": out_uri or handle.source, "fingerprint": handle.fingerprint}
-
-
-@task(name="evaluate-clip", cache_policy=NO_CACHE)
-def evaluate_clip_task(spec: str, data_uri: str, split: str = "test") -> dict[str, float]:
-
-    handle = load_clip(spec, data_uri=data_uri)
-    data = load_split(data_uri, split)
-    return evaluate_clip(handle, data["x"], data["y"], data["captions"])
-
-
-@task(name="save-clip", retries=2, retry_delay_seconds=5, retry_condition_fn=storage.retry_on_io,
-      cache_policy=NO_CACHE)
-def save_clip_task(handle: ClipHandle, uri: str) -> str:
-    return save_clip(handle, uri)

@@ -55,7 +55,6 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
-from prefect import task
 
 from condgen.tasks.data import attributes
 from condgen.tasks.io import storage
@@ -746,5 +745,3 @@ def _s3_source(prefix: str) -> Source:
 # ------------------------------------------------------------------------- Prefect
 
 # Retries are for I/O (S3 or disk hiccups) only; a bad config fails at once.
-ingest_task = task(ingest, name="ingest", retries=2, retry_delay_seconds=5,
-                   retry_condition_fn=storage.retry_on_io)

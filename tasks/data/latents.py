@@ -25,8 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load
 
 from condgen.models.autoencoder import Autoencoder
@@ -185,8 +183,3 @@ def load_latent_split(shards_uri: str, split: str, fingerprint: str) -> dict[str
     arrays the training loop reads (``tasks.train.load_arrays`` with ``latents``)."""
 
     return load_arrays(shards_uri, split, latents=fingerprint)
-
-
-# I/O-heavy and resumable: retrying on I/O errors is safe.
-precompute_latents_task = task(precompute_latents, name="precompute_latents", retries=2, retry_delay_seconds=5,
-                               retry_condition_fn=storage.retry_on_io, cache_policy=NO_CACHE)

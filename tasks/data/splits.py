@@ -12,11 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from prefect import task
 
 from condgen.tasks.data.attributes import ATTRIBUTE_NAMES
 from condgen.tasks.data.sidecars import load_embeddings, load_latents
-from condgen.tasks.io import storage
 from condgen.tasks.io.shards import read_manifest, shard_uris
 
 SPLITS = ("train", "val", "test", "all")
@@ -105,8 +103,3 @@ def _object_array(rows: list[list[str]]) -> np.ndarray:
     for i, row in enumerate(rows):
         arr[i] = row
     return arr
-
-
-# Retries are for I/O (S3 or disk hiccups) only.
-load_split_task = task(load_split, name="load_split", retries=2, retry_delay_seconds=5,
-                       retry_condition_fn=storage.retry_on_io)

@@ -495,15 +495,6 @@ def is_transient_io_error(exc: BaseException | None) -> bool:
     return isinstance(exc, (OSError, bexc.BotoCoreError))
 
 
-def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry a failed task only when it failed on I/O."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception:
-        return False
-    return isinstance(exc, BaseException) and is_transient_io_error(exc)
-
-
 # -------------------------------------------------------------------- webdataset
 
 

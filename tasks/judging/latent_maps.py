@@ -44,8 +44,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -599,4 +597,3 @@ def map_latents(checkpoint_a: str, checkpoint_b: str, shards_uri: str, *, name_a
 
 
 # Retries are for I/O only; fitting is deterministic.
-map_latents_task = task(map_latents, name="map-latents", cache_policy=NO_CACHE)
