@@ -1,7 +1,7 @@
 """Where things live: the embedded one-machine profile and its cluster overrides.
 
 Every setting is an environment variable so the same code runs on a laptop and a
-cluster (DESIGN.md "Cluster profile"); nothing else needs to change.
+cluster (docs/design.md, "Embedded defaults and the cluster"); nothing else needs to change.
 
 | variable                  | embedded default                         | cluster example                  |
 |---------------------------|------------------------------------------|----------------------------------|
