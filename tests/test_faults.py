@@ -187,7 +187,7 @@ def test_s3_outage_during_ingestion_loses_nothing(tmp_path: Path, monkeypatch: p
             outage["error"] = exc
 
     # (each set_level also sets the capture handler's level: the lower one goes last)
-    caplog.set_level(logging.WARNING, logger="condgen.tasks.io.storage")
+    caplog.set_level(logging.WARNING, logger="condgen.tasks.io.s3")
     caplog.set_level(logging.DEBUG, logger="botocore.retries.standard")
     thread = threading.Thread(target=break_endpoint, daemon=True)
     limit, shard_size = 1500, 100
@@ -202,7 +202,7 @@ def test_s3_outage_during_ingestion_loses_nothing(tmp_path: Path, monkeypatch: p
 
         retries = [r.getMessage() for r in caplog.records
                    if r.name == "botocore.retries.standard" and "retrying request" in r.getMessage()]
-        ours = [r.getMessage() for r in caplog.records if r.name == "condgen.tasks.io.storage"]
+        ours = [r.getMessage() for r in caplog.records if r.name == "condgen.tasks.io.s3"]
         manifest = storage.read_json(res.manifest_uri)
         listing = watcher.list_objects_v2(Bucket=bucket, Prefix="shards/")
         now = {o["Key"]: o["ETag"] for o in listing.get("Contents", [])}

@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 
 from condgen.flows.steps import retry_on_io
-from condgen.tasks.io import storage
+from condgen.tasks.io import s3, storage
 from tests.conftest import S3_TEST_BUCKET, free_port, start_moto_server, stop_server
 
 
@@ -118,20 +118,20 @@ def test_local_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
 
 
 def _in_progress_uploads(uri: str) -> list[dict]:
-    bucket, key = storage._split_s3(uri)
+    bucket, key = s3.split_s3(uri)
     return storage.s3_client().list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
 
 
 @pytest.mark.slow
 def test_s3_multipart_upload_completes(s3_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "MULTIPART_CHUNK", 5 * 1024 * 1024)  # S3's minimum part
+    monkeypatch.setattr(s3, "MULTIPART_CHUNK", 5 * 1024 * 1024)  # S3's minimum part
     data = np.random.default_rng(0).integers(0, 256, 11 * 1024 * 1024, dtype=np.uint8).tobytes()
     uri = storage.join(s3_uri, "big.bin")
     with storage.open_write(uri) as f:
         for i in range(0, len(data), 1 << 20):
             f.write(data[i:i + (1 << 20)])
     assert storage.read_bytes(uri) == data
-    bucket, key = storage._split_s3(uri)
+    bucket, key = s3.split_s3(uri)
     etag = storage.s3_client().head_object(Bucket=bucket, Key=key)["ETag"]
     assert etag.strip('"').endswith("-3")  # really a 3-part multipart upload
     assert _in_progress_uploads(s3_uri) == []
@@ -139,7 +139,7 @@ def test_s3_multipart_upload_completes(s3_uri: str, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.slow
 def test_s3_multipart_aborted_on_exception(s3_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "MULTIPART_CHUNK", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3, "MULTIPART_CHUNK", 5 * 1024 * 1024)
     uri = storage.join(s3_uri, "big.bin")
     with pytest.raises(RuntimeError):
         with storage.open_write(uri) as f:
@@ -196,7 +196,7 @@ def test_s3_survives_endpoint_outage(tmp_path: Path, s3_server: str, monkeypatch
 
 
 def test_own_retry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "RETRY_BASE_S", 0.001)
+    monkeypatch.setattr(s3, "RETRY_BASE_S", 0.001)
     calls = []
 
     def flaky() -> str:
@@ -205,7 +205,7 @@ def test_own_retry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
             raise bexc.EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
         return "ok"
 
-    assert storage._with_retry("test", flaky) == "ok" and len(calls) == 3
+    assert s3.with_retry("test", flaky) == "ok" and len(calls) == 3
 
     def down() -> None:
         calls.append(1)
@@ -213,8 +213,8 @@ def test_own_retry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
     calls.clear()
     with pytest.raises(bexc.ConnectTimeoutError):
-        storage._with_retry("test", down)
-    assert len(calls) == storage.RETRY_ATTEMPTS
+        s3.with_retry("test", down)
+    assert len(calls) == s3.RETRY_ATTEMPTS
 
     def not_found() -> None:  # not a connection problem: no retry
         calls.append(1)
@@ -222,7 +222,7 @@ def test_own_retry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
     calls.clear()
     with pytest.raises(bexc.ClientError):
-        storage._with_retry("test", not_found)
+        s3.with_retry("test", not_found)
     assert len(calls) == 1
 
 
