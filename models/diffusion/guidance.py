@@ -2,6 +2,9 @@
 with the same signature, so they compose with every sampler and with each other.
 A scale meaning "no guidance" (0) returns the wrapped denoiser object itself.
 
+Every scale is a float or one per row, a tensor (B,): one batch can then mix requests with
+different guidance weights (rows with scale 0 get exactly the unguided prediction).
+
 * ``cfg``: classifier-free guidance, Ho & Salimans 2022, Eq. 6 and Algorithm 2:
   eps_tilde = (1 + w) eps(x_t, c) - w eps(x_t, null); with a negative prompt
   eps(x_t, c_neg) replaces eps(x_t, null) (seed 004, "Negative prompt").
@@ -24,6 +27,8 @@ from condgen.models.diffusion.schedule import NoiseSchedule, as_timesteps
 # A condition for the null/negative branch: a fixed tensor, or a function of the timesteps
 # (B,) -> tensor, e.g. the per-step null embeddings of null-text inversion.
 CondLike = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+# A guidance weight: one float for every row, or one per row, (B,).
+Scale = float | torch.Tensor
 
 
 def _batched(c: torch.Tensor, batch: int) -> torch.Tensor:
@@ -35,9 +40,30 @@ def _batched(c: torch.Tensor, batch: int) -> torch.Tensor:
     raise ValueError(f"condition batch {c.shape[0]} does not match x batch {batch}")
 
 
+def _unguided(scale: Scale) -> bool:
+    """True when every row's scale is 0: the wrapper would be the identity."""
+    return not bool(torch.as_tensor(scale).ne(0).any())
+
+
+def _row_scale(scale: Scale, x: torch.Tensor) -> torch.Tensor:
+    """``scale`` as a float64 (B,) CPU tensor: 1 + w is then rounded once, to x's dtype, exactly as
+    with a Python float (and MPS has no float64)."""
+    s = torch.as_tensor(scale).detach().to("cpu", torch.float64)
+    if s.dim() == 0:
+        s = s.expand(x.shape[0])
+    if s.shape != (x.shape[0],):
+        raise ValueError(f"a per-row guidance scale must have shape ({x.shape[0]},), got {tuple(s.shape)}")
+    return s
+
+
+def _per_row(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 -> (B, 1, ..., 1) in x's dtype and device, to scale per-row image tensors."""
+    return s.to(x.dtype).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+
+
 def cfg(
     denoiser: Denoiser,
-    scale: float,
+    scale: Scale,
     null_cond: CondLike,
     negative_cond: CondLike | None = None,
 ) -> Denoiser:
@@ -48,10 +74,11 @@ def cfg(
     its place. Both may be (1, ...) or (B, ...), or a callable of the timesteps. The
     conditional and unconditional predictions come from ONE forward on the batch
     [x; x] with conditions [c; null], so each step costs one (2B) network call.
+    A per-row ``scale`` (B,) runs the unconditional branch only for the rows with w != 0
+    (one forward on B + #guided rows); the rows with w = 0 take eps(x_t, c) unchanged.
     """
-    if scale == 0:
+    if _unguided(scale):
         return denoiser
-    w = float(scale)
     uncond = null_cond if negative_cond is None else negative_cond
 
     def guided(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
@@ -59,14 +86,28 @@ def cfg(
             raise ValueError("cfg needs a condition to guide towards; got cond=None")
         b = x.shape[0]
         t = as_timesteps(t, b, x.device)  # (B,)
+        w = _row_scale(scale, x)  # (B,)
         u = _batched(uncond(t) if callable(uncond) else uncond, b)
         if u.dtype != cond.dtype:
             raise TypeError(
                 f"cfg batches cond ({cond.dtype}) and null/negative ({u.dtype}) in one forward, so they must be "
                 "the same kind: both labels or both embeddings (see ConditionalDiffusion.embed_condition)"
             )
-        eps_c, eps_u = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, u])).chunk(2)
-        return (1 + w) * eps_c - w * eps_u
+        guided_rows = None if bool(w.ne(0).all()) else w.ne(0).nonzero().squeeze(1)  # None: every row
+        rows = None if guided_rows is None else guided_rows.to(x.device)
+
+        def sel(v: torch.Tensor) -> torch.Tensor:
+            return v if rows is None else v[rows]
+
+        out = denoiser(torch.cat([x, sel(x)]), torch.cat([t, sel(t)]), torch.cat([cond, sel(u)]))
+        eps_c, eps_u = out[:b], out[b:]
+        w = w if guided_rows is None else w[guided_rows]
+        guided_eps = _per_row(1 + w, x) * sel(eps_c) - _per_row(w, x) * eps_u
+        if rows is None:
+            return guided_eps
+        eps = eps_c.clone()
+        eps[rows] = guided_eps
+        return eps
 
     return guided
 
@@ -74,18 +115,18 @@ def cfg(
 def classifier_guidance(
     denoiser: Denoiser,
     classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    scale: float,
+    scale: Scale,
     schedule: NoiseSchedule,
 ) -> Denoiser:
     """Classifier guidance with a noise-aware classifier p_phi(y | x_t, t) (Dhariwal & Nichol 2021, Algorithm 2).
 
     ``classifier(x_t, t) -> logits (B, K)`` (e.g. ``NoisyClassifier``) must be trained on the
     same schedule. The target y is the ``cond`` passed at call time: int64 labels (B,).
-    Raising p_phi(y|x_t) to the power s sharpens towards the classifier's modes.
+    Raising p_phi(y|x_t) to the power s sharpens towards the classifier's modes; ``scale``: s, a
+    float or one per row (B,).
     """
-    if scale == 0:
+    if _unguided(scale):
         return denoiser
-    s = float(scale)
 
     def guided(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is None or cond.dtype != torch.long:
@@ -98,7 +139,7 @@ def classifier_guidance(
             selected = log_p.gather(1, cond[:, None]).sum()  # sum_i log p_phi(y_i | x_t,i): rows independent
             (grad,) = torch.autograd.grad(selected, x_in)  # grad_{x_t} log p_phi(y | x_t), (B, C, H, W)
         alpha_bar_t = schedule.alpha_bar_like(t, x)
-        return eps - s * (1 - alpha_bar_t).sqrt() * grad
+        return eps - _per_row(_row_scale(scale, x), x) * (1 - alpha_bar_t).sqrt() * grad
 
     return guided
 
@@ -107,7 +148,7 @@ def clip_guidance(
     denoiser: Denoiser,
     image_encoder: Callable[[torch.Tensor], torch.Tensor],
     text_embedding: torch.Tensor,
-    scale: float,
+    scale: Scale,
     schedule: NoiseSchedule,
 ) -> Denoiser:
     """CLIP guidance on the denoised estimate:
@@ -116,11 +157,11 @@ def clip_guidance(
     x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta(x_t)) / sqrt(alpha_bar_t) (DDPM Eq. 15 /
     DDIM Eq. 12); the gradient flows through eps_theta as well, at the cost of one backward
     pass through the denoiser per step. ``image_encoder``: (B, C, H, W) in [-1, 1] -> (B, D)
-    (the pipeline adapts an open_clip visual tower); ``text_embedding``: (D,), (1, D) or (B, D).
+    (the pipeline adapts an open_clip visual tower); ``text_embedding``: (D,), (1, D) or (B, D);
+    ``scale``: s, a float or one per row (B,).
     """
-    if scale == 0:
+    if _unguided(scale):
         return denoiser
-    s = float(scale)
 
     def guided(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         t = as_timesteps(t, x.shape[0], x.device)
@@ -132,6 +173,6 @@ def clip_guidance(
             img = image_encoder(x0_hat)  # (B, D)
             sim = F.cosine_similarity(img.float(), text_embedding.to(img.device).float().expand_as(img), dim=-1)
             (grad,) = torch.autograd.grad(sim.sum(), x_in)  # rows independent, so the sum's grad is per-row
-        return eps.detach() - s * (1 - alpha_bar_t).sqrt() * grad
+        return eps.detach() - _per_row(_row_scale(scale, x), x) * (1 - alpha_bar_t).sqrt() * grad
 
     return guided

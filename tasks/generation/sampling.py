@@ -1,13 +1,22 @@
-"""Sampling and editing with a trained ``ConditionalDiffusion``: plain functions, no Prefect.
+"""Sampling and editing with a trained ``ConditionalDiffusion``: the one request-level library.
 
-* ``sample_images``: conditions (labels or CLIP text embeddings) -> images, with any
-  sampler (DDIM, DDPM ancestral) and any guidance (none, classifier-free with an optional
-  negative prompt, classifier, CLIP).
-* ``edit_images``: images -> edited images by DDIM inversion, null-text inversion or SDEdit.
+``condgen sample`` / ``condgen edit`` (``condgen/commands/diffusion.py``), the serving app
+(``serving/service.py``) and batch generation (``tasks/generation/batch.py``, through
+``tasks/generation/batching.py``) all call these functions, so the same request gives the
+same image everywhere:
 
-Both only compose the pieces of ``models.diffusion`` (samplers, guidance wrappers,
-inversion); they add batching, seeding and tqdm progress bars fed by the samplers'
-``callback``. Images are tensors (B, C, H, W) in [-1, 1] on the CPU.
+* ``sample_from``: THE diffusion sampling path: x_T -> guided denoiser (+ x0 clipping) ->
+  sampler (DDIM, Song et al. 2021; DDPM ancestral, Ho et al. 2020) -> images. Guidance scales
+  may be one per row and the sampler noise may come from one generator per request
+  (``models.diffusion.rows_noise``), which is how ``batching.sample_batch`` runs many
+  requests in one forward per step;
+* ``sample_images``: conditions (labels or CLIP text embeddings) -> images, seeded, in chunks;
+* ``edit_images``: images -> edited images by DDIM inversion, null-text inversion
+  (Mokady et al. 2023) or SDEdit (Meng et al. 2022).
+
+They only compose the pieces of ``models.diffusion`` (samplers, guidance wrappers,
+inversion); they add conditions, defaults, seeding and tqdm progress bars fed by the
+samplers' ``callback``. Images are tensors (B, C, H, W) in [-1, 1].
 
 Conventions (seed 004 and Ho & Salimans 2022): the CFG weight w is used as
 eps~ = (1 + w) eps(c) - w eps(null), so w = 0 is the plain conditional model; the
@@ -20,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from condgen.models.diffusion import (
     SAMPLERS,
@@ -33,11 +43,13 @@ from condgen.models.diffusion import (
     sample_ddim,
     sdedit,
 )
-from condgen.models.diffusion.denoiser import Denoiser, randn
+from condgen.models.diffusion.denoiser import Callback, Denoiser, NoiseSampler, randn
 
 GUIDANCE = ("none", "cfg", "classifier", "clip")
 EDIT_METHODS = ("ddim_inversion", "null_text", "sdedit")
+NULL_TEXT_INNER_STEPS = 10  # Adam steps per timestep of null-text inversion (`condgen edit --inner-steps`)
 CondInput = torch.Tensor | Sequence[int] | Sequence[Sequence[float]]
+Scale = float | torch.Tensor  # a guidance weight: one for every row, or one per row (B,)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -72,8 +84,6 @@ def _progress(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int, i
     if not enabled:
         yield lambda i, n: None
         return
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
     try:
         yield lambda i, n: bar.update(1)
@@ -100,13 +110,30 @@ def _unconditional(denoiser: Denoiser) -> Denoiser:
     return lambda x, t, cond: denoiser(x, t, None)
 
 
+def _no_scale(scale: Scale | None) -> bool:
+    return scale is None or not bool(torch.as_tensor(scale).ne(0).any())
+
+
+def _scale(scale: Scale, default: float) -> Scale:
+    """A float, or a per-row tensor (B,) kept as it is; None -> ``default``."""
+    if scale is None:
+        return float(default)
+    return scale if torch.is_tensor(scale) and scale.dim() > 0 else float(scale)
+
+
+def default_steps(model: ConditionalDiffusion, sampler: str) -> int:
+    """Sampler steps when a request names none: DDIM ``config.sample_steps``, DDPM all T timesteps."""
+    return int(model.config.sample_steps if sampler == "ddim" else model.config.timesteps)
+
+
 def guided_denoiser(
     model: ConditionalDiffusion,
     cond: torch.Tensor,
     *,
     guidance: str = "none",
-    scale: float | None = None,
+    scale: Scale | None = None,
     negative: torch.Tensor | None = None,
+    negative_rows: torch.Tensor | None = None,
     classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     clip_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     clip_text: torch.Tensor | None = None,
@@ -115,27 +142,32 @@ def guided_denoiser(
     """(denoiser, the cond to pass it) for one guidance mode; ``cond`` / ``negative`` are raw conditions.
 
     cfg: conditions are embedded once here (labels stay labels for classifier guidance,
-    which reads them as its target y).
+    which reads them as its target y). ``scale`` is a float or one weight per row (B,);
+    ``negative_rows`` (B,) bool says which rows use ``negative`` instead of the null token
+    (default: all), so a batch can mix requests with and without a negative prompt.
     """
     if guidance not in GUIDANCE:
         raise ValueError(f"guidance must be one of {GUIDANCE}, got {guidance!r}")
     D = model.denoiser()
     if guidance == "cfg":
-        w = model.config.guidance_scale if scale is None else float(scale)
+        w = _scale(scale, model.config.guidance_scale)
         # conditional=False: eps~ = (1 + w) eps(null) - w eps(negative), steered only away from the negative
         e = model.embed_condition(cond) if conditional else model.null_embedding(cond.shape[0])  # (B, E)
+        null = model.null_embedding(1)
         e_neg = None if negative is None else model.embed_condition(negative)
-        return cfg(D, w, model.null_embedding(1), e_neg), e
+        if e_neg is not None and negative_rows is not None:
+            e_neg = torch.where(negative_rows.to(e_neg.device)[:, None], e_neg, null.expand_as(e_neg))
+        return cfg(D, w, null, e_neg), e
     if negative is not None:
         raise ValueError("a negative prompt needs guidance='cfg'")
     # labels go to the denoiser as they are; raw CLIP text is embedded once, here
     c_in = cond if cond.dtype == torch.long else model.embed_condition(cond)
     base = D if conditional else _unconditional(D)
     if guidance == "none":
-        if scale not in (None, 0, 0.0):
+        if not _no_scale(scale):
             raise ValueError("guidance='none' takes no scale")
         return base, c_in
-    s = 1.0 if scale is None else float(scale)
+    s = _scale(scale, 1.0)
     if guidance == "classifier":
         if classifier is None:
             raise ValueError("guidance='classifier' needs classifier= (a NoisyClassifier trained on the same schedule)")
@@ -154,6 +186,61 @@ def guided_denoiser(
 
 
 # -- sampling -------------------------------------------------------------------------------
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Sample in eval mode (EMA weights, no dropout), and leave the model as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def sample_from(
+    model: ConditionalDiffusion,
+    x_T: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    noise: NoiseSampler | None = None,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float | None = None,
+    guidance: str = "cfg",
+    scale: Scale | None = None,
+    negative: torch.Tensor | None = None,
+    negative_rows: torch.Tensor | None = None,
+    classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    clip_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    clip_text: torch.Tensor | None = None,
+    conditional: bool = True,
+    clip_denoised: bool | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Denoise x_T (B, C, H, W) under raw conditions ``cond`` (B rows, on the model's device): the
+    guided denoiser of ``guided_denoiser``, x0 clipping (``clip_denoised``, default
+    ``config.clip_denoised``) and ``sampler`` over ``steps`` (default ``default_steps``) with
+    ``eta`` (DDIM; default ``config.sample_eta``). Stochastic steps draw from ``generator`` or
+    the noise sampler ``noise(i)``. Returns (B, C, H, W) clamped to [-1, 1], on the model's device.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    conf = model.config
+    steps = default_steps(model, sampler) if steps is None else int(steps)
+    with _eval_mode(model):
+        D, c_in = guided_denoiser(model, cond, guidance=guidance, scale=scale, negative=negative,
+                                  negative_rows=negative_rows, classifier=classifier, clip_encoder=clip_encoder,
+                                  clip_text=clip_text, conditional=conditional)
+        if getattr(conf, "clip_denoised", False) if clip_denoised is None else clip_denoised:
+            D = clip_x0(D, model.schedule)
+        kw = {"eta": getattr(conf, "sample_eta", 0.0) if eta is None else float(eta)} if sampler == "ddim" else {}
+        x = SAMPLERS[sampler](D, x_T, model.schedule, cond=c_in, generator=generator, noise=noise,
+                              callback=callback, steps=steps, **kw)
+    return x.clamp(-1, 1)
+
+
 def sample_images(
     model: ConditionalDiffusion,
     labels_or_embeddings: CondInput,
@@ -176,10 +263,10 @@ def sample_images(
     """One sample per condition row, (B, C, H, W) in [-1, 1] on the CPU.
 
     sampler   "ddim" (Song et al. 2021; ``eta`` 0 = deterministic, 1 = ancestral; default
-              ``config.sample_eta``) or "ddpm" (Ho et al. 2020, Algorithm 2; ``eta`` is ignored). ``steps``: DDIM default ``config.sample_steps``,
-              DDPM default every one of the T timesteps.
-    guidance  "none": the conditional model; "cfg": classifier-free with weight ``scale``
-              (default ``config.guidance_scale``) and optional ``negative`` condition in place
+              ``config.sample_eta``) or "ddpm" (Ho et al. 2020, Algorithm 2; ``eta`` is ignored).
+              ``steps``: DDIM default ``config.sample_steps``, DDPM default every one of the T timesteps.
+    guidance  "none": the conditional model; "cfg": classifier-free (Ho & Salimans 2022) with weight
+              ``scale`` (default ``config.guidance_scale``) and optional ``negative`` condition in place
               of the null token; "classifier": ``classifier(x_t, t) -> logits`` (a
               ``NoisyClassifier``) with scale s (default 1); "clip": ``clip_encoder`` and
               ``clip_text`` (default: the text condition itself) with scale s (default 1).
@@ -189,7 +276,8 @@ def sample_images(
     clip_denoised  clamp x0_hat to [-1, 1] at every step (``models.diffusion.clip_x0``, applied to
               the guided prediction); default ``config.clip_denoised``, as ``model.sample`` does.
     seed      one ``torch.Generator`` drives x_T and every sampler noise draw: the same seed,
-              conditions and ``batch_size`` give the same images.
+              conditions and ``batch_size`` give the same images (and the same as a served request
+              with that seed and n = the number of conditions, ``batching.sample_batch``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
@@ -197,30 +285,19 @@ def sample_images(
     n = cond.shape[0]
     neg = as_condition(model, negative, n)
     conf, dev = model.config, _device(model)
-    if steps is None:
-        steps = conf.sample_steps if sampler == "ddim" else conf.timesteps
+    steps = default_steps(model, sampler) if steps is None else steps
     n_steps = len(model.schedule.timesteps(steps))
-    clipping = getattr(conf, "clip_denoised", False) if clip_denoised is None else clip_denoised
     g = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with torch.no_grad(), _progress(n_steps * math.ceil(n / batch_size), f"{sampler} {guidance}", progress) as cb:
-            for i in range(0, n, batch_size):
-                c = cond[i:i + batch_size].to(dev)
-                D, c_in = guided_denoiser(model, c, guidance=guidance, scale=scale,
-                                          negative=None if neg is None else neg[i:i + batch_size].to(dev),
-                                          classifier=classifier, clip_encoder=clip_encoder, clip_text=clip_text,
-                                          conditional=conditional)
-                if clipping:
-                    D = clip_x0(D, model.schedule)
-                x_T = randn((c.shape[0], conf.in_channels, conf.image_size, conf.image_size), g, dev)
-                kw = {"eta": getattr(conf, "sample_eta", 0.0) if eta is None else eta} if sampler == "ddim" else {}
-                x = SAMPLERS[sampler](D, x_T, model.schedule, cond=c_in, generator=g, callback=cb, steps=steps, **kw)
-                out.append(x.clamp(-1, 1).cpu())
-    finally:
-        model.train(was_training)
+    with _progress(n_steps * math.ceil(n / batch_size), f"{sampler} {guidance}", progress) as cb:
+        for i in range(0, n, batch_size):
+            c = cond[i:i + batch_size].to(dev)
+            x_T = randn((c.shape[0], conf.in_channels, conf.image_size, conf.image_size), g, dev)
+            x = sample_from(model, x_T, c, generator=g, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
+                            scale=scale, negative=None if neg is None else neg[i:i + batch_size].to(dev),
+                            classifier=classifier, clip_encoder=clip_encoder, clip_text=clip_text,
+                            conditional=conditional, clip_denoised=clip_denoised, callback=cb)
+            out.append(x.cpu())
     return torch.cat(out)
 
 
@@ -236,7 +313,7 @@ def edit_images(
     steps: int | None = None,
     scale: float | None = None,
     seed: int = 0,
-    inner_steps: int = 10,
+    inner_steps: int = NULL_TEXT_INNER_STEPS,
     progress: bool = True,
 ) -> torch.Tensor:
     """Edit ``images`` (B, C, H, W) in [-1, 1] from ``source_cond`` towards ``target_cond``.
@@ -278,9 +355,7 @@ def edit_images(
     steps = conf.sample_steps if steps is None else int(steps)
     w = conf.guidance_scale if scale is None else float(scale)
     x0, g, D = x0.to(dev), torch.Generator().manual_seed(seed), model.denoiser()
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         with torch.no_grad():
             e_tgt = model.embed_condition(target.to(dev))  # (B, E)
             null = model.null_embedding(1)
@@ -309,5 +384,3 @@ def edit_images(
             x = sample_ddim(cfg(D, w, r.null_cond), r.x_T, model.schedule, cond=e_tgt, timesteps=r.timesteps,
                             callback=cb)
         return x.clamp(-1, 1).cpu()
-    finally:
-        model.train(was_training)

@@ -1,6 +1,8 @@
-"""Samplers: pure functions ``sample_<name>(denoiser, x, schedule, *, cond, generator, callback, ...) -> x``.
+"""Samplers: pure functions ``sample_<name>(denoiser, x, schedule, *, cond, generator | noise, callback, ...) -> x``.
 
-One algorithm per file; the RNG is always an argument; the denoiser predicts eps.
+One algorithm per file: DDIM (Song et al. 2021) and DDPM ancestral sampling (Ho et al. 2020).
+The RNG is always an argument (a ``generator``, or a noise sampler ``noise(i)`` that owns the
+draws); the denoiser predicts eps.
 """
 from condgen.models.diffusion.samplers.ddim import ddim_step, sample_ddim
 from condgen.models.diffusion.samplers.ddpm import sample_ddpm

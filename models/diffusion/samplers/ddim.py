@@ -12,6 +12,10 @@ with sigma_t(eta) = eta * sqrt((1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)) * sqrt
 DDPM ancestral sampling (§4.1). Any decreasing sub-sequence tau of [0, T) may be used,
 with "t-1" meaning the next element of tau (§4.2, accelerated generation); after the
 last element the chain lands on the clean image (alpha_bar = 1).
+
+The sigma_t z noise comes from a noise sampler ``noise(i)`` (``models.diffusion.denoiser``) or,
+by default, from ``generator``: a served batch gives every request its own generator with
+``rows_noise`` and runs this same loop.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
+from condgen.models.diffusion.denoiser import Callback, Denoiser, NoiseSampler, resolve_noise
 from condgen.models.diffusion.schedule import NoiseSchedule
 
 
@@ -32,8 +36,8 @@ def ddim_step(
     sigma_t: float = 0.0,
     z: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One DDIM update (Eq. 12) from level alpha_bar_t to alpha_bar_prev. Also runs "uphill"
-    (alpha_bar_prev < alpha_bar_t) with sigma_t = 0, which is DDIM inversion's step."""
+    """One DDIM update (Song et al. 2021, Eq. 12) from level alpha_bar_t to alpha_bar_prev. Also runs
+    "uphill" (alpha_bar_prev < alpha_bar_t) with sigma_t = 0, which is DDIM inversion's step."""
     x0_hat = (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
     x_prev = math.sqrt(alpha_bar_prev) * x0_hat + math.sqrt(max(1 - alpha_bar_prev - sigma_t**2, 0.0)) * eps
     if sigma_t > 0:
@@ -53,20 +57,23 @@ def sample_ddim(
     steps: int | None = None,
     timesteps: Sequence[int] | None = None,
     eta: float = 0.0,
+    noise: NoiseSampler | None = None,
 ) -> torch.Tensor:
-    """Run DDIM from x = x_{tau_0} (pure noise for tau_0 = T-1) down to x_0.
+    """Run DDIM (Song et al. 2021, Eq. 12 and 16) from x = x_{tau_0} (pure noise for tau_0 = T-1) down to x_0.
 
     ``steps`` evenly spaced timesteps (default: all T) or an explicit ``timesteps``
-    sub-sequence. ``generator`` feeds the sigma_t z noise (unused when eta = 0).
+    sub-sequence. The sigma_t z noise of step i is ``noise(i)`` or, without ``noise``, a draw
+    from ``generator`` (unused when eta = 0).
     """
     tau = schedule.resolve(steps, timesteps)
+    noise = resolve_noise(noise, generator, x)
     for i, t in enumerate(tau):
         t_prev = tau[i + 1] if i + 1 < len(tau) else -1
         a_t, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
         t_b = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
         eps = denoiser(x, t_b, cond)  # (B, C, H, W)
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # Eq. 16
-        z = randn(x.shape, generator, x.device, x.dtype) if sigma > 0 else None
+        z = noise(i) if sigma > 0 else None
         x = ddim_step(x, eps, a_t, a_prev, sigma, z)
         if callback is not None:
             callback(i, len(tau))
