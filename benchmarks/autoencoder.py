@@ -41,7 +41,7 @@ def fit(model: torch.nn.Module, sample_batch: Callable[[np.random.Generator], di
     Returns wall seconds, the mean seconds per train_step (batch assembly excluded) and the
     first/last logs. ``sample_batch(rng)`` returns a batch dict.
     """
-    from condgen.tasks.training.driver import make_opt_step, make_optimizers
+    from condgen.tasks.training.worker import make_opt_step, make_optimizers
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     from condgen.tasks.data.splits import load_split
     from condgen.tasks.io import settings, storage
     from condgen.tasks.io.images import from_uint8
-    from condgen.tasks.training.driver import make_opt_step, make_optimizers
+    from condgen.tasks.training.worker import make_opt_step, make_optimizers
 
     torch.set_num_threads(1)
     shards = storage.join(settings.storage_root(), "shards", "mnist")

@@ -45,7 +45,7 @@ def train_in_process(name: str, config: dict, arrays: dict, *, epochs: int, batc
     import torch
 
     from condgen.models.registry import build_model
-    from condgen.tasks.training.driver import batches, make_opt_step, make_optimizers
+    from condgen.tasks.training.worker import batches, make_opt_step, make_optimizers
 
     torch.manual_seed(seed)
     model = build_model(name, config)

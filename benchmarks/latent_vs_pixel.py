@@ -52,7 +52,7 @@ def latent_batches(x: np.ndarray, y: np.ndarray, z: np.ndarray, batch_size: int)
 
 def fit_for(model, sample_batch, seconds: float, seed: int, max_steps: int = 1_000_000) -> dict[str, Any]:
     """Train for a wall-clock budget (``--equal-time``), one step at a time."""
-    from condgen.tasks.training.driver import make_opt_step, make_optimizers
+    from condgen.tasks.training.worker import make_opt_step, make_optimizers
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -78,7 +78,7 @@ def inject(model, targets: list, rank: int) -> int:
 def fit(model, arrays, epochs: int, batch_size: int = 64, seed: int = 0) -> float:
     import torch
 
-    from condgen.tasks.training.driver import batches, make_opt_step, make_optimizers
+    from condgen.tasks.training.worker import batches, make_opt_step, make_optimizers
 
     torch.manual_seed(seed)
     opt_step = make_opt_step(make_optimizers(model))  # only parameters with requires_grad

@@ -39,7 +39,7 @@ def bare_loop(model_name: str, config: dict, arrays: dict, epochs: int, batch_si
     import torch
 
     from condgen.models.registry import build_model
-    from condgen.tasks.training.driver import batches, make_opt_step, make_optimizers
+    from condgen.tasks.training.worker import batches, make_opt_step, make_optimizers
 
     torch.manual_seed(seed)
     model = build_model(model_name, config)
@@ -56,7 +56,7 @@ def bare_loop(model_name: str, config: dict, arrays: dict, epochs: int, batch_si
 
 def loader_rates(shards: str, arrays: dict, batch_size: int, repeats: int = 3) -> dict[str, float]:
     from condgen.tasks.data.splits import load_arrays
-    from condgen.tasks.training.driver import batches
+    from condgen.tasks.training.worker import batches
 
     n = len(arrays["y"])
     decode = []

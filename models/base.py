@@ -1,7 +1,7 @@
 """The contract every trainable generative model in condgen follows.
 
 A model is an ``nn.Module`` with a frozen config dataclass next to it (nanoGPT
-style). The generic Ray Train loop in ``tasks/training/driver.py`` knows nothing about
+style). The generic Ray Train loop in ``tasks/training/worker.py`` knows nothing about
 VAEs, GANs or diffusion: it only calls the three methods below, so a GAN's two
 optimisers and a VAE's single one go through the same loop.
 
@@ -19,6 +19,8 @@ for a model from a batch according to its config's ``condition`` field.
 from __future__ import annotations
 
 import dataclasses
+import json
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
@@ -54,6 +56,62 @@ def is_generator(model: type | nn.Module) -> bool:
     return bool(getattr(model, "GENERATOR", True))
 
 
+def trains_on_latents(model: type | nn.Module, config: Any) -> str | None:
+    """The checkpoint URI of the autoencoder on whose latents a model of this family, built from
+    ``config`` (its dataclass), trains; None for a model trained on pixels. The pipeline then encodes
+    the shards once per autoencoder (``tasks/data/latents.py``) and training never runs the encoder.
+
+    A family opts in with a classmethod of the same name (``models.latent_diffusion``).
+    """
+    ask = getattr(model, "trains_on_latents", None)
+    return ask(config) if ask is not None else None
+
+
+# -- frozen parts ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FrozenPart:
+    """A trained model that another model embeds, frozen: the autoencoder of latent diffusion, the base
+    of a ControlNet, the first stage embedded in a super-resolution stage. Its config names it by a
+    checkpoint URI (``autoencoder_uri``, ``base_uri``).
+
+    ``models/`` reads no checkpoints. The caller in ``tasks/`` loads ``uri``
+    (``tasks.io.model_store.attach_frozen_parts``), checks that it holds a ``model``, and hands the
+    module in with the embedding model's ``attach_frozen(module)``, which checks the architecture
+    against ``config`` and copies the weights in place. They are then part of the embedding model's
+    ``state_dict``, so its own checkpoints are self-contained and load without ``uri``.
+    """
+
+    uri: str  # the checkpoint folder
+    model: str  # the registry name that checkpoint must hold
+    config: dict[str, Any]  # the architecture the embedding model was built for (JSON form)
+
+
+def missing_frozen_part(model: nn.Module) -> FrozenPart | None:
+    """The frozen part ``model`` was built to embed from a URI and holds no weights for yet; None when it
+    embeds none, has them (handed in, attached, or loaded with a checkpoint), or names no URI."""
+    ask = getattr(model, "missing_frozen_part", None)
+    return ask() if ask is not None else None
+
+
+def check_frozen_config(module: nn.Module, expected: Any, what: str) -> None:
+    """ValueError unless ``module.config`` is the architecture ``expected`` (a config dataclass or its JSON form)."""
+    want = expected if isinstance(expected, dict) else config_to_dict(expected)
+    if json_normalised(config_to_dict(module.config)) != json_normalised(want):
+        raise ValueError(f"the {what} handed in has config {config_to_dict(module.config)}, but this model was built "
+                         f"for {want}; build the config from the checkpoint (tasks.data.latents.*_config helpers)")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients, eval mode: a frozen component (its buffers may still be loaded)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def json_normalised(d: dict[str, Any]) -> Any:
+    """``d`` as after a JSON round trip (tuples -> lists, keys sorted): for comparing configs."""
+    return json.loads(json.dumps(d, sort_keys=True))
+
+
 def condition_from_batch(batch: dict[str, torch.Tensor], condition: str) -> torch.Tensor:
     """The condition tensor a model of kind ``condition`` ("label" | "text") reads from a batch."""
     if condition == "label":
@@ -82,6 +140,11 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**fixed)
+
+
+def nested_config(cls: type, value: Any) -> Any:
+    """A nested config field given as a dict (JSON form) as its dataclass ``cls``; a dataclass as it is."""
+    return config_from_dict(cls, value) if isinstance(value, dict) else value
 
 
 def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:

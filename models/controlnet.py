@@ -31,9 +31,11 @@ control "no edges anywhere", so it is not used as the default. The generic evalu
 (``tasks.evaluate``, labels only) therefore scores the base; the control effect is
 measured by edge IoU (``benchmarks/latent_vs_pixel.py``).
 
-The base comes as an object (``ControlNet(config, base=model)``) or from
-``config.base_uri`` (a "diffusion" checkpoint), read lazily like the autoencoder of
-``models.latent_diffusion`` and stored in this model's ``state_dict`` (self-contained).
+The base comes as an object (``ControlNet(config, base=model)``) or, when the config names a
+"diffusion" checkpoint in ``config.base_uri``, from the caller, who loads it and hands it in with
+``attach_frozen(base)`` (``tasks.io.model_store.attach_frozen_parts``; ``models/`` reads no
+files), as the autoencoder of ``models.latent_diffusion``. Either way theta_c = theta, and the
+base is stored in this model's ``state_dict`` (self-contained).
 """
 from __future__ import annotations
 
@@ -44,13 +46,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from condgen.models.base import OptStep, condition_from_batch
+from condgen.models.base import (
+    FrozenPart,
+    OptStep,
+    check_frozen_config,
+    condition_from_batch,
+    config_to_dict,
+    freeze,
+    nested_config,
+)
 from condgen.models.conditioning.lora import freeze_base, inject_lora
 from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
 from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
 from condgen.models.diffusion.schedule import NoiseSchedule, as_timesteps
 from condgen.models.diffusion.unet import UNet
-from condgen.models.latent_diffusion import _nested, freeze, load_frozen
 from condgen.models.paired import edge_map
 
 CONTROLS = ("edges", "mask")
@@ -75,7 +84,7 @@ def zero_conv(c_in: int, c_out: int) -> nn.Conv2d:
 
 @dataclass(frozen=True)
 class ControlNetConfig:
-    base_uri: str = ""  # checkpoint of a trained "diffusion" model (read lazily, then frozen)
+    base_uri: str = ""  # checkpoint of a trained "diffusion" model (loaded by the caller: attach_frozen)
     base: DiffusionConfig = field(default_factory=DiffusionConfig)  # its architecture
     control: str = "edges"  # how cond_img is derived from x when a batch lacks it: "edges" | "mask"
     control_channels: int = 1
@@ -87,11 +96,11 @@ class ControlNetConfig:
     lr: float = 1e-3
 
     def __post_init__(self):
-        object.__setattr__(self, "base", _nested(DiffusionConfig, self.base))
+        object.__setattr__(self, "base", nested_config(DiffusionConfig, self.base))
         if self.control not in CONTROLS:
             raise ValueError(f"control must be one of {CONTROLS}, got {self.control!r}")
 
-    # read by tasks/training/driver.py and tasks/judging/evaluate.py (grid and evaluation conditions)
+    # read by tasks/training/worker.py and tasks/judging/evaluate.py (grid and evaluation conditions)
     @property
     def condition(self) -> str:
         return self.base.condition
@@ -146,21 +155,31 @@ class ControlNet(nn.Module):
         self.base.eval()  # locked
         return self
 
+    # -- the locked base (models.base.FrozenPart) ----------------------------------------------------
+    def missing_frozen_part(self) -> FrozenPart | None:
+        """The base checkpoint to load and ``attach_frozen``, while this model holds no weights for it."""
+        if bool(self.base_ready) or not self.config.base_uri:
+            return None
+        return FrozenPart(self.config.base_uri, "diffusion", config_to_dict(self.config.base))
+
     @torch.no_grad()
-    def _ensure_base(self) -> None:
-        if bool(self.base_ready):
-            return
-        if not self.config.base_uri:
-            raise RuntimeError("this ControlNet has no base weights: set config.base_uri to a trained 'diffusion' "
-                               "checkpoint or pass base=")
-        load_frozen(self.base, self.config.base_uri, "diffusion")
-        # theta_c = theta again, in place (the optimiser already holds these parameters). A LoRA-wrapped
+    def attach_frozen(self, base: ConditionalDiffusion) -> None:
+        """Take a trained base of exactly ``config.base``'s architecture: its weights are copied into the locked
+        base in place, and theta_c = theta again."""
+        check_frozen_config(base, self.config.base, "diffusion base")
+        self.base.load_state_dict(base.state_dict())
+        # theta_c = theta again, in place (an optimiser may already hold these parameters). A LoRA-wrapped
         # layer keeps its weight under ".base."; its adapter (B = 0) keeps its fresh initialisation.
         src = self.base.net.state_dict()
         for name, tensor in self.control.state_dict().items():
             if not name.endswith(("lora_A", "lora_B")):
                 tensor.copy_(src[name.replace(".base.", ".")])
         self.base_ready.fill_(1)
+
+    def _ensure_base(self) -> None:
+        if not bool(self.base_ready):
+            raise RuntimeError("this ControlNet has no base weights: pass base=, or load the 'diffusion' checkpoint "
+                               "at config.base_uri and attach_frozen() it (tasks.io.model_store.attach_frozen_parts)")
 
     # -- the controlled denoiser --------------------------------------------------------------------
     @property

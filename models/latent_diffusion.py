@@ -27,92 +27,38 @@ noise shape, decode instead of clamping the latent) and in never clipping x0_hat
 (``models.diffusion.clipping`` clamps to the pixel range; latents have no fixed range).
 
 The frozen autoencoder comes either as an object (``LatentDiffusion(config, autoencoder=ae)``)
-or from a checkpoint URI in ``config.autoencoder_uri``. ``models/`` does no storage I/O of
-its own: the URI is read through the reader registered with ``set_checkpoint_reader``
-(``tasks.latents`` registers one for every storage URI when imported); without one, only
-a local directory / ``file://`` URI is read, with safetensors + JSON (never pickle). The
-weights are read lazily, on first use (``train_step`` / ``sample`` / ``encode`` /
-``decode``), and are part of this model's ``state_dict``: a saved latent diffusion model is
-self-contained, and loading its checkpoint does not touch the autoencoder's URI again
-(the ``autoencoder_ready`` buffer records that the weights are real).
+or, when the config names its checkpoint in ``config.autoencoder_uri``, from the caller:
+``models/`` reads no files or URIs, so whoever builds the model from such a config (the
+training worker, ``tasks.io.model_store``) loads that checkpoint and hands the module in with
+``attach_frozen(ae)`` (``tasks.io.model_store.attach_frozen_parts`` does both;
+``missing_frozen_part()`` says what is missing, ``models.base.FrozenPart``). The weights are
+part of this model's ``state_dict``: a saved latent diffusion model is self-contained, and
+loading its checkpoint does not touch the autoencoder's URI again (the ``autoencoder_ready``
+buffer records that the weights are real). Encoding, decoding, training and sampling without
+them raise.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import unquote, urlparse
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from condgen.models.autoencoder import Autoencoder, AutoencoderConfig
-from condgen.models.base import OptStep, condition_from_batch, config_from_dict, config_to_dict
+from condgen.models.base import (
+    FrozenPart,
+    OptStep,
+    check_frozen_config,
+    condition_from_batch,
+    config_to_dict,
+    freeze,
+    nested_config,
+)
 from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
 from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
 from condgen.models.diffusion.schedule import NoiseSchedule
-
-# -- frozen components read from a checkpoint URI ----------------------------------------------
-# reader(uri) -> (state_dict, meta) where meta is the checkpoint's config.json
-# ({"model": registry name, "config": {...}}), the format of tasks/io/checkpoint.py.
-CheckpointReader = Callable[[str], tuple[dict[str, torch.Tensor], dict[str, Any]]]
-_reader: CheckpointReader | None = None
-
-
-def set_checkpoint_reader(reader: CheckpointReader | None) -> None:
-    """Install the function that reads frozen components (autoencoders, ControlNet bases, cascade
-    bases) from URIs; None restores the local-only default."""
-    global _reader
-    _reader = reader
-
-
-def _read_local_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-
-    if uri.startswith("file://"):
-        path = Path(unquote(urlparse(uri).path))
-    elif "://" in uri or uri.startswith(("runs:/", "models:/")):
-        raise RuntimeError(f"no checkpoint reader for {uri!r}: models/ reads only local directories; "
-                           "import tasks.latents (it registers a reader for every storage URI) or call "
-                           "models.latent_diffusion.set_checkpoint_reader")
-    else:
-        path = Path(uri)
-    return load_file(str(path / "model.safetensors")), json.loads((path / "config.json").read_text())
-
-
-def read_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    return (_reader or _read_local_checkpoint)(uri)
-
-
-def _normalised(d: dict[str, Any]) -> Any:
-    return json.loads(json.dumps(d, sort_keys=True))  # tuples -> lists, as after a JSON round trip
-
-
-@torch.no_grad()
-def load_frozen(module: nn.Module, uri: str, model_name: str) -> dict[str, Any]:
-    """Load a registered model's weights from ``uri`` into ``module`` in place, after checking the
-    checkpoint is a ``model_name`` with exactly ``module.config``; returns the checkpoint's meta."""
-    state, meta = read_checkpoint(uri)
-    if meta.get("model") != model_name:
-        raise ValueError(f"{uri} holds a {meta.get('model')!r} checkpoint, expected {model_name!r}")
-    if _normalised(meta.get("config", {})) != _normalised(config_to_dict(module.config)):
-        raise ValueError(f"the {model_name} at {uri} has config {meta.get('config')}, but this model was built "
-                         f"for {config_to_dict(module.config)}; build the config from the checkpoint "
-                         "(tasks.latents.*_config helpers)")
-    module.load_state_dict(state)
-    return meta
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """No gradients, eval mode: a frozen component (its buffers may still be loaded)."""
-    module.requires_grad_(False)
-    return module.eval()
-
-
-def _nested(cls: type, value: Any) -> Any:
-    return config_from_dict(cls, value) if isinstance(value, dict) else value
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -121,7 +67,7 @@ class LatentDiffusionConfig:
     """Fields shared with ``DiffusionConfig`` are forwarded to the latent U-Net by ``diffusion_config``;
     ``image_size`` / ``in_channels`` there come from the autoencoder's latent shape."""
 
-    autoencoder_uri: str = ""  # checkpoint of a trained "autoencoder" (read lazily, then frozen)
+    autoencoder_uri: str = ""  # checkpoint of a trained "autoencoder" (loaded by the caller: attach_frozen)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # its architecture
     scale_factor: float = 0.0  # z -> scale_factor * z before diffusion; 0 = 1 / autoencoder.latent_std
     channels: tuple[int, ...] = (32, 64)  # latent U-Net widths: 7 -> 4 (ceil) -> 7
@@ -138,7 +84,7 @@ class LatentDiffusionConfig:
     guidance_scale: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "autoencoder", _nested(AutoencoderConfig, self.autoencoder))
+        object.__setattr__(self, "autoencoder", nested_config(AutoencoderConfig, self.autoencoder))
 
     def diffusion_config(self) -> DiffusionConfig:
         shared = {f.name for f in dataclasses.fields(DiffusionConfig)} & {f.name for f in dataclasses.fields(self)}
@@ -155,7 +101,7 @@ class LatentDiffusion(nn.Module):
             config = dataclasses.replace(config, autoencoder=autoencoder.config)
         self.config = config
         self.autoencoder = freeze(autoencoder if autoencoder is not None else Autoencoder(config.autoencoder))
-        # True once the autoencoder holds real weights (given, read from the URI, or loaded with a checkpoint).
+        # True once the autoencoder holds real weights (handed in, attach_frozen, or loaded with a checkpoint).
         self.register_buffer("autoencoder_ready", torch.tensor(int(autoencoder is not None)))  # int: gloo broadcasts it
         self.diffusion = ConditionalDiffusion(config.diffusion_config())
 
@@ -164,14 +110,31 @@ class LatentDiffusion(nn.Module):
         self.autoencoder.eval()  # frozen: stays in eval mode
         return self
 
-    def _ensure_autoencoder(self) -> None:
-        if bool(self.autoencoder_ready):
-            return
-        if not self.config.autoencoder_uri:
-            raise RuntimeError("this latent diffusion model has no autoencoder weights: set config.autoencoder_uri "
-                               "to a trained 'autoencoder' checkpoint or pass autoencoder=")
-        load_frozen(self.autoencoder, self.config.autoencoder_uri, "autoencoder")
+    # -- the frozen autoencoder (models.base.FrozenPart) -------------------------------------------
+    @classmethod
+    def trains_on_latents(cls, config: LatentDiffusionConfig) -> str | None:
+        """The autoencoder checkpoint whose latents this model trains on (``models.base.trains_on_latents``)."""
+        return config.autoencoder_uri or None
+
+    def missing_frozen_part(self) -> FrozenPart | None:
+        """The autoencoder checkpoint to load and ``attach_frozen``, while this model holds no weights for it."""
+        if bool(self.autoencoder_ready) or not self.config.autoencoder_uri:
+            return None
+        return FrozenPart(self.config.autoencoder_uri, "autoencoder", config_to_dict(self.config.autoencoder))
+
+    @torch.no_grad()
+    def attach_frozen(self, autoencoder: Autoencoder) -> None:
+        """Take a trained autoencoder of exactly ``config.autoencoder``'s architecture: its weights are copied
+        into this model's frozen one in place (device and references stay)."""
+        check_frozen_config(autoencoder, self.config.autoencoder, "autoencoder")
+        self.autoencoder.load_state_dict(autoencoder.state_dict())
         self.autoencoder_ready.fill_(1)
+
+    def _ensure_autoencoder(self) -> None:
+        if not bool(self.autoencoder_ready):
+            raise RuntimeError("this latent diffusion model has no autoencoder weights: pass autoencoder=, or load "
+                               "the checkpoint at config.autoencoder_uri and attach_frozen() it "
+                               "(tasks.io.model_store.attach_frozen_parts)")
 
     # -- latent space ------------------------------------------------------------------------------
     @property
@@ -222,7 +185,7 @@ class LatentDiffusion(nn.Module):
 
     def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
         """L_LDM on z = scale * E(x). A batch may carry precomputed raw latents ``z`` (B, c, h, w) of the same
-        autoencoder (``tasks.latents``); otherwise ``x`` is encoded here, with no gradient."""
+        autoencoder (``tasks.data.latents``); otherwise ``x`` is encoded here, with no gradient."""
         self._ensure_autoencoder()
         with torch.no_grad():
             if "z" in batch:

@@ -2,9 +2,15 @@
 
 Models are never built from import strings; a checkpoint's ``model`` field must be
 a key of ``MODELS``. New families add one line here.
+
+Frozen parts (``models.base.FrozenPart``) are handed in as keyword arguments of
+``build_model`` (``autoencoder=`` for latent diffusion, ``base=`` for a ControlNet or a
+super-resolution stage). A super-resolution stage may embed any registered family, so the
+registry names that family for it, or builds its architecture from the config.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -37,19 +43,43 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 
-def build_model(name: str, config: dict[str, Any] | Any | None = None) -> nn.Module:
-    """Instantiate a registered model from a config dataclass or dict."""
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
-    cfg_cls, model_cls = MODELS[name]
+def build_model(name: str, config: dict[str, Any] | Any | None = None, **frozen: nn.Module) -> nn.Module:
+    """Instantiate a registered model from a config dataclass or dict. ``frozen``: trained components
+    handed in (``autoencoder=`` for latent diffusion, ``base=`` for a ControlNet or a super-resolution
+    stage); a frozen part that the config only names by URI is attached by the caller
+    (``tasks.io.model_store.attach_frozen_parts``)."""
+    cfg_cls, model_cls = MODELS[_known(name)]
     if config is None:
         config = cfg_cls()
     elif isinstance(config, dict):
         config = config_from_dict(cfg_cls, config)
-    return model_cls(config)
+    if model_cls is SuperRes:  # its base may be any registered family: named, or built, here
+        if frozen.get("base") is not None:
+            config = dataclasses.replace(config, base_model=model_name(frozen["base"]))
+        elif config.base_model:
+            frozen["untrained_base"] = build_model(config.base_model, config.base_config)
+    return model_cls(config, **frozen)
+
+
+def model_name(model: nn.Module) -> str:
+    """The registry name of a model's family."""
+    for name, (_, cls) in MODELS.items():
+        if type(model) is cls:
+            return name
+    raise KeyError(f"{type(model).__name__} is not in models.registry.MODELS")
 
 
 def config_class(name: str) -> type:
+    return MODELS[_known(name)][0]
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The module class of a registered family (for class-level capabilities: ``models.base.is_generator``,
+    ``models.base.trains_on_latents``)."""
+    return MODELS[_known(name)][1]
+
+
+def _known(name: str) -> str:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
-    return MODELS[name][0]
+    return name

@@ -22,12 +22,14 @@ used unchanged through ``denoiser(low)``, which binds the low-res image.
 
 ``cascade_sample(base, sr, cond, generator)`` chains after ANY model of the contract: the
 base's sample is resized (area) to ``low_size`` when it is not already that size. For
-``sample(cond, generator)`` to work alone (tasks/training/driver.py's grid, tasks/judging/evaluate.py), a
-base can be embedded: ``SuperRes(config, base=model)`` or ``config.base_model`` +
-``config.base_uri`` + ``config.base_config`` (read lazily, frozen, saved in this model's
-``state_dict``, like the autoencoder of ``models.latent_diffusion``; read at the first
-``train_step`` or ``sample``, whichever comes first). Without a base,
-``sample`` needs ``low=`` and otherwise raises NotImplementedError.
+``sample(cond, generator)`` to work alone (tasks/training/worker.py's grid, tasks/judging/evaluate.py), a
+base can be embedded, frozen and saved in this model's ``state_dict``:
+``models.registry.build_model("superres", config, base=model)`` (the registry names the base's
+family in ``config.base_model``), or a config with ``base_model`` + ``base_config`` (the registry
+builds that architecture) + ``base_uri``, whose checkpoint the caller loads and hands in with
+``attach_frozen(base)`` (``tasks.io.model_store.attach_frozen_parts``; ``models/`` reads no files),
+like the autoencoder of ``models.latent_diffusion``. Without a base, ``sample`` needs ``low=`` and
+otherwise raises NotImplementedError.
 """
 from __future__ import annotations
 
@@ -39,11 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condgen.models.base import OptStep, condition_from_batch, config_to_dict
+from condgen.models.base import (
+    FrozenPart,
+    OptStep,
+    check_frozen_config,
+    condition_from_batch,
+    config_to_dict,
+    freeze,
+    json_normalised,
+)
 from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
 from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
 from condgen.models.diffusion.schedule import NoiseSchedule
-from condgen.models.latent_diffusion import _normalised, freeze, load_frozen
 
 
 @dataclass(frozen=True)
@@ -69,11 +78,11 @@ class SuperResConfig:
     cond_noise: float = 0.1  # max std of the Gaussian augmentation of the low-res input in training
     # Optional embedded first stage, so sample(cond, generator) is a full cascade:
     base_model: str = ""  # a key of models.registry.MODELS
-    base_uri: str = ""  # its checkpoint (read lazily)
+    base_uri: str = ""  # its checkpoint (loaded by the caller: attach_frozen)
     base_config: dict[str, Any] = field(default_factory=dict)  # its config (JSON form)
 
     def __post_init__(self):
-        object.__setattr__(self, "base_config", _normalised(dict(self.base_config)))
+        object.__setattr__(self, "base_config", json_normalised(dict(self.base_config)))
         if self.low_size >= self.image_size:
             raise ValueError(f"low_size ({self.low_size}) must be below image_size ({self.image_size})")
 
@@ -82,23 +91,24 @@ class SuperResConfig:
         return DiffusionConfig(**{**{k: getattr(self, k) for k in shared}, "in_channels": 2 * self.in_channels})
 
 
-def _registry_name(model: nn.Module) -> str:
-    from condgen.models.registry import MODELS  # the registry imports this module
-
-    for name, (_, cls) in MODELS.items():
-        if type(model) is cls:
-            return name
-    raise KeyError(f"{type(model).__name__} is not in models.registry.MODELS")
-
-
 class SuperRes(nn.Module):
     GENERATOR = False  # a component: trained and checkpointed, not judged as a generator (models.base)
 
-    def __init__(self, config: SuperResConfig, base: nn.Module | None = None):
+    def __init__(self, config: SuperResConfig, base: nn.Module | None = None, *,
+                 untrained_base: nn.Module | None = None):
+        """``base``: a trained first stage to embed (its weights are used as they are); ``config.base_model``
+        must name its registry family. ``untrained_base``: the architecture ``config.base_model`` /
+        ``base_config`` describe, without weights yet (``attach_frozen`` or a checkpoint's state dict bring
+        them). ``models.registry.build_model`` passes whichever applies."""
         super().__init__()
         if base is not None:
-            config = dataclasses.replace(config, base_model=_registry_name(base),
-                                         base_config=config_to_dict(base.config))
+            if not config.base_model:
+                raise ValueError("SuperRes(config, base=model) needs the base's registry name in config.base_model; "
+                                 "models.registry.build_model('superres', config, base=model) fills it in")
+            config = dataclasses.replace(config, base_config=config_to_dict(base.config))
+        elif config.base_model and untrained_base is None:
+            raise ValueError(f"config.base_model={config.base_model!r}: build this model with "
+                             "models.registry.build_model, which builds the embedded base's architecture")
         self.config = c = config
         self.diffusion = ConditionalDiffusion(c.diffusion_config())  # U-Net input: [x_t, up(x_low)]
         net = self.diffusion.net
@@ -107,9 +117,7 @@ class SuperRes(nn.Module):
         nn.init.zeros_(net.conv_out.bias)
         self.base: nn.Module | None = None
         if base is not None or c.base_model:
-            from condgen.models.registry import build_model
-
-            self.base = freeze(base if base is not None else build_model(c.base_model, c.base_config))
+            self.base = freeze(base if base is not None else untrained_base)
         self.register_buffer("base_ready", torch.tensor(int(base is not None)))  # int: gloo broadcasts it
 
     def train(self, mode: bool = True) -> "SuperRes":
@@ -118,15 +126,30 @@ class SuperRes(nn.Module):
             self.base.eval()
         return self
 
+    # -- the embedded base (models.base.FrozenPart) --------------------------------------------------
+    def missing_frozen_part(self) -> FrozenPart | None:
+        """The base checkpoint to load and ``attach_frozen``, while the embedded base has no weights."""
+        if self.base is None or bool(self.base_ready) or not self.config.base_uri:
+            return None
+        return FrozenPart(self.config.base_uri, self.config.base_model, dict(self.config.base_config))
+
+    @torch.no_grad()
+    def attach_frozen(self, base: nn.Module) -> None:
+        """Take a trained ``config.base_model`` of exactly ``config.base_config``'s architecture: its weights are
+        copied into the embedded base in place."""
+        if self.base is None:
+            raise ValueError("this super-resolution stage embeds no base (config.base_model is empty)")
+        check_frozen_config(base, self.config.base_config, f"{self.config.base_model} base")
+        self.base.load_state_dict(base.state_dict())
+        self.base_ready.fill_(1)
+
     def _ensure_base(self) -> nn.Module:
         if self.base is None:
             raise NotImplementedError("a super-resolution stage without a base needs low=; use "
                                       "cascade_sample(base, sr, cond, generator) or embed a base")
         if not bool(self.base_ready):
-            if not self.config.base_uri:
-                raise RuntimeError("the embedded base has no weights: set config.base_uri or pass base=")
-            load_frozen(self.base, self.config.base_uri, self.config.base_model)
-            self.base_ready.fill_(1)
+            raise RuntimeError("the embedded base has no weights: pass base=, or load the checkpoint at "
+                               "config.base_uri and attach_frozen() it (tasks.io.model_store.attach_frozen_parts)")
         return self.base
 
     # -- resolution changes --------------------------------------------------------------------
@@ -160,7 +183,7 @@ class SuperRes(nn.Module):
     def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
         """L_simple of x given [x_t, up(down(x) + aug noise)] and the condition (SR3 Eq. 6 with eps)."""
         if self.base is not None:
-            self._ensure_base()  # unused here, but read now so every checkpoint saved from training carries it
+            self._ensure_base()  # unused here, but required so every checkpoint saved from training carries it
         x0 = batch["x"]
         b = x0.shape[0]
         low = self.downsample(x0)

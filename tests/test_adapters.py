@@ -32,7 +32,7 @@ def test_prepare_freezes_the_generator_but_trains_the_critic_and_mirrors_the_ema
     for (n1, p1), (n2, p2) in zip(model.G.named_parameters(), model.G_ema.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)  # the EMA restarts as the adapted generator
     base_g = {k: v.clone() for k, v in model.G.state_dict().items() if "lora_" not in k}
-    from condgen.tasks.training.driver import make_opt_step, make_optimizers
+    from condgen.tasks.training.worker import make_opt_step, make_optimizers
 
     step = make_opt_step(make_optimizers(model))
     for _ in range(3):

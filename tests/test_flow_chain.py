@@ -57,7 +57,7 @@ def test_components_train_then_feed_the_next_spec(condgen_home, local_ray):
 def test_batches_carry_precomputed_latents():
     import numpy as np
 
-    from condgen.tasks.training.driver import batches
+    from condgen.tasks.training.worker import batches
 
     arrays = {"x": np.zeros((10, 28, 28), np.uint8), "y": np.arange(10, dtype=np.int64),
               "z": np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((1, 4, 7, 7), np.float32)}

@@ -238,7 +238,7 @@ def test_generator_ema_follows_its_formula_and_is_what_eval_samples_from():
 
 
 def test_discriminator_learning_rate_can_differ_from_the_generator_s():
-    from condgen.tasks.training.driver import make_optimizers
+    from condgen.tasks.training.worker import make_optimizers
 
     opts = make_optimizers(_build("acgan", lr=1e-4, d_lr=4e-4))
     assert opts["disc"].param_groups[0]["lr"] == 4e-4 and opts["gen"].param_groups[0]["lr"] == 1e-4

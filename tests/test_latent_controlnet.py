@@ -54,7 +54,7 @@ def _adam(params, lr):
 
 
 def _adam_groups(model, lr):
-    """One Adam per optimizer group, exactly as tasks/training/driver.py's make_optimizers (requires_grad only)."""
+    """One Adam per optimizer group, exactly as tasks/training/worker.py's make_optimizers (requires_grad only)."""
     opts = {k: torch.optim.Adam([p for p in ps if p.requires_grad], lr=lr)
             for k, ps in model.optimizer_groups().items()}
 
@@ -215,8 +215,9 @@ def test_every_sampler_guidance_and_editing_method_works_on_latents():
     assert torch.allclose(out, ldm.decode(ref), atol=1e-6)
 
 
-def test_latent_diffusion_reads_its_autoencoder_lazily_from_a_uri(tmp_path):
+def test_latent_diffusion_gets_its_autoencoder_from_a_uri_through_the_tasks_layer(tmp_path):
     from condgen.tasks.data.latents import latent_diffusion_config
+    from condgen.tasks.io.model_store import attach_frozen_parts
 
     ae = _perturb(_ae("vq"), 2)
     ckpt_io.save_checkpoint(tmp_path / "ae", ae)
@@ -225,6 +226,9 @@ def test_latent_diffusion_reads_its_autoencoder_lazily_from_a_uri(tmp_path):
     ldm = build_model("latent_diffusion", cfg_dict)
     assert int(ldm.autoencoder_ready) == 0  # nothing read at construction
     x, y = _digits(4)
+    with pytest.raises(RuntimeError, match="autoencoder"):  # models/ never reads the URI itself
+        ldm.train_step({"x": x, "y": y}, lambda n, l: None)
+    assert attach_frozen_parts(ldm) is ldm  # tasks/ loads the checkpoint and hands it in
     ldm.train_step({"x": x, "y": y}, _adam_groups(ldm, 1e-3))
     assert int(ldm.autoencoder_ready) == 1
     assert ckpt_io.state_fingerprint(ldm.autoencoder) == ckpt_io.state_fingerprint(ae)
@@ -239,9 +243,30 @@ def test_latent_diffusion_reads_its_autoencoder_lazily_from_a_uri(tmp_path):
     ckpt_io.save_checkpoint(tmp_path / "ae", ae)
     bad = build_model("latent_diffusion", {**cfg_dict, "autoencoder": {**cfg_dict["autoencoder"], "codebook_size": 8}})
     with pytest.raises(ValueError, match="config"):
-        bad.train_step({"x": x, "y": y}, lambda n, l: None)
+        attach_frozen_parts(bad)
     with pytest.raises(RuntimeError, match="autoencoder"):
         build_model("latent_diffusion", DIFF).sample(y)
+
+
+def test_checkpoints_saved_without_their_frozen_part_get_it_when_loaded_from_storage(tmp_path):
+    """model_store.load_trained attaches what a checkpoint lacks from its config's URI, and refuses a
+    checkpoint of another family there."""
+    from condgen.tasks.data.latents import latent_diffusion_config
+    from condgen.tasks.io.model_store import attach_frozen_parts, load_trained
+
+    ae = _perturb(_ae(), 3)
+    ckpt_io.save_checkpoint(tmp_path / "ae", ae)
+    ldm = build_model("latent_diffusion", latent_diffusion_config((tmp_path / "ae").as_uri(), **DIFF))
+    ckpt_io.save_checkpoint(tmp_path / "ldm", ldm)  # never attached: autoencoder_ready == 0 in the checkpoint
+    loaded, meta = load_trained((tmp_path / "ldm").as_uri())
+    assert meta["model"] == "latent_diffusion" and int(loaded.autoencoder_ready) == 1
+    assert ckpt_io.state_fingerprint(loaded.autoencoder) == ckpt_io.state_fingerprint(ae)
+    ckpt_io.save_checkpoint(tmp_path / "diffusion", _base())
+    wrong = build_model("latent_diffusion", {**DIFF, "autoencoder": AE,
+                                             "autoencoder_uri": (tmp_path / "diffusion").as_uri()})
+    with pytest.raises(ValueError, match="holds a 'diffusion' checkpoint"):
+        attach_frozen_parts(wrong)
+    assert int(wrong.autoencoder_ready) == 0
 
 
 def test_precomputed_latents_are_cached_by_autoencoder_fingerprint(tiny_shards):
@@ -316,15 +341,19 @@ def test_controlnet_training_changes_only_the_control_branch(lora):
     assert s.shape == (2, 1, 28, 28)
 
 
-def test_controlnet_reads_its_base_lazily_and_copies_it(tmp_path):
+def test_controlnet_gets_its_base_from_a_uri_and_copies_it(tmp_path):
     from condgen.tasks.data.latents import controlnet_config
+    from condgen.tasks.io.model_store import attach_frozen_parts
 
     base = _base()
     ckpt_io.save_checkpoint(tmp_path / "base", base)
     net = build_model("controlnet", controlnet_config((tmp_path / "base").as_uri(), lora_rank=2))
     assert int(net.base_ready) == 0
     x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 11]), torch.tensor([0, 9])
-    D = net.denoiser(control_image(_digits(2)[0]))  # reads the base, then theta_c = theta
+    with pytest.raises(RuntimeError, match="base"):  # models/ never reads the URI itself
+        net.denoiser(control_image(_digits(2)[0]))
+    attach_frozen_parts(net)  # loads the base, then theta_c = theta
+    D = net.denoiser(control_image(_digits(2)[0]))
     assert ckpt_io.state_fingerprint(net.base) == ckpt_io.state_fingerprint(base)
     with torch.no_grad():
         assert torch.equal(D(x, t, y), base.eps(x, t, y))
@@ -357,11 +386,34 @@ def test_superres_loss_falls_and_cascades_after_any_base():
         assert s.shape == (2, 1, 28, 28) and s.abs().max() <= 1
     # an embedded base makes sample(cond, generator) the whole cascade
     base = _base()
-    chained = SuperRes(sr.config, base=base)
+    chained = build_model("superres", sr.config, base=base)  # the registry names the base's family
     chained.diffusion.load_state_dict(sr.diffusion.state_dict())
     assert chained.config.base_model == "diffusion"
     assert torch.equal(chained.sample(y[:2], torch.Generator().manual_seed(1), steps=2),
                        cascade_sample(base, sr, y[:2], torch.Generator().manual_seed(1), steps=2))
+    with pytest.raises(ValueError, match="base_model"):  # models/ cannot name a family: the registry does
+        SuperRes(sr.config, base=base)
+
+
+def test_superres_gets_its_embedded_base_from_a_uri(tmp_path):
+    from condgen.tasks.data.latents import superres_config
+    from condgen.tasks.io.model_store import attach_frozen_parts
+
+    base = _ldm()
+    ckpt_io.save_checkpoint(tmp_path / "base", base)
+    sr = build_model("superres", superres_config((tmp_path / "base").as_uri(), **DIFF))
+    assert sr.config.base_model == "latent_diffusion" and isinstance(sr.base, LatentDiffusion)
+    assert int(sr.base_ready) == 0
+    y = torch.tensor([2, 7])
+    with pytest.raises(RuntimeError, match="base"):
+        sr.sample(y, steps=2)
+    with pytest.raises(ValueError, match="registry"):  # the embedded base's architecture comes from the registry
+        SuperRes(sr.config)
+    attach_frozen_parts(sr)
+    assert int(sr.base_ready) == 1
+    assert ckpt_io.state_fingerprint(sr.base) == ckpt_io.state_fingerprint(base)
+    assert torch.equal(sr.sample(y, torch.Generator().manual_seed(1), steps=2),
+                       cascade_sample(base, sr, y, torch.Generator().manual_seed(1), steps=2))
 
 
 # -- registry and checkpoints -----------------------------------------------------------------------
@@ -388,7 +440,7 @@ def test_save_load_gives_identical_outputs(tmp_path, name):
     elif name == "superres":
         model = SuperRes(SuperResConfig(**DIFF))
     else:
-        model = SuperRes(SuperResConfig(**DIFF), base=_ldm())
+        model = build_model("superres", SuperResConfig(**DIFF), base=_ldm())
     model = _perturb(model, 4, 0.05).eval()
     ckpt_io.save_checkpoint(tmp_path, model)  # safetensors + config JSON
     loaded, meta = ckpt_io.load_checkpoint(tmp_path)

@@ -9,11 +9,10 @@
   same source sha256 are skipped (the layout and resume logic of ``tasks.embed``).
 * ``load_latents`` / ``load_latent_split``: latents aligned to sample keys, for loops that
   feed ``LatentDiffusion.train_step`` batches with ``z`` (it then skips the encoder).
-* A checkpoint reader for ``models.latent_diffusion.set_checkpoint_reader``, registered on
-  import: frozen components (autoencoders, ControlNet / cascade bases) can then live on
-  any URI ``tasks.storage`` reads (``s3://``, ``file://``, paths).
 * ``*_config`` helpers: a model config dict built from a frozen component's checkpoint
-  (its architecture copied from the checkpoint's config.json).
+  (its architecture copied from the checkpoint's config.json). The component itself, on
+  any URI ``tasks.io.storage`` reads (``s3://``, ``file://``, paths), is loaded and handed
+  to the model by ``tasks.io.model_store.attach_frozen_parts`` (``models.base.FrozenPart``).
 """
 from __future__ import annotations
 
@@ -25,11 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load
 
 from condgen.models.autoencoder import Autoencoder
 from condgen.models.base import config_to_dict
-from condgen.models.latent_diffusion import set_checkpoint_reader
 from condgen.tasks.data.sidecars import LATENT_MEMBER, latents_uri, source_shards, write_latents
 from condgen.tasks.data.splits import load_arrays
 from condgen.tasks.io import checkpoint as ckpt_io
@@ -43,18 +40,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 
 
-# -- checkpoints on any storage URI ------------------------------------------------------------
-def read_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, meta) of a checkpoint directory written by ``tasks.checkpoint`` (safetensors + JSON)."""
-
-    state = load(storage.read_bytes(storage.join(uri, ckpt_io.WEIGHTS)))
-    meta = json.loads(storage.read_bytes(storage.join(uri, ckpt_io.CONFIG)))
-    return state, meta
-
-
-set_checkpoint_reader(read_checkpoint)
-
-
+# -- configs from frozen components' checkpoints ---------------------------------------------------
 def checkpoint_meta(uri: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(storage.join(uri, ckpt_io.CONFIG)))
 

@@ -3,6 +3,9 @@
 Never a pickled module: loading parses JSON and safetensors only, so a checkpoint
 from an untrusted place cannot execute code. The model class is looked up in the
 explicit registry (``models.registry.MODELS``) by the name stored in the JSON.
+
+These functions read and write local folders only; ``tasks.io.model_store`` loads from
+any storage URI and attaches frozen parts a config names by URI (``attach_frozen_parts``).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from condgen.models.base import config_to_dict
-from condgen.models.registry import MODELS, build_model
+from condgen.models.registry import build_model, model_name
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -33,13 +36,6 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def model_name(model: nn.Module) -> str:
-    for name, (_, cls) in MODELS.items():
-        if type(model) is cls:
-            return name
-    raise KeyError(f"{type(model).__name__} is not in models.registry.MODELS")
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, extra: dict[str, Any] | None = None) -> Path:
@@ -59,7 +55,8 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(directory: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the registered model from ``config.json`` and load its safetensors weights."""
+    """Rebuild the registered model from ``config.json`` and load its safetensors weights (frozen parts
+    included: a checkpoint carries them)."""
     meta = read_meta(directory)
     model = build_model(meta["model"], meta["config"])
     state = load_file(str(Path(directory) / WEIGHTS), device=map_location)

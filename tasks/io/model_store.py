@@ -6,6 +6,10 @@ Everything else (training, evaluation, promotion, the CLIP registry, batch gener
 service) resolves, downloads, registers and loads through these functions, so "pick the
 version by alias or number, then download" exists once. Loading parses safetensors and
 JSON only (never a pickle).
+
+Frozen parts (``models.base.FrozenPart``: the autoencoder of latent diffusion, the base of a
+ControlNet or of a super-resolution stage) that a config names by URI are loaded here too
+(``attach_frozen_parts``) and handed to the model, because ``models/`` reads nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from condgen.models.base import missing_frozen_part
 from condgen.models.conditioning import lora
 from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io import storage
@@ -109,12 +114,28 @@ def register(run_id: str, name: str, tags: dict[str, str] | None = None, artifac
 
 
 # -- models -----------------------------------------------------------------------------------------
+def attach_frozen_parts(model: torch.nn.Module) -> torch.nn.Module:
+    """Load the frozen part ``model``'s config names by URI and hand it in (``model.attach_frozen``), when
+    the model holds no weights for it yet; otherwise (none, handed in, or loaded with a checkpoint) a
+    no-op. ValueError when the checkpoint holds another family or another architecture. Returns ``model``."""
+    part = missing_frozen_part(model)
+    if part is None:
+        return model
+    frozen, meta = load_trained(part.uri)
+    if meta.get("model") != part.model:
+        raise ValueError(f"{part.uri} holds a {meta.get('model')!r} checkpoint, expected {part.model!r}")
+    model.attach_frozen(frozen)
+    return model
+
+
 def load_trained(checkpoint_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A checkpoint folder (``model.safetensors`` + ``config.json``) from any storage URI."""
+    """A checkpoint folder (``model.safetensors`` + ``config.json``) from any storage URI, with its frozen
+    parts (a checkpoint carries them; one saved without them gets them from their URIs)."""
     with tempfile.TemporaryDirectory() as tmp:
         for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
             Path(tmp, name).write_bytes(storage.read_bytes(storage.join(checkpoint_uri, name)))
-        return ckpt_io.load_checkpoint(tmp)
+        model, meta = ckpt_io.load_checkpoint(tmp)
+    return attach_frozen_parts(model), meta
 
 
 def load_registered(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -122,7 +143,7 @@ def load_registered(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     with downloaded(uri, artifact_path="model") as (local, ref):
         model, meta = ckpt_io.load_checkpoint(local)
     meta.update(name=ref.name, version=ref.version, run_id=ref.run_id)
-    return model, meta
+    return attach_frozen_parts(model), meta
 
 
 def load_model_uri(uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -1,0 +1,269 @@
+"""The Ray Train worker loop: ``train_loop_per_worker(config)`` and what it runs on.
+
+The loop is a plain function of a config dict (DESIGN.md "Training loop"): it runs on
+CPU in one process, and touches Ray only through ``get_context``, ``get_checkpoint``,
+``get_device`` and ``report``. Gradients are averaged across workers with one flat
+all-reduce per optimiser step instead of DDP, because GANs step two optimisers per batch
+through methods other than ``forward`` (DDP only synchronises gradients produced through
+its wrapped ``forward``).
+
+Each epoch ends in a checkpoint of ``model.safetensors`` + ``config.json`` +
+``optimizer.safetensors`` + ``trainer_state.json`` (plus the adapter files of a LoRA run):
+resumable with ``get_checkpoint()`` and never pickled. The driver side (``TrainRequest``,
+``train``) is ``tasks/training/driver.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file, save_file
+
+from condgen.models.registry import build_model
+from condgen.tasks.data.splits import load_arrays
+from condgen.tasks.io import checkpoint as ckpt_io
+from condgen.tasks.io.images import from_uint8, grid, to_uint8
+from condgen.tasks.io.model_store import attach_frozen_parts, save_adapter
+from condgen.tasks.io.tracking import MetricLogger
+from condgen.tasks.training.adapters import prepare
+
+OPTIMIZER_WEIGHTS = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+
+
+# -- data --------------------------------------------------------------------------------
+def batches(arrays: dict[str, np.ndarray], batch_size: int, rank: int, world: int, epoch: int, seed: int):
+    """Shuffled, rank-disjoint mini-batches (a DistributedSampler over in-memory arrays).
+
+    Every rank sees the same number of batches (the permutation is padded by wrapping)
+    so the per-step all-reduce never waits on a rank that has run out of data.
+    """
+    n = len(arrays["y"])
+    perm = np.random.default_rng(seed + epoch).permutation(n)
+    per_rank = -(-n // world)
+    perm = np.resize(perm, per_rank * world)[rank::world]
+    rng = np.random.default_rng(seed * 1000 + epoch * 10 + rank)
+    for i in range(0, per_rank - batch_size + 1 if per_rank >= batch_size else 1, batch_size):
+        idx = perm[i:i + batch_size]
+        batch = {"x": from_uint8(arrays["x"][idx]), "y": torch.from_numpy(arrays["y"][idx])}
+        if "z" in arrays:  # precomputed autoencoder latents: latent diffusion skips its encoder
+            batch["z"] = torch.from_numpy(arrays["z"][idx])
+        if "txt" in arrays:
+            # One random caption phrasing per sample per step: text is not a lookup table.
+            pick = rng.integers(0, arrays["txt"].shape[1], len(idx))
+            batch["txt"] = torch.from_numpy(arrays["txt"][idx, pick])
+        if "x_b" in arrays:
+            # Unpaired second domain (CycleGAN): an independent random draw per batch.
+            batch["x_b"] = from_uint8(arrays["x_b"][rng.integers(0, len(arrays["x_b"]), len(idx))])
+        yield batch
+
+
+# -- distributed helpers ---------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients across workers with a single flat all-reduce."""
+    _, world = _world()
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def broadcast_model(model: torch.nn.Module) -> None:
+    if _world()[1] > 1:
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def mean_across_workers(logs: dict[str, float]) -> dict[str, float]:
+    if _world()[1] == 1 or not logs:
+        return logs
+    keys = sorted(logs)
+    t = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= _world()[1]
+    return dict(zip(keys, t.tolist()))
+
+
+def worker_placement() -> list[dict[str, Any]]:
+    """``{rank, node_id, host, pid}`` of every worker, in rank order (a collective: all ranks call it)."""
+    rank, world = _world()
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+          "pid": os.getpid()}
+    if world == 1:
+        return [me]
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, me)  # tiny dicts of str/int, once per worker group
+    return everyone
+
+
+# -- optimisers ------------------------------------------------------------------------
+def make_optimizers(model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+    cfg = model.config
+    betas = tuple(getattr(cfg, "betas", (0.9, 0.999)))
+    lr = getattr(model, "group_lr", lambda name: cfg.lr)  # a model may give a group its own rate
+    return {name: torch.optim.Adam([p for p in params if p.requires_grad], lr=lr(name), betas=betas)
+            for name, params in model.optimizer_groups().items()}
+
+
+def make_opt_step(optimizers: dict[str, torch.optim.Optimizer]):
+    def opt_step(name: str, loss: torch.Tensor) -> None:
+        opt = optimizers[name]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        allreduce_grads(params)
+        opt.step()
+
+    return opt_step
+
+
+# -- sample grids ----------------------------------------------------------------------
+def grid_conditions(model: torch.nn.Module, arrays: dict[str, np.ndarray], per_class: int = 8) -> torch.Tensor:
+    """Conditions for a class-by-class sample grid: labels, one caption embedding per class,
+    or (image-conditioned models) condition images made from real digits of each class."""
+    classes = np.arange(getattr(model.config, "num_classes", 10))
+    kind = getattr(model.config, "condition", "label")
+    if kind == "image":
+        idx = np.concatenate([np.flatnonzero(arrays["y"] == c)[:per_class] for c in classes])
+        return model.condition_image(from_uint8(arrays["x"][idx]))
+    if kind == "text":
+        rows = [arrays["txt"][np.flatnonzero(arrays["y"] == c)[0], 0] for c in classes]
+        return torch.from_numpy(np.repeat(np.stack(rows), per_class, 0)).float()
+    return torch.from_numpy(np.repeat(classes, per_class)).long()
+
+
+def sample_grid(model: torch.nn.Module, cond: torch.Tensor, seed: int = 0, per_row: int = 8) -> np.ndarray | None:
+    """A class-by-class grid of samples; None for models that do not generate (classifiers)."""
+    g = torch.Generator().manual_seed(seed)
+    model.eval()
+    try:
+        x = model.sample(cond, generator=g)
+    except NotImplementedError:
+        return None
+    finally:
+        model.train()
+    return grid(to_uint8(x), nrow=per_row)
+
+
+# -- the worker loop -------------------------------------------------------------------
+def _build(config: dict[str, Any]) -> torch.nn.Module:
+    """The model of ``config``; a LoRA run loads the base's weights (safetensors bytes in Ray's object
+    store) and wraps the target layers in adapters."""
+    model = build_model(config["model"], config["model_config"])
+    adapter = config.get("adapter")
+    if adapter:
+        model.load_state_dict(st_load(ray.get(adapter["weights_ref"])))
+        prepare(model, adapter["targets"], adapter["rank"], adapter["alpha"])
+    return model
+
+
+def _resume(model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], checkpoint) -> tuple[int, int]:
+    """Weights and optimiser state from a Ray Train checkpoint; (first epoch to run, step)."""
+    with checkpoint.as_directory() as d:
+        model.load_state_dict(load_file(os.path.join(d, ckpt_io.WEIGHTS)))
+        state = json.loads(Path(d, TRAINER_STATE).read_text())
+        ckpt_io.load_optimizer_tensors(optimizers, load_file(os.path.join(d, OPTIMIZER_WEIGHTS)),
+                                       state["optimizers"])
+    return state["epoch"] + 1, state["step"]
+
+
+def _save(directory: str, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], epoch: int,
+          step: int, adapter: dict[str, Any] | None) -> None:
+    """One epoch's checkpoint (rank 0): weights + config, optimiser state, trainer state, adapter files."""
+    ckpt_io.save_checkpoint(directory, model)
+    tensors, meta = ckpt_io.optimizer_tensors(optimizers)
+    save_file(tensors, os.path.join(directory, OPTIMIZER_WEIGHTS))
+    Path(directory, TRAINER_STATE).write_text(json.dumps({"epoch": epoch, "step": step, "optimizers": meta}))
+    if adapter:
+        save_adapter(Path(directory).as_uri(), model, rank=adapter["rank"], alpha=adapter["alpha"],
+                     base=adapter["base"])
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: build, (resume), train ``epochs`` epochs, report + checkpoint each epoch."""
+    rank, world = _world()
+    torch.manual_seed(config["seed"])
+    torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
+    model = _build(config)
+    adapter = config.get("adapter")
+    model.to(ray.train.torch.get_device())
+    broadcast_model(model)
+    optimizers = make_optimizers(model)
+    opt_step = make_opt_step(optimizers)
+
+    start_epoch, step = 0, 0
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        start_epoch, step = _resume(model, optimizers, resumed)
+    # A frozen part the config names by URI (autoencoder, ControlNet / cascade base), loaded here and
+    # handed in; a resumed or adapter run already holds it, so its URI is not read again.
+    attach_frozen_parts(model)
+
+    arrays = load_arrays(config["shards_uri"], "train", config.get("embeddings"), config.get("latents"))
+    if config.get("shards_b_uri"):
+        arrays["x_b"] = load_arrays(config["shards_b_uri"], "train")["x"]
+    placement = worker_placement()  # every rank takes part in the gather
+    logger = None
+    if rank == 0 and config.get("run_id"):
+        logger = MetricLogger(config["tracking_uri"], config["run_id"])
+        # Where the workers ran (one entry per rank): on a cluster, the first question
+        # about a slow or failed run. Rewritten when a restarted worker group resumes.
+        logger.log_dict({"workers": placement, "num_nodes": len({w["node_id"] for w in placement})},
+                        "placement.json")
+    cond = grid_conditions(model, arrays) if rank == 0 else None
+    fail_at = config.get("fail_at_epoch")  # fault injection for tests: die once, mid-run
+
+    for epoch in range(start_epoch, config["epochs"]):
+        model.train()
+        t0, sums, count = time.perf_counter(), {}, 0
+        for batch in batches(arrays, config["batch_size"], rank, world, epoch, config["seed"]):
+            logs = model.train_step(batch, opt_step)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count, step = count + 1, step + 1
+            if fail_at is not None and epoch == fail_at and count == 2 and resumed is None and rank == world - 1:
+                # Ray Train's controller collects reports on its health-check poll (2 s), so a
+                # crash within that window of the last report would also lose that report; a
+                # real crash comes seconds into an epoch, and so does this one.
+                time.sleep(6)
+                os._exit(1)  # a killed worker process, not a Python exception
+        metrics = mean_across_workers({k: v / max(count, 1) for k, v in sums.items()})
+        metrics.update(epoch=epoch, step=step, epoch_seconds=time.perf_counter() - t0)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                _save(tmp, model, optimizers, epoch, step, adapter)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if logger:
+                    logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                    if config.get("grid_every", 1) and (epoch + 1) % config.get("grid_every", 1) == 0:
+                        image = sample_grid(model, cond)
+                        if image is not None:
+                            logger.log_image(image, f"grids/epoch_{epoch:03d}.png")
+            ray.train.report(metrics, checkpoint=checkpoint)
