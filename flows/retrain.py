@@ -4,10 +4,11 @@ The flow only orchestrates; every step is a plain function in ``tasks/`` wrapped
 a Prefect task here. Runs on ephemeral Prefect by default and against a server
 when ``PREFECT_API_URL`` is set; ``prefect.yaml`` schedules it nightly.
 
-Specs run in order and can chain: a config value ``"@<name>"`` is the checkpoint of an
-earlier spec (``resolve_refs``), so one run trains an autoencoder and then the latent
-diffusion model on top of it (its training reads latents precomputed once per
-autoencoder, ``tasks/data/latents.py``). Components (``models.base.is_generator`` false) train and
+Specs (``TrainSpec``) run in order and can chain: a config value ``"@<name>"`` is the
+checkpoint of an earlier spec (``resolve_refs``), so one run trains an autoencoder and then
+the latent diffusion model on top of it. A model that trains on an autoencoder's latents
+(``models.base.trains_on_latents``) reads them precomputed once per autoencoder
+(``tasks/data/latents.py``). Components (``models.base.is_generator`` false) train and
 checkpoint but skip evaluate and promote.
 """
 from __future__ import annotations
@@ -27,14 +28,16 @@ from condgen.flows.steps import (
     report_task,
     train_task,
 )
-from condgen.models.base import config_from_dict, config_to_dict, is_generator
-from condgen.models.registry import MODELS, config_class
+from condgen.models.base import config_from_dict, config_to_dict, is_generator, trains_on_latents
+from condgen.models.registry import config_class, model_class
 from condgen.tasks.io import settings, storage
 from condgen.tasks.judging.report import ReportOptions
-from condgen.tasks.training.driver import TrainRequest
+from condgen.tasks.training.driver import TrainRequest, TrainResult
 
 
-class ModelSpec(BaseModel):
+class TrainSpec(BaseModel):
+    """One model to train in a retrain run (``RetrainParams.models``)."""
+
     name: str = Field("cvae", description="a key of models.registry.MODELS")
     config: dict[str, Any] = Field(default_factory=dict, description="overrides of the model's config dataclass")
     epochs: int = Field(10, ge=1, le=10_000)
@@ -75,7 +78,7 @@ class RetrainParams(BaseModel):
     shards_uri: str | None = Field(None, description="default: <storage>/shards/<source>")
     limit: int | None = Field(None, ge=1, description="ingest at most this many samples (tests, smoke runs)")
     shard_size: int = Field(1000, ge=1)
-    models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec()])
+    models: list[TrainSpec] = Field(default_factory=lambda: [TrainSpec()])
     num_workers: int = Field(2, ge=1, le=1024)
     seed: int = 0
     eval_per_class: int = Field(100, ge=1, le=10_000)
@@ -118,67 +121,94 @@ def default_shards_uri(source: str) -> str:
 
 @flow(name="retrain", log_prints=True)
 def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
+    """ingest -> embed -> for each spec: train (Ray Train) -> evaluate -> promote -> report."""
     log = get_run_logger()
     shards_uri = params.shards_uri or default_shards_uri(params.source)
     ing = ingest_task(params.source, shards_uri, shard_size=params.shard_size, seed=params.seed, limit=params.limit)
     log.info("shards at %s (%s, %d rejected)", shards_uri, ing.counts, ing.n_rejected)
-    emb = None
-    if params.clip:
-        emb = embed_task(shards_uri, params.clip, params.clip_fit_steps, params.num_workers)
-        log.info("CLIP embeddings %s (%d computed, %d up to date)", emb["uri"], len(emb["computed"]),
-                 len(emb["skipped"]))
+    emb = _embed(params, shards_uri)
     results, components, trained_refs = [], [], {}
     for spec in params.models:
-        shards_b = None
-        if spec.source_b:
-            shards_b = default_shards_uri(spec.source_b)
-            ingest_task(spec.source_b, shards_b, shard_size=params.shard_size, seed=params.seed, limit=params.limit)
-        config, embeddings = resolve_refs(spec.config, spec.name, trained_refs), None
-        if config.get("condition") == "text":
-            # Text models train on the precomputed CLIP text embeddings, never re-encoding captions.
-            if emb is None:
-                raise ValueError(f"{spec.name} is text-conditioned: set `clip` so the embed step runs")
-            embeddings = emb["fingerprint"]
-            config.setdefault("text_dim", emb["embed_dim"])
-        latents = None
-        if spec.name == "latent_diffusion" and config.get("autoencoder_uri"):
-            # Encode the shards once per autoencoder (side-car tars keyed by its weights'
-            # fingerprint, like the CLIP embeddings); training then never runs the encoder.
-            lat = latents_task(shards_uri, config["autoencoder_uri"])
-            latents = lat.fingerprint
-            log.info("autoencoder latents %s (%d computed, %d up to date)", lat.uri, len(lat.computed),
-                     len(lat.skipped))
-        req = TrainRequest(model=spec.name, shards_uri=shards_uri, model_config=config,
-                                     shards_b_uri=shards_b, embeddings=embeddings, latents=latents,
-                                     epochs=spec.epochs, batch_size=spec.batch_size, num_workers=params.num_workers,
-                                     seed=params.seed, experiment=params.experiment, grid_every=spec.grid_every)
-        trained = train_task(req)
+        trained, config, embeddings = _train(spec, params, shards_uri, emb, trained_refs)
         name = spec.registered_name or f"condgen-{spec.name}"
-        ref = {"checkpoint": trained.checkpoint_uri,
-               "config": config_to_dict(config_from_dict(config_class(spec.name), config))}
-        trained_refs[spec.name] = trained_refs[name] = ref
-        if not is_generator(MODELS[spec.name][1]):
+        trained_refs[spec.name] = trained_refs[name] = {"checkpoint": trained.checkpoint_uri, "config": config}
+        if is_generator(model_class(spec.name)):
+            results.append(_evaluate_and_promote(spec.name, name, trained, params, shards_uri, embeddings))
+        else:
             # A component (autoencoder, guidance classifier, super-res stage): it has no
             # samples of its own to judge, so it is neither evaluated nor promoted; later
             # specs reach its weights through "@<name>".
             log.info("%s: component trained (run %s); not evaluated or promoted", name, trained.run_id)
             components.append({"model": spec.name, "run_id": trained.run_id, "checkpoint": trained.checkpoint_uri,
                                "metrics": trained.metrics})
-            continue
-        metrics = evaluate_task(trained.run_id, trained.checkpoint_uri, shards_uri, embeddings=embeddings,
-                                n_per_class=params.eval_per_class, judge_epochs=params.judge_epochs)
-        decision = promote_task(trained.run_id, name, metrics, params.gate.min_accuracy, params.gate.tolerance,
-                                shards_uri, params.eval_per_class, params.judge_epochs, embeddings)
-        log.info("%s: cond_accuracy=%.4f fid=%.3f -> %s (%s)", name, metrics["eval/cond_accuracy"],
-                 metrics["eval/fid"], "promoted" if decision["promoted"] else "kept champion", decision["reason"])
-        results.append({"model": spec.name, "run_id": trained.run_id, "checkpoint": trained.checkpoint_uri,
-                        "metrics": metrics, "promotion": decision})
     out = {"shards_uri": shards_uri, "manifest": ing.manifest_uri, "results": results, "components": components}
-    if params.report.enabled and results:
-        rep = report_task(results, shards_uri, params.report.options(params.judge_epochs, params.seed),
-                          params.experiment, params.report.curves or None)
-        log.info("report: %s (MLflow run %s)", rep["uri"], rep["run_id"])
-        out.update(report_uri=rep["uri"], report_run_id=rep["run_id"])
-    else:
-        out.update(report_uri=None, report_run_id=None)
+    out.update(_report(params, results, shards_uri))
     return out
+
+
+# -- the steps of one run ---------------------------------------------------------------------------
+def _embed(params: RetrainParams, shards_uri: str) -> dict[str, Any] | None:
+    """CLIP embeddings of the shards (computed once per CLIP), or None without ``params.clip``."""
+    if not params.clip:
+        return None
+    emb = embed_task(shards_uri, params.clip, params.clip_fit_steps, params.num_workers)
+    get_run_logger().info("CLIP embeddings %s (%d computed, %d up to date)", emb["uri"], len(emb["computed"]),
+                          len(emb["skipped"]))
+    return emb
+
+
+def _train(spec: TrainSpec, params: RetrainParams, shards_uri: str, emb: dict[str, Any] | None,
+           trained_refs: dict[str, dict[str, Any]]) -> tuple[TrainResult, dict[str, Any], str | None]:
+    """Train one spec: its config with earlier specs' checkpoints filled in, its inputs prepared (second
+    domain, CLIP text embeddings, autoencoder latents). Returns (result, full config as JSON, embeddings)."""
+    log = get_run_logger()
+    shards_b = None
+    if spec.source_b:
+        shards_b = default_shards_uri(spec.source_b)
+        ingest_task(spec.source_b, shards_b, shard_size=params.shard_size, seed=params.seed, limit=params.limit)
+    config, embeddings = resolve_refs(spec.config, spec.name, trained_refs), None
+    if config.get("condition") == "text":
+        # Text models train on the precomputed CLIP text embeddings, never re-encoding captions.
+        if emb is None:
+            raise ValueError(f"{spec.name} is text-conditioned: set `clip` so the embed step runs")
+        embeddings = emb["fingerprint"]
+        config.setdefault("text_dim", emb["embed_dim"])
+    model_config = config_from_dict(config_class(spec.name), config)
+    latents = None
+    autoencoder_uri = trains_on_latents(model_class(spec.name), model_config)
+    if autoencoder_uri:
+        # Encode the shards once per autoencoder (side-car tars keyed by its weights'
+        # fingerprint, like the CLIP embeddings); training then never runs the encoder.
+        lat = latents_task(shards_uri, autoencoder_uri)
+        latents = lat.fingerprint
+        log.info("autoencoder latents %s (%d computed, %d up to date)", lat.uri, len(lat.computed),
+                 len(lat.skipped))
+    req = TrainRequest(model=spec.name, shards_uri=shards_uri, model_config=config, shards_b_uri=shards_b,
+                       embeddings=embeddings, latents=latents, epochs=spec.epochs, batch_size=spec.batch_size,
+                       num_workers=params.num_workers, seed=params.seed, experiment=params.experiment,
+                       grid_every=spec.grid_every)
+    return train_task(req), config_to_dict(model_config), embeddings
+
+
+def _evaluate_and_promote(model: str, name: str, trained: TrainResult, params: RetrainParams, shards_uri: str,
+                          embeddings: str | None) -> dict[str, Any]:
+    """Judge a trained generator, and move ``name``'s champion alias to it if it passes the gate."""
+    metrics = evaluate_task(trained.run_id, trained.checkpoint_uri, shards_uri, embeddings=embeddings,
+                            n_per_class=params.eval_per_class, judge_epochs=params.judge_epochs)
+    decision = promote_task(trained.run_id, name, metrics, params.gate.min_accuracy, params.gate.tolerance,
+                            shards_uri, params.eval_per_class, params.judge_epochs, embeddings)
+    get_run_logger().info("%s: cond_accuracy=%.4f fid=%.3f -> %s (%s)", name, metrics["eval/cond_accuracy"],
+                          metrics["eval/fid"], "promoted" if decision["promoted"] else "kept champion",
+                          decision["reason"])
+    return {"model": model, "run_id": trained.run_id, "checkpoint": trained.checkpoint_uri, "metrics": metrics,
+            "promotion": decision}
+
+
+def _report(params: RetrainParams, results: list[dict[str, Any]], shards_uri: str) -> dict[str, Any]:
+    """The HTML report over every judged model: ``report_uri`` and ``report_run_id`` (None when off)."""
+    if not (params.report.enabled and results):
+        return {"report_uri": None, "report_run_id": None}
+    rep = report_task(results, shards_uri, params.report.options(params.judge_epochs, params.seed),
+                      params.experiment, params.report.curves or None)
+    get_run_logger().info("report: %s (MLflow run %s)", rep["uri"], rep["run_id"])
+    return {"report_uri": rep["uri"], "report_run_id": rep["run_id"]}
