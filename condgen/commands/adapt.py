@@ -7,7 +7,7 @@
 The run is one Ray Train fit and one MLflow run (tag ``condgen.kind=adapter``); the adapter
 (a few kB of safetensors + JSON) goes to ``<storage>/adapters/<run id>``, the run's
 ``adapter/`` artifacts and, with ``--register``, the model registry (alias
-``@latest-adapter``). Serve it next to its base with ``ModelSpec.adapters``.
+``@latest-adapter``). Serve it next to its base with ``serving.engine.ModelSpec.adapters``.
 """
 from __future__ import annotations
 
