@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     from condgen.cli import DEMO_MODELS
     from condgen.models.registry import build_model
-    from condgen.tasks.clip.embed import embed, load_embeddings
-    from condgen.tasks.clip.handle import load_clip, new_clip
+    from condgen.tasks.clip.embed import embed
+    from condgen.tasks.clip.handle import new_clip
+    from condgen.tasks.clip.load import load_clip
+    from condgen.tasks.data.sidecars import load_embeddings
     from condgen.tasks.data.ingest import ingest
     from condgen.tasks.data.splits import load_split
     from condgen.tasks.io import settings, storage

@@ -7,7 +7,7 @@ Prints, for the untrained model (same architecture, the chance reference measure
 same run) and for the fitted one:
 
 * zero-shot digit accuracy: prompts per class averaged over templates
-  (``tasks.clip.ZERO_SHOT_TEMPLATES``), and over templates whose wording the captions
+  (``tasks.clip.quality.ZERO_SHOT_TEMPLATES``), and over templates whose wording the captions
   never use (``UNSEEN_TEMPLATES``);
 * recall@1 image->text and text->image over the whole test split, each image paired with
   its first caption phrasing (identical caption strings count as the same answer), and
@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    from condgen.tasks.clip import handle as C
+    from benchmarks.diffusion_common import write_json
+    from condgen.tasks.clip.fit import fit_clip
+    from condgen.tasks.clip.handle import new_clip
+    from condgen.tasks.clip.quality import evaluate_clip
     from condgen.tasks.data.splits import load_split
 
     shards = args.shards
@@ -59,13 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = load_split(shards, "train"), load_split(shards, "test")
 
     def scores(handle) -> dict:
-        return C.evaluate_clip(handle, test["x"], test["y"], test["captions"])
+        return evaluate_clip(handle, test["x"], test["y"], test["captions"])
 
-    untrained = scores(C.new_clip(args.config, seed=args.seed, device=args.device))
+    untrained = scores(new_clip(args.config, seed=args.seed, device=args.device))
     t0 = time.perf_counter()
-    handle, fit = C.fit_clip(train["x"], train["captions"], train["y"], config=args.config, steps=args.steps,
-                             batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, max_shift=args.max_shift,
-                             seed=args.seed, max_seconds=args.max_seconds, device=args.device)
+    handle, fit = fit_clip(train["x"], train["captions"], train["y"], config=args.config, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, max_shift=args.max_shift,
+                           seed=args.seed, max_seconds=args.max_seconds, device=args.device)
     fit_wall = time.perf_counter() - t0
     fitted = scores(handle)
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label:44s} {untrained[key]:9.3f} {fitted[key]:7.3f} {chance:7.3f} {fitted[key] / chance:13.1f}")
     out = {"config": vars(args), "fit": fit, "fit_wall_s": fit_wall, "untrained": untrained, "fitted": fitted,
            "n_params": n_params, "fingerprint": handle.fingerprint}
-    C.write_json(args.json, out, default=str)
+    write_json(args.json, out, default=str)
     return out
 
 

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     from condgen.cli import DEMO_MODELS
     from condgen.flows.retrain import default_shards_uri
     from condgen.tasks.clip.embed import embed
-    from condgen.tasks.clip.handle import CLASS_NAMES, UNSEEN_TEMPLATES, load_clip
+    from condgen.tasks.clip.load import load_clip
+    from condgen.tasks.clip.quality import CLASS_NAMES, UNSEEN_TEMPLATES
     from condgen.tasks.data.attributes import label_word
     from condgen.tasks.data.ingest import ingest
     from condgen.tasks.io.model_store import load_trained

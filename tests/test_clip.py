@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 
 from condgen.tasks.clip import embed as E
-from condgen.tasks.clip import handle as C
+from condgen.tasks.clip import fit as clip_fit
+from condgen.tasks.clip import load as clip_load
+from condgen.tasks.clip.configs import ClipUnavailable, MINILM_CONFIG, minilm_path, register_configs
+from condgen.tasks.clip.fit import fit_clip
+from condgen.tasks.clip.handle import CONFIG, ClipHandle, WEIGHTS, new_clip, save_clip
+from condgen.tasks.clip.load import load_clip
+from condgen.tasks.clip.quality import clip_score, evaluate_clip
+from condgen.tasks.clip.registry import REGISTERED_NAME
 from condgen.tasks.data import sidecars
 from condgen.tasks.io import storage
 from condgen.tasks.io.shards import read_samples
@@ -42,7 +49,7 @@ def train(shards):
 @pytest.fixture(scope="module")
 def fitted(train):
     torch.set_num_threads(1)  # 2 cores shared with Ray workers and other jobs: 2 threads would thrash
-    return C.fit_clip(train["x"], train["captions"], train["y"], config=TEST_CONFIG, steps=30, batch_size=64,
+    return fit_clip(train["x"], train["captions"], train["y"], config=TEST_CONFIG, steps=30, batch_size=64,
                       lr=3e-3, warmup=5, seed=0)
 
 
@@ -61,10 +68,10 @@ def ray_local():
 
 # -- the model ---------------------------------------------------------------------------------
 def test_tiny_configs_are_registered_open_clip_models():
-    C.register_configs()
+    register_configs()
     assert {"condgen-clip-tiny", TEST_CONFIG} <= set(open_clip.list_models())
     # the embedded default: a ModifiedResNet at 32 px fed 28 px digits through the resize
-    handle = C.new_clip("condgen-clip-tiny")
+    handle = new_clip("condgen-clip-tiny")
     x = torch.zeros(2, 1, 28, 28, requires_grad=True)
     assert handle.preprocess(x).shape == (2, 3, 32, 32)
     handle.image_tower(x).sum().backward()
@@ -120,40 +127,40 @@ def test_image_tower_is_differentiable(fitted):
 def test_save_load_gives_identical_embeddings(fitted, train, tmp_path):
     handle, _ = fitted
     texts = ["a slanted two", "handwritten digit 5, bold strokes, upright"]
-    uri = C.save_clip(handle, str(tmp_path / "ckpt"))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [C.CONFIG, C.WEIGHTS]
-    meta = storage.read_json(str(tmp_path / "ckpt" / C.CONFIG))
+    uri = save_clip(handle, str(tmp_path / "ckpt"))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CONFIG, WEIGHTS]
+    meta = storage.read_json(str(tmp_path / "ckpt" / CONFIG))
     assert meta["fingerprint"] == handle.fingerprint and meta["embed_dim"] == 32
     for spec in (uri, (tmp_path / "ckpt").as_uri()):
-        loaded = C.load_clip(spec)
+        loaded = load_clip(spec)
         assert loaded.fingerprint == handle.fingerprint
         assert torch.equal(loaded.encode_images(train["x"][:16]), handle.encode_images(train["x"][:16]))
         assert torch.equal(loaded.encode_texts(texts), handle.encode_texts(texts))
     # the same weights as an open_clip "name:weights file" spec
-    bare = C.load_clip(f"{TEST_CONFIG}:{tmp_path / 'ckpt' / C.WEIGHTS}")
+    bare = load_clip(f"{TEST_CONFIG}:{tmp_path / 'ckpt' / WEIGHTS}")
     assert torch.equal(bare.encode_texts(texts), handle.encode_texts(texts))
 
 
 def test_checkpoint_of_an_architecture_open_clip_does_not_know(fitted, train, tmp_path):
     """A checkpoint carries its own open_clip config: loadable where its name is not registered."""
     handle, _ = fitted
-    uri = C.save_clip(handle, str(tmp_path / "ckpt"))
-    meta = storage.read_json(str(tmp_path / "ckpt" / C.CONFIG))
+    uri = save_clip(handle, str(tmp_path / "ckpt"))
+    meta = storage.read_json(str(tmp_path / "ckpt" / CONFIG))
     meta["model_name"] = "someone-elses-clip"
-    storage.write_json(str(tmp_path / "ckpt" / C.CONFIG), meta)
-    loaded = C.load_clip(uri)
+    storage.write_json(str(tmp_path / "ckpt" / CONFIG), meta)
+    loaded = load_clip(uri)
     assert loaded.model_name == "someone-elses-clip" and loaded.fingerprint == handle.fingerprint
     assert torch.equal(loaded.encode_images(train["x"][:8]), handle.encode_images(train["x"][:8]))
 
 
 def test_corrupt_checkpoint_is_refused(fitted, tmp_path):
     handle, _ = fitted
-    uri = C.save_clip(handle, str(tmp_path / "ckpt"))
-    meta = storage.read_json(str(tmp_path / "ckpt" / C.CONFIG))
+    uri = save_clip(handle, str(tmp_path / "ckpt"))
+    meta = storage.read_json(str(tmp_path / "ckpt" / CONFIG))
     meta["fingerprint"] = "0" * 64
-    storage.write_json(str(tmp_path / "ckpt" / C.CONFIG), meta)
+    storage.write_json(str(tmp_path / "ckpt" / CONFIG), meta)
     with pytest.raises(ValueError, match="fingerprint"):
-        C.load_clip(uri)
+        load_clip(uri)
 
 
 def test_payload_round_trip_pickles_no_module(fitted):
@@ -161,23 +168,23 @@ def test_payload_round_trip_pickles_no_module(fitted):
     payload = handle.to_payload()
     assert isinstance(payload["weights"], bytes)
     assert not any(isinstance(v, torch.nn.Module) for v in payload.values())
-    again = C.ClipHandle.from_payload(payload)
+    again = ClipHandle.from_payload(payload)
     assert again.fingerprint == handle.fingerprint
 
 
 def test_unavailable_specs_fail_clearly(monkeypatch):
-    monkeypatch.setattr(C, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(clip_load, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(C.ClipUnavailable, match="embedded"):
-        C.load_clip("ViT-B-32:laion2b_s34b_b79k")
+    with pytest.raises(ClipUnavailable, match="embedded"):
+        load_clip("ViT-B-32:laion2b_s34b_b79k")
     with pytest.raises(ValueError, match="no pretrained tag"):
-        C.load_clip("ViT-B-32:no-such-tag")
+        load_clip("ViT-B-32:no-such-tag")
     with pytest.raises(ValueError, match="unknown CLIP spec"):
-        C.load_clip("not-a-model")
+        load_clip("not-a-model")
     with pytest.raises(ValueError, match="data_uri"):
-        C.load_clip("embedded")
+        load_clip("embedded")
     with pytest.raises(ValueError, match="safetensors"):
-        C.load_clip(f"{TEST_CONFIG}:/tmp/weights.pt")
+        load_clip(f"{TEST_CONFIG}:/tmp/weights.pt")
 
 
 def test_clip_score_and_evaluation(fitted, shards):
@@ -186,9 +193,9 @@ def test_clip_score_and_evaluation(fitted, shards):
     handle, _ = fitted
     test = load_split(shards, "test")
     texts = [c[0] for c in test["captions"]]
-    score = C.clip_score(handle, test["x"], texts)
+    score = clip_score(handle, test["x"], texts)
     assert score.shape == (len(texts),) and bool((score.abs() <= 1 + 1e-5).all())
-    metrics = C.evaluate_clip(handle, test["x"], test["y"], test["captions"])
+    metrics = evaluate_clip(handle, test["x"], test["y"], test["captions"])
     for k in ("zero_shot_acc", "zero_shot_acc_unseen", "i2t_r1", "t2i_r1", "i2t_r1_label", "t2i_r1_label"):
         assert 0.0 <= metrics[k] <= 1.0
     assert metrics["n"] == len(texts)
@@ -198,19 +205,19 @@ def test_embedded_spec_fits_once_then_reuses(shards, condgen_home):
     from mlflow.tracking import MlflowClient
 
     kw = dict(config=TEST_CONFIG, steps=3, batch_size=32, warmup=1)
-    first = C.load_clip("embedded", data_uri=shards, **kw)
+    first = load_clip("embedded", data_uri=shards, **kw)
     assert first.source and first.source.startswith(storage.join(shards, "clip"))
-    again = C.load_clip("embedded", data_uri=shards, **kw)
+    again = load_clip("embedded", data_uri=shards, **kw)
     assert again.fingerprint == first.fingerprint and again.source == first.source
     # The fit was tracked and registered once (the cached reuse registers nothing new) ...
-    versions = MlflowClient().search_model_versions(f"name='{C.REGISTERED_NAME}'")
+    versions = MlflowClient().search_model_versions(f"name='{REGISTERED_NAME}'")
     mine = [v for v in versions if v.tags.get("fingerprint") == first.fingerprint]
     assert len(mine) == 1
     run = MlflowClient().get_run(mine[0].run_id)
     assert run.data.params["steps"] == "3" and {"loss_initial", "loss_final"} <= set(run.data.metrics)
     # ... and the registry URI loads the very same model.
-    reg = C.load_clip(f"models:/{C.REGISTERED_NAME}@champion")
-    assert reg.fingerprint == first.fingerprint and reg.source == f"models:/{C.REGISTERED_NAME}/{mine[0].version}"
+    reg = load_clip(f"models:/{REGISTERED_NAME}@champion")
+    assert reg.fingerprint == first.fingerprint and reg.source == f"models:/{REGISTERED_NAME}/{mine[0].version}"
     x = np.zeros((2, 28, 28), np.uint8)
     assert torch.equal(reg.encode_images(x), first.encode_images(x))
 
@@ -221,14 +228,14 @@ def test_embedded_clip_registers_later_when_mlflow_was_down(shards, condgen_home
     from mlflow.tracking import MlflowClient
 
     kw = dict(config=TEST_CONFIG, steps=2, batch_size=32, warmup=1, seed=7)
-    monkeypatch.setattr(C, "register_clip", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down")))
-    first = C.load_clip("embedded", data_uri=shards, **kw)
+    monkeypatch.setattr(clip_fit, "register_clip", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down")))
+    first = load_clip("embedded", data_uri=shards, **kw)
     monkeypatch.undo()
     fits = []
-    monkeypatch.setattr(C, "fit_clip", lambda *a, **k: fits.append(1))
-    again = C.load_clip("embedded", data_uri=shards, **kw)
+    monkeypatch.setattr(clip_fit, "fit_clip", lambda *a, **k: fits.append(1))
+    again = load_clip("embedded", data_uri=shards, **kw)
     assert not fits and again.fingerprint == first.fingerprint
-    versions = MlflowClient().search_model_versions(f"name='{C.REGISTERED_NAME}'")
+    versions = MlflowClient().search_model_versions(f"name='{REGISTERED_NAME}'")
     assert [v for v in versions if v.tags.get("fingerprint") == first.fingerprint]
 
 
@@ -244,7 +251,7 @@ def test_embed_writes_sidecars_skips_resumes_and_follows_the_model(fitted, shard
     assert manifest["complete"] and manifest["fingerprint"] == handle.fingerprint
     assert [e["name"] for e in manifest["shards"]] == names
     # the in-memory model was stored beside its embeddings, loadable by spec
-    assert C.load_clip(res.clip_uri).fingerprint == handle.fingerprint
+    assert load_clip(res.clip_uri).fingerprint == handle.fingerprint
 
     # side-car members: float16 rows keyed like the source samples
     sample = read_samples(storage.join(res.uri, names[0]))[0]
@@ -280,7 +287,7 @@ def test_embed_writes_sidecars_skips_resumes_and_follows_the_model(fitted, shard
     assert out["computed"] == [] and out["fingerprint"] == handle.fingerprint
 
     # a different model (fingerprint) recomputes everything into its own folder
-    changed = C.ClipHandle.from_payload(handle.to_payload())
+    changed = ClipHandle.from_payload(handle.to_payload())
     with torch.no_grad():
         changed.model.logit_scale.add_(0.5)  # any weight change is a new model
     changed.invalidate()
@@ -299,17 +306,17 @@ def test_minilm_text_tower_is_locked_and_round_trips(train, tmp_path):
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
-    original = load_file(str(Path(C.minilm_path()) / "model.safetensors"))
-    handle, metrics = C.fit_clip(train["x"][:64], train["captions"][:64], train["y"][:64], config=C.MINILM_CONFIG,
+    original = load_file(str(Path(minilm_path()) / "model.safetensors"))
+    handle, metrics = fit_clip(train["x"][:64], train["captions"][:64], train["y"][:64], config=MINILM_CONFIG,
                                  steps=3, batch_size=16, warmup=1, seed=0)
     text = handle.model.text.transformer.state_dict()
     for key in ("embeddings.word_embeddings.weight", "encoder.layer.5.output.dense.weight"):
         assert torch.equal(text[key], original[key]), key  # the locked tower did not move
     assert metrics["steps"] == 3
-    uri = C.save_clip(handle, str(tmp_path / "minilm"))
+    uri = save_clip(handle, str(tmp_path / "minilm"))
     meta = json.loads((tmp_path / "minilm" / "config.json").read_text())
-    assert str(Path(C.minilm_path())) not in json.dumps(meta)  # portable: no install path inside
-    back = C.load_clip(uri)
+    assert str(Path(minilm_path())) not in json.dumps(meta)  # portable: no install path inside
+    back = load_clip(uri)
     assert back.fingerprint == handle.fingerprint
     prompts = ["a handwritten seven", "an image of the numeral seven."]
     assert torch.allclose(back.encode_texts(prompts), handle.encode_texts(prompts), atol=1e-6)

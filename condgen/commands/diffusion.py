@@ -71,7 +71,7 @@ def _read_png(path: str, size: int):
 
 
 def _text_conditions(args: argparse.Namespace, prompts: list[str]):
-    from condgen.tasks.clip.handle import load_clip
+    from condgen.tasks.clip.load import load_clip
 
     handle = load_clip(args.clip, data_uri=args.clip_data)
     return handle, handle.encode_texts(prompts)

@@ -11,7 +11,7 @@ source ``shard-XXXXXX.tar``, a side-car tar with the same name under
     {shards_uri}/embeddings/{fingerprint[:16]}/clip/   (the CLIP, when it was only in memory)
 
 keyed by the source samples' ``__key__``. Side-cars are written atomically
-(``tasks.storage.open_write``) and the manifest is rewritten after every finished
+(``tasks.io.storage.open_write``) and the manifest is rewritten after every finished
 shard, so an interrupted run resumes where it stopped. A shard is skipped when its
 side-car exists and its manifest entry records the same source sha256 (from the source
 manifest): re-running computes nothing, a new model (fingerprint) gets a new folder,
@@ -26,9 +26,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import ray
 import torch
+from tqdm.auto import tqdm
 
-from condgen.tasks.clip.handle import ClipHandle, load_clip, save_clip
+from condgen.tasks.clip.handle import ClipHandle, save_clip
+from condgen.tasks.clip.load import load_clip
 from condgen.tasks.data.sidecars import (
     IMG_MEMBER,
     TXT_MEMBER,
@@ -117,7 +120,7 @@ def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", o
           fit_kwargs: dict[str, Any] | None = None) -> EmbedResult:
     """Embed every shard of ``shards_uri`` with a CLIP (spec or handle); skip what is up to date.
 
-    ``clip_spec_or_handle``: anything :func:`tasks.clip.load_clip` takes; ``"embedded"``
+    ``clip_spec_or_handle``: anything :func:`tasks.clip.load.load_clip` takes; ``"embedded"``
     fits (or reuses) the default CLIP on this shard set's train split (``fit_kwargs``).
     Returns an :class:`EmbedResult`; ``computed`` / ``skipped`` list shard names.
     """
@@ -161,9 +164,6 @@ def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", o
         }
 
     if todo:
-        import ray
-        from tqdm.auto import tqdm
-
         ensure_ray()
         payload_ref = ray.put(handle.to_payload())
         remote = ray.remote(num_cpus=1, max_retries=2)(embed_shard)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,9 @@ from condgen.models.classifier import ClassifierConfig, DigitClassifier
 from condgen.tasks.data.attributes import label_word
 from condgen.tasks.data.splits import load_arrays, load_split
 from condgen.tasks.io import checkpoint as ckpt_io
-from condgen.tasks.io import storage
+from condgen.tasks.io import storage, tracking
 from condgen.tasks.io.images import from_uint8, grid, to_uint8
-from condgen.tasks.io.model_store import load_trained
+from condgen.tasks.io.model_store import apply_adapter, load_model_uri, load_trained
 
 EVAL_SEED = 1234
 
@@ -92,7 +93,6 @@ def get_judge(shards_uri: str, *, epochs: int = 4, seed: int = 0, config: Classi
     The judge is cached in storage under the shard manifest's fingerprint, so every
     model trained on the same data is scored by the same classifier.
     """
-
     cfg = config or ClassifierConfig()
     manifest = storage.read_json(storage.join(shards_uri, "manifest.json"))
     key = hashlib.sha256(json.dumps({"data": manifest.get("source_fingerprint"), "shards": manifest.get("shards"),
@@ -101,8 +101,6 @@ def get_judge(shards_uri: str, *, epochs: int = 4, seed: int = 0, config: Classi
     uri = storage.join(shards_uri, "judge", key)
     test = load_split(shards_uri, "test")
     if storage.exists(storage.join(uri, ckpt_io.CONFIG)):
-        from condgen.tasks.io.model_store import load_trained
-
         model, meta = load_trained(uri)
         return Judge(model, meta["test_accuracy"], key, uri)
     train = load_split(shards_uri, "train")
@@ -114,10 +112,6 @@ def get_judge(shards_uri: str, *, epochs: int = 4, seed: int = 0, config: Classi
         for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
             storage.write_bytes(storage.join(uri, name), Path(tmp, name).read_bytes())
         if log_to_mlflow:
-            import mlflow
-
-            from condgen.tasks.io import tracking
-
             tracking.configure("condgen-judge")
             with mlflow.start_run(run_name="digit-classifier"):
                 mlflow.log_params({"epochs": epochs, "seed": seed, "shards_uri": shards_uri, "fingerprint": key,
@@ -202,7 +196,6 @@ def intra_class_diversity(feats: torch.Tensor | np.ndarray, labels: np.ndarray) 
 
 def class_prompts(labels: np.ndarray) -> list[str]:
     """The text a label-conditioned sample is scored against by CLIP ("a handwritten seven")."""
-
     return [f"a handwritten {label_word(int(c))}" for c in labels]
 
 
@@ -260,7 +253,7 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
                    batch_size: int = 250, seed: int = EVAL_SEED, clip: Any = None, knn_k: int = 3) -> EvalResult:
     """Score ``model.sample`` on a fixed seed set: accuracy, FID, confidence, grid, k-NN
     precision/recall/density/coverage, intra-class diversity and (``clip``: a
-    ``tasks.clip.ClipHandle``) the CLIP score of each sample against its class prompt."""
+    ``tasks.clip.handle.ClipHandle``) the CLIP score of each sample against its class prompt."""
     model.eval()
     k = judge.model.config.num_classes
     labels = np.repeat(np.arange(k), n_per_class)
@@ -278,7 +271,8 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
     pr = precision_recall(real_feats, feats, k=knn_k)
     clip_value = None
     if clip is not None:
-        from condgen.tasks.clip.handle import clip_score
+        # open_clip takes seconds to import: only evaluations that ask for a CLIP score pay for it
+        from condgen.tasks.clip.quality import clip_score
 
         clip_value = float(clip_score(clip, samples, class_prompts(labels)).mean())
     return EvalResult(
@@ -295,7 +289,6 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
 
 def log_eval(run_id: str, result: EvalResult, judge: Judge) -> None:
     """Attach an evaluation to a training run: metrics, per-class table, grid PNG."""
-
     client = MlflowClient()
     for name, value in result.metrics().items():
         client.log_metric(run_id, name, value)
@@ -309,7 +302,6 @@ def log_eval(run_id: str, result: EvalResult, judge: Judge) -> None:
 
 
 def load_test(shards_uri: str, embeddings: str | None = None) -> dict[str, Any]:
-
     return load_arrays(shards_uri, "test", embeddings)
 
 
@@ -317,18 +309,15 @@ def evaluate_run(run_id: str, checkpoint_uri: str, shards_uri: str, *, embedding
                  n_per_class: int = 100, judge_epochs: int = 4, clip: Any = None,
                  adapter_base: str | None = None) -> dict[str, float]:
     """Score a trained run's checkpoint with the shard set's judge and log it to the run.
-    ``clip``: an optional ``ClipHandle`` (or a ``tasks.clip.load_clip`` spec) for the CLIP score.
-    ``adapter_base``: ``checkpoint_uri`` is a LoRA adapter folder for this base (``tasks.adapters``)."""
-
+    ``clip``: an optional ``ClipHandle`` (or a ``tasks.clip.load.load_clip`` spec) for the CLIP score.
+    ``adapter_base``: ``checkpoint_uri`` is a LoRA adapter folder for this base (``tasks.io.model_store``)."""
     judge = get_judge(shards_uri, epochs=judge_epochs)
     if adapter_base:
-        from condgen.tasks.io.model_store import apply_adapter, load_model_uri
-
         model = apply_adapter(load_model_uri(adapter_base)[0], checkpoint_uri)
     else:
         model, _ = load_trained(checkpoint_uri)
     if isinstance(clip, str):
-        from condgen.tasks.clip.handle import load_clip
+        from condgen.tasks.clip.load import load_clip  # heavy (open_clip), see evaluate_model
 
         clip = load_clip(clip, data_uri=shards_uri)
     result = evaluate_model(model, judge, load_test(shards_uri, embeddings), n_per_class=n_per_class, clip=clip)
