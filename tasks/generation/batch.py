@@ -37,7 +37,6 @@ import mlflow
 import numpy as np
 import ray
 import torch
-from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -132,14 +131,9 @@ def item(spec: JobSpec, i: int) -> dict[str, Any]:
 # -- planning --------------------------------------------------------------------------------------
 def resolve_model(model_uri: str) -> dict[str, str]:
     """Pin an alias to the version it points at now."""
-
-
     mlflow.set_tracking_uri(settings.tracking_uri())
-    name, alias, version = parse_model_uri(model_uri)
-    client = MlflowClient()
-    mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    return {"name": name, "version": str(mv.version), "run_id": mv.run_id, "uri": f"models:/{name}/{mv.version}",
-            "requested": model_uri}
+    ref = resolve(model_uri)
+    return {"name": ref.name, "version": ref.version, "run_id": ref.run_id, "uri": ref.uri, "requested": model_uri}
 
 
 def make_plan(spec: JobSpec) -> Plan:
@@ -179,9 +173,8 @@ def missing_shards(plan: Plan) -> list[int]:
 
 # -- the model travels as safetensors bytes + config (never a pickled module) ------------------------
 def model_payload(uri: str) -> dict[str, Any]:
-
-
-    __import__("mlflow").set_tracking_uri(settings.tracking_uri())
+    """A registered model (``models:/NAME/VERSION``) as plain data a Ray worker can rebuild."""
+    mlflow.set_tracking_uri(settings.tracking_uri())
     model, meta = load_registered(uri)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     return {"model": model_name(model), "config": config_to_dict(model.config), "weights": st_save(state),
@@ -198,12 +191,7 @@ def model_from_payload(payload: dict[str, Any]) -> torch.nn.Module:
 
 def load_any(uri: str) -> torch.nn.Module:
     """A classifier from ``models:/…`` or a checkpoint folder in storage (the judge)."""
-    if uri.startswith("models:/"):
-        from condgen.tasks.io.model_store import load_registered
-
-        return load_registered(uri)[0].eval()
-
-    return load_trained(uri)[0].eval()
+    return load_model_uri(uri)[0]
 
 
 # -- one shard --------------------------------------------------------------------------------------
