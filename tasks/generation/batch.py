@@ -51,7 +51,7 @@ from condgen.tasks.io import settings, storage
 from condgen.tasks.io.checkpoint import model_name
 from condgen.tasks.io.cluster import ensure_ray
 from condgen.tasks.io.images import png_bytes, to_uint8
-from condgen.tasks.io.model_store import load_registered, load_trained, parse_model_uri
+from condgen.tasks.io.model_store import load_model_uri, load_registered, resolve
 from condgen.tasks.io.shards import tar_bytes
 
 SCHEMA_VERSION = 1
