@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig
-    from condgen.tasks.generation.batched import SampleRequest, sample_batch
+    from condgen.tasks.generation.batching import SampleRequest, sample_batch
 
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -52,7 +52,7 @@ def body(i: int, steps: int, scale: float) -> dict:
 def bench_raw(model, clients: int, seconds: float, steps: int, scale: float) -> dict:
     import torch
 
-    from condgen.tasks.generation import batched as bs
+    from condgen.tasks.generation import batching as bs
 
     lat, done, i = [], 0, 0
     t_end = time.perf_counter() + seconds

@@ -4,7 +4,7 @@ Routes (OpenAPI docs at ``/docs``):
 
 * ``POST /v1/generate``  label | prompt, negative, guidance none|cfg|classifier|clip + scale,
   sampler ddpm|ddim, steps, eta, seed | seeds, n -> base64 PNGs + the exact parameters and
-  model version used. Compatible requests share one forward pass (``serving/engine.py``).
+  model version used. Compatible requests share one forward pass (``serving/batcher.py``).
 * ``POST /v1/edit``  image + source/target condition, ddim_inversion | null_text | sdedit.
 * ``POST /v1/interpolate``  two seeds or latents, linear | slerp (CVAE, GAN, diffusion x_T).
 * ``POST /v1/map``  source -> target model latent through a fitted linear map (config ``maps``):
@@ -32,9 +32,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from ray import serve
 
 from condgen.serving import schema
-from condgen.serving.engine import ApiError, ModelSpec, ServeConfig, Service, api_key_digest
+from condgen.serving.config import ModelSpec, ServeConfig, api_key_digest
+from condgen.serving.errors import ApiError
+from condgen.serving.service import Service
 from condgen.serving.ui import PAGE
-from condgen.tasks.generation.batched import Cancelled
+from condgen.tasks.generation.batching import Cancelled
 from condgen.tasks.io import settings
 from condgen.tasks.io.cluster import ensure_ray
 

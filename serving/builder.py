@@ -4,7 +4,7 @@ with a config file, and a KubeRay ``RayService``'s ``serveConfigV2``
 
 Serve calls it with the application's ``args`` mapping: ``models`` (a list of
 ``models:/NAME@alias`` URIs, or ``model_uri`` for one), optional ``tracking_uri``
-(default ``MLFLOW_TRACKING_URI``), and any ``serving.engine.ServeConfig`` field.
+(default ``MLFLOW_TRACKING_URI``), and any ``serving.config.ServeConfig`` field.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from condgen.tasks.generation import batched as bs
+from condgen.tasks.generation import batching as bs
 from condgen.tasks.io.images import to_uint8
 from tests.registry_helpers import TINY_CVAE, TINY_DIFFUSION, nondegenerate, register_tiny
 
@@ -101,7 +101,7 @@ def test_incompatible_requests_are_refused(tiny_diffusion):
 
 # -- unit: the batcher -----------------------------------------------------------------------------------
 def test_batcher_groups_by_key_and_times_out():
-    from condgen.serving.engine import Batcher, Overloaded
+    from condgen.serving.batcher import Batcher, Overloaded
 
     calls = []
 
@@ -174,7 +174,7 @@ def _config(registered, **over):
 
 @pytest.fixture(scope="module")
 def service(registered):
-    from condgen.serving.engine import Service
+    from condgen.serving.service import Service
 
     svc = Service(_config(registered))
     yield svc
@@ -226,7 +226,7 @@ def test_concurrent_requests_share_a_batch_and_match_lone_results(service, regis
     """Through the service: concurrent compatible requests ride one forward pass; each answer is
     identical to the same request served alone by a service with batching off."""
     from condgen.serving import schema
-    from condgen.serving.engine import Service
+    from condgen.serving.service import Service
 
     reqs = [schema.GenerateV1(label=i % 10, guidance="cfg" if i % 2 else "none", scale=0.5 * i if i % 2 else 0.0,
                               seed=i, n=1 + i % 2, steps=4) for i in range(8)]
@@ -391,7 +391,7 @@ def test_api_key_required_when_set(registered, monkeypatch):
     from fastapi.testclient import TestClient
 
     from condgen.serving.app import bind_service
-    from condgen.serving.engine import Service
+    from condgen.serving.service import Service
 
     monkeypatch.setenv("CONDGEN_API_KEY", "s3cret")
     svc = Service(_config(registered))
@@ -412,7 +412,7 @@ def test_api_key_required_when_set(registered, monkeypatch):
 
 
 def test_replica_reloads_when_champion_moves(registered):
-    from condgen.serving.engine import Service
+    from condgen.serving.service import Service
 
     svc = Service(_config(registered, poll_s=0.3))
     try:
@@ -482,7 +482,7 @@ def test_fuzz_openapi_schema_gives_no_5xx(registered):
     from fastapi.testclient import TestClient
 
     from condgen.serving.app import bind_service
-    from condgen.serving.engine import Service
+    from condgen.serving.service import Service
 
     svc = Service(_config(registered, request_timeout_s=1.0))
     rng = random.Random(1234)

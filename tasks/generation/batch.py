@@ -44,7 +44,7 @@ from safetensors.torch import save as st_save
 from condgen.models.base import config_to_dict
 from condgen.models.registry import build_model
 from condgen.tasks.data.attributes import label_from_prompt
-from condgen.tasks.generation import batched as bs
+from condgen.tasks.generation import batching as bs
 from condgen.tasks.generation import watermark
 from condgen.tasks.generation.safety import DenyList, LabelMatch, SafetyFilter
 from condgen.tasks.io import settings, storage

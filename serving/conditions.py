@@ -1,0 +1,65 @@
+"""Request inputs and outputs of the service: images in and out (base64 PNG), and raw condition rows
+(labels, or CLIP text embeddings) resolved from a label or a prompt for one loaded model."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from condgen.serving import schema
+from condgen.serving.errors import ApiError
+from condgen.serving.pool import Loaded
+from condgen.tasks.data.attributes import label_from_prompt, label_prompt
+from condgen.tasks.io.images import from_uint8, png_bytes, to_uint8
+
+
+def decode_image(b64: str, size: int) -> torch.Tensor:
+    """base64 PNG/JPEG -> (1, 1, size, size) float in [-1, 1] (as ``condgen edit`` reads a PNG); 422 otherwise."""
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "image is not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width > schema.MAX_IMAGE_SIDE or im.height > schema.MAX_IMAGE_SIDE or im.width < 1 or im.height < 1:
+                raise ApiError(422, f"image is {im.width}x{im.height}; at most {schema.MAX_IMAGE_SIDE} per side")
+            grey = np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise ApiError(422, "image is not a readable PNG/JPEG") from None
+    return from_uint8(grey[None])
+
+
+def b64_png(x: torch.Tensor) -> list[str]:
+    """(B, 1, H, W) in [-1, 1] -> base64 PNGs (8-bit grey)."""
+    return [base64.b64encode(png_bytes(img)).decode() for img in to_uint8(x)]
+
+
+def condition_rows(loaded: Loaded, clip: Any, label: int | None, prompt: str | None, n: int, what: str = "label"
+                   ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Raw condition rows (n,) labels or (n, D) CLIP text (``clip``: the service's CLIP handle, or None)
+    for ``loaded``, and what was resolved; 409/422 when the model cannot take them."""
+    info = loaded.info
+    if info["condition"] == "label":
+        if prompt is not None:
+            label = label_from_prompt(prompt, info["num_classes"])
+            if label is None:
+                raise ApiError(422, f"{loaded.key} is a label model and the {what} prompt names no class in "
+                                    f"[0, {info['num_classes'] - 1}]; give a label or a digit in the prompt")
+        if label >= info["num_classes"]:
+            raise ApiError(422, f"{what} must be in [0, {info['num_classes'] - 1}], got {label}")
+        return torch.full((n,), int(label), dtype=torch.long), {"label": int(label)}
+    if clip is None:
+        raise ApiError(409, f"{loaded.key} is text-conditioned and this service has no CLIP model configured")
+    text = prompt if prompt is not None else label_prompt(int(label))
+    emb = clip.encode_texts([text])  # (1, D)
+    if emb.shape[1] != loaded.model.config.text_dim:
+        raise ApiError(409, f"the configured CLIP gives {emb.shape[1]}-d text, {loaded.key} takes "
+                            f"{loaded.model.config.text_dim}-d")
+    return emb.expand(n, -1).clone(), {"prompt": text}

@@ -1,0 +1,119 @@
+"""The replica's model pool: registry models (``models:/NAME@alias`` or ``models:/NAME/3``), each with
+optional LoRA adapters (one merged copy per adapter, so requests never toggle shared weights) and
+a noise-aware classifier for classifier guidance.
+
+``refresh()`` re-resolves aliases and swaps in a new version when ``champion`` moved (the
+service's background thread calls it every ``poll_s`` seconds). Entries are immutable: a swap
+replaces the dict entry, and requests already holding the old entry finish on it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from condgen.serving.config import ModelSpec
+from condgen.serving.errors import ApiError
+from condgen.tasks.generation.batching import describe, model_kind
+from condgen.tasks.io.model_store import apply_adapter, load_model_uri, parse_model_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One servable model (one adapter variant); never mutated after construction."""
+
+    key: str  # API name
+    spec: ModelSpec
+    registered_name: str
+    version: str
+    run_id: str
+    model: torch.nn.Module
+    kind: str
+    adapter: str | None
+    classifier: torch.nn.Module | None
+    loaded_at: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_id(self) -> tuple:
+        return (self.key, self.version, self.adapter)
+
+
+class ModelPool:
+    def __init__(self, specs: list[ModelSpec]):
+        if not specs:
+            raise ValueError("serve at least one model")
+        self.specs = specs
+        self._entries: dict[str, dict[str | None, Loaded]] = {}
+        self._lock = threading.Lock()  # serialises reloads, never held while serving
+        self.reloads: list[dict[str, str]] = []
+        for spec in specs:
+            entry = self._load(spec)
+            key = next(iter(entry.values())).key
+            if key in self._entries:
+                raise ValueError(f"two models are served as {key!r}; give one a 'name'")
+            self._entries[key] = entry
+
+    @staticmethod
+    def _load(spec: ModelSpec) -> dict[str | None, Loaded]:
+        model, meta = load_model_uri(spec.uri)
+        kind = model_kind(model)
+        if kind == "other":
+            raise ValueError(f"{spec.uri} is a {type(model).__name__}; the service serves cvae, gan and diffusion")
+        classifier = load_model_uri(spec.classifier)[0].eval() if spec.classifier else None
+        key = spec.name or str(meta["name"])
+        now = time.time()
+        common = dict(key=key, spec=spec, registered_name=str(meta["name"]), version=str(meta["version"]),
+                      run_id=str(meta.get("run_id", "")), kind=kind, classifier=classifier, loaded_at=now,
+                      info=describe(model))
+        out: dict[str | None, Loaded] = {None: Loaded(model=model.eval(), adapter=None, **common)}
+        for name, uri in spec.adapters.items():
+            out[name] = Loaded(model=apply_adapter(model, uri), adapter=name, **common)
+        return out
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str | None, adapter: str | None = None) -> Loaded:
+        entries = self._entries  # one read: a concurrent swap is atomic for us
+        key = name or next(iter(entries))
+        if key not in entries:
+            raise ApiError(404, f"model {key!r} is not loaded; loaded: {sorted(entries)}")
+        variants = entries[key]
+        if adapter not in variants:
+            raise ApiError(404, f"model {key!r} has no adapter {adapter!r}; "
+                                f"adapters: {sorted(a for a in variants if a is not None)}")
+        return variants[adapter]
+
+    def all(self) -> list[Loaded]:
+        return [v[None] for v in self._entries.values()]
+
+    def refresh(self) -> list[dict[str, str]]:
+        """Reload every alias-based model whose alias now points at another version."""
+        changes = []
+        with self._lock:
+            for key, variants in list(self._entries.items()):
+                current = variants[None]
+                name, alias, _ = parse_model_uri(current.spec.uri) if current.spec.uri.startswith("models:/") else (
+                    None, None, None)
+                if not alias:
+                    continue
+                version = MlflowClient().get_model_version_by_alias(name, alias).version
+                if str(version) == current.version:
+                    continue
+                fresh = self._load(current.spec)  # load fully before the swap
+                entries = dict(self._entries)
+                entries[key] = fresh
+                self._entries = entries
+                change = {"model": key, "from": current.version, "to": str(version)}
+                changes.append(change)
+                self.reloads.append(change)
+                log.info("reloaded %s: version %s -> %s", key, current.version, version)
+        return changes
