@@ -13,16 +13,17 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from condgen.tasks.data import ingest as ingest_mod
+from condgen.tasks.data import sources
 from condgen.tasks.data.ingest import ingest
 from condgen.tasks.data.splits import load_split
 from condgen.tasks.io import storage
+from condgen.tasks.io.shards import tar_bytes
 
 SMALL = dict(limit=300, shard_size=100)  # 3 shards: fast, still exercises sharding
 
 
 def _digits(n: int) -> tuple[np.ndarray, np.ndarray]:
-    x, y = ingest_mod._load_mnist()
+    x, y = sources.load_mnist()
     idx = np.linspace(0, len(x) - 1, n).astype(int)  # spread over the (class-sorted) set
     return x[idx], y[idx]
 
@@ -176,7 +177,7 @@ def test_load_split_reads_clip_members(tmp_path: Path) -> None:
             np.save(buf, arr)
             members[name] = buf.getvalue()
         samples.append((s["__key__"], members))
-    shard.write_bytes(ingest_mod.tar_bytes(samples))
+    shard.write_bytes(tar_bytes(samples))
     out = load_split(str(tmp_path), "all", keys=("x", "txt", "img"))
     assert out["txt"].shape == (10, 4, 8) and out["img"].shape == (10, 8) and out["img"].dtype == np.float32
 

@@ -1,0 +1,251 @@
+"""Digit sources on disk: a local folder of images and a WebDataset tar set, read without
+extracting anything (tar members are read in memory) and without leaving the folder.
+
+- a folder: class sub-folders named by the label (``7/a.png``), or a ``captions.jsonl``
+  with one ``{"file", "label", "caption"}`` object per line;
+- a WebDataset tar set: a ``.tar`` path, a folder of ``.tar`` files, or a glob / brace
+  pattern of them (samples need an image member and a label in ``cls``/``label``/
+  ``json["label"]``).
+
+Tar members with absolute names, ``..`` components or link types, symlinks that resolve
+outside the source folder, and non-image files become :class:`~condgen.tasks.data.items.Reject`
+items with a reason. Which source a spec names is ``tasks/data/sources.py``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from braceexpand import braceexpand
+
+from condgen.tasks.data.items import (
+    IMAGE_EXTS,
+    MAX_MEMBER_BYTES,
+    BadItem,
+    RawItem,
+    Reject,
+    Source,
+    sha256_of,
+    unsafe_name,
+)
+
+LABEL_EXTS = ("cls", "cls.txt", "label", "label.txt")
+CAPTION_EXTS = ("txt", "caption", "caption.txt")
+
+
+# local folder ----------------------------------------------------------------------
+
+
+def folder_source(root: Path, tag: str) -> Source:
+    root = root.resolve()
+    return Source(tag, lambda: _folder_fingerprint(root), lambda: _folder_items(root))
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, str]]:
+    """(path, relative posix name) of every entry to consider, in a fixed order.
+
+    Symlinked directories are yielded (not entered): following them could loop or
+    leave the folder; they are rejected as items.
+    """
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        base = Path(dirpath)
+        linked = [d for d in dirnames if (base / d).is_symlink()]
+        for name in sorted(filenames + linked):
+            path = base / name
+            yield path, path.relative_to(root).as_posix()
+
+
+def _folder_fingerprint(root: Path) -> str:
+    def chunks() -> Iterator[bytes]:
+        for path, rel in _walk(root):
+            yield rel.encode() + b"\0"
+            if path.is_symlink():
+                yield b"->" + os.readlink(path).encode() + b"\0"  # never read through links
+            elif path.is_file():
+                yield path.read_bytes()
+    return sha256_of(chunks())
+
+
+def _folder_items(root: Path) -> Iterator[RawItem | Reject]:
+    if (root / "captions.jsonl").is_file():
+        yield from _captioned_items(root)
+    else:
+        yield from _class_folder_items(root)
+
+
+def _class_folder_items(root: Path) -> Iterator[RawItem | Reject]:
+    for path, rel in _walk(root):
+        parts = rel.split("/")
+        try:
+            data = _read_inside(root, path, rel)
+        except BadItem as exc:
+            yield Reject(rel, exc.reason, exc.detail)
+            continue
+        # A file at the top level has no class folder, hence no label.
+        yield RawItem(ref=rel, label=parts[0] if len(parts) > 1 else None, data=data)
+
+
+def _captioned_items(root: Path) -> Iterator[RawItem | Reject]:
+    lines = (root / "captions.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        ref = f"captions.jsonl:{lineno}"
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
+                raise BadItem("bad_record", "needs an object with a 'file' string")
+            rel = rec["file"]
+            ref = rel
+            if unsafe_name(rel):
+                raise BadItem("unsafe_path", rel[:200])
+            data = _read_inside(root, root / rel, rel)
+        except json.JSONDecodeError:
+            yield Reject(ref, "bad_record", "not JSON")
+            continue
+        except BadItem as exc:
+            yield Reject(ref, exc.reason, exc.detail)
+            continue
+        caption = rec.get("caption") if isinstance(rec.get("caption"), str) else None
+        yield RawItem(ref=rel, label=rec.get("label"), data=data, caption=caption)
+
+
+def _read_inside(root: Path, path: Path, rel: str) -> bytes:
+    """Bytes of an image file that really lies inside ``root`` (symlinks resolved)."""
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        raise BadItem("symlink_escape" if path.is_symlink() or _has_link(root, path) else "unsafe_path",
+                      rel[:200])
+    if path.is_symlink() and real.is_dir():
+        raise BadItem("symlink_dir", "symlinked folders are not followed")
+    if not real.is_file():
+        raise BadItem("not_a_file", rel[:200])
+    if rel.rsplit(".", 1)[-1].lower() not in IMAGE_EXTS or "." not in rel.rsplit("/", 1)[-1]:
+        raise BadItem("not_an_image", rel[:200])
+    if real.stat().st_size > MAX_MEMBER_BYTES:
+        raise BadItem("too_large", f"{real.stat().st_size} bytes")
+    return real.read_bytes()
+
+
+def _has_link(root: Path, path: Path) -> bool:
+    p = path
+    while p != root and p != p.parent:
+        if p.is_symlink():
+            return True
+        p = p.parent
+    return False
+
+
+
+# WebDataset tars ---------------------------------------------------------------------
+
+
+def is_tar_layout(names: Sequence[str]) -> bool:
+    """A WebDataset set: .tar files and no loose images (manifests/indexes may sit beside)."""
+    exts = [n.rsplit(".", 1)[-1].lower() for n in names if "." in n.rsplit("/", 1)[-1]]
+    return "tar" in exts and not any(e in IMAGE_EXTS for e in exts)
+
+
+def tar_only_dir(path: Path) -> bool:
+    return not any(p.is_dir() for p in path.iterdir()) and is_tar_layout([p.name for p in path.iterdir()])
+
+
+def expand_tar_pattern(pattern: str) -> list[Path]:
+    path = Path(pattern)
+    if path.is_dir():
+        return sorted(path.glob("*.tar"))
+    found: dict[str, None] = {}
+    for expanded in braceexpand(pattern):
+        for match in sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]:
+            if Path(match).is_file():
+                found[match] = None
+    if not found:
+        raise FileNotFoundError(f"no tar files match {pattern!r}")
+    return [Path(p) for p in found]
+
+
+def tar_source(tars: list[Path], tag: str) -> Source:
+    def fingerprint() -> str:
+        def chunks() -> Iterator[bytes]:
+            for t in tars:
+                yield t.name.encode() + b"\0"
+                with open(t, "rb") as f:
+                    yield from iter(lambda: f.read(1 << 20), b"")
+        return sha256_of(chunks())
+
+    def items() -> Iterator[RawItem | Reject]:
+        for t in tars:
+            yield from _tar_items(t)
+
+    return Source(tag, fingerprint, items)
+
+
+def _tar_items(path: Path) -> Iterator[RawItem | Reject]:
+    """Stream one tar; consecutive members with the same key form a sample (webdataset)."""
+    key: str | None = None
+    group: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                reject, parsed = _check_member(path.name, member)
+                if reject is not None:
+                    yield reject
+                    continue
+                if parsed is None:
+                    continue  # directories and webdataset metadata
+                mkey, ext = parsed
+                if mkey != key and group:
+                    yield _tar_sample(path.name, key or "", group)
+                    group = {}
+                key = mkey
+                fobj = tar.extractfile(member)
+                group[ext.lower()] = fobj.read() if fobj is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        yield Reject(path.name, "corrupt_tar", type(exc).__name__)
+    if group:
+        yield _tar_sample(path.name, key or "", group)
+
+
+def _check_member(tar_name: str, m: tarfile.TarInfo) -> tuple[Reject | None, tuple[str, str] | None]:
+    ref = f"{tar_name}:{m.name}"
+    if unsafe_name(m.name):
+        return Reject(ref, "unsafe_member_name", m.name[:200]), None
+    if m.isdir():
+        return None, None
+    if m.issym() or m.islnk():
+        return Reject(ref, "link_member", m.linkname[:200]), None
+    if not m.isreg():
+        return Reject(ref, "special_member"), None
+    if m.size > MAX_MEMBER_BYTES:
+        return Reject(ref, "too_large", f"{m.size} bytes"), None
+    name = m.name.removeprefix("./")
+    if name.rsplit("/", 1)[-1].startswith("__"):
+        return None, None  # webdataset metadata such as __index__
+    match = re.match(r"^((?:.*/|)[^./]+)\.([^/]*)$", name)  # webdataset's base_plus_ext
+    if not match:
+        return Reject(ref, "not_an_image", "no extension"), None
+    return None, (match.group(1), match.group(2))
+
+
+def _tar_sample(tar_name: str, key: str, group: dict[str, bytes]) -> RawItem | Reject:
+    ref = f"{tar_name}:{key}"
+    image_ext = next((e for e in IMAGE_EXTS if e in group), None)
+    if image_ext is None:
+        return Reject(ref, "not_an_image", "members: " + ",".join(sorted(group))[:200])
+    meta: dict[str, Any] = {}
+    if "json" in group:
+        try:
+            loaded = json.loads(group["json"])
+            meta = loaded if isinstance(loaded, dict) else {}
+        except ValueError:
+            meta = {}  # only needed for label/caption fallbacks; missing ones reject below
+    label = next((group[e].decode("utf-8", "replace") for e in LABEL_EXTS if e in group), meta.get("label"))
+    caption = next((group[e].decode("utf-8", "replace") for e in CAPTION_EXTS if e in group), meta.get("caption"))
+    return RawItem(ref=f"{ref}.{image_ext}", label=label, data=group[image_ext],
+                   caption=caption if isinstance(caption, str) else None)
