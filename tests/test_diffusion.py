@@ -14,9 +14,11 @@ from condgen.models.diffusion import (
     cfg,
     classifier_guidance,
     clip_guidance,
+    clip_x0,
     ddim_invert,
     make_schedule,
     null_text_inversion,
+    rows_noise,
     sample_ddim,
     sample_ddpm,
     sdedit,
@@ -111,29 +113,86 @@ def test_ddim_eta0_is_deterministic_and_model_sample_follows_the_generator():
     assert s1.abs().max() <= 1
 
 
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _row_by_row(denoiser):
+    """The same network run on one row at a time: its output for a row cannot depend on the batch,
+    so a sampler / guidance wrapper that keeps rows independent gives bit-identical results."""
+
+    def D(x, t, cond):
+        return torch.cat([denoiser(x[i:i + 1], t[i:i + 1], None if cond is None else cond[i:i + 1])
+                          for i in range(x.shape[0])])
+
+    return D
+
+
 def test_batched_sample_equals_per_item_samples():
+    """Rows of a batch are independent. (1) The sampler and guidance arithmetic: with the network run
+    row by row, batched == per-item bit for bit (CFG, x0 clipping, and eta > 0 noise from per-row
+    generators). (2) The real batched U-Net: equal up to the float32 rounding of CPU kernels whose
+    blocking depends on the batch size (~1e-7 per forward, amplified by CFG and the x0 map).
+    An untrained U-Net's chain from pure noise diverges (|x| ~ 1e5, or saturates at +-1 when
+    clipped), where that rounding would dominate any absolute tolerance; so the chain starts from
+    digits noised to t = 5 (as SDEdit does) and clips x0_hat: samples in [-1, 1], about half of
+    them unsaturated, and 1e-4 is 1/80 of an 8-bit grey level."""
     model = _model()
+    x0, _ = _digits(3)
     y = torch.tensor([0, 4, 9])
-    x_T = torch.randn(3, 1, 28, 28)
-    D = cfg(model.denoiser(), 2.0, model.null_cond(1))
-    batched = sample_ddim(D, x_T, model.schedule, cond=y, steps=4)
-    single = torch.cat([sample_ddim(D, x_T[i:i + 1], model.schedule, cond=y[i:i + 1], steps=4) for i in range(3)])
-    assert torch.allclose(batched, single, atol=1e-5)
+    x_t = model.schedule.q_sample(x0, torch.full((3,), 5), torch.randn(3, 1, 28, 28, generator=_gen(0)))
+    tau = model.schedule.timesteps(4, t_max=5)
+    for eta in (0.0, 0.8):
+        D = clip_x0(cfg(_row_by_row(model.denoiser()), 2.0, model.null_cond(1)), model.schedule)
+        noise = rows_noise([(_gen(10 + i), 1) for i in range(3)], (1, 28, 28), x_t.device)
+        batched = sample_ddim(D, x_t, model.schedule, cond=y, timesteps=tau, eta=eta, noise=noise)
+        single = torch.cat([sample_ddim(D, x_t[i:i + 1], model.schedule, cond=y[i:i + 1], timesteps=tau, eta=eta,
+                                        generator=_gen(10 + i)) for i in range(3)])
+        assert torch.equal(batched, single), eta
+    D = clip_x0(cfg(model.denoiser(), 2.0, model.null_cond(1)), model.schedule)
+    batched = sample_ddim(D, x_t, model.schedule, cond=y, timesteps=tau)
+    single = torch.cat([sample_ddim(D, x_t[i:i + 1], model.schedule, cond=y[i:i + 1], timesteps=tau)
+                        for i in range(3)])
+    assert batched.abs().max() <= 1 + 1e-6 and (batched.abs() < 0.99).float().mean() > 0.3  # bounded, unsaturated
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-4)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-2)  # the rows really differ
+
+
+def test_noise_sampler_gives_each_block_of_rows_its_own_generator():
+    """sample_<name>(noise=rows_noise(...)) == each block of rows sampled alone with its own generator:
+    per-request seeds in one batch need no copy of the sampler loop."""
+    model = _model()
+    D = _row_by_row(model.denoiser())
+    y, x_T = torch.tensor([1, 2, 3]), torch.randn(3, 1, 28, 28)
+    blocks = [(5, 0, 1), (6, 1, 3)]  # (seed, first row, end row)
+    for sampler, kw in ((sample_ddpm, {}), (sample_ddim, {"eta": 0.5})):
+        noise = rows_noise([(_gen(s), b - a) for s, a, b in blocks], (1, 28, 28), x_T.device)
+        together = sampler(D, x_T, model.schedule, cond=y, steps=3, noise=noise, **kw)
+        alone = torch.cat([sampler(D, x_T[a:b], model.schedule, cond=y[a:b], steps=3, generator=_gen(s), **kw)
+                           for s, a, b in blocks])
+        assert torch.equal(together, alone), sampler.__name__
+        assert not torch.equal(together, sampler(D, x_T, model.schedule, cond=y, steps=3, generator=_gen(5), **kw))
+    with pytest.raises(ValueError, match="either generator or noise"):
+        sample_ddpm(D, x_T, model.schedule, cond=y, steps=2, generator=_gen(0), noise=lambda i: x_T)
 
 
 def test_ddim_eta1_equals_ddpm_ancestral_on_any_subsequence():
-    """Song et al. 2021 §4.1: eta = 1 is DDPM; both draw the same noise from the same generator."""
-    model = _model()
-    y, x_T, tau = torch.tensor([2, 5]), torch.randn(2, 1, 28, 28), [19, 12, 5, 1]
+    """Song et al. 2021 §4.1: eta = 1 is DDPM; both draw the same noise from the same generator. Two
+    different formulas, so compared on the exact eps of Gaussian data in float64 (bounded samples:
+    an untrained U-Net's diverging chain would only compare rounding)."""
+    sched = make_schedule("linear", 20)
+    torch.manual_seed(0)
+    mu = 0.5 * torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    D = _gaussian_eps(lambda c: mu, 0.5)(sched)
+    x_T, tau = torch.randn(2, 1, 8, 8, dtype=torch.float64), [19, 12, 5, 1]
     calls = []
-    ddpm = sample_ddpm(model.denoiser(), x_T, model.schedule, cond=y, generator=torch.Generator().manual_seed(3),
-                       timesteps=tau, callback=lambda i, n: calls.append((i, n)))
-    ddim = sample_ddim(model.denoiser(), x_T, model.schedule, cond=y, generator=torch.Generator().manual_seed(3),
-                       timesteps=tau, eta=1.0)
+    ddpm = sample_ddpm(D, x_T, sched, cond=None, generator=torch.Generator().manual_seed(3), timesteps=tau,
+                       callback=lambda i, n: calls.append((i, n)))
+    ddim = sample_ddim(D, x_T, sched, cond=None, generator=torch.Generator().manual_seed(3), timesteps=tau, eta=1.0)
     assert calls == [(0, 4), (1, 4), (2, 4), (3, 4)]
-    assert torch.allclose(ddpm, ddim, atol=1e-4, rtol=1e-4)
-    other = sample_ddim(model.denoiser(), x_T, model.schedule, cond=y, generator=torch.Generator().manual_seed(4),
-                        timesteps=tau, eta=0.5)
+    assert ddpm.abs().max() < 5
+    torch.testing.assert_close(ddpm, ddim, rtol=0, atol=1e-10)
+    other = sample_ddim(D, x_T, sched, cond=None, generator=torch.Generator().manual_seed(4), timesteps=tau, eta=0.5)
     assert not torch.allclose(other, ddim)
 
 
@@ -253,6 +312,41 @@ def test_clip_guidance_identity_at_zero_and_raises_the_similarity():
             return F.cosine_similarity(encoder(x0_hat), text.expand(2, -1), dim=-1)
 
         assert bool((similarity(x + 1e-3 * step / step.norm()) > similarity(x)).all())
+
+
+def test_guidance_wrappers_take_one_scale_per_row():
+    """A (B,) scale == every row guided with its own float scale (a row with 0 gets the unguided eps),
+    so one batch can mix requests with different weights; CFG runs the unconditional branch only
+    for the guided rows (one forward on B + 2 rows here)."""
+    model = _model()
+    torch.manual_seed(1)
+    clf = NoisyClassifier(NoisyClassifierConfig(channels=(4, 8), timesteps=20)).eval()
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 8))
+    text = torch.randn(8)
+    x, t, y = torch.randn(3, 1, 28, 28), torch.full((3,), 9), torch.tensor([1, 2, 3])
+    scales = torch.tensor([0.0, 1.5, 3.0])
+    calls = []
+    row_by_row = _row_by_row(model.denoiser())
+
+    def D(x, t, cond):
+        calls.append(x.shape[0])
+        return row_by_row(x, t, cond)
+
+    wrappers = {"cfg": lambda s: cfg(D, s, model.null_cond(1)),
+                "classifier": lambda s: classifier_guidance(D, clf, s, model.schedule),
+                "clip": lambda s: clip_guidance(D, encoder, text, s, model.schedule)}
+    with torch.no_grad():
+        for name, wrap in wrappers.items():
+            calls.clear()
+            mixed = wrap(scales)(x, t, y)
+            if name == "cfg":
+                assert calls == [5]
+            for i, s in enumerate(scales.tolist()):
+                assert torch.equal(mixed[i], wrap(s)(x, t, y)[i]), (name, s)
+            assert not torch.allclose(mixed[1], mixed[2]) and torch.equal(mixed[0], D(x, t, y)[0])
+    assert cfg(D, torch.zeros(3), model.null_cond(1)) is D
+    with pytest.raises(ValueError, match="per-row guidance scale"):
+        cfg(D, torch.ones(2), model.null_cond(1))(x, t, y)
 
 
 # -- inversion and editing ---------------------------------------------------------------------

@@ -260,3 +260,4 @@ def test_command_choices_match_the_api():
     from condgen.tasks.generation import sampling as generate
 
     assert cmd.GUIDANCE == generate.GUIDANCE and cmd.EDIT_METHODS == generate.EDIT_METHODS
+    assert cmd.NULL_TEXT_INNER_STEPS == generate.NULL_TEXT_INNER_STEPS

@@ -195,6 +195,15 @@ def _img(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
+def _same_images(a: list[str], b: list[str]) -> None:
+    """The same images from batches of different sizes: the same noise and arithmetic, but CPU kernels
+    block by batch size, so float32 rounding differs (~1e-4 after a sampler run, see
+    tasks/generation/batching.py) and a pixel on a rounding boundary may land one grey level apart."""
+    assert len(a) == len(b)
+    levels = np.abs(np.stack([_img(x) for x in a]).astype(int) - np.stack([_img(x) for x in b]).astype(int))
+    assert levels.max() <= 1 and (levels > 0).mean() < 0.005, (levels.max(), (levels > 0).mean())
+
+
 def test_generate_reports_parameters_and_version(client):
     r = client.post("/v1/generate", json={"label": 3, "guidance": "cfg", "scale": 2.0, "seeds": [1, 2, 3],
                                           "negative_label": 5, "steps": 4})
@@ -208,7 +217,7 @@ def test_generate_reports_parameters_and_version(client):
     # seeds=[s] is "one generator per image": image i of seeds=[1,2,3] == the lone seeds=[i]
     one = client.post("/v1/generate", json={"label": 3, "guidance": "cfg", "scale": 2.0, "seeds": [2],
                                             "negative_label": 5, "steps": 4}).json()
-    assert one["images"][0] == body["images"][1]
+    _same_images(one["images"], body["images"][1:2])
     cvae = client.post("/v1/generate", json={"model": CVAE, "prompt": "a seven, please", "n": 2}).json()
     assert cvae["parameters"]["label"] == 7 and cvae["n"] == 2
     for guidance in ("classifier",):
@@ -246,7 +255,8 @@ def test_concurrent_requests_share_a_batch_and_match_lone_results(service, regis
         solo.close()
     assert all(a["batch"]["requests"] == 1 for a in alone)
     for b, a in zip(batched, alone):
-        assert b["images"] == a["images"] and b["parameters"] == a["parameters"]
+        _same_images(b["images"], a["images"])
+        assert b["parameters"] == a["parameters"]
 
 
 BAD_REQUESTS = [
@@ -555,7 +565,7 @@ def test_serve_http_batches_concurrent_clients(served):
     assert all(s == 200 for s, _ in results), results
     assert max(b["batch"]["requests"] for _, b in results) > 1
     for i in (0, 5, 11):  # the same request alone gives the same image
-        assert _post(f"{served}/v1/generate", bodies[i])[1]["images"] == results[i][1]["images"]
+        _same_images(_post(f"{served}/v1/generate", bodies[i])[1]["images"], results[i][1]["images"])
     status, body = _post(f"{served}/v1/generate", {"label": 99})
     assert status == 422 and body["detail"]
     with urllib.request.urlopen(f"{served}/metrics") as r:

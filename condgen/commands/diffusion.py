@@ -6,7 +6,13 @@
     condgen edit in.png --model … --method null_text --source 3 --target 8 --scale 2 --out edited.png
 
 Models load from a checkpoint (path, ``file://``, ``s3://``) or the registry (``models:/NAME@ALIAS``
-or ``models:/NAME/VERSION``). The work is done by ``tasks.generate``.
+or ``models:/NAME/VERSION``). The work is done by ``tasks.generation.sampling`` (``sample_images``,
+``edit_images``): the same functions the serving app and batch generation call, so
+``POST /v1/generate`` / ``/v1/edit`` with the same parameters give these images
+(tests/test_sampling_parity.py).
+
+Imports of torch, MLflow and open_clip are inside the command functions: ``condgen`` builds
+every sub-command's parser on each invocation, and those imports take seconds.
 """
 from __future__ import annotations
 
@@ -16,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "models:/condgen-diffusion@champion"
-# The choices of tasks.generate, spelt out so that building the parser imports no torch.
+# The choices and defaults of tasks.generation.sampling, spelt out so that building the parser
+# imports no torch (tests/test_generate.py checks they match).
 GUIDANCE = ("none", "cfg", "classifier", "clip")
 EDIT_METHODS = ("ddim_inversion", "null_text", "sdedit")
+NULL_TEXT_INNER_STEPS = 10
 
 
 def load_model(uri: str) -> tuple[Any, dict[str, Any]]:
@@ -163,7 +171,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--clip", default="embedded", help="CLIP spec for --prompt (see tasks.clip.load_clip)")
     s.add_argument("--clip-data", help="shard set URI the embedded CLIP was fitted on")
     s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    s.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic, 1 = ancestral; default: the model's sample_eta)")
+    s.add_argument("--eta", type=float,
+                   help="DDIM eta (0 = deterministic, 1 = ancestral; default: the model's sample_eta)")
     s.add_argument("--guidance", choices=list(GUIDANCE), default="cfg")
     s.add_argument("--negative", type=int, help="negative label (cfg): steer away from this class")
     s.add_argument("--negative-prompt", help="negative text prompt (cfg, text models)")
@@ -183,6 +192,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--source", help="label(s) of the input image(s): one, or one per input (inversions)")
     s.add_argument("--target", help="label(s) to edit towards (default: --source, a reconstruction)")
     s.add_argument("--strength", type=float, default=0.6, help="SDEdit: noise level t0 / T in [0, 1]")
-    s.add_argument("--inner-steps", type=int, default=10, help="null-text: Adam steps per timestep")
+    s.add_argument("--inner-steps", type=int, default=NULL_TEXT_INNER_STEPS, help="null-text: Adam steps per timestep")
     s.add_argument("--out", default="edited", help="PNG path (one input) or folder")
     s.set_defaults(fn=cmd_edit)
