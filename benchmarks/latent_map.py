@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     from condgen.tasks.data.splits import load_arrays, load_split
     from condgen.tasks.io.images import from_uint8
     from condgen.tasks.judging import latent_maps as ml
+    from condgen.tasks.judging import latent_studies as ls
     from condgen.tasks.judging.evaluate import evaluate_model, get_judge
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         a, b = spaces[a_key], spaces[b_key]
         for mode, sizes in (("generated", args.sizes), ("real", args.real_sizes)):
             t0 = time.perf_counter()
-            st = ml.compare_spaces(a, b, xs, ys, xt, yt, judge, sizes=sizes, mode=mode,
+            st = ls.compare_spaces(a, b, xs, ys, xt, yt, judge, sizes=sizes, mode=mode,
                                    inversion_steps=args.inversion_steps, seed=0)
             timings[f"map {a.name}<->{b.name} {mode}"] = time.perf_counter() - t0
             studies[(a_key, b_key, mode)] = st
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print("\n== attribute directions in the CVAE latent space ==", flush=True)
     t0 = time.perf_counter()
-    study = ml.attribute_study(spaces["cvae"], from_uint8(train["x"]), torch.from_numpy(train["y"]),
+    study = ls.attribute_study(spaces["cvae"], from_uint8(train["x"]), torch.from_numpy(train["y"]),
                                train["attributes"], n_edit=args.n_edit)
     timings["attribute_study"] = time.perf_counter() - t0
     print("R² of each attribute from z:", {k: round(v, 3) for k, v in study.r2.items()})
@@ -230,10 +231,10 @@ def main(argv: list[str] | None = None) -> None:
               f"({r['method']}); random-latent baseline {r['class_random']:.3f}; M {r['M']:.4f} vs "
               f"M_random {r['M_random']:.4f} -> {verdict}")
     if args.report:
-        from condgen.tasks.judging.report import ModelSection, render_report
+        from condgen.tasks.judging.report_html import ModelSection, render_report
 
         sections = [ModelSection(space.name, None, evals[key].metrics(), evals[key].grid,
-                                 ml.interpolation_strips(space, x=xt, y=yt)) for key, space in spaces.items()]
+                                 ls.interpolation_strips(space, x=xt, y=yt)) for key, space in spaces.items()]
         path = render_report(args.report, title="condgen latent-map benchmark", models=sections, map_rows=all_rows,
                              attribute_study=study, info={"cvae": cvae_uri, "gan": gan_uri})
         print(f"report: {path}")

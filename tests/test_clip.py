@@ -17,9 +17,9 @@ from PIL import Image
 from condgen.tasks.clip import embed as E
 from condgen.tasks.clip import fit as clip_fit
 from condgen.tasks.clip import load as clip_load
-from condgen.tasks.clip.configs import ClipUnavailable, MINILM_CONFIG, minilm_path, register_configs
+from condgen.tasks.clip.configs import MINILM_CONFIG, ClipUnavailable, minilm_path, register_configs
 from condgen.tasks.clip.fit import fit_clip
-from condgen.tasks.clip.handle import CONFIG, ClipHandle, WEIGHTS, new_clip, save_clip
+from condgen.tasks.clip.handle import CONFIG, WEIGHTS, ClipHandle, new_clip, save_clip
 from condgen.tasks.clip.load import load_clip
 from condgen.tasks.clip.quality import clip_score, evaluate_clip
 from condgen.tasks.clip.registry import REGISTERED_NAME

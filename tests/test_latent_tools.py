@@ -1,4 +1,4 @@
-"""Latent tools (models/latent_map.py, tasks/judging/latent_maps.py) and the added evaluation
+"""Latent tools (models/latent_map.py, tasks/judging/latent_maps.py, latent_studies.py) and the added evaluation
 metrics, on synthetic latents and tiny untrained models: seconds on CPU."""
 import numpy as np
 import pytest
@@ -143,7 +143,8 @@ def _spaces():
 
 
 def test_compare_spaces_rows_and_map_round_trip(tmp_path):
-    from condgen.tasks.judging.latent_maps import check_models, compare_spaces, load_map, save_map, translate
+    from condgen.tasks.judging.latent_maps import check_models, load_map, save_map, translate
+    from condgen.tasks.judging.latent_studies import compare_spaces
 
     a, b = _spaces()
     g = torch.Generator().manual_seed(0)
@@ -172,7 +173,7 @@ def test_compare_spaces_rows_and_map_round_trip(tmp_path):
 
 
 def test_clip_optimize_raises_the_score_with_a_tiny_image_encoder():
-    from condgen.tasks.judging.latent_maps import clip_optimize
+    from condgen.tasks.judging.latent_studies import clip_optimize
 
     a, _ = _spaces()
     torch.manual_seed(0)
@@ -186,7 +187,7 @@ def test_clip_optimize_raises_the_score_with_a_tiny_image_encoder():
 
 def test_interpolation_strip_endpoints_decode_the_endpoints():
     from condgen.tasks.io.images import to_uint8
-    from condgen.tasks.judging.latent_maps import interpolation_strip
+    from condgen.tasks.judging.latent_studies import interpolation_strip
 
     a, _ = _spaces()
     z0, z1 = torch.randn(4), torch.randn(4)
@@ -234,7 +235,8 @@ def test_gan_to_gan_maps_invert_the_other_side():
     """Both spaces GANs (cGAN <-> AC-GAN, other latent sizes): ``generated`` draws z from the
     source GAN and inverts the target one; ``real`` inverts both. Maps go both ways."""
     from condgen.models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
-    from condgen.tasks.judging.latent_maps import compare_spaces, latent_space
+    from condgen.tasks.judging.latent_maps import latent_space
+    from condgen.tasks.judging.latent_studies import compare_spaces
 
     torch.manual_seed(0)
     a = latent_space(CGAN(CGANConfig(**TINY_GAN)), name="cgan")
@@ -259,7 +261,7 @@ def test_clip_optimize_with_an_open_clip_model():
     differentiable image tower and preprocessing) scores a CVAE's decoded image against a
     text embedding from the same handle; optimising z raises that score."""
     from condgen.tasks.clip.handle import new_clip
-    from condgen.tasks.judging.latent_maps import clip_optimize
+    from condgen.tasks.judging.latent_studies import clip_optimize
 
     a, _ = _spaces()
     handle = new_clip("condgen-clip-test", seed=0)

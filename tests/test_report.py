@@ -1,4 +1,4 @@
-"""The HTML evaluation report (tasks/judging/report.py): self-contained page, rendered in headless
+"""The HTML evaluation report (tasks/judging/report.py, report_html.py): self-contained page, rendered in headless
 Chromium with every image decoded, logged to MLflow and fetched by ``condgen report``."""
 import re
 import subprocess
@@ -22,7 +22,7 @@ def _study():
 
 
 def _render(out_dir):
-    from condgen.tasks.judging.report import ModelSection, render_report
+    from condgen.tasks.judging.report_html import ModelSection, render_report
 
     rng = np.random.default_rng(0)
     img = lambda h, w: rng.integers(0, 255, (h, w), dtype=np.uint8)  # noqa: E731
