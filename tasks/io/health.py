@@ -45,7 +45,6 @@ def storage_roundtrip(root: str | None = None) -> dict[str, Any]:
 
 def tracking_ping(tracking_uri: str | None = None) -> dict[str, Any]:
     """Ask the MLflow tracking store for its experiments (a read: no run is created)."""
-
     uri = tracking_uri or settings.tracking_uri()
     t0 = time.perf_counter()
     experiments = MlflowClient(tracking_uri=uri).search_experiments(max_results=100)
@@ -54,7 +53,6 @@ def tracking_ping(tracking_uri: str | None = None) -> dict[str, Any]:
 
 def ray_ping(address: str | None = None) -> dict[str, Any]:
     """Connect to Ray (``RAY_ADDRESS`` or a local instance), run one task, report the cluster size."""
-
     address = address if address is not None else os.environ.get("RAY_ADDRESS")
     t0 = time.perf_counter()
     started = ensure_ray(address)

@@ -64,7 +64,6 @@ class MetricLogger:
         self.flush()
 
     def flush(self) -> None:
-
         if not self.pending:
             return
         now = int(time.time() * 1000)

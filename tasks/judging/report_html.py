@@ -272,7 +272,7 @@ def render_report(out_dir: str | Path, *, title: str = "condgen evaluation repor
         parts.append("<h2 id=edits>Attribute directions and edits</h2>")
         parts.append("<p class=muted>directions regressed on the CVAE's posterior means (attributes in data-std "
                      "units); edit strength 1 = +1 std predicted by the regression; attributes re-measured on the "
-                     "decoded images with tasks.attributes.measure. 'orthogonal' = each direction projected "
+                     "decoded images with tasks.data.attributes.measure. 'orthogonal' = each direction projected "
                      "orthogonally to the other attributes' normals.</p>")
         parts.append(html_table([{"attribute": n, "R² of regression": study["r2"][n],
                                   **{f"cos with {o}": study["cosine"][i][j] for j, o in enumerate(study["names"])}}
