@@ -28,7 +28,7 @@ def decode_image(b64: str, size: int) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as im:
             if im.width > schema.MAX_IMAGE_SIDE or im.height > schema.MAX_IMAGE_SIDE or im.width < 1 or im.height < 1:
                 raise ApiError(422, f"image is {im.width}x{im.height}; at most {schema.MAX_IMAGE_SIDE} per side")
-            grey = np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+            grey = np.array(im.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)  # a writable copy
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
