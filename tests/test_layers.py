@@ -226,7 +226,6 @@ def _long_files() -> list[str]:
     return out
 
 
-@pytest.mark.xfail(strict=False, reason="files are being split")
 def test_no_source_file_is_over_the_line_limit():
     long = _long_files()
     assert not long, f"source files over {MAX_LINES} lines (split them):\n" + "\n".join(long)
