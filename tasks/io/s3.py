@@ -194,7 +194,8 @@ def list_objects(uri: str) -> list[tuple[str, int, str]]:
     def list_all() -> list[tuple[str, int, str]]:
         out = []
         for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            out.extend((o["Key"][len(prefix):], int(o["Size"]), str(o.get("ETag", ""))) for o in page.get("Contents", []))
+            out.extend((o["Key"][len(prefix):], int(o["Size"]), str(o.get("ETag", "")))
+                       for o in page.get("Contents", []))
         return sorted(out)
 
     return with_retry(f"list {uri}", list_all)

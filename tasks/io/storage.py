@@ -25,7 +25,6 @@ from condgen.tasks.io.atomic_writer import TMP_MARK, AtomicWriter, LocalAtomicWr
 # Re-exported S3 helpers for callers that need the raw client or a recursive listing.
 from condgen.tasks.io.s3 import endpoint_url, list_objects, reset_clients, s3_client  # noqa: F401
 
-
 # --------------------------------------------------------------------------- URIs
 
 
