@@ -1,5 +1,5 @@
 """The serving engine's batching gain without HTTP: N concurrent one-image requests run as
-one ``tasks.batch_sampling.sample_batch`` call vs one call per request.
+one ``tasks.generation.batching.sample_batch`` call vs one call per request.
 
     python benchmarks/engine_batching.py                   # CPU, one torch thread
     python3 benchmarks/engine_batching.py --device cuda    # a GPU (needs only torch)

@@ -1,6 +1,6 @@
 """Serving benchmark: samples/s and p50/p99 latency at 1, 8 and 32 concurrent clients for
 
-  (a) the raw model: ``tasks.batch_sampling.sample_batch`` called directly with a batch of
+  (a) the raw model: ``tasks.generation.batching.sample_batch`` called directly with a batch of
       ``clients`` one-image requests (the best a server could do with perfect batching);
   (b) the Ray Serve app with request batching;
   (c) the same app with batching off (one request per forward pass).

@@ -40,7 +40,7 @@ def _batched(c: torch.Tensor, batch: int) -> torch.Tensor:
     raise ValueError(f"condition batch {c.shape[0]} does not match x batch {batch}")
 
 
-def _unguided(scale: Scale) -> bool:
+def unguided(scale: Scale) -> bool:
     """True when every row's scale is 0: the wrapper would be the identity."""
     return not bool(torch.as_tensor(scale).ne(0).any())
 
@@ -77,7 +77,7 @@ def cfg(
     A per-row ``scale`` (B,) runs the unconditional branch only for the rows with w != 0
     (one forward on B + #guided rows); the rows with w = 0 take eps(x_t, c) unchanged.
     """
-    if _unguided(scale):
+    if unguided(scale):
         return denoiser
     uncond = null_cond if negative_cond is None else negative_cond
 
@@ -125,7 +125,7 @@ def classifier_guidance(
     Raising p_phi(y|x_t) to the power s sharpens towards the classifier's modes; ``scale``: s, a
     float or one per row (B,).
     """
-    if _unguided(scale):
+    if unguided(scale):
         return denoiser
 
     def guided(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
@@ -160,7 +160,7 @@ def clip_guidance(
     (the pipeline adapts an open_clip visual tower); ``text_embedding``: (D,), (1, D) or (B, D);
     ``scale``: s, a float or one per row (B,).
     """
-    if _unguided(scale):
+    if unguided(scale):
         return denoiser
 
     def guided(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:

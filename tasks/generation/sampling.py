@@ -44,12 +44,12 @@ from condgen.models.diffusion import (
     sdedit,
 )
 from condgen.models.diffusion.denoiser import Callback, Denoiser, NoiseSampler, randn
+from condgen.models.diffusion.guidance import Scale, unguided
 
 GUIDANCE = ("none", "cfg", "classifier", "clip")
 EDIT_METHODS = ("ddim_inversion", "null_text", "sdedit")
 NULL_TEXT_INNER_STEPS = 10  # Adam steps per timestep of null-text inversion (`condgen edit --inner-steps`)
 CondInput = torch.Tensor | Sequence[int] | Sequence[Sequence[float]]
-Scale = float | torch.Tensor  # a guidance weight: one for every row, or one per row (B,)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -110,10 +110,6 @@ def _unconditional(denoiser: Denoiser) -> Denoiser:
     return lambda x, t, cond: denoiser(x, t, None)
 
 
-def _no_scale(scale: Scale | None) -> bool:
-    return scale is None or not bool(torch.as_tensor(scale).ne(0).any())
-
-
 def _scale(scale: Scale, default: float) -> Scale:
     """A float, or a per-row tensor (B,) kept as it is; None -> ``default``."""
     if scale is None:
@@ -164,7 +160,7 @@ def guided_denoiser(
     c_in = cond if cond.dtype == torch.long else model.embed_condition(cond)
     base = D if conditional else _unconditional(D)
     if guidance == "none":
-        if not _no_scale(scale):
+        if scale is not None and not unguided(scale):
             raise ValueError("guidance='none' takes no scale")
         return base, c_in
     s = _scale(scale, 1.0)
