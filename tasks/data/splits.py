@@ -82,6 +82,34 @@ def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = (
     return out
 
 
+def dataset_info(shards_uri: str) -> dict[str, Any]:
+    """What a model needs to know about an ingested shard set, from its manifest alone.
+
+    Returns ``{"channels": int, "image_size": int, "num_classes": int, "class_names":
+    list[str] | None, "attribute_names": list[str], "schema_version": int}``:
+
+    - ``channels``: 1 (greyscale, ``x`` is (N, H, W)) or 3 (RGB, ``x`` is (N, H, W, 3));
+    - ``image_size``: the side of the square images;
+    - ``num_classes``: labels lie in ``[0, num_classes)`` (caption-only samples carry -1);
+    - ``class_names``: the name of each class index, or None when labels are plain
+      integers (the digit sources);
+    - ``attribute_names``: the columns of ``load_split``'s ``attributes`` (may be empty).
+
+    Schema v1 sets (greyscale digits) answer channels 1 and the digit attributes.
+    """
+    manifest = read_manifest(shards_uri)
+    config = manifest.get("config", {})
+    names = manifest.get("class_names")
+    return {
+        "channels": int(manifest.get("channels", 1)),
+        "image_size": int(manifest.get("image_size", config.get("image_size", 0))),
+        "num_classes": int(manifest.get("num_classes", config.get("num_classes", 0))),
+        "class_names": list(names) if names else None,
+        "attribute_names": list(manifest.get("attribute_names", ATTRIBUTE_NAMES)),
+        "schema_version": int(manifest.get("schema_version", 1)),
+    }
+
+
 def load_arrays(shards_uri: str, split: str, embeddings: str | None = None,
                 latents: str | None = None) -> dict[str, np.ndarray]:
     """The training arrays of a split: ``x`` uint8 (N, H, W), ``y`` int64 (N,), ``txt`` float32
