@@ -7,8 +7,9 @@ from condgen.models.registry import build_model
 from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io.model_store import apply_adapter
 from condgen.tasks.training.adapters import prepare, served_parameters, trained_adapter_parameters
+from tests.tiny import TINY
 
-TINY_GAN = {"channels": [4, 8], "latent_dim": 8, "cond_dim": 4, "lr": 1e-3}
+TINY_GAN = TINY["cgan"]
 TARGETS = ["G.up.convs.0", "G.to_img"]
 
 

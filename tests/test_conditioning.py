@@ -25,6 +25,7 @@ from condgen.models.conditioning.lora import (
     unmerge_lora,
 )
 from condgen.models.cvae import CVAE, CVAEConfig
+from tests.tiny import tiny_config
 
 B, C, H, D = 3, 8, 7, 5
 
@@ -105,7 +106,7 @@ def test_cond_conv_stack_shapes(name, transpose):
 
 @pytest.mark.parametrize("block", ["film", "adain"])
 def test_cvae_with_modulation_blocks_trains_and_samples_by_condition(block):
-    model = CVAE(CVAEConfig(channels=(4, 8), latent_dim=4, cond_dim=6, block=block))
+    model = CVAE(tiny_config("cvae", cond_dim=6, block=block))
     x, y = torch.rand(4, 1, 28, 28) * 2 - 1, torch.tensor([0, 1, 2, 3])
     loss, logs = model.loss(x, y)
     loss.backward()

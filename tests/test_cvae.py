@@ -1,30 +1,19 @@
-"""CVAE unit tests: tiny configs, seconds each."""
+"""CVAE unit tests: tiny configs (tests/tiny.py), seconds each."""
 import numpy as np
 import pytest
 import torch
 
-from condgen.models.cvae import CVAE, CVAEConfig, _gaussian_kl
+from condgen.models.cvae import CVAE, _gaussian_kl
 from condgen.models.registry import build_model
 from condgen.tasks.io import checkpoint as ckpt_io
-
-TINY = dict(channels=(4, 8), latent_dim=4, cond_dim=4)
-
-
-def _digits(n=64):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    img = np.zeros((len(d.images), 28, 28), np.float32)
-    # 8x8 -> 24x24 nearest upscale, centred: enough to make a learnable signal.
-    img[:, 2:26, 2:26] = np.kron(d.images, np.ones((3, 3))) / 16.0
-    x = torch.from_numpy(img[:n]).unsqueeze(1) * 2 - 1
-    return x, torch.from_numpy(d.target[:n]).long()
+from tests.tiny import TEXT_DIM, TINY, tiny_config
+from tests.tiny import digits as _digits  # sklearn digits, 8x8 -> 24x24 nearest upscale, centred in 28x28
 
 
 @pytest.mark.parametrize("prior", ["standard", "learned"])
 def test_loss_falls(prior):
     torch.manual_seed(0)
-    model = CVAE(CVAEConfig(**TINY, prior=prior, lr=1e-2))
+    model = CVAE(tiny_config("cvae", prior=prior, lr=1e-2))
     opt = torch.optim.Adam(model.parameters(), lr=model.config.lr)
 
     def opt_step(_, loss):
@@ -44,7 +33,7 @@ def test_kl_is_zero_for_identical_gaussians_and_positive_otherwise():
 
 
 def test_learned_prior_starts_at_standard_normal_and_depends_on_condition():
-    model = CVAE(CVAEConfig(**TINY, prior="learned"))
+    model = CVAE(tiny_config("cvae", prior="learned"))
     y = torch.arange(10)
     mu, lv = model.prior(y)
     assert torch.all(mu == 0) and torch.all(lv == 0)  # zero-initialised: N(0, I) at start
@@ -56,7 +45,7 @@ def test_learned_prior_starts_at_standard_normal_and_depends_on_condition():
 
 def test_sample_uses_condition_and_generator():
     torch.manual_seed(0)
-    model = CVAE(CVAEConfig(**TINY)).eval()
+    model = CVAE(tiny_config("cvae")).eval()
     a = model.sample(torch.zeros(4, dtype=torch.long), generator=torch.Generator().manual_seed(1))
     b = model.sample(torch.zeros(4, dtype=torch.long), generator=torch.Generator().manual_seed(1))
     c = model.sample(torch.full((4,), 7, dtype=torch.long), generator=torch.Generator().manual_seed(1))
@@ -66,15 +55,15 @@ def test_sample_uses_condition_and_generator():
 
 
 def test_text_condition_accepts_embeddings_and_rejects_labels():
-    model = CVAE(CVAEConfig(**TINY, condition="text", text_dim=12)).eval()
-    out = model.sample(torch.randn(3, 12), generator=torch.Generator().manual_seed(0))
+    model = CVAE(tiny_config("cvae", condition="text", text_dim=TEXT_DIM)).eval()
+    out = model.sample(torch.randn(3, TEXT_DIM), generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, 1, 28, 28)
     with pytest.raises(TypeError):
         model.sample(torch.zeros(3, dtype=torch.long))
 
 
-@pytest.mark.parametrize("name,cfg", [("cvae", TINY), ("cvae", {**TINY, "prior": "learned"}),
-                                      ("classifier", {"channels": (4, 8), "feature_dim": 8})])
+@pytest.mark.parametrize("name,cfg", [("cvae", TINY["cvae"]), ("cvae", {**TINY["cvae"], "prior": "learned"}),
+                                      ("classifier", TINY["classifier"])])
 def test_checkpoint_round_trip_is_identical(tmp_path, name, cfg):
     torch.manual_seed(0)
     model = build_model(name, cfg).eval()
@@ -104,7 +93,7 @@ def test_checkpoint_refuses_unknown_model_and_bad_config(tmp_path):
 
 def test_optimizer_state_round_trip_without_pickle():
     torch.manual_seed(0)
-    model = CVAE(CVAEConfig(**TINY))
+    model = CVAE(tiny_config("cvae"))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = _digits(8)
     loss, _ = model.loss(x, y)

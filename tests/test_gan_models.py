@@ -1,4 +1,4 @@
-"""cGAN, AC-GAN, pix2pix and CycleGAN on tiny configs (channels=(4, 8)) and sklearn digits."""
+"""cGAN, AC-GAN, pix2pix and CycleGAN on their tiny configs (tests/tiny.py) and sklearn digits."""
 from __future__ import annotations
 
 import functools
@@ -9,14 +9,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from condgen.models.base import GenerativeModel
-from condgen.models.cyclegan import CycleGAN, CycleGANConfig
-from condgen.models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
 from condgen.models.paired import edge_map
-from condgen.models.pix2pix import Pix2Pix, Pix2PixConfig
 from condgen.models.registry import MODELS, build_model
-
-TINY_GAN = dict(channels=(4, 8), latent_dim=8, cond_dim=4, lr=1e-3)
-TEXT_DIM = 12
+from tests.tiny import LOSS_KEY, TEXT_DIM, opt_step_for, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -51,31 +46,15 @@ def _batch(kind: str) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _opt_step(model):
-    """What the generic loop does: one Adam per named group, zero_grad / backward / step."""
-    opts = {
-        name: torch.optim.Adam(params, lr=model.config.lr, betas=model.config.betas)
-        for name, params in model.optimizer_groups().items()
-    }
-
-    def opt_step(name: str, loss: torch.Tensor) -> None:
-        opts[name].zero_grad()
-        loss.backward()
-        opts[name].step()
-
-    return opt_step
+# What the generic loop does: one Adam per named group (config lr / d_lr and betas), zero_grad / backward / step.
+_opt_step = opt_step_for
 
 
 def _build(kind: str, **overrides):
-    if kind == "cgan":
-        return CGAN(CGANConfig(**{**TINY_GAN, **overrides}))
-    if kind == "acgan":
-        return ACGAN(ACGANConfig(**{**TINY_GAN, **overrides}))
-    if kind == "pix2pix":
-        return Pix2Pix(Pix2PixConfig(channels=(4, 8), lr=1e-3, **overrides))
-    if kind == "cyclegan":
-        return CycleGAN(CycleGANConfig(channels=(4, 8), disc_channels=(4, 8), n_res=1, lr=1e-3, **overrides))
-    raise KeyError(kind)
+    """The tiny config with ``overrides``, initialised from the global RNG (the tests seed it)."""
+    if kind not in KINDS:
+        raise KeyError(kind)
+    return MODELS[kind][1](tiny_config(kind, **overrides))
 
 
 def _cond(kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,7 +65,7 @@ KINDS = ["cgan", "acgan", "pix2pix", "cyclegan"]
 # The loss each family is expected to drive down in a few dozen steps on one batch:
 # D's hinge loss (it quickly tells digits from early fakes), AC-GAN's term 1 (the
 # classifier learns the real labels), pix2pix's L1 and CycleGAN's cycle loss.
-FALLING = {"cgan": "d_loss", "acgan": "term1", "pix2pix": "l1", "cyclegan": "cycle"}
+FALLING = {kind: LOSS_KEY[kind] for kind in KINDS}
 
 
 @pytest.mark.parametrize("kind", KINDS)
