@@ -48,7 +48,10 @@ def unguided(scale: Scale) -> bool:
 def _row_scale(scale: Scale, x: torch.Tensor) -> torch.Tensor:
     """``scale`` as a float64 (B,) CPU tensor: 1 + w is then rounded once, to x's dtype, exactly as
     with a Python float (and MPS has no float64)."""
-    s = torch.as_tensor(scale).detach().to("cpu", torch.float64)
+    if torch.is_tensor(scale):
+        s = scale.detach().to("cpu", torch.float64)
+    else:
+        s = torch.tensor(float(scale), dtype=torch.float64)  # not via float32: 1 + w as in Python
     if s.dim() == 0:
         s = s.expand(x.shape[0])
     if s.shape != (x.shape[0],):
