@@ -141,10 +141,16 @@ class _Tiny(nn.Module):
         return self.head(self.attn["to_q"](h) * self.attn["to_v"](h))
 
 
+# Adapter factors ~ N(0, ADAPTER_STD^2): bounded values. With N(0, 1) factors Delta W = (alpha / r) B A
+# reaches ~3, _Tiny's outputs reach 5e1-5e4, and the float32 rounding of merged vs unmerged arithmetic
+# (~20 eps x the output's scale) broke the 1e-5 tolerances below on 13% of seeds (measured over 300).
+ADAPTER_STD = 0.3
+
+
 def _randomise_adapters(model):
     with torch.no_grad():
         for p in lora_parameters(model):
-            p.normal_()
+            p.normal_(0, ADAPTER_STD)
 
 
 def test_fresh_lora_leaves_outputs_unchanged():
@@ -221,7 +227,7 @@ def test_merge_unmerge_and_enabled_switch_swap_adapters_on_one_base():
     set_lora_enabled(model, True)
     # swapping in a second adapter while merged replaces, never accumulates, the delta
     merge_lora(model)
-    other = {k: torch.randn_like(v) for k, v in lora_state_dict(model).items()}
+    other = {k: ADAPTER_STD * torch.randn_like(v) for k, v in lora_state_dict(model).items()}
     load_lora_state_dict(model, other)
     merged_out = model(x)
     unmerge_lora(model)
