@@ -60,7 +60,7 @@ def test_shards_and_manifest_round_trip(tmp_path: Path) -> None:
     result = ingest("bundled:mnist", str(out), **SMALL)
     assert not result.skipped and result.n_rejected == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert manifest["source"] == "bundled:mnist"
     assert manifest["source_fingerprint"].startswith("sha256:")
     assert manifest["config"]["shard_size"] == 100 and manifest["config"]["limit"] == 300
@@ -220,7 +220,7 @@ def test_bad_folder_items_are_rejected_not_fatal(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     before = _snapshot(tmp_path, out)
-    result = ingest(str(src), str(out), shard_size=4)
+    result = ingest(str(src), str(out), shard_size=4, invert="auto")  # MNIST polarity: asked for
     assert _snapshot(tmp_path, out) == before  # nothing created or changed outside out/
 
     reasons = _reasons(out)

@@ -1,11 +1,15 @@
-"""Digit sources on disk: a local folder of images and a WebDataset tar set, read without
+"""Image sources on disk: a local folder of images and a WebDataset tar set, read without
 extracting anything (tar members are read in memory) and without leaving the folder.
 
-- a folder: class sub-folders named by the label (``7/a.png``), or a ``captions.jsonl``
-  with one ``{"file", "label", "caption"}`` object per line;
+- a folder: class sub-folders with any names (``7/a.png``, ``tabby cat/b.jpg``; integer
+  names are labels, other names class names -- ``tasks/data/survey.py``), or a
+  ``captions.jsonl`` with one ``{"file", "label", "caption", "attributes"}`` object per
+  line: ``label`` an int or a class name, optional when ``caption`` is given (a
+  caption-only item), ``attributes`` an object whose numeric values are kept;
 - a WebDataset tar set: a ``.tar`` path, a folder of ``.tar`` files, or a glob / brace
   pattern of them (samples need an image member and a label in ``cls``/``label``/
-  ``json["label"]``).
+  ``json["label"]``, or a caption in ``txt``/``json["caption"]``; ``json["attributes"]``
+  gives numeric attributes).
 
 Tar members with absolute names, ``..`` components or link types, symlinks that resolve
 outside the source folder, and non-image files become :class:`~condgen.tasks.data.items.Reject`
@@ -113,7 +117,8 @@ def _captioned_items(root: Path) -> Iterator[RawItem | Reject]:
             yield Reject(ref, exc.reason, exc.detail)
             continue
         caption = rec.get("caption") if isinstance(rec.get("caption"), str) else None
-        yield RawItem(ref=rel, label=rec.get("label"), data=data, caption=caption)
+        yield RawItem(ref=rel, label=rec.get("label"), data=data, caption=caption,
+                      attributes=rec.get("attributes") if isinstance(rec.get("attributes"), dict) else None)
 
 
 def _read_inside(root: Path, path: Path, rel: str) -> bytes:
@@ -247,5 +252,7 @@ def _tar_sample(tar_name: str, key: str, group: dict[str, bytes]) -> RawItem | R
             meta = {}  # only needed for label/caption fallbacks; missing ones reject below
     label = next((group[e].decode("utf-8", "replace") for e in LABEL_EXTS if e in group), meta.get("label"))
     caption = next((group[e].decode("utf-8", "replace") for e in CAPTION_EXTS if e in group), meta.get("caption"))
+    attrs = meta.get("attributes")
     return RawItem(ref=f"{ref}.{image_ext}", label=label, data=group[image_ext],
-                   caption=caption if isinstance(caption, str) else None)
+                   caption=caption if isinstance(caption, str) else None,
+                   attributes=attrs if isinstance(attrs, dict) else None)

