@@ -349,6 +349,8 @@ def _process(index: int, item: RawItem | Reject, tag: str, config: dict[str, Any
         return Reject(item.ref, exc.reason, exc.detail)
     key = f"{tag}-{index:06d}"
     split = split_of(key, config["seed"], config["splits"])
+    if label < 0:
+        notes.append("n_unlabelled")  # counted beside the conversions, reported on its own
     if plan.digits:
         attrs = {k: round(v, 4) for k, v in attributes.measure(img).items()}
         phrasings = attributes.captions(label, attrs, plan.image_size) if label >= 0 else []
