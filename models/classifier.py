@@ -1,6 +1,13 @@
-"""A small CNN digit classifier: the judge for conditional accuracy and the
-feature extractor for the domain FID (Fréchet distance on its penultimate layer,
-Heusel et al. 2017, with domain features in place of Inception's).
+"""The judge classifier: a small CNN trained on a labelled shard set's own labels, the judge
+for conditional accuracy and the feature extractor for the domain FID and KID (Fréchet
+distance, Heusel et al. 2017, and kernel distance, Bińkowski et al. 2018, on its
+penultimate layer, with domain features in place of Inception's).
+
+Any number of channels (``in_channels``: 1 greyscale, 3 RGB) and classes, any image size
+(the convolutions end in an adaptive pool to a 3x3 grid). ``tasks.judging.evaluate.get_judge``
+fills both from the shard set's manifest. The class was called ``DigitClassifier`` when the
+data were digits; that name stays as an alias (checkpoints name the registry key
+``"classifier"``, so old ones load either way).
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ class ClassifierConfig:
     lr: float = 1e-3
 
 
-class DigitClassifier(nn.Module):
+class JudgeClassifier(nn.Module):
     GENERATOR = False  # a component: trained and checkpointed, not judged as a generator (models.base)
 
     def __init__(self, config: ClassifierConfig):
@@ -58,3 +65,6 @@ class DigitClassifier(nn.Module):
         loss = F.cross_entropy(logits, batch["y"])
         opt_step("main", loss)
         return {"loss": loss.item(), "acc": (logits.argmax(-1) == batch["y"]).float().mean().item()}
+
+
+DigitClassifier = JudgeClassifier  # the name of the digits era (same class)

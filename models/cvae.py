@@ -35,7 +35,7 @@ from condgen.models.conditioning.embedding import ConditionEmbedding
 class CVAEConfig:
     image_size: int = 28
     in_channels: int = 1
-    channels: tuple[int, ...] = (32, 64)  # one stride-2 conv per entry: 28 -> 14 -> 7
+    channels: tuple[int, ...] = (32, 64)  # one stride-2 conv per entry: 28 -> 14 -> 7 (image_size % 2^len == 0)
     latent_dim: int = 16
     cond_dim: int = 16
     num_classes: int = 10
@@ -60,6 +60,9 @@ class CVAE(nn.Module):
             raise ValueError(f"prior must be 'standard' or 'learned', got {cfg.prior!r}")
         if cfg.block not in BLOCKS:
             raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {cfg.block!r}")
+        if cfg.image_size % 2 ** len(cfg.channels):  # the decoder mirrors the halvings: they must be exact
+            raise ValueError(f"image_size {cfg.image_size} is not divisible by 2^{len(cfg.channels)} "
+                             f"(channels={cfg.channels})")
         self.cond = ConditionEmbedding(cfg.condition, cfg.num_classes, cfg.text_dim, cfg.cond_dim)
         self.feat = cfg.image_size // 2 ** len(cfg.channels)
         flat = cfg.channels[-1] * self.feat * self.feat

@@ -10,6 +10,12 @@ discriminator that judges overlapping patches of the (condition, image) pair.
 L1 fixes the global structure, the patch discriminator the local texture. The
 original's dropout noise is omitted: Isola et al. report G largely ignores it, and
 without it ``sample`` is a deterministic function of the condition image.
+
+Without paired shards the condition is derived from the target on the fly
+(``pairing``, ``models.paired.PAIRINGS``): ``"edges"`` (edges -> image, the default) or
+``"colorize"`` (the greyscale of a colour target -> the colour image, Isola et al.'s
+"automatic colorization", §4). A colorize model always derives its condition, so a batch's
+own ``cond_img`` (another pairing) never reaches it.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from torch import nn
 
 from condgen.models.adversarial import bce_d_loss, bce_g_loss, frozen, sn
 from condgen.models.base import OptStep
-from condgen.models.paired import edge_map
+from condgen.models.paired import PAIRINGS, paired_condition
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class Pix2PixConfig:
     image_size: int = 28
     in_channels: int = 1  # generated image x
     cond_channels: int = 1  # condition image (batch key "cond_img"), e.g. models.paired.edge_map
+    pairing: str = "edges"  # condition derived from x when a batch has none: "edges" | "colorize" (grey -> colour)
     channels: tuple[int, ...] = (64, 128)  # one U-Net level / PatchGAN conv per entry: 28 -> 14 -> 7
     lambda_l1: float = 100.0
     condition: str = "image"  # the condition is batch["cond_img"] (B, cond_channels, H, W) in [-1, 1]
@@ -98,12 +105,17 @@ class Pix2Pix(nn.Module):
     def __init__(self, config: Pix2PixConfig):
         super().__init__()
         self.config = cfg = config
+        if cfg.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {sorted(PAIRINGS)}, got {cfg.pairing!r}")
+        if cfg.pairing == "colorize" and (cfg.in_channels, cfg.cond_channels) != (3, 1):
+            raise ValueError("pairing='colorize' translates greyscale (cond_channels=1) to colour (in_channels=3); "
+                             f"got in_channels={cfg.in_channels}, cond_channels={cfg.cond_channels}")
         self.G = UNet(cfg.cond_channels, cfg.in_channels, cfg.channels, cfg.image_size)
         self.D = PatchDiscriminator(cfg.cond_channels + cfg.in_channels, cfg.channels)
 
     def condition_image(self, x: torch.Tensor) -> torch.Tensor:
-        """The condition image paired with a digit when the data has none: its edge map."""
-        return edge_map(x)
+        """The condition image paired with an image when the data has none: its edge map, or (colorize) its grey."""
+        return paired_condition(x, self.config.pairing)
 
     def translate(self, cond_img: torch.Tensor) -> torch.Tensor:
         """G(c): (B, cond_channels, H, W) -> (B, in_channels, H, W) in [-1, 1]; differentiable."""
@@ -114,8 +126,8 @@ class Pix2Pix(nn.Module):
 
     def train_step(self, batch: dict[str, torch.Tensor], opt_step: OptStep) -> dict[str, float]:
         x = batch["x"]
-        # Paired shards carry their own condition image (cond.png); otherwise derive the edge map.
-        c = batch["cond_img"] if "cond_img" in batch else self.condition_image(x)
+        # Paired shards carry their own condition image (cond.png); otherwise (and always for colorize) derive it.
+        c = batch["cond_img"] if "cond_img" in batch and self.config.pairing != "colorize" else self.condition_image(x)
         fake = self.G(c)  # (B, C, H, W)
         # D judges (condition, image) pairs: a realistic image that ignores c is still fake.
         d_loss = bce_d_loss(self.D(torch.cat([c, x], 1)), self.D(torch.cat([c, fake.detach()], 1)))

@@ -17,7 +17,7 @@ from torch import nn
 
 from condgen.models.autoencoder import Autoencoder, AutoencoderConfig
 from condgen.models.base import config_from_dict
-from condgen.models.classifier import ClassifierConfig, DigitClassifier
+from condgen.models.classifier import ClassifierConfig, JudgeClassifier
 from condgen.models.controlnet import ControlNet, ControlNetConfig
 from condgen.models.cvae import CVAE, CVAEConfig
 from condgen.models.cyclegan import CycleGAN, CycleGANConfig
@@ -35,7 +35,7 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "acgan": (ACGANConfig, ACGAN),
     "pix2pix": (Pix2PixConfig, Pix2Pix),
     "cyclegan": (CycleGANConfig, CycleGAN),
-    "classifier": (ClassifierConfig, DigitClassifier),
+    "classifier": (ClassifierConfig, JudgeClassifier),
     "autoencoder": (AutoencoderConfig, Autoencoder),
     "latent_diffusion": (LatentDiffusionConfig, LatentDiffusion),
     "controlnet": (ControlNetConfig, ControlNet),

@@ -1,4 +1,5 @@
-"""Cascaded generation: a conditional diffusion super-resolution stage, 14 x 14 -> 28 x 28.
+"""Cascaded generation: a conditional diffusion super-resolution stage, low_size -> image_size
+(14 x 14 -> 28 x 28 for digits, 32 -> 64 for colour; any channel count).
 
 Saharia et al. 2022, "Image Super-Resolution via Iterative Refinement" (SR3, §2): a
 DDPM whose U-Net sees the bicubic/bilinear-upsampled low-resolution image concatenated

@@ -1,4 +1,5 @@
-"""A small conditional U-Net eps_theta(x_t, t, c) for 28x28 images.
+"""A small conditional U-Net eps_theta(x_t, t, c) for square images of any size and channel count
+(28x28 greyscale digits, 32 or 64 px colour: ``in_channels``; odd sizes halve with ceil).
 
 Architecture after Ho et al. 2020 (DDPM, App. B: a PixelCNN++-style U-Net with
 GroupNorm residual blocks and a sinusoidal time embedding, Vaswani et al. 2017 §3.5)
