@@ -62,10 +62,11 @@ def build_view(into: Path) -> Path:
 
 def run_lint_imports(view: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """``lint-imports`` over the view (cwd and PYTHONPATH: the view, config: the repo's pyproject)."""
-    exe = Path(sys.executable).with_name("lint-imports")
+    # The console script's own code, run by this interpreter (wherever its lint-imports script lives).
+    main = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    cmd = [sys.executable, "-c", main, "--no-cache", "--no-logo", *extra, str(PYPROJECT)]
     env = {**os.environ, "PYTHONPATH": str(view)}
-    return subprocess.run([str(exe), "--no-cache", "--no-logo", *extra, str(PYPROJECT)], check=False, cwd=view,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, check=False, cwd=view, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
