@@ -32,6 +32,13 @@ def _kv(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _size_arg(text: str) -> str:
+    """``--image-size``: a whole number of pixels or ``auto``."""
+    if text != "auto" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', got {text!r}")
+    return text
+
+
 def cmd_retrain(args: argparse.Namespace, demo: bool = False) -> int:
     from condgen.flows.retrain import RetrainParams, retrain
     from condgen.tasks.io import settings
@@ -71,7 +78,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from condgen.tasks.data.ingest import ingest
 
     res = ingest(args.source, args.out or default_shards_uri(args.source), shard_size=args.shard_size,
-                 limit=args.limit)
+                 limit=args.limit, image_size=None if args.image_size == "auto" else int(args.image_size),
+                 mode=args.mode, resize=args.resize, background=args.background, num_classes=args.num_classes,
+                 invert=args.invert)
     print(json.dumps({k: v for k, v in res.__dict__.items()}, indent=2, default=str))
     return 0
 
@@ -146,6 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", help="shards URI (file://… or s3://…)")
     s.add_argument("--shard-size", type=int, default=1000)
     s.add_argument("--limit", type=int)
+    s.add_argument("--image-size", default="28", type=_size_arg,
+                   help="side of the stored square images, or 'auto' (most common longer side, at most 64)")
+    s.add_argument("--mode", choices=("auto", "L", "RGB"), default="auto",
+                   help="colour mode: auto (the majority of the files), L (greyscale) or RGB")
+    s.add_argument("--resize", choices=("pad", "center_crop", "resize"), default="pad",
+                   help="how non-square images become square")
+    s.add_argument("--background", default="white",
+                   help="colour transparency is composited onto: white, black, #rrggbb or r,g,b")
+    s.add_argument("--num-classes", type=int, help="default: the number of class names, or 10 for integer labels")
+    s.add_argument("--invert", choices=("never", "auto"), default="never",
+                   help="auto: MNIST polarity for greyscale digit scans (dark ink on paper is inverted)")
     s.set_defaults(fn=cmd_ingest)
 
     s = sub.add_parser("train", help="train one model with Ray Train")

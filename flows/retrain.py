@@ -78,6 +78,18 @@ class RetrainParams(BaseModel):
     shards_uri: str | None = Field(None, description="default: <storage>/shards/<source>")
     limit: int | None = Field(None, ge=1, description="ingest at most this many samples (tests, smoke runs)")
     shard_size: int = Field(1000, ge=1)
+    image_size: int | None = Field(28, ge=8, le=1024, description="side of the stored square images; None infers "
+                                   "it from the data (most common longer side, at most 64)")
+    mode: str = Field("auto", pattern="^(auto|L|RGB)$", description="colour mode of the shards: auto (the "
+                      "majority of the files), L (greyscale) or RGB")
+    resize: str = Field("pad", pattern="^(pad|center_crop|resize)$", description="how non-square images become "
+                        "square: pad (centred), center_crop or resize (stretch)")
+    background: str = Field("white", description="colour transparency is composited onto and colour images are "
+                            "padded with: white, black, #rrggbb or r,g,b")
+    num_classes: int | None = Field(None, ge=1, description="None infers it: the number of class names, or 10 "
+                                    "for integer labels")
+    invert: str = Field("never", pattern="^(never|auto)$", description="auto: MNIST polarity for greyscale "
+                        "digit scans (dark ink on paper is inverted)")
     models: list[TrainSpec] = Field(default_factory=lambda: [TrainSpec()])
     num_workers: int = Field(2, ge=1, le=1024)
     seed: int = 0
@@ -89,6 +101,12 @@ class RetrainParams(BaseModel):
     clip: str | None = Field("embedded", description="CLIP for the embed step: 'embedded' (fitted on the data, "
                              "no download), a local/s3 checkpoint, or NAME:TAG; None skips embedding")
     clip_fit_steps: int = Field(300, ge=1, le=1_000_000, description="training steps of the embedded CLIP")
+
+    def ingest_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``ingest`` this run sets (sources A and B alike)."""
+        return {"shard_size": self.shard_size, "seed": self.seed, "limit": self.limit, "image_size": self.image_size,
+                "mode": self.mode, "resize": self.resize, "background": self.background,
+                "num_classes": self.num_classes, "invert": self.invert}
 
 
 def resolve_refs(config: dict[str, Any], model: str, trained: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -124,7 +142,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
     """ingest -> embed -> for each spec: train (Ray Train) -> evaluate -> promote -> report."""
     log = get_run_logger()
     shards_uri = params.shards_uri or default_shards_uri(params.source)
-    ing = ingest_task(params.source, shards_uri, shard_size=params.shard_size, seed=params.seed, limit=params.limit)
+    ing = ingest_task(params.source, shards_uri, **params.ingest_options())
     log.info("shards at %s (%s, %d rejected)", shards_uri, ing.counts, ing.n_rejected)
     emb = _embed(params, shards_uri)
     results, components, trained_refs = [], [], {}
@@ -165,7 +183,7 @@ def _train(spec: TrainSpec, params: RetrainParams, shards_uri: str, emb: dict[st
     shards_b = None
     if spec.source_b:
         shards_b = default_shards_uri(spec.source_b)
-        ingest_task(spec.source_b, shards_b, shard_size=params.shard_size, seed=params.seed, limit=params.limit)
+        ingest_task(spec.source_b, shards_b, **params.ingest_options())
     config, embeddings = resolve_refs(spec.config, spec.name, trained_refs), None
     if config.get("condition") == "text":
         # Text models train on the precomputed CLIP text embeddings, never re-encoding captions.

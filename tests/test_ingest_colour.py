@@ -33,6 +33,13 @@ def _halves(size: tuple[int, int], left: tuple[int, ...], right: tuple[int, ...]
     return im
 
 
+def _solid(size: tuple[int, int], colour: tuple[int, ...], mode: str = "RGB") -> Image.Image:
+    """One colour with a dark square in the top-left corner (an image of one flat colour is blank)."""
+    im = Image.new(mode, size, colour)
+    im.paste((0, 0, 0, 255) if mode == "CMYK" else (0, 0, 0), (0, 0, size[0] // 4, size[1] // 4))
+    return im
+
+
 def _photo(seed: int, size: int = 24) -> bytes:
     """A colourful RGB PNG (a gradient with noise) that is never blank."""
     rng = np.random.default_rng(seed)
@@ -83,7 +90,7 @@ def _near(pixel: np.ndarray, rgb: tuple[int, ...], tol: int = 12) -> bool:
 
 
 def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
-    cmyk = Image.new("CMYK", (24, 24), (0, 255, 255, 0))  # pure red in CMYK
+    cmyk = _solid((24, 24), (0, 255, 255, 0), "CMYK")  # pure red in CMYK
     manifest, reasons, got = _ingest(tmp_path, {"a/cmyk.jpg": _encode(cmyk, "JPEG", quality=95),
                                                 "a/photo.png": _photo(0)})
     assert reasons == {} and manifest["channels"] == 3 and manifest["mode"] == "RGB"
@@ -133,6 +140,7 @@ def test_palette_png_with_transparency_is_composited_on_the_background(tmp_path:
 def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     rgb48 = np.zeros((24, 24, 3), np.uint16)
     rgb48[..., 0], rgb48[..., 1], rgb48[..., 2] = 32768, 65535, 8000
+    rgb48[:4, :4] = 0  # a dark corner: not one flat colour
     grey16 = np.linspace(0, 40000, 24 * 24).reshape(24, 24).astype(np.uint16)
     manifest, reasons, got = _ingest(tmp_path, {"a/rgb48.png": _png48(rgb48), "a/grey16.png": _encode(
         Image.fromarray(grey16)), "a/photo.png": _photo(2)}, image_size=24)
@@ -147,11 +155,12 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
 
 def test_strips_and_oversized_images_are_rejected_with_a_reason(tmp_path: Path) -> None:
     files = {"a/strip.png": _encode(Image.new("RGB", (10_000, 1), RED)),
-             "a/panorama.jpg": _encode(Image.new("RGB", (300, 100), BLUE), "JPEG"),
+             "a/panorama.jpg": _encode(_solid((300, 100), BLUE), "JPEG"),
+             "a/flat.png": _encode(Image.new("RGB", (24, 24), BLUE)),
              "a/photo.png": _photo(3)}
     manifest, reasons, got = _ingest(tmp_path, files)
-    assert reasons == {"a/strip.png": "bad_size", "a/panorama.jpg": "bad_size"}
-    assert list(got) == ["a/photo.png"] and manifest["n_rejected"] == 2
+    assert reasons == {"a/strip.png": "bad_size", "a/panorama.jpg": "bad_size", "a/flat.png": "blank_image"}
+    assert list(got) == ["a/photo.png"] and manifest["n_rejected"] == 3
     detail = {r["ref"]: r["detail"] for r in json.loads((tmp_path / "out" / "rejects.json").read_text())["rejects"]}
     assert detail["a/strip.png"] == "10000x1"
 
@@ -178,7 +187,7 @@ def test_greyscale_files_in_a_colour_set_follow_the_majority_mode(tmp_path: Path
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
 def test_animations_keep_their_first_frame(tmp_path: Path, fmt: str) -> None:
-    frames = [Image.new("RGB", (24, 24), RED), Image.new("RGB", (24, 24), BLUE)]
+    frames = [_solid((24, 24), RED), _solid((24, 24), BLUE)]
     data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0,
                    **({"lossless": True} if fmt == "WEBP" else {}))
     assert Image.open(io.BytesIO(data)).n_frames == 2
@@ -193,7 +202,7 @@ def test_animations_keep_their_first_frame(tmp_path: Path, fmt: str) -> None:
 
 def test_colour_folder_with_captions_and_string_labels(tmp_path: Path) -> None:
     files = {f"img/{i}.png": _photo(10 + i) for i in range(6)}
-    files["img/big.jpg"] = _encode(Image.new("RGB", (1600, 1200), RED), "JPEG")  # a photo-sized file
+    files["img/big.jpg"] = _encode(_solid((1600, 1200), RED), "JPEG")  # a photo-sized file
     rows = [{"file": "img/0.png", "label": "tabby cat", "caption": "a cat on a sofa", "attributes": {"age": 3}},
             {"file": "img/1.png", "label": "Zebra", "attributes": {"age": 7.5, "colour": "striped"}},
             {"file": "img/2.png", "label": "apple"},
@@ -222,8 +231,8 @@ def test_colour_folder_with_captions_and_string_labels(tmp_path: Path) -> None:
 
 
 def test_class_folders_with_any_names(tmp_path: Path) -> None:
-    files = {"tabby cat/a.png": _photo(20), "tabby cat/b.jpg": _encode(Image.new("RGB", (20, 20), RED), "JPEG"),
-             "dog/c.png": _photo(21), "Bird/d.webp": _encode(Image.new("RGB", (20, 20), BLUE), "WEBP")}
+    files = {"tabby cat/a.png": _photo(20), "tabby cat/b.jpg": _encode(_solid((20, 20), RED), "JPEG"),
+             "dog/c.png": _photo(21), "Bird/d.webp": _encode(_solid((20, 20), BLUE), "WEBP")}
     manifest, reasons, got = _ingest(tmp_path, files)
     assert reasons == {} and manifest["class_names"] == ["Bird", "dog", "tabby cat"]
     assert {ref: s["y"] for ref, s in got.items()} == {"Bird/d.webp": 0, "dog/c.png": 1, "tabby cat/a.png": 2,

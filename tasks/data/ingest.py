@@ -80,6 +80,7 @@ POLICY = {
     "orientation": "EXIF orientation applied",
     "labels": "integers if >= half the distinct labels are; else class names sorted like ImageFolder",
     "caption_only": "label -1: for text conditioning; class-conditional training skips it",
+    "blank": "digit sets: no stroke pixel; other sets: every pixel one colour (after squaring); rejected",
 }
 MANIFEST_NAME = MANIFEST  # the shard-set manifest of tasks/io/shards
 REJECTS_NAME = "rejects.json"

@@ -252,8 +252,9 @@ def to_square(img: np.ndarray, size: int, resize: str = "pad", fill: int | Seque
 
 
 def is_blank(img: np.ndarray) -> bool:
-    """A non-digit image is blank when every pixel has the same value."""
-    return bool(img.min() == img.max())
+    """A non-digit image is blank when every pixel has the same colour (a spacer, a fully
+    transparent icon): it carries nothing to learn, so ingest rejects it as ``blank_image``."""
+    return bool((img == img.reshape(-1, *img.shape[2:])[0]).all())
 
 
 def unsafe_name(name: str) -> bool:
