@@ -5,10 +5,13 @@ Routes (OpenAPI docs at ``/docs``):
 * ``POST /v1/generate``  label | prompt, negative, guidance none|cfg|classifier|clip + scale,
   sampler ddpm|ddim, steps, eta, seed | seeds, n -> base64 PNGs + the exact parameters and
   model version used. Compatible requests share one forward pass (``serving/batcher.py``).
-* ``POST /v1/edit``  image + source/target condition, ddim_inversion | null_text | sdedit.
+* ``POST /v1/edit``  image + source/target condition, ddim_inversion | null_text | sdedit. The upload is
+  decoded to the model's channels and size (``schema.UPLOAD_POLICY``, ``tasks/generation/inputs.py``).
 * ``POST /v1/interpolate``  two seeds or latents, linear | slerp (CVAE, GAN, diffusion x_T).
 * ``POST /v1/map``  source -> target model latent through a fitted linear map (config ``maps``):
   both latents and both decoded images.
+* Every image returned is a PNG in the model's colour mode: ``L`` for a 1-channel model, ``RGB`` for a
+  3-channel one (``GET /v1/models`` gives ``channels`` and ``image_size`` per model).
 * ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /`` (web page).
 * ``POST /generate``  the original endpoint: {label, n, seed} on the first model.
 
@@ -158,13 +161,14 @@ async def _observe(request: Request, call_next):
 
 # -- routes -------------------------------------------------------------------------------------------
 @api.post("/v1/generate", response_model=schema.GenerateV1Response, dependencies=[Depends(require_key)],
-          responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
+          description="base64 PNGs in the model's colour mode: L (1 channel) or RGB (3 channels).", responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
 async def generate_v1(req: schema.GenerateV1) -> dict[str, Any]:
     return await _service().generate(req)
 
 
 @api.post("/v1/edit", response_model=schema.EditV1Response, dependencies=[Depends(require_key)],
-          responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
+          description=f"Edit an image with a diffusion model. {schema.UPLOAD_POLICY} The edited image is a PNG in "
+                      "the model's colour mode.", responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
 async def edit_v1(req: schema.EditV1) -> dict[str, Any]:
     return await _service().edit(req)
 

@@ -1,43 +1,37 @@
-"""Request inputs and outputs of the service: images in and out (base64 PNG), and raw condition rows
+"""Request inputs and outputs of the service: images in and out (base64 PNG, in the served model's
+channels: ``L`` or ``RGB``), and raw condition rows
 (labels, or CLIP text embeddings) resolved from a label or a prompt for one loaded model."""
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from condgen.serving import schema
 from condgen.serving.errors import ApiError
 from condgen.serving.pool import Loaded
 from condgen.tasks.data.attributes import label_from_prompt, label_prompt
-from condgen.tasks.io.images import from_uint8, png_bytes, to_uint8
+from condgen.tasks.generation.inputs import BadImage, decode_for_model
+from condgen.tasks.io.images import png_bytes, to_uint8
 
 
-def decode_image(b64: str, size: int) -> torch.Tensor:
-    """base64 PNG/JPEG -> (1, 1, size, size) float in [-1, 1] (as ``condgen edit`` reads a PNG); 422 otherwise."""
+def decode_image(b64: str, channels: int, size: int) -> torch.Tensor:
+    """base64 image -> (1, channels, size, size) float in [-1, 1] for the served model, by the upload policy
+    of ``tasks.generation.inputs`` (as ``condgen edit`` reads a file): 422 with the reason otherwise."""
     try:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, "image is not valid base64") from None
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width > schema.MAX_IMAGE_SIDE or im.height > schema.MAX_IMAGE_SIDE or im.width < 1 or im.height < 1:
-                raise ApiError(422, f"image is {im.width}x{im.height}; at most {schema.MAX_IMAGE_SIDE} per side")
-            grey = np.array(im.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)  # a writable copy
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise ApiError(422, "image is not a readable PNG/JPEG") from None
-    return from_uint8(grey[None])
+        return decode_for_model(data, channels, size, max_side=schema.MAX_IMAGE_SIDE)
+    except BadImage as exc:
+        raise ApiError(422, str(exc)) from None
 
 
 def b64_png(x: torch.Tensor) -> list[str]:
-    """(B, 1, H, W) in [-1, 1] -> base64 PNGs (8-bit grey)."""
+    """(B, C, H, W) in [-1, 1] -> base64 PNGs: 8-bit ``L`` for C = 1, 8-bit ``RGB`` for C = 3."""
     return [base64.b64encode(png_bytes(img)).decode() for img in to_uint8(x)]
 
 

@@ -24,6 +24,15 @@ MAX_SCALE = 50.0
 MAX_TIMEOUT_S = 300.0
 
 
+# The upload policy of tasks/generation/inputs.py, as the OpenAPI description of every image input.
+UPLOAD_POLICY = (
+    f"base64 PNG/JPEG, greyscale or colour, at most {MAX_IMAGE_SIDE} px per side (checked on the header, "
+    "before decoding). It is decoded to the served model's channels (GET /v1/models: channels, image_size): "
+    "for a 1-channel model a colour image becomes luma (PIL 'L', alpha ignored); for a 3-channel model a "
+    "greyscale image is replicated to RGB and transparency is composited onto white. Any other size is "
+    "resized (stretched, bilinear) to image_size x image_size: send a square image to avoid distortion.")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
 
@@ -122,7 +131,7 @@ class GenerateV1Response(BaseModel):
 
 class EditV1(_Strict):
     model: str | None = Field(None, min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9._@/:-]+$")
-    image: str = Field(..., min_length=8, max_length=MAX_IMAGE_B64, description="base64 PNG/JPEG, grey or RGB")
+    image: str = Field(..., min_length=8, max_length=MAX_IMAGE_B64, description=UPLOAD_POLICY)
     source_label: int | None = Field(None, ge=0, le=1_000_000)
     source_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT)
     target_label: int | None = Field(None, ge=0, le=1_000_000)
@@ -212,6 +221,8 @@ class ModelInfo(BaseModel):
     adapters: list[str]
     classifier_guidance: bool
     loaded_at: float
+    channels: int = Field(description="1: greyscale PNGs (mode L); 3: colour PNGs (mode RGB)")
+    image_size: int = Field(description="images are image_size x image_size pixels")
     info: dict[str, Any]
 
 

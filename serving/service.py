@@ -222,7 +222,7 @@ class Service:
             raise ApiError(422, f"steps must be <= the model's {T} timesteps, got {req.steps}")
         if req.method == "null_text" and req.scale <= 0:
             raise ApiError(422, "method 'null_text' needs scale > 0 (it optimises the unconditional branch of CFG)")
-        x0 = decode_image(req.image, loaded.info["image_size"])
+        x0 = decode_image(req.image, loaded.info["channels"], loaded.info["image_size"])
         src, src_info = condition_rows(loaded, self.clip, req.source_label, req.source_prompt, 1, "source")
         tgt, tgt_info = condition_rows(loaded, self.clip, req.target_label, req.target_prompt, 1, "target")
         model = loaded.model
@@ -341,6 +341,7 @@ class Service:
                         "version": loaded.version, "run_id": loaded.run_id,
                         "adapters": sorted(a for a in variants if a is not None),
                         "classifier_guidance": loaded.classifier is not None, "loaded_at": loaded.loaded_at,
+                        "channels": loaded.info["channels"], "image_size": loaded.info["image_size"],
                         "info": loaded.info})
         return {"models": out, "clip": self.clip is not None,
                 "safety": {"prompt_checks": [c.name for c in self.safety.prompt_checks],

@@ -1,8 +1,9 @@
 """The small web page the app serves at ``/``: plain HTML + JS, no build step.
 
 Pick a model (from ``GET /v1/models``), a label or a prompt, guidance, scale, sampler and
-steps; ``POST /v1/generate`` and show the grid. ``?autorun=1&label=3&n=8`` fills the form
-from the query string and generates at once (the headless-browser test uses it). When
+steps; ``POST /v1/generate`` and show the grid: greyscale or colour PNGs, as the model makes them (the
+model list says ``L`` or ``RGB`` and the size; ``#grid`` gets ``data-mode``). ``?autorun=1&label=3&n=8``
+fills the form from the query string and generates at once (the headless-browser test uses it). When
 every image has loaded, ``#status`` gets ``data-loaded="<count>"``.
 """
 
@@ -73,7 +74,9 @@ async function loadModels() {
   const sel = $("model"); sel.innerHTML = "";
   for (const m of MODELS) {
     const o = document.createElement("option"); o.value = m.name;
-    o.textContent = m.name + " v" + m.version + " (" + m.info.kind + ")"; sel.appendChild(o);
+    o.textContent = m.name + " v" + m.version + " (" + m.info.kind + ", " + (m.channels === 3 ? "RGB" : "L") + " " +
+                    m.image_size + "\u00d7" + m.image_size + ")";
+    sel.appendChild(o);
   }
   onModel();
   return true;
@@ -91,6 +94,7 @@ async function generate() {
   if ($("prompt").value.trim()) body.prompt = $("prompt").value.trim(); else body.label = parseInt($("label").value || "0");
   setStatus("generating...");
   $("grid").innerHTML = "";
+  $("grid").dataset.mode = m && m.channels === 3 ? "RGB" : "L";
   const t0 = performance.now();
   let r;
   try { r = await fetch("v1/generate", {method: "POST", headers: headers(), body: JSON.stringify(body)}); }

@@ -9,7 +9,8 @@ Models load from a checkpoint (path, ``file://``, ``s3://``) or the registry (``
 or ``models:/NAME/VERSION``). The work is done by ``tasks.generation.sampling`` (``sample_images``,
 ``edit_images``): the same functions the serving app and batch generation call, so
 ``POST /v1/generate`` / ``/v1/edit`` with the same parameters give these images
-(tests/test_sampling_parity.py).
+(tests/test_sampling_parity.py). Grids and edited PNGs are in the model's colour mode: ``L`` for a
+1-channel model, ``RGB`` for a 3-channel one.
 
 Imports of torch, MLflow and open_clip are inside the command functions: ``condgen`` builds
 every sub-command's parser on each invocation, and those imports take seconds.
@@ -61,21 +62,17 @@ def _write_png(out: str, img) -> None:
         Path(out).write_bytes(data)
 
 
-def _read_png(path: str, size: int):
-    """A greyscale PNG as (1, 1, size, size) in [-1, 1] (resized if needed)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
+def _read_png(path: str, channels: int, size: int):
+    """An image file as (1, channels, size, size) in [-1, 1]: converted to the model's colour mode and
+    resized if needed (``tasks.generation.inputs``, the policy ``POST /v1/edit`` applies to uploads)."""
+    from condgen.tasks.generation.inputs import BadImage, decode_for_model
     from condgen.tasks.io import storage
-    from condgen.tasks.io.images import from_uint8
 
     data = storage.read_bytes(path) if "://" in path else Path(path).read_bytes()
-    im = Image.open(io.BytesIO(data)).convert("L")
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BILINEAR)
-    return from_uint8(np.array(im)[None])
+    try:
+        return decode_for_model(data, channels, size)
+    except BadImage as exc:
+        raise SystemExit(f"{path}: {exc}") from None
 
 
 def _text_conditions(args: argparse.Namespace, prompts: list[str]):
@@ -129,6 +126,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     import torch
 
+    from condgen.tasks.generation.inputs import model_geometry
     from condgen.tasks.generation.sampling import edit_images
     from condgen.tasks.io.images import to_uint8
 
@@ -137,7 +135,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model)
     if model.config.condition != "label":
         raise SystemExit("condgen edit takes class labels (--source/--target); text models: use tasks.generate")
-    x = torch.cat([_read_png(p, model.config.image_size) for p in args.inputs])  # (B, 1, H, W)
+    channels, size = model_geometry(model)
+    x = torch.cat([_read_png(p, channels, size) for p in args.inputs])  # (B, C, H, W)
     source, target = _labels(args.source), _labels(args.target)
     out = edit_images(model, x, method=args.method, source_cond=source, target_cond=target, strength=args.strength,
                       steps=args.steps, scale=args.scale, seed=args.seed, inner_steps=args.inner_steps,
@@ -186,7 +185,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("edit", help="edit PNG image(s) with a diffusion model (inversion or SDEdit)")
-    s.add_argument("inputs", nargs="+", help="greyscale PNG(s); resized to the model's image size")
+    s.add_argument("inputs", nargs="+", help="PNG/JPEG image(s), greyscale or colour: converted to the model's "
+                   "channels (colour -> luma for a greyscale model; grey -> RGB and transparency onto white for a "
+                   "colour one) and resized (bilinear) to its image size")
     _common(s)
     s.add_argument("--method", choices=list(EDIT_METHODS), default="ddim_inversion")
     s.add_argument("--source", help="label(s) of the input image(s): one, or one per input (inversions)")

@@ -16,7 +16,8 @@ the run was interrupted. Hence resume is simple and free of duplicates:
 * missing shards run as Ray tasks (one per shard, ``num_cpus`` each); the manifest is
   written last, from the sidecars.
 
-Each sample: ``png`` (marked by ``tasks/generation/watermark.py``), ``cls``, ``json`` with the
+Each sample: ``png`` (in the model's colour mode, ``L`` or ``RGB``; marked by
+``tasks/generation/watermark.py``), ``cls``, ``json`` with the
 condition, seed and a signed provenance record (model name/version/run, parameters,
 seed, key, job fingerprint). The safety filter (``tasks/generation/safety.py``) drops denied
 prompts before sampling and judge-rejected samples after; both are counted per shard
@@ -175,15 +176,17 @@ def missing_shards(plan: Plan) -> list[int]:
 def model_payload(uri: str) -> dict[str, Any]:
     """A registered model (``models:/NAME/VERSION``) as plain data a Ray worker can rebuild."""
     mlflow.set_tracking_uri(settings.tracking_uri())
-    model, meta = load_registered(uri)
+    return payload_of(*load_registered(uri))
+
+
+def payload_of(model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """A loaded model and its registry meta (name, version, run_id) as ``model_payload`` data."""
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     return {"model": model_name(model), "config": config_to_dict(model.config), "weights": st_save(state),
             "meta": {"name": meta["name"], "version": str(meta["version"]), "run_id": meta["run_id"]}}
 
 
 def model_from_payload(payload: dict[str, Any]) -> torch.nn.Module:
-
-
     model = build_model(payload["model"], payload["config"])
     model.load_state_dict(st_load(payload["weights"]))
     return model.eval()
@@ -196,7 +199,6 @@ def load_any(uri: str) -> torch.nn.Module:
 
 # -- one shard --------------------------------------------------------------------------------------
 def _safety(spec: JobSpec):
-
     deny = DenyList(spec.deny_list) if spec.deny_list is not None else DenyList.from_env()
     outputs = [LabelMatch(load_any(spec.judge_uri), spec.judge_min_prob)] if spec.judge_uri else []
     return SafetyFilter([deny], outputs)
@@ -205,13 +207,11 @@ def _safety(spec: JobSpec):
 def _label_of(model: torch.nn.Module, it: dict[str, Any]) -> int | None:
     if "label" in it:
         return int(it["label"])
-
     return label_from_prompt(it["prompt"], int(getattr(model.config, "num_classes", 10)))
 
 
 def generate_shard(payload: dict[str, Any], plan_json: dict[str, Any], k: int) -> dict[str, Any]:
     """Make shard k of the plan, write tar then sidecar; returns the sidecar entry."""
-
     torch.set_num_threads(1)
     plan = Plan.from_json(plan_json)
     spec = plan.spec
@@ -329,7 +329,7 @@ def write_manifest(plan: Plan) -> dict[str, Any]:
         "blocked": blocked, "n_blocked": sum(blocked.values()),
         "shards": [{"name": e["name"], "n_samples": e["n_samples"], "sha256": e["sha256"], "blocked": e["blocked"]}
                    for e in entries],
-        "provenance": {"signature": "hmac-sha256", "key_id": __import__("condgen.tasks.generation.watermark", fromlist=["key_id"]).key_id(),
+        "provenance": {"signature": "hmac-sha256", "key_id": watermark.key_id(),
                        "watermark": "lsb-keyed" if plan.spec.watermark else None},
     }
     if n_samples + manifest["n_blocked"] != plan.n_items:
@@ -358,9 +358,7 @@ def run_job(spec: JobSpec, *, use_ray: bool = True, max_shards: int | None = Non
 
 
 def read_samples(out_uri: str) -> list[dict[str, Any]]:
-    """Every sample of a finished job (manifest order): key, image (uint8 HxW), meta."""
-
-
+    """Every sample of a finished job (manifest order): key, image (uint8 (H, W), or (H, W, 3) for RGB), meta."""
     manifest = storage.read_json(storage.join(out_uri, MANIFEST))
     out = []
     for s in manifest["shards"]:

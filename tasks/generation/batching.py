@@ -35,6 +35,7 @@ from condgen.models.cvae import CVAE
 from condgen.models.diffusion.ddpm import ConditionalDiffusion
 from condgen.models.diffusion.denoiser import rows_noise
 from condgen.models.gan import _ConditionalGAN
+from condgen.tasks.generation.inputs import mode_of, model_geometry
 from condgen.tasks.generation.sampling import EDIT_METHODS, GUIDANCE, SAMPLERS, sample_from
 
 
@@ -180,11 +181,14 @@ def describe(model: nn.Module) -> dict[str, Any]:
     """What a loaded model can do, for ``GET /v1/models``."""
     kind = model_kind(model)
     conf = model.config
+    channels, size = model_geometry(model)
     out: dict[str, Any] = {
         "kind": kind,
         "condition": getattr(conf, "condition", "label"),
         "num_classes": int(getattr(conf, "num_classes", 10)),
-        "image_size": int(getattr(conf, "image_size", 28)),
+        "image_size": size,
+        "channels": channels,  # the PNGs out (and uploads, once decoded) are L for 1 channel, RGB for 3
+        "mode": mode_of(channels),
         "guidance": ["none"],
         "samplers": [],
         "edit_methods": [],

@@ -20,6 +20,8 @@ from typing import Iterable, Protocol, Sequence
 
 import torch
 
+from condgen.tasks.generation.inputs import match_channels
+
 DENYLIST_ENV = "CONDGEN_DENYLIST"
 # Placeholders that keep the mechanism honest in tests and demos; a deployment ships its own list.
 DEFAULT_DENY = ("forbidden", "nsfw", "gore")
@@ -62,18 +64,23 @@ class DenyList:
 
 
 class LabelMatch:
-    """Keep a sample only if the judge classifies it as the requested label (with prob >= min_prob)."""
+    """Keep a sample only if the judge classifies it as the requested label (with prob >= min_prob).
+
+    Samples reach the judge in its own channels (``config.in_channels``, default 1): RGB samples become
+    luma for a greyscale judge, greyscale ones three equal channels for a colour judge."""
 
     name = "label_mismatch"
 
     def __init__(self, judge: torch.nn.Module, min_prob: float = 0.5):
         self.judge = judge.eval()
         self.min_prob = float(min_prob)
+        self.channels = int(getattr(getattr(judge, "config", None), "in_channels", 1))
 
     @torch.no_grad()
     def check_images(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if labels is None or labels.dtype != torch.long:
             return torch.ones(x.shape[0], dtype=torch.bool)  # nothing to match against (text prompts)
+        x = match_channels(x, self.channels)  # e.g. a greyscale judge of RGB samples sees their luma
         probs = torch.softmax(self.judge(x.to(next(self.judge.parameters()).device)).float(), -1).cpu()
         labels = labels.cpu()
         ok = (probs.argmax(-1) == labels) & (probs.gather(1, labels[:, None])[:, 0] >= self.min_prob)

@@ -3,11 +3,11 @@
 * ``sign(record)`` adds ``signature`` = HMAC-SHA256(key, canonical JSON of the record), so a
   record (model name/version, parameters, seed, ...) cannot be altered without the key.
 * ``embed(image, record)`` writes a keyed pseudo-random bit pattern, derived from the
-  record, into the least significant bit of every pixel: at most ±1 grey level, invisible,
-  and lossless under PNG. The pattern is HMAC(key, "wm" + record), so an image carries
+  record, into the least significant bit of every pixel value (each channel of an RGB image):
+  at most ±1 level, invisible, and lossless under PNG. The pattern is HMAC(key, "wm" + record), so an image carries
   the mark of exactly the record it was generated with.
 * ``detect(image, record)`` is True when the signature verifies *and* at least
-  ``threshold`` of the pixels carry the expected bit. For an unmarked image each bit
+  ``threshold`` of the pixel values carry the expected bit. For an unmarked image each bit
   matches with probability 1/2, so over a 28x28 image (784 bits) the chance of a false
   positive at threshold 0.9 is P(Binomial(784, 0.5) >= 706) < 1e-100; a marked image
   matches 100% until it is re-quantised or edited.
@@ -82,7 +82,7 @@ def _pattern(record: dict[str, Any], shape: tuple[int, ...], key: bytes | str | 
 
 
 def embed(image: np.ndarray, record: dict[str, Any], key: bytes | str | None = None) -> np.ndarray:
-    """uint8 image (H, W) -> the same image with the record's bits in its LSBs (|change| <= 1)."""
+    """uint8 image (H, W) or (H, W, 3) -> the same image with the record's bits in its LSBs (|change| <= 1)."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"embed takes uint8 images, got {image.dtype}")
