@@ -4,23 +4,31 @@ For each name in ``condgen.models.registry.MODELS`` and each of (3 channels, 32 
 64 px): the tiny config with the colour geometry on top builds (its frozen part too, built in colour
 here), one ``train_step`` on a colour batch gives finite logs, what the model produces has the colour
 shape (samples (B, 3, H, W) in [-1, 1]) and a checkpoint round trip gives identical outputs. Plus
-pix2pix's derived colorization pairing (grey -> colour). Seconds in all, one CPU thread.
+pix2pix's derived colorization pairing (grey -> colour), and the configs the training driver fits to a
+shard set's manifest (tasks/training/data_config.py). Seconds in all, one CPU thread.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from condgen.models.autoencoder import AutoencoderConfig
 from condgen.models.base import is_generator
 from condgen.models.controlnet import control_image
 from condgen.models.cvae import CVAE, CVAEConfig
 from condgen.models.paired import LUMA, edge_map, greyscale
 from condgen.models.registry import MODELS, build_model
 from condgen.tasks.io import checkpoint as ckpt_io
+from condgen.tasks.training import driver
+from condgen.tasks.training.data_config import fit_to_data
+from condgen.tasks.training.driver import TrainRequest
+from condgen.tasks.training.worker import grid_conditions, labelled_rows
 from tests.tiny import FROZEN, LOSS_KEY, TEXT_DIM, TINY, digits, opt_step_for, outputs, perturb
 
 NAMES = sorted(MODELS)
@@ -153,3 +161,79 @@ def test_cvae_rejects_a_size_its_decoder_cannot_restore():
     with pytest.raises(ValueError, match="divisible"):
         CVAE(CVAEConfig(image_size=28, channels=(4, 8, 16)))  # 28 -> 14 -> 7 -> 3, mirrored to 24
     assert CVAE(CVAEConfig(image_size=64, in_channels=3, channels=(4, 8, 16))).feat == 8
+
+
+# -- configs from the data: channels, size and classes come from the manifest -------------------------
+DIGITS = {"channels": 1, "image_size": 28, "num_classes": 10}
+COLOUR = {"channels": 3, "image_size": 64, "num_classes": 3}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_digits_manifest_gives_exactly_todays_configs(name):
+    for spec in ({}, dict(TINY[name])):
+        assert fit_to_data(name, spec, DIGITS) == spec
+        assert build_model(name, fit_to_data(name, spec, DIGITS)).config == build_model(name, spec).config
+
+
+def test_a_colour_manifest_fills_channels_size_and_classes():
+    for name in ("cvae", "cgan", "diffusion", "autoencoder", "cyclegan", "noisy_classifier"):
+        cfg = build_model(name, fit_to_data(name, dict(TINY[name]), COLOUR)).config
+        assert (cfg.in_channels, cfg.image_size, getattr(cfg, "num_classes", 3)) == (3, 64, 3), name
+    judge = build_model("classifier", fit_to_data("classifier", {}, COLOUR)).config
+    assert (judge.in_channels, judge.num_classes) == (3, 3)
+    sr = fit_to_data("superres", {}, COLOUR)
+    assert (sr["image_size"], sr["low_size"], sr["in_channels"]) == (64, 32, 3)
+    ldm = build_model("latent_diffusion", fit_to_data("latent_diffusion", {}, COLOUR)).config
+    assert (ldm.autoencoder.in_channels, ldm.autoencoder.image_size, ldm.num_classes) == (3, 64, 3)
+    cn = build_model("controlnet", fit_to_data("controlnet", {"base": {"channels": (4, 8)}}, COLOUR)).config
+    assert (cn.base.in_channels, cn.base.image_size, cn.num_classes, cn.base.channels) == (3, 64, 3, (4, 8))
+    assert fit_to_data("cvae", {}, {"channels": 3, "image_size": 0, "num_classes": 0}) == {"in_channels": 3}
+
+
+def test_a_config_that_contradicts_the_data_is_an_error():
+    with pytest.raises(ValueError, match=r"in_channels=1 but the data has in_channels=3"):
+        fit_to_data("cvae", {"in_channels": 1}, COLOUR, where="file:///shards")
+    with pytest.raises(ValueError, match="num_classes=10 but the data has num_classes=3"):
+        fit_to_data("classifier", {"num_classes": 10}, COLOUR)
+    with pytest.raises(ValueError, match="controlnet's base"):
+        fit_to_data("controlnet", {"base": {"image_size": 32}}, COLOUR)
+    assert fit_to_data("cvae", {"in_channels": 3, "image_size": 64}, COLOUR) == {
+        "in_channels": 3, "image_size": 64, "num_classes": 3}
+
+
+def test_a_frozen_part_named_by_uri_brings_its_architecture_and_must_fit_the_data():
+    ae = {"model": "autoencoder", "config": {**dataclasses.asdict(AutoencoderConfig(in_channels=3, image_size=64))}}
+    metas = {"file:///ae": ae, "file:///grey-ae": {"model": "autoencoder", "config": dataclasses.asdict(
+        AutoencoderConfig())}, "file:///cvae": {"model": "cvae", "config": {}}}
+    read = metas.__getitem__
+    cfg = fit_to_data("latent_diffusion", {"autoencoder_uri": "file:///ae"}, COLOUR, read_meta=read)
+    assert cfg["autoencoder"] == ae["config"] and cfg["num_classes"] == 3
+    with pytest.raises(ValueError, match=r"autoencoder \(file:///grey-ae\).*in_channels=1 but the data has"):
+        fit_to_data("latent_diffusion", {"autoencoder_uri": "file:///grey-ae"}, COLOUR, read_meta=read)
+    with pytest.raises(ValueError, match="holds a 'cvae' checkpoint"):
+        fit_to_data("latent_diffusion", {"autoencoder_uri": "file:///cvae"}, COLOUR, read_meta=read)
+    sr = fit_to_data("superres", {"base_uri": "file:///cvae"}, {**COLOUR, "num_classes": 10}, read_meta=read)
+    assert sr["base_model"] == "cvae" and sr["base_config"] == {}
+
+
+def test_the_driver_rejects_a_mismatch_before_ray_starts(monkeypatch):
+    infos = {"file:///colour": {**COLOUR, "class_names": ["r", "g", "b"]}, "file:///grey": DIGITS}
+    monkeypatch.setattr(driver, "dataset_info", infos.__getitem__)
+    monkeypatch.setattr(driver.tracking, "configure", lambda experiment: "0")
+    monkeypatch.setattr(driver, "ensure_ray", lambda: pytest.fail("Ray started before the config was checked"))
+    with pytest.raises(ValueError, match="in_channels=1 but the data has in_channels=3"):
+        driver.train(TrainRequest("cvae", "file:///colour", {"in_channels": 1}))
+    with pytest.raises(ValueError, match="the two domains differ in channels"):
+        driver.train(TrainRequest("cyclegan", "file:///colour", shards_b_uri="file:///grey"))
+
+
+def test_label_models_train_on_labelled_samples_only_and_grids_use_classes_present():
+    arrays = {"x": np.zeros((4, 8, 8, 3), np.uint8), "y": np.array([0, -1, 2, -1])}
+    cvae = build_model("cvae", TINY["cvae"])
+    assert labelled_rows(cvae, arrays)["y"].tolist() == [0, 2] and len(labelled_rows(cvae, arrays)["x"]) == 2
+    text = build_model("cvae", {**TINY["cvae"], "condition": "text", "text_dim": TEXT_DIM})
+    assert labelled_rows(text, arrays) is arrays
+    p2p = build_colour("pix2pix", 3, 32, pairing="colorize")
+    rgb = {"x": np.zeros((3, 32, 32, 3), np.uint8), "y": np.array([0, 2, 2])}  # no class 1 in this split
+    cond = grid_conditions(p2p, rgb, per_class=2)
+    assert cond.shape == (3, 1, 32, 32)  # class 0 once, class 2 twice; class 1 skipped, not an IndexError

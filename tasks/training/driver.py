@@ -1,6 +1,8 @@
 """Train one conditional model with Ray Train (``TorchTrainer``), tracked in MLflow: the driver side.
 
-``train(TrainRequest)`` validates the model config, opens one MLflow run, runs the worker
+``train(TrainRequest)`` fits the model config to the data (``tasks.training.data_config``: channels,
+image size and classes from the shard manifest, unless the spec sets them, when a disagreement is an
+error here, before Ray starts) and validates it, opens one MLflow run, runs the worker
 loop of ``tasks/training/worker.py`` on ``num_workers`` Ray Train workers, copies the final
 checkpoint (``model.safetensors`` + ``config.json``; the adapter files of a LoRA run) to
 storage and the run's artifacts, and returns the per-epoch history the workers logged.
@@ -24,11 +26,13 @@ from safetensors.torch import save as st_save
 
 from condgen.models.base import config_to_dict, flatten_params
 from condgen.models.registry import build_model
+from condgen.tasks.data.splits import dataset_info
 from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io import settings, storage, tracking
 from condgen.tasks.io.cluster import ensure_ray
 from condgen.tasks.io.model_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model_uri, register
 from condgen.tasks.training.adapters import prepare, served_parameters, trained_adapter_parameters
+from condgen.tasks.training.data_config import fit_to_data
 from condgen.tasks.training.worker import train_loop_per_worker
 
 
@@ -37,6 +41,8 @@ from condgen.tasks.training.worker import train_loop_per_worker
 class TrainRequest:
     model: str
     shards_uri: str
+    # The spec's config: in_channels / image_size / num_classes (and a frozen part's architecture) come
+    # from the data and its *_uri checkpoints when left out (tasks.training.data_config.fit_to_data).
     model_config: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
     batch_size: int = 128
@@ -79,18 +85,14 @@ class TrainResult:
     checkpoint_uri: str
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)  # the model config as trained (fitted to the data)
 
 
 # -- the driver ----------------------------------------------------------------------------
 def train(req: TrainRequest) -> TrainResult:
     """Run one TorchTrainer fit as one MLflow run; copy the final checkpoint to storage."""
-    ensure_ray()
-    tracking.configure(req.experiment)
-    adapter_cfg = None
-    if req.adapter is not None:
-        model, adapter_cfg = _adapter_setup(req)
-    else:
-        model = build_model(req.model, req.model_config)  # validates the config before any worker starts
+    tracking.configure(req.experiment)  # an adapter's base may be a models:/ URI
+    model, adapter_cfg = _model_for_data(req)  # validates the config against the data, then starts Ray
     with mlflow.start_run(run_name=req.run_name or req.model) as run:
         tracking.log_params({"model": req.model, "epochs": req.epochs, "batch_size": req.batch_size,
                              "shards_b_uri": req.shards_b_uri or "",
@@ -143,16 +145,35 @@ def train(req: TrainRequest) -> TrainResult:
             version = register(run.info.run_id, req.adapter.register_as, artifact_path="adapter",
                                tags={"condgen.kind": "adapter", "condgen.adapter_base": adapter_cfg["base"]})
             MlflowClient().set_registered_model_alias(req.adapter.register_as, "latest-adapter", version)
-        return TrainResult(run.info.run_id, dest, dict(result.metrics or {}), history)
+        return TrainResult(run.info.run_id, dest, dict(result.metrics or {}), history, _config_dict(model))
 
 
-def _adapter_setup(req: TrainRequest) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load the base on the driver (fail fast on a bad URI or target), put its weights in Ray's
-    object store as safetensors bytes, and fill ``req.model`` / ``req.model_config`` from it."""
-    spec = req.adapter
-    base, meta = load_model_uri(spec.base)
+def _model_for_data(req: TrainRequest) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The model to train, its config fitted to (or, for an adapter run, checked against) the data of
+    ``req.shards_uri``; a CycleGAN's second domain must have the same channels and size. Then Ray starts
+    (``ensure_ray``), and a LoRA run's setup puts the base's weights in its object store (None otherwise)."""
+    info = dataset_info(req.shards_uri)
+    if req.shards_b_uri:
+        info_b = dataset_info(req.shards_b_uri)
+        for key in ("channels", "image_size"):
+            if info_b[key] != info[key]:
+                raise ValueError(f"the two domains differ in {key}: {req.shards_uri} has {info[key]}, "
+                                 f"{req.shards_b_uri} has {info_b[key]}")
+    if req.adapter is None:
+        model = build_model(req.model, fit_to_data(req.model, req.model_config, info, where=req.shards_uri))
+        ensure_ray()
+        return model, None
+    base, meta = load_model_uri(req.adapter.base)
     req.model = ckpt_io.model_name(base)
     req.model_config = _config_dict(base)
+    fit_to_data(req.model, req.model_config, info, where=req.shards_uri)  # the base fixes every field: a check
+    ensure_ray()
+    return base, _adapter_setup(req.adapter, base, meta)
+
+
+def _adapter_setup(spec: AdapterSpec, base: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """The base, loaded on the driver (fail fast on a bad URI or target): its weights in Ray's object store
+    as safetensors bytes, its target layers wrapped (validated here, not in a worker)."""
     weights = st_save({k: v.detach().cpu().contiguous() for k, v in base.state_dict().items()})
     alpha = float(spec.alpha if spec.alpha is not None else spec.rank)
     served = served_parameters(base)
@@ -161,7 +182,7 @@ def _adapter_setup(req: TrainRequest) -> tuple[torch.nn.Module, dict[str, Any]]:
     cfg = {"base": spec.base, "targets": list(spec.targets), "rank": spec.rank, "alpha": alpha,
            "weights_ref": ray.put(weights), "trained": trained, "share": trained / served,
            "base_version": str(meta.get("version", ""))}
-    return base, cfg
+    return cfg
 
 
 def ray_storage(uri: str) -> tuple[str, Any]:

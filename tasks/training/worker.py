@@ -70,6 +70,15 @@ def batches(arrays: dict[str, np.ndarray], batch_size: int, rank: int, world: in
         yield batch
 
 
+def labelled_rows(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A label-conditioned model or a classifier trains on labelled samples only: caption-only samples
+    carry the label -1 (``tasks.data.splits.dataset_info``). Text- and image-conditioned models keep all."""
+    if getattr(model.config, "condition", "label") != "label" or (arrays["y"] >= 0).all():
+        return arrays
+    keep = arrays["y"] >= 0
+    return {k: v[keep] for k, v in arrays.items()}
+
+
 # -- distributed helpers ---------------------------------------------------------------
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -145,9 +154,12 @@ def make_opt_step(optimizers: dict[str, torch.optim.Optimizer]):
 # -- sample grids ----------------------------------------------------------------------
 def grid_conditions(model: torch.nn.Module, arrays: dict[str, np.ndarray], per_class: int = 8) -> torch.Tensor:
     """Conditions for a class-by-class sample grid: labels, one caption embedding per class,
-    or (image-conditioned models) condition images made from real digits of each class."""
+    or (image-conditioned models) condition images made from real images of each class (greyscale or
+    colour: the grid is RGB for colour samples)."""
     classes = np.arange(getattr(model.config, "num_classes", 10))
     kind = getattr(model.config, "condition", "label")
+    if kind != "label":  # made from examples: only classes the data has (a small set may miss one)
+        classes = classes[np.isin(classes, arrays["y"])]
     if kind == "image":
         idx = np.concatenate([np.flatnonzero(arrays["y"] == c)[:per_class] for c in classes])
         return model.condition_image(from_uint8(arrays["x"][idx]))
@@ -224,7 +236,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # handed in; a resumed or adapter run already holds it, so its URI is not read again.
     attach_frozen_parts(model)
 
-    arrays = load_arrays(config["shards_uri"], "train", config.get("embeddings"), config.get("latents"))
+    arrays = labelled_rows(model, load_arrays(config["shards_uri"], "train", config.get("embeddings"),
+                                              config.get("latents")))
     if config.get("shards_b_uri"):
         arrays["x_b"] = load_arrays(config["shards_b_uri"], "train")["x"]
     placement = worker_placement()  # every rank takes part in the gather
