@@ -1,6 +1,8 @@
 """Style attributes measured from a digit image, and captions phrased from them.
 
 Images follow MNIST's convention: bright ink on a dark background, uint8 (H, W).
+Ingest measures them for digit sets only (greyscale with integer labels); other sets
+store just the numeric attributes their source gives (``tasks/data/ingest.py``).
 Attributes (order = ``ATTRIBUTE_NAMES``, the column order of ``load_split``):
 
 - ``thickness``: mean stroke width in pixels of the stored image, from the distance

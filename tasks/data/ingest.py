@@ -133,6 +133,7 @@ def ingest(
         existing = _read_manifest(manifest_uri)
         if existing is not None and _is_complete(existing, out_uri, source, fingerprint, config):
             return _result(existing, manifest_uri, rejects_uri, skipped=True)
+        plan = _plan(src, config)  # settles mode, labels, size; a bad option fails before anything is touched
         if existing is not None:
             # The manifest vouches for the shards; it stops being true as soon as we
             # start replacing them, so it goes first and comes back last.
@@ -140,7 +141,6 @@ def ingest(
         # A run killed mid-write leaves a hidden temp file beside the shards; this run
         # owns the output now, so clear it before writing.
         storage.remove_stale_temp_files(out_uri)
-        plan = _plan(src, config)
         shards, counts, rejects, stats = _write_shards(src, out_uri, config, plan)
     storage.write_json(rejects_uri, {
         "n_rejected": len(rejects),
