@@ -15,25 +15,11 @@ from PIL import Image
 
 from condgen.tasks.data import sources
 from condgen.tasks.data.ingest import ingest
-from condgen.tasks.data.splits import dataset_info, load_split
+from condgen.tasks.data.splits import load_split
 from condgen.tasks.io import storage
 from condgen.tasks.io.shards import tar_bytes
 
 SMALL = dict(limit=300, shard_size=100)  # 3 shards: fast, still exercises sharding
-# sha256 of each shard of the bundled digits with SMALL, as the schema v1 code wrote them:
-# schema v2 stores the digits byte for byte as before (the MNIST demo figures depend on it).
-V1_SHARDS = {
-    "bundled:mnist": ["b54437146af9845a7944fc3be43d0e4ed3f2e10da33c2637a54278f4b6ebfaff",
-                      "278de21d546f665e2d2b9aef4418df835b4cb57eff3dfdfc2820664ebe06f8a9",
-                      "3c0973e63867a41b86a303f3b5cd5b1ec0ad91df83aac5fb674ba81b5b6d46ac"],
-    "bundled:uci_digits": ["4ecb82e3521aa4b1744feaad8cccdea38bcc2dc780127744ca0cf008ffd5e3c2",
-                           "b5bb628c4b8acb27dc9bc6d1d2699f18a45090e27b89399100595ca463830ab3",
-                           "ed85ff4bd50e5948a9dd1161ad3bee864a95c50f2df5e27d92ef887244910383"],
-}
-V1_FINGERPRINTS = {
-    "bundled:mnist": "sha256:ec68c45b66c6364f58413ba09e5107e8a9db6e7b9c8f09ccf4d15e9ba98492c7",
-    "bundled:uci_digits": "sha256:8d8d93040c529e5457105b196c8186b36096731079ea0b4798bee7368c17b304",
-}
 
 
 def _digits(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,52 +98,6 @@ def test_shards_and_manifest_round_trip(tmp_path: Path) -> None:
     assert len(everything["captions"][0]) >= 3
     with pytest.raises(KeyError):
         load_split(str(out), "train", keys=("x", "txt"))  # no CLIP members before embed
-
-
-@pytest.mark.parametrize("source", sorted(V1_SHARDS))
-def test_bundled_digit_shards_are_byte_identical_to_schema_v1(tmp_path: Path, source: str) -> None:
-    ingest(source, str(tmp_path), **SMALL)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["source_fingerprint"] == V1_FINGERPRINTS[source]
-    assert [s["sha256"] for s in manifest["shards"]] == V1_SHARDS[source]
-    assert [_sha(tmp_path / s["name"]) for s in manifest["shards"]] == V1_SHARDS[source]
-    assert manifest["channels"] == 1 and manifest["mode"] == "L" and manifest["digits"] is True
-    assert manifest["resize"] == "pad" and "class_names" not in manifest and manifest["num_classes"] == 10
-    assert manifest["attribute_names"] == ["thickness", "slant", "size", "ink"]
-
-
-def test_schema_v1_sets_still_load_and_are_redone_by_ingest(tmp_path: Path) -> None:
-    ingest("bundled:mnist", str(tmp_path), limit=20, shard_size=10)
-    v2 = json.loads((tmp_path / "manifest.json").read_text())
-    v1 = {k: v2[k] for k in ("source", "source_fingerprint", "shards", "n_samples", "split_counts", "n_rejected",
-                             "rejects", "members", "attribute_names")}
-    v1.update(schema_version=1, ingest_version=1, config={k: v2["config"][k] for k in (
-        "shard_size", "image_size", "seed", "splits", "limit")} | {"num_classes": 10})
-    (tmp_path / "manifest.json").write_text(json.dumps(v1))
-    data = load_split(str(tmp_path), "all", keys=("x", "y", "attributes"))
-    assert data["x"].shape == (20, 28, 28) and data["attributes"].shape == (20, 4)
-    assert dataset_info(str(tmp_path)) == {"channels": 1, "image_size": 28, "num_classes": 10, "class_names": None,
-                                           "attribute_names": ["thickness", "slant", "size", "ink"],
-                                           "schema_version": 1}
-    assert not ingest("bundled:mnist", str(tmp_path), limit=20, shard_size=10).skipped  # v1 is redone as v2
-    assert json.loads((tmp_path / "manifest.json").read_text())["schema_version"] == 2
-
-    (tmp_path / "manifest.json").write_text(json.dumps({**v1, "schema_version": 3}))
-    with pytest.raises(ValueError, match="re-ingest"):
-        dataset_info(str(tmp_path))
-
-
-def test_digit_scans_are_inverted_only_when_asked(tmp_path: Path) -> None:
-    x, y = _digits(2)
-    src = tmp_path / "src"
-    for i in range(2):
-        (src / str(y[i])).mkdir(parents=True, exist_ok=True)
-        (src / str(y[i]) / "paper.png").write_bytes(_png(255 - x[i]))  # dark ink on white
-    ingest(str(src), str(tmp_path / "kept"), shard_size=10)
-    ingest(str(src), str(tmp_path / "mnist"), shard_size=10, invert="auto")
-    kept, mnist = load_split(str(tmp_path / "kept"), "all")["x"], load_split(str(tmp_path / "mnist"), "all")["x"]
-    assert (kept == 255 - x[:2]).all() and (mnist == x[:2]).all()
-    assert json.loads((tmp_path / "mnist" / "manifest.json").read_text())["conversions"] == {"inverted": 2}
 
 
 def test_same_source_gives_identical_bytes(tmp_path: Path) -> None:
