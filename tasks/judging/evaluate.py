@@ -1,10 +1,17 @@
-"""Evaluate conditional generators with a digit classifier as the judge.
+"""Evaluate conditional generators with a judge classifier trained on the shard set's own labels.
 
+* the judge (``models.classifier.JudgeClassifier``): trained on the labelled train split with the
+  data's channels and number of classes (``tasks.data.splits.dataset_info``), cached per shard set; its
+  own test accuracy is reported beside every evaluation, with a warning (logged, in the result and on
+  the run) when it is too weak to judge: below ``JUDGE_MIN_ACCURACY`` (0.6) or below twice chance (2/K
+  for K classes, capped at halfway from chance to 1 so that two classes can pass: 0.75);
 * conditional accuracy: the share of samples generated for label c that the judge
   assigns to c, per class and overall;
-* domain FID: the Fréchet distance (Heusel et al. 2017) between the judge's
-  penultimate features of samples and of real test images;
-* a per-class sample grid;
+* domain FID and KID: the Fréchet distance (Heusel et al. 2017) and the kernel distance (unbiased
+  MMD^2, cubic polynomial kernel, mean ± std over subsets; Bińkowski et al. 2018) between the judge's
+  penultimate features of samples and of real test images (``tasks.judging.feature_metrics``); a
+  split too small for them gives NaN with the reason in ``EvalResult.notes``;
+* a per-class sample grid (RGB for colour data);
 * k-NN precision / recall (Kynkäänniemi et al. 2019) and density / coverage (Naeem et
   al. 2020) in the judge's feature space: fidelity and coverage of the real manifold;
 * intra-class diversity: mean pairwise judge-feature distance between samples of one
@@ -19,8 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,33 +38,80 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
-from scipy import linalg
 
-from condgen.models.classifier import ClassifierConfig, DigitClassifier
+from condgen.models.base import config_to_dict
+from condgen.models.classifier import ClassifierConfig, JudgeClassifier
 from condgen.tasks.data.attributes import label_word
-from condgen.tasks.data.splits import load_arrays, load_split
+from condgen.tasks.data.splits import dataset_info, load_arrays, load_split
 from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io import storage, tracking
 from condgen.tasks.io.images import from_uint8, grid, to_uint8
 from condgen.tasks.io.model_store import apply_adapter, load_model_uri, load_trained
+from condgen.tasks.judging.feature_metrics import (  # noqa: F401 - re-exported: callers import them from here
+    frechet_distance,
+    intra_class_diversity,
+    MIN_SET_SIZE,
+    kernel_inception_distance,
+    knn_radii,
+    precision_recall,
+    too_few,
+)
+from condgen.tasks.training.data_config import fit_to_data
+
+log = logging.getLogger(__name__)
 
 EVAL_SEED = 1234
+JUDGE_MIN_ACCURACY = 0.6
 
 
 # -- the judge -------------------------------------------------------------------------
+def judge_warning(test_accuracy: float, num_classes: int) -> str | None:
+    """Why a judge with this test accuracy over ``num_classes`` classes is too weak to judge, or None.
+
+    Weak: below ``JUDGE_MIN_ACCURACY`` or below twice chance (2 / K), the latter capped at (1 + 1 / K) / 2,
+    halfway from chance to perfect (it binds only for K = 2, where twice chance would be 1)."""
+    k = max(int(num_classes), 1)
+    need = max(JUDGE_MIN_ACCURACY, min(2 / k, (1 + 1 / k) / 2))
+    if math.isfinite(test_accuracy) and test_accuracy >= need:
+        return None
+    return (f"the judge's own test accuracy {test_accuracy:.3f} is below {need:.3f} (max of {JUDGE_MIN_ACCURACY} "
+            f"and twice chance for {k} classes): its conditional accuracy and features are not trustworthy")
+
+
 @dataclass
 class Judge:
-    model: DigitClassifier
+    model: JudgeClassifier
     test_accuracy: float
     fingerprint: str
     checkpoint_uri: str | None = None
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.config.num_classes)
+
+    @property
+    def warning(self) -> str | None:
+        """``judge_warning`` of this judge (None when it is competent)."""
+        return judge_warning(self.test_accuracy, self.num_classes)
+
+
+def _labelled(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows with a label (caption-only samples carry -1)."""
+    keep = np.asarray(y) >= 0
+    return x[keep], np.asarray(y)[keep].astype(np.int64)
+
 
 def fit_classifier(x: np.ndarray, y: np.ndarray, *, config: ClassifierConfig | None = None, epochs: int = 4,
-                   batch_size: int = 64, seed: int = 0) -> DigitClassifier:
-    """Plain in-process training of the judge (small: seconds on CPU)."""
+                   batch_size: int = 64, seed: int = 0) -> JudgeClassifier:
+    """Plain in-process training of the judge (small: seconds on CPU) on uint8 images, (N, H, W) or
+    (N, H, W, 3), and their labels (unlabelled rows, -1, are left out). Without ``config``, the channels
+    and classes come from the arrays (for digits: ``ClassifierConfig()``)."""
+    x, y = _labelled(x, y)
+    if config is None:
+        config = ClassifierConfig(**fit_to_data("classifier", {}, {"channels": 3 if x.ndim == 4 else 1,
+                                                                   "num_classes": int(y.max()) + 1 if len(y) else 0}))
     torch.manual_seed(seed)
-    model = DigitClassifier(config or ClassifierConfig())
+    model = JudgeClassifier(config)
     opt = torch.optim.Adam(model.parameters(), lr=model.config.lr)
 
     def opt_step(_: str, loss: torch.Tensor) -> None:
@@ -75,7 +130,7 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, *, config: ClassifierConfig | N
 
 
 @torch.no_grad()
-def predict(model: DigitClassifier, x: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: JudgeClassifier, x: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities (N, K), features (N, F)) for images in [-1, 1]."""
     model.eval()
     probs, feats = [], []
@@ -83,115 +138,64 @@ def predict(model: DigitClassifier, x: torch.Tensor, batch_size: int = 500) -> t
         f = model.features(x[i:i + batch_size])
         feats.append(f)
         probs.append(F.softmax(model.head(f), -1))
+    if not feats:
+        return torch.zeros(0, model.config.num_classes), torch.zeros(0, model.config.feature_dim)
     return torch.cat(probs), torch.cat(feats)
+
+
+def judge_accuracy(model: JudgeClassifier, x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy on the labelled rows of uint8 images ``x`` (NaN when there are none)."""
+    x, y = _labelled(x, y)
+    if not len(y):
+        return float("nan")
+    probs, _ = predict(model, from_uint8(x))
+    return float((probs.argmax(-1).numpy() == y).mean())
 
 
 def get_judge(shards_uri: str, *, epochs: int = 4, seed: int = 0, config: ClassifierConfig | None = None,
               log_to_mlflow: bool = True) -> Judge:
     """Train (or reuse) the judge for a shard set.
 
-    The judge is cached in storage under the shard manifest's fingerprint, so every
-    model trained on the same data is scored by the same classifier.
+    Its channels and classes come from the shard manifest (``tasks.training.data_config.fit_to_data``);
+    a ``config`` that contradicts them is a ValueError. The judge is cached in storage under the shard
+    manifest's fingerprint, so every model trained on the same data is scored by the same classifier
+    (for digits the config, and so the cache key, is the one of before).
     """
-    cfg = config or ClassifierConfig()
+    info = dataset_info(shards_uri)
+    cfg = ClassifierConfig(**fit_to_data("classifier", config_to_dict(config) if config else {}, info,
+                                         where=shards_uri))
     manifest = storage.read_json(storage.join(shards_uri, "manifest.json"))
     key = hashlib.sha256(json.dumps({"data": manifest.get("source_fingerprint"), "shards": manifest.get("shards"),
                                      "cfg": asdict(cfg), "epochs": epochs, "seed": seed},
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     uri = storage.join(shards_uri, "judge", key)
-    test = load_split(shards_uri, "test")
     if storage.exists(storage.join(uri, ckpt_io.CONFIG)):
         model, meta = load_trained(uri)
-        return Judge(model, meta["test_accuracy"], key, uri)
-    train = load_split(shards_uri, "train")
-    model = fit_classifier(train["x"], train["y"].astype(np.int64), config=cfg, epochs=epochs, seed=seed)
-    probs, _ = predict(model, from_uint8(test["x"]))
-    acc = float((probs.argmax(-1).numpy() == test["y"]).mean())
+        return _announce(Judge(model, meta["test_accuracy"], key, uri))
+    train, test = load_split(shards_uri, "train"), load_split(shards_uri, "test")
+    model = fit_classifier(train["x"], train["y"], config=cfg, epochs=epochs, seed=seed)
+    acc = judge_accuracy(model, test["x"], test["y"])
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_io.save_checkpoint(tmp, model, extra={"test_accuracy": acc, "shards_uri": shards_uri})
         for name in (ckpt_io.WEIGHTS, ckpt_io.CONFIG):
             storage.write_bytes(storage.join(uri, name), Path(tmp, name).read_bytes())
         if log_to_mlflow:
             tracking.configure("condgen-judge")
-            with mlflow.start_run(run_name="digit-classifier"):
+            with mlflow.start_run(run_name="judge-classifier"):
                 mlflow.log_params({"epochs": epochs, "seed": seed, "shards_uri": shards_uri, "fingerprint": key,
                                    **{f"cfg.{k}": str(v) for k, v in asdict(cfg).items()}})
                 mlflow.log_metric("test_accuracy", acc)
                 mlflow.log_artifacts(tmp, artifact_path="model")
                 mlflow.set_tag("condgen.role", "judge")
-    return Judge(model, acc, key, uri)
+                if judge_warning(acc, cfg.num_classes):
+                    mlflow.set_tag("condgen.judge_warning", judge_warning(acc, cfg.num_classes))
+    return _announce(Judge(model, acc, key, uri))
 
 
-# -- metrics -----------------------------------------------------------------------------
-def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) between two feature sets."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    with warnings.catch_warnings():  # singular products are handled just below
-        warnings.simplefilter("ignore")
-        covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise (as in the reference code)
-        eps = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
-
-
-def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(a.double(), b.double())  # (Na, Nb) Euclidean
-
-
-def knn_radii(feats: torch.Tensor | np.ndarray, k: int = 3, chunk: int = 1024) -> torch.Tensor:
-    """Distance from each point to its k-th nearest other point, (N,). Row chunks keep memory
-    at chunk x N distances (a 10k-image test split would otherwise need a 10k x 10k matrix)."""
-    f = torch.as_tensor(np.asarray(feats)).double()
-    kth = min(k + 1, len(f))  # +1: the point itself is at distance 0
-    return torch.cat([_pairwise(f[i:i + chunk], f).kthvalue(kth, dim=1).values for i in range(0, len(f), chunk)])
-
-
-def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray,
-                     k: int = 3, chunk: int = 1024) -> dict[str, float]:
-    """Improved precision / recall (Kynkäänniemi et al. 2019) and density / coverage (Naeem et
-    al. 2020) with k-NN hyperspheres in a feature space.
-
-    * precision: share of fake points inside some real point's k-NN ball (fidelity);
-    * recall: share of real points inside some fake point's k-NN ball (diversity / coverage
-      of the real manifold);
-    * density: mean count of real balls containing a fake point, / k (≈1 for matched sets);
-    * coverage: share of real points whose ball holds at least one fake point.
-    """
-    r = torch.as_tensor(np.asarray(real)).double()
-    f = torch.as_tensor(np.asarray(fake)).double()
-    r_real, r_fake = knn_radii(r, k, chunk), knn_radii(f, k, chunk)
-    precise, density = 0, 0.0
-    covered = torch.zeros(len(r), dtype=torch.bool)  # real r's ball holds a fake point
-    recalled = torch.zeros(len(r), dtype=torch.bool)  # real r lies in some fake point's ball
-    for i in range(0, len(f), chunk):
-        d = _pairwise(f[i:i + chunk], r)  # (chunk, R)
-        inside_real = d <= r_real[None, :]  # fake inside real r's ball
-        precise += int(inside_real.any(1).sum())
-        density += float(inside_real.double().sum())
-        covered |= inside_real.any(0)
-        recalled |= (d <= r_fake[i:i + chunk, None]).any(0)
-    return {
-        "precision": precise / len(f),
-        "recall": float(recalled.double().mean()),
-        "density": density / (k * len(f)),
-        "coverage": float(covered.double().mean()),
-    }
-
-
-def intra_class_diversity(feats: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
-    """Mean over classes of the mean pairwise feature distance between members of a class."""
-    f = torch.as_tensor(np.asarray(feats)).double()
-    labels = np.asarray(labels)
-    per_class = []
-    for c in np.unique(labels):
-        idx = torch.from_numpy(np.flatnonzero(labels == c))
-        if len(idx) < 2:
-            continue
-        d = _pairwise(f[idx], f[idx])
-        per_class.append(float(d.sum() / (len(idx) * (len(idx) - 1))))
-    return float(np.mean(per_class)) if per_class else float("nan")
+def _announce(judge: Judge) -> Judge:
+    if judge.warning:
+        log.warning("judge %s: %s", judge.fingerprint, judge.warning)
+    return judge
 
 
 def class_prompts(labels: np.ndarray) -> list[str]:
@@ -202,15 +206,18 @@ def class_prompts(labels: np.ndarray) -> list[str]:
 @dataclass
 class EvalResult:
     cond_accuracy: float
-    per_class_accuracy: list[float]
+    per_class_accuracy: list[float]  # NaN for a class that could not be asked for (no test example to condition on)
     fid: float
     mean_confidence: float
     mean_entropy: float
     n_samples: int
     judge_fingerprint: str
     grid: np.ndarray = field(repr=False)
-    # Added metrics (None where not computed): k-NN precision/recall/density/coverage in judge
-    # features, intra-class diversity of samples and of real test images, CLIP score.
+    # Added metrics (None where not computed, NaN where the sets are too small): KID (mean, std over
+    # subsets), k-NN precision/recall/density/coverage in judge features, intra-class diversity of
+    # samples and of real test images, CLIP score.
+    kid: float | None = None
+    kid_std: float | None = None
     precision: float | None = None
     recall: float | None = None
     density: float | None = None
@@ -218,13 +225,17 @@ class EvalResult:
     diversity: float | None = None
     diversity_real: float | None = None
     clip_score: float | None = None
+    judge_accuracy: float | None = None  # the judge's own test accuracy
+    judge_warning: str | None = None  # why the judge is too weak to judge (``judge_warning``), or None
+    notes: list[str] = field(default_factory=list)  # why a metric is NaN
 
-    EXTRA = ("precision", "recall", "density", "coverage", "diversity", "diversity_real", "clip_score")
+    EXTRA = ("kid", "kid_std", "precision", "recall", "density", "coverage", "diversity", "diversity_real",
+             "clip_score")
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         out = {f"{prefix}cond_accuracy": self.cond_accuracy, f"{prefix}fid": self.fid,
                f"{prefix}mean_confidence": self.mean_confidence, f"{prefix}mean_entropy": self.mean_entropy}
-        out.update({f"{prefix}acc_class_{c}": a for c, a in enumerate(self.per_class_accuracy)})
+        out.update({f"{prefix}acc_class_{c}": a for c, a in enumerate(self.per_class_accuracy) if not math.isnan(a)})
         out.update({f"{prefix}{name}": getattr(self, name) for name in self.EXTRA if getattr(self, name) is not None})
         return out
 
@@ -232,7 +243,7 @@ class EvalResult:
 def eval_conditions(model: torch.nn.Module, labels: np.ndarray, test: dict[str, Any]) -> torch.Tensor:
     """The condition tensor asking for each label: the label itself; (text models) the
     embedding of a caption of a test image of that class; (image-conditioned models:
-    pix2pix, CycleGAN) the condition image made from a test digit of that class, so the
+    pix2pix, CycleGAN) the condition image made from a test image of that class, so the
     accuracy is the label agreement between input and translation. Choices are fixed."""
     kind = getattr(model.config, "condition", "label")
     if kind == "label":
@@ -248,15 +259,29 @@ def eval_conditions(model: torch.nn.Module, labels: np.ndarray, test: dict[str, 
     return torch.from_numpy(np.stack(rows)).float()
 
 
+def eval_classes(model: torch.nn.Module, judge: Judge, test: dict[str, Any]) -> np.ndarray:
+    """The classes to ask for: all of the judge's for a label model (whose classes must be the judge's);
+    for models conditioned on test examples (text, image), those the test split has examples of."""
+    k, mine = judge.num_classes, getattr(model.config, "num_classes", None)
+    if mine is not None and int(mine) != k:
+        raise ValueError(f"the model has {mine} classes and the judge of this data {k}: evaluate a model on the "
+                         "shard set it was trained on")
+    classes = np.arange(k)
+    if getattr(model.config, "condition", "label") != "label":
+        classes = classes[np.isin(classes, np.asarray(test["y"]))]
+    return classes
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *, n_per_class: int = 100,
                    batch_size: int = 250, seed: int = EVAL_SEED, clip: Any = None, knn_k: int = 3) -> EvalResult:
-    """Score ``model.sample`` on a fixed seed set: accuracy, FID, confidence, grid, k-NN
+    """Score ``model.sample`` on a fixed seed set: accuracy, FID, KID, confidence, grid, k-NN
     precision/recall/density/coverage, intra-class diversity and (``clip``: a
-    ``tasks.clip.handle.ClipHandle``) the CLIP score of each sample against its class prompt."""
+    ``tasks.clip.handle.ClipHandle``) the CLIP score of each sample against its class prompt.
+    A test split too small for the set statistics gives NaN for them, with the reason in ``notes``."""
     model.eval()
-    k = judge.model.config.num_classes
-    labels = np.repeat(np.arange(k), n_per_class)
+    k, classes = judge.num_classes, eval_classes(model, judge, test)
+    labels = np.repeat(classes, n_per_class)
     cond = eval_conditions(model, labels, test)
     g = torch.Generator().manual_seed(seed)
     samples = torch.cat([model.sample(cond[i:i + batch_size], generator=g) for i in range(0, len(labels), batch_size)])
@@ -264,38 +289,54 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
     _, real_feats = predict(judge.model, from_uint8(test["x"]))
     pred = probs.argmax(-1).numpy()
     hit = pred == labels
-    per_class = [float(hit[labels == c].mean()) for c in range(k)]
+    per_class = [float(hit[labels == c].mean()) if c in classes else float("nan") for c in range(k)]
     p_true = probs[torch.arange(len(labels)), torch.from_numpy(labels)]
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-    first = np.concatenate([np.flatnonzero(labels == c)[:8] for c in range(k)])
-    pr = precision_recall(real_feats, feats, k=knn_k)
+    first = np.concatenate([np.flatnonzero(labels == c)[:8] for c in classes])
+    notes = [judge.warning] if judge.warning else []
+    small = too_few(len(real_feats), len(feats), max(MIN_SET_SIZE, knn_k + 1))
+    nan = float("nan")
+    if small:
+        notes.append(small)
+        fid, (kid, kid_std), pr = nan, (nan, nan), dict.fromkeys(("precision", "recall", "density", "coverage"), nan)
+    else:
+        fid = frechet_distance(feats.numpy().astype(np.float64), real_feats.numpy().astype(np.float64))
+        kid, kid_std = kernel_inception_distance(real_feats, feats)
+        pr = precision_recall(real_feats, feats, k=knn_k)
+    for note in notes:
+        log.warning("evaluation of %s: %s", type(model).__name__, note)
     clip_value = None
     if clip is not None:
         # open_clip takes seconds to import: only evaluations that ask for a CLIP score pay for it
         from condgen.tasks.clip.quality import clip_score
 
         clip_value = float(clip_score(clip, samples, class_prompts(labels)).mean())
+    real_labelled = np.asarray(test["y"]) >= 0
     return EvalResult(
-        cond_accuracy=float(hit.mean()), per_class_accuracy=per_class,
-        fid=frechet_distance(feats.numpy().astype(np.float64), real_feats.numpy().astype(np.float64)),
+        cond_accuracy=float(hit.mean()) if len(hit) else nan, per_class_accuracy=per_class, fid=fid,
         mean_confidence=float(p_true.mean()), mean_entropy=float(entropy.mean()), n_samples=len(labels),
-        judge_fingerprint=judge.fingerprint, grid=grid(to_uint8(samples[first]), nrow=8),
+        judge_fingerprint=judge.fingerprint, grid=grid(to_uint8(samples[first]), nrow=8), kid=kid, kid_std=kid_std,
         precision=pr["precision"], recall=pr["recall"], density=pr["density"], coverage=pr["coverage"],
         diversity=intra_class_diversity(feats, labels),
-        diversity_real=intra_class_diversity(real_feats, np.asarray(test["y"])),
-        clip_score=clip_value,
+        diversity_real=intra_class_diversity(real_feats[torch.from_numpy(real_labelled)],
+                                             np.asarray(test["y"])[real_labelled]),
+        clip_score=clip_value, judge_accuracy=judge.test_accuracy, judge_warning=judge.warning, notes=notes,
     )
 
 
 def log_eval(run_id: str, result: EvalResult, judge: Judge) -> None:
-    """Attach an evaluation to a training run: metrics, per-class table, grid PNG."""
+    """Attach an evaluation to a training run: metrics (eval/fid, eval/kid, eval/kid_std, ...), the per-class
+    table and notes, the class grid PNG (RGB for colour data); a weak judge's warning as a run tag."""
     client = MlflowClient()
     for name, value in result.metrics().items():
         client.log_metric(run_id, name, value)
     client.log_metric(run_id, "eval/judge_test_accuracy", judge.test_accuracy)
     client.set_tag(run_id, "condgen.judge", judge.fingerprint)
+    if judge.warning:
+        client.set_tag(run_id, "condgen.judge_warning", judge.warning)
     client.log_dict(run_id, {"per_class_accuracy": result.per_class_accuracy, "cond_accuracy": result.cond_accuracy,
                              "fid": result.fid, "judge_test_accuracy": judge.test_accuracy,
+                             "judge_warning": judge.warning, "notes": result.notes,
                              "n_samples": result.n_samples,
                              **{name: getattr(result, name) for name in EvalResult.EXTRA}}, "eval/summary.json")
     client.log_image(run_id, result.grid, "eval/class_grid.png")
