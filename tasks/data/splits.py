@@ -132,7 +132,8 @@ def _number(value: Any) -> float:
 
 def load_arrays(shards_uri: str, split: str, embeddings: str | None = None,
                 latents: str | None = None) -> dict[str, np.ndarray]:
-    """The training arrays of a split: ``x`` uint8 (N, H, W), ``y`` int64 (N,), ``txt`` float32
+    """The training arrays of a split: ``x`` uint8 (N, H, W) or (N, H, W, 3) for RGB sets, ``y`` int64
+    (N,) (-1: caption-only, no class), ``txt`` float32
     (N, n_captions, D) when ``embeddings`` names a CLIP fingerprint, ``z`` float32 (N, c, h, w)
     when ``latents`` names precomputed autoencoder latents (side-cars joined by key)."""
     data = load_split(shards_uri, split)
