@@ -24,6 +24,7 @@ from condgen.models.controlnet import control_image
 from condgen.models.cvae import CVAE, CVAEConfig
 from condgen.models.paired import LUMA, edge_map, greyscale
 from condgen.models.registry import MODELS, build_model
+from condgen.tasks.data.latents import encode_images
 from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.training import driver
 from condgen.tasks.training.data_config import fit_to_data
@@ -237,3 +238,11 @@ def test_label_models_train_on_labelled_samples_only_and_grids_use_classes_prese
     rgb = {"x": np.zeros((3, 32, 32, 3), np.uint8), "y": np.array([0, 2, 2])}  # no class 1 in this split
     cond = grid_conditions(p2p, rgb, per_class=2)
     assert cond.shape == (3, 1, 32, 32)  # class 0 once, class 2 twice; class 1 skipped, not an IndexError
+
+
+def test_latents_of_colour_images_need_a_colour_autoencoder():
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    z = encode_images(build_colour("autoencoder", 3, 32), rgb)
+    assert z.shape == (3, 4, 8, 8) and np.isfinite(z).all()
+    with pytest.raises(ValueError, match="images of 3 channel"):
+        encode_images(build_model("autoencoder", TINY["autoencoder"]), rgb)

@@ -10,9 +10,13 @@
 * ``load_latents`` / ``load_latent_split``: latents aligned to sample keys, for loops that
   feed ``LatentDiffusion.train_step`` batches with ``z`` (it then skips the encoder).
 * ``*_config`` helpers: a model config dict built from a frozen component's checkpoint
-  (its architecture copied from the checkpoint's config.json). The component itself, on
+  (its architecture copied from the checkpoint's config.json, so its channels and image size
+  are those of the data it was trained on). The component itself, on
   any URI ``tasks.io.storage`` reads (``s3://``, ``file://``, paths), is loaded and handed
   to the model by ``tasks.io.model_store.attach_frozen_parts`` (``models.base.FrozenPart``).
+  The training driver fills the rest from the shard manifest (``num_classes``; a super-resolution
+  stage's ``in_channels`` / ``image_size``) and checks the part against the data before Ray starts
+  (``tasks.training.data_config.fit_to_data``), so these helpers never repeat channels, size or classes.
 """
 from __future__ import annotations
 
@@ -99,7 +103,14 @@ def autoencoder_fingerprint(autoencoder: Autoencoder) -> str:
 
 @torch.no_grad()
 def encode_images(autoencoder: Autoencoder, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """uint8 (N, H, W) -> raw latents float32 (N, c, h, w) (``encode``: KL mean / VQ pre-quantisation)."""
+    """uint8 (N, H, W) greyscale or (N, H, W, 3) RGB -> raw latents float32 (N, c, h, w) (``encode``: KL mean /
+    VQ pre-quantisation). ValueError when the images' channels or size are not the autoencoder's."""
+    cfg = autoencoder.config
+    if len(images):
+        shape = (3 if images.ndim == 4 else 1, images.shape[1], images.shape[2])
+        if shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(f"images of {shape[0]} channel(s), {shape[1]}x{shape[2]} px, but the autoencoder takes "
+                             f"{cfg.in_channels} channel(s), {cfg.image_size}x{cfg.image_size} px")
     autoencoder.eval()
     dev = next(autoencoder.parameters()).device
     out = [autoencoder.encode(from_uint8(images[i:i + batch_size]).to(dev)).float().cpu()
