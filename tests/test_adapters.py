@@ -87,11 +87,12 @@ def test_adapter_run_trains_registers_and_applies_to_a_copy_of_the_base(tiny_sha
 
 
 def test_an_unknown_target_fails_on_the_driver_before_any_worker_starts(condgen_home, tmp_path):
-    from condgen.tasks.training.driver import AdapterSpec, TrainRequest, _adapter_setup
+    from condgen.tasks.io.model_store import load_model_uri
+    from condgen.tasks.training.driver import AdapterSpec, _adapter_setup
 
     torch.manual_seed(0)
     ckpt_io.save_checkpoint(tmp_path / "base", build_model("cgan", TINY_GAN))
-    req = TrainRequest(model="", shards_uri="unused", adapter=AdapterSpec(base=(tmp_path / "base").as_uri(),
-                                                                          targets=["G.nope"]))
+    spec = AdapterSpec(base=(tmp_path / "base").as_uri(), targets=["G.nope"])
+    base, meta = load_model_uri(spec.base)  # as the driver loads it, before the setup
     with pytest.raises(ValueError, match="matches no"):
-        _adapter_setup(req)
+        _adapter_setup(spec, base, meta)
