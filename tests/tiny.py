@@ -33,6 +33,7 @@ DIFFUSION = {"channels": (4, 8), "timesteps": 20, "text_dim": TEXT_DIM, "sample_
 AUTOENCODER = {"channels": (4, 8), "latent_channels": 4, "lr": 1e-2}  # 28 x 28 x 1 -> 7 x 7 x 4
 GAN = {"channels": (4, 8), "latent_dim": 8, "cond_dim": 4, "lr": 1e-3}
 
+# Shared dicts: copy before changing one ({**TINY[name], ...} or tiny_config(name, **overrides)).
 TINY: dict[str, dict[str, Any]] = {
     "cvae": {"channels": (4, 8), "latent_dim": 4, "cond_dim": 4, "lr": 1e-2},
     "diffusion": DIFFUSION,
@@ -73,12 +74,26 @@ def build_tiny(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
     config = tiny_config(name, **overrides)
     frozen = {}
     if name in FROZEN:
-        keyword, part_name = FROZEN[name]
+        keyword, part_name, part_config = _frozen_part_spec(name, config)
+        torch.manual_seed(seed + 1000)
         # a trained component in practice: perturbed, so no zero-initialised head (the base's eps
         # output) blocks every gradient of the part built on it (ControlNet's zero convolutions)
-        frozen[keyword] = perturb(build_tiny(part_name, seed=seed + 1000), seed=seed + 1000)
+        frozen[keyword] = perturb(build_model(part_name, part_config), seed=seed + 1000)
     torch.manual_seed(seed)
     return build_model(name, config, **frozen)
+
+
+def _frozen_part_spec(name: str, config: Any) -> tuple[str, str, Any]:
+    """(build_model keyword, registry name, config) of the frozen part ``config`` describes, so that an
+    override of the part's architecture (e.g. ``base={...}``) builds a matching part."""
+    keyword, part_name = FROZEN[name]
+    if name == "latent_diffusion":
+        return keyword, part_name, config.autoencoder
+    if name == "controlnet":
+        return keyword, part_name, config.base
+    if name == "superres" and config.base_model:
+        return keyword, config.base_model, config.base_config
+    return keyword, part_name, TINY[part_name]
 
 
 def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:
