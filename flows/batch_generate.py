@@ -3,7 +3,8 @@
 Only orchestration: plan (pin the model version, or resume the plan already at
 ``out_uri``) -> the missing shards as Ray tasks -> manifest. Every step is a plain
 function in ``tasks/generation/batch.py``; re-running after an interruption finishes the
-job without duplicates (complete shards are kept, shard contents are deterministic).
+job without duplicates (complete shards are kept, shard contents are deterministic). Each sample's
+PNG is in the model's colour mode: ``L`` for a 1-channel model, ``RGB`` for a 3-channel one.
 """
 from __future__ import annotations
 
