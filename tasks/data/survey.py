@@ -15,6 +15,10 @@ Declared policies (ingest records the outcome in the manifest):
   conditioning uses them, class-conditional training must skip them.
 - **attributes**: the sorted union of the numeric attribute names the source gives.
 - **image_size** ``None``: the most common longer side, capped at ``MAX_INFERRED_SIZE``.
+
+A generated source states all this itself (:class:`~condgen.tasks.data.items.Declared`:
+its class names in label order, numeric attribute and string tag names, its splits and
+image side), so :func:`make_plan` skips the pass for it.
 """
 from __future__ import annotations
 
@@ -25,7 +29,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from condgen.tasks.data.items import MIN_SIDE, BadItem, RawItem, Reject, header_mode, open_checked, parse_label
+from condgen.tasks.data import attributes
+from condgen.tasks.data.items import (
+    MIN_SIDE,
+    BadItem,
+    Declared,
+    RawItem,
+    Reject,
+    Source,
+    header_mode,
+    open_checked,
+    parse_label,
+)
 
 MAX_INFERRED_SIZE = 64
 DEFAULT_NUM_CLASSES = 10
@@ -129,3 +144,62 @@ def _norm(raw: Any) -> int | str | None:
     if isinstance(raw, (int, np.integer)) and not isinstance(raw, bool):
         return int(raw)
     return None
+
+
+# ------------------------------------------------------------------------------ plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the first pass settled: the set's mode, size, labels and attributes."""
+
+    mode: str  # "L" or "RGB"
+    image_size: int
+    labels: LabelScheme
+    attribute_names: tuple[str, ...]
+    digits: bool  # greyscale with integer labels: digit attributes, captions and ink check
+    background: tuple[int, int, int]
+    declared: Declared | None = None  # a generated source's own statement (tags, splits, licence)
+
+
+def make_plan(src: Source, config: dict[str, Any]) -> Plan:
+    """Settle mode, labels, size and attributes from a first pass (or the source's declaration)."""
+    if src.declared is not None:
+        return _declared_plan(src.declared, config)
+    found = survey(src.items())
+    mode = found.mode(config["mode"])
+    labels = label_scheme(found.labels, config["num_classes"])
+    digits = mode == "L" and labels.class_names is None
+    if config["invert"] != "never" and not digits:
+        raise ValueError("invert is for greyscale digit sources (integer labels); this source is "
+                         f"{mode} with {'class names' if labels.class_names else 'integer labels'}")
+    names = attributes.ATTRIBUTE_NAMES if digits else tuple(sorted(found.attribute_names))
+    return Plan(mode, found.image_size(config["image_size"]), labels, tuple(names), digits,
+                tuple(config["background"]))  # type: ignore[arg-type]
+
+
+def _declared_plan(declared: Declared, config: dict[str, Any]) -> Plan:
+    names = declared.class_names
+    if config["num_classes"] is not None and config["num_classes"] != len(names):
+        raise ValueError(f"num_classes={config['num_classes']} but the source names {len(names)} classes")
+    if config["invert"] != "never":
+        raise ValueError("invert is for greyscale digit sources; this source declares class names")
+    mode = config["mode"] if config["mode"] in ("L", "RGB") else declared.mode
+    background = declared.background or tuple(config["background"])
+    return Plan(mode, declared.image_size, LabelScheme(len(names), names), declared.attribute_names, False,
+                background, declared)  # type: ignore[arg-type]
+
+
+def describe(p: Plan, config: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields a plan settles (a declaring source adds its tag names and its own fields)."""
+    out: dict[str, Any] = {
+        "channels": 1 if p.mode == "L" else 3, "image_size": p.image_size, "mode": p.mode,
+        "resize": config["resize"], "background": list(p.background), "num_classes": p.labels.num_classes,
+        "attribute_names": list(p.attribute_names), "digits": p.digits,
+    }
+    if p.labels.class_names is not None:
+        out["class_names"] = list(p.labels.class_names)
+    if p.declared is not None:
+        out["tag_names"] = list(p.declared.tag_names)
+        out.update(p.declared.manifest)
+    return out
