@@ -24,7 +24,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import save as st_save
 
-from condgen.models.base import config_to_dict, flatten_params
+from condgen.models.base import config_to_dict, flatten_params, json_normalised
 from condgen.models.registry import build_model
 from condgen.tasks.data.splits import dataset_info
 from condgen.tasks.io import checkpoint as ckpt_io
@@ -85,7 +85,7 @@ class TrainResult:
     checkpoint_uri: str
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
-    config: dict[str, Any] = field(default_factory=dict)  # the model config as trained (fitted to the data)
+    config: dict[str, Any] = field(default_factory=dict)  # the model config as trained (fitted to the data), JSON form
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -145,7 +145,8 @@ def train(req: TrainRequest) -> TrainResult:
             version = register(run.info.run_id, req.adapter.register_as, artifact_path="adapter",
                                tags={"condgen.kind": "adapter", "condgen.adapter_base": adapter_cfg["base"]})
             MlflowClient().set_registered_model_alias(req.adapter.register_as, "latest-adapter", version)
-        return TrainResult(run.info.run_id, dest, dict(result.metrics or {}), history, _config_dict(model))
+        return TrainResult(run.info.run_id, dest, dict(result.metrics or {}), history,
+                           json_normalised(_config_dict(model)))
 
 
 def _model_for_data(req: TrainRequest) -> tuple[torch.nn.Module, dict[str, Any] | None]:
