@@ -169,7 +169,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prompt", action="append", help="text prompt (text models, CLIP guidance); repeatable")
     s.add_argument("--clip", default="embedded", help="CLIP spec for --prompt (see tasks.clip.load_clip)")
     s.add_argument("--clip-data", help="shard set URI the embedded CLIP was fitted on")
-    s.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    s.add_argument("--sampler", choices=["ddim", "ddpm", "dpmpp_2m"], default="ddim")
     s.add_argument("--eta", type=float,
                    help="DDIM eta (0 = deterministic, 1 = ancestral; default: the model's sample_eta)")
     s.add_argument("--guidance", choices=list(GUIDANCE), default="cfg")

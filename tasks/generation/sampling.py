@@ -118,8 +118,8 @@ def _scale(scale: Scale, default: float) -> Scale:
 
 
 def default_steps(model: ConditionalDiffusion, sampler: str) -> int:
-    """Sampler steps when a request names none: DDIM ``config.sample_steps``, DDPM all T timesteps."""
-    return int(model.config.sample_steps if sampler == "ddim" else model.config.timesteps)
+    """Sampler steps when a request names none: DDIM and DPM-Solver++(2M) ``config.sample_steps``, DDPM all T."""
+    return int(model.config.sample_steps if sampler in ("ddim", "dpmpp_2m") else model.config.timesteps)
 
 
 def guided_denoiser(
@@ -259,8 +259,9 @@ def sample_images(
     """One sample per condition row, (B, C, H, W) in [-1, 1] on the CPU.
 
     sampler   "ddim" (Song et al. 2021; ``eta`` 0 = deterministic, 1 = ancestral; default
-              ``config.sample_eta``) or "ddpm" (Ho et al. 2020, Algorithm 2; ``eta`` is ignored).
-              ``steps``: DDIM default ``config.sample_steps``, DDPM default every one of the T timesteps.
+              ``config.sample_eta``), "ddpm" (Ho et al. 2020, Algorithm 2; ``eta`` is ignored) or
+              "dpmpp_2m" (deterministic DPM-Solver++(2M), Lu et al. 2022, on DDIM's timesteps; ``eta`` ignored).
+              ``steps``: DDIM / dpmpp_2m default ``config.sample_steps``, DDPM default every one of the T timesteps.
     guidance  "none": the conditional model; "cfg": classifier-free (Ho & Salimans 2022) with weight
               ``scale`` (default ``config.guidance_scale``) and optional ``negative`` condition in place
               of the null token; "classifier": ``classifier(x_t, t) -> logits`` (a

@@ -28,6 +28,12 @@ from condgen.models.diffusion.denoiser import Callback, Denoiser, NoiseSampler, 
 from condgen.models.diffusion.schedule import NoiseSchedule
 
 
+def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t): the denoised estimate implied by an eps
+    prediction (Song et al. 2021, Eq. 12's "predicted x_0"; DPM-Solver++'s data prediction x_theta)."""
+    return (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
+
+
 def ddim_step(
     x_t: torch.Tensor,
     eps: torch.Tensor,
@@ -38,7 +44,7 @@ def ddim_step(
 ) -> torch.Tensor:
     """One DDIM update (Song et al. 2021, Eq. 12) from level alpha_bar_t to alpha_bar_prev. Also runs
     "uphill" (alpha_bar_prev < alpha_bar_t) with sigma_t = 0, which is DDIM inversion's step."""
-    x0_hat = (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
+    x0_hat = predicted_x0(x_t, eps, alpha_bar_t)
     x_prev = math.sqrt(alpha_bar_prev) * x0_hat + math.sqrt(max(1 - alpha_bar_prev - sigma_t**2, 0.0)) * eps
     if sigma_t > 0:
         x_prev = x_prev + sigma_t * z
