@@ -83,7 +83,7 @@ class GenerateV1(_Condition):
                                         description="CFG: guide away from this text")
     guidance: Literal["none", "cfg", "classifier", "clip"] = "none"
     scale: float = Field(0.0, ge=0.0, le=MAX_SCALE, description="guidance weight w (CFG: (1+w) eps_c - w eps_u)")
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="sampling steps; default: the model's")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="one RNG for all n images (default 0)")
