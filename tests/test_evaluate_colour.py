@@ -207,3 +207,9 @@ def test_kid_is_zero_within_its_std_for_one_distribution_and_clearly_positive_fo
 def test_eval_result_fields_include_kid():
     names = {f.name for f in dataclasses.fields(evaluate.EvalResult)}
     assert {"kid", "kid_std", "judge_warning", "notes"} <= names
+
+
+def test_clip_prompts_name_the_classes_when_the_manifest_does():
+    assert evaluate.class_prompts(np.array([7])) == ["a handwritten seven"]  # digits: as before
+    assert evaluate.class_prompts(np.array([1, 0]), ["red square", "blue circle"]) == ["a blue circle",
+                                                                                       "a red square"]

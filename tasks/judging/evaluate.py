@@ -47,12 +47,11 @@ from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io import storage, tracking
 from condgen.tasks.io.images import from_uint8, grid, to_uint8
 from condgen.tasks.io.model_store import apply_adapter, load_model_uri, load_trained
-from condgen.tasks.judging.feature_metrics import (  # noqa: F401 - re-exported: callers import them from here
+from condgen.tasks.judging.feature_metrics import (
+    MIN_SET_SIZE,
     frechet_distance,
     intra_class_diversity,
-    MIN_SET_SIZE,
     kernel_inception_distance,
-    knn_radii,
     precision_recall,
     too_few,
 )
@@ -198,8 +197,11 @@ def _announce(judge: Judge) -> Judge:
     return judge
 
 
-def class_prompts(labels: np.ndarray) -> list[str]:
-    """The text a label-conditioned sample is scored against by CLIP ("a handwritten seven")."""
+def class_prompts(labels: np.ndarray, class_names: list[str] | None = None) -> list[str]:
+    """The text a label-conditioned sample is scored against by CLIP: "a handwritten seven" for digits
+    (no class names), "a red circle" for a set whose manifest names its classes."""
+    if class_names:
+        return [f"a {class_names[int(c)]}" for c in labels]
     return [f"a handwritten {label_word(int(c))}" for c in labels]
 
 
@@ -274,10 +276,12 @@ def eval_classes(model: torch.nn.Module, judge: Judge, test: dict[str, Any]) -> 
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *, n_per_class: int = 100,
-                   batch_size: int = 250, seed: int = EVAL_SEED, clip: Any = None, knn_k: int = 3) -> EvalResult:
+                   batch_size: int = 250, seed: int = EVAL_SEED, clip: Any = None, knn_k: int = 3,
+                   class_names: list[str] | None = None) -> EvalResult:
     """Score ``model.sample`` on a fixed seed set: accuracy, FID, KID, confidence, grid, k-NN
     precision/recall/density/coverage, intra-class diversity and (``clip``: a
-    ``tasks.clip.handle.ClipHandle``) the CLIP score of each sample against its class prompt.
+    ``tasks.clip.handle.ClipHandle``) the CLIP score of each sample against its class prompt
+    (``class_prompts``, with the manifest's ``class_names`` when it has them).
     A test split too small for the set statistics gives NaN for them, with the reason in ``notes``."""
     model.eval()
     k, classes = judge.num_classes, eval_classes(model, judge, test)
@@ -310,7 +314,7 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
         # open_clip takes seconds to import: only evaluations that ask for a CLIP score pay for it
         from condgen.tasks.clip.quality import clip_score
 
-        clip_value = float(clip_score(clip, samples, class_prompts(labels)).mean())
+        clip_value = float(clip_score(clip, samples, class_prompts(labels, class_names)).mean())
     real_labelled = np.asarray(test["y"]) >= 0
     return EvalResult(
         cond_accuracy=float(hit.mean()) if len(hit) else nan, per_class_accuracy=per_class, fid=fid,
@@ -361,7 +365,8 @@ def evaluate_run(run_id: str, checkpoint_uri: str, shards_uri: str, *, embedding
         from condgen.tasks.clip.load import load_clip  # heavy (open_clip), see evaluate_model
 
         clip = load_clip(clip, data_uri=shards_uri)
-    result = evaluate_model(model, judge, load_test(shards_uri, embeddings), n_per_class=n_per_class, clip=clip)
+    result = evaluate_model(model, judge, load_test(shards_uri, embeddings), n_per_class=n_per_class, clip=clip,
+                            class_names=dataset_info(shards_uri)["class_names"] if clip is not None else None)
     log_eval(run_id, result, judge)
     return {**result.metrics(), "eval/judge_test_accuracy": judge.test_accuracy}
 
