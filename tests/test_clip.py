@@ -35,7 +35,10 @@ def shards(tmp_path_factory) -> str:
     from condgen.tasks.data.ingest import ingest
 
     out = (tmp_path_factory.mktemp("clip-shards") / "mnist").as_uri()
-    ingest("bundled:mnist", out, limit=200, shard_size=100)
+    # The first 200 digits (stratify=False), the data the thresholds below were set on; a
+    # stratified limit (the default) gives 20 of each class, on which 30 steps lower the
+    # contrastive loss by only 0.13-0.16 (seeds 0-2), around the 0.15 asked below.
+    ingest("bundled:mnist", out, limit=200, shard_size=100, stratify=False)
     return out
 
 
