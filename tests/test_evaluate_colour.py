@@ -26,6 +26,7 @@ from condgen.tasks.judging.evaluate import Judge, evaluate_model, fit_classifier
 from condgen.tasks.judging.feature_metrics import (
     frechet_distance,
     kernel_inception_distance,
+    kid_subset_size,
     mmd2_unbiased,
     polynomial_kernel,
 )
@@ -126,6 +127,7 @@ def test_a_colour_model_gets_fid_kid_and_an_rgb_grid(judge):
         assert key in m and math.isfinite(m[key]), key
     assert sorted(k for k in m if k.startswith("eval/acc_class_")) == [f"eval/acc_class_{c}" for c in range(3)]
     assert res.grid.ndim == 3 and res.grid.shape[2] == 3 and res.notes == []
+    assert m["eval/kid_std"] > 0  # half-size subsets differ (kid_subset_size)
     with pytest.raises(ValueError, match="the model has 10 classes and the judge of this data 3"):
         evaluate_model(colour_cvae(10), judge, {"x": x, "y": y}, n_per_class=2)
 
@@ -202,6 +204,8 @@ def test_kid_is_zero_within_its_std_for_one_distribution_and_clearly_positive_fo
     assert diff > 3 * diff_std and diff > 20 * abs(same) and diff > 5 * same_std, (diff, diff_std, same, same_std)
     kid, std = kernel_inception_distance(a, other, subset_size=100)  # fixed seed: the same subsets
     assert (kid, std) == (diff, diff_std)
+    # evaluation's subsets: the cap, at most half the smaller set (whole-set subsets would all be the same)
+    assert (kid_subset_size(5000, 3000), kid_subset_size(1000, 1000), kid_subset_size(45, 30)) == (1000, 500, 15)
 
 
 def test_eval_result_fields_include_kid():

@@ -52,6 +52,7 @@ from condgen.tasks.judging.feature_metrics import (
     frechet_distance,
     intra_class_diversity,
     kernel_inception_distance,
+    kid_subset_size,
     precision_recall,
     too_few,
 )
@@ -305,7 +306,8 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
         fid, (kid, kid_std), pr = nan, (nan, nan), dict.fromkeys(("precision", "recall", "density", "coverage"), nan)
     else:
         fid = frechet_distance(feats.numpy().astype(np.float64), real_feats.numpy().astype(np.float64))
-        kid, kid_std = kernel_inception_distance(real_feats, feats)
+        kid, kid_std = kernel_inception_distance(real_feats, feats,
+                                                 subset_size=kid_subset_size(len(real_feats), len(feats)))
         pr = precision_recall(real_feats, feats, k=knn_k)
     for note in notes:
         log.warning("evaluation of %s: %s", type(model).__name__, note)
