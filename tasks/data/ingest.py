@@ -41,7 +41,8 @@ Resume: shards are regenerated deterministically; an existing shard whose bytes
 already match is kept (not rewritten), so an interrupted run finishes where it
 stopped as far as writes go. ``limit`` caps the number of accepted samples; on a bundled
 source it takes an equal, seeded share of every class (``items.stratified_indices``; keys
-and bytes of the samples kept are those of the full set), elsewhere the first ones.
+and bytes of the samples kept are those of the full set; a rejected pick is not replaced),
+elsewhere the first ones.
 """
 from __future__ import annotations
 

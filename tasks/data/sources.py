@@ -8,9 +8,12 @@
 - ``bundled:openmoji[:size=32,seed=0]`` -- the ~3,900 OpenMoji colour emoji in 9
   categories, CC BY-SA 4.0 (``tasks/data/openmoji.py``).
 
-  A generator renders at ``size`` (else ingest's ``image_size``, else 32) and takes
-  ``seed`` (else ingest's) for its content and splits; ingest's ``splits`` fractions and
-  (openmoji) ``background`` apply too. Options go after a colon, comma-separated.
+  A generator renders at ``size`` (else ingest's ``image_size``; None, the CLI's ``auto``,
+  gives 32) and takes ``seed`` (else ingest's) for its content and splits; ingest's
+  ``splits`` fractions and (openmoji) ``background`` apply too. Options go after a colon,
+  comma-separated. The spec's ``size`` wins over ``image_size`` (the images are stored at
+  the size they were drawn). Every bundled source gives ``labels``/``pick``, so a
+  ``limit`` takes an even, seeded share of each class (``items.stratified_indices``).
 - a local folder or a WebDataset tar set (``tasks/data/file_sources.py``).
 - ``s3://bucket/prefix`` holding either layout (mirrored to a temp dir first; the
   fingerprint comes from the listing, so a run that is already done costs one LIST).
