@@ -175,7 +175,8 @@ def _shapes_source(opts: dict[str, Any]) -> Source:
             yield from shapes.iter_shapes(1, image_size=size, seed=seed, fractions=fractions, start=i)
 
     return record_source(
-        shapes.shapes_info(n, image_size=size, seed=seed), opts, (shapes,), records, count=n, background=shapes.BACKGROUND,
+        shapes.shapes_info(n, image_size=size, seed=seed), opts, (shapes,), records, count=n,
+        background=shapes.BACKGROUND,
         labels=lambda: np.fromiter((shapes.sample_spec(i, seed, size).label for i in range(n)), np.int64, n))
 
 
