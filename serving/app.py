@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -37,14 +38,16 @@ from ray import serve
 from condgen.serving import schema
 from condgen.serving.config import ModelSpec, ServeConfig, api_key_digest
 from condgen.serving.errors import ApiError
+from condgen.serving.guard import RequestGuard, reason_detail, validation_detail
+from condgen.serving.launch import API_KEY_ENV, launch_env, refuse_busy_port, replica_env
 from condgen.serving.service import Service
 from condgen.serving.ui import PAGE
 from condgen.tasks.generation.batching import Cancelled
 from condgen.tasks.io import settings
 from condgen.tasks.io.cluster import ensure_ray
+from condgen.tasks.io.redact import redact_uri
 
-API_KEY_ENV = "CONDGEN_API_KEY"
-MAX_BODY_BYTES = 1024 * 1024  # the largest valid body (a 512 KiB base64 image) fits with room to spare
+MAX_BODY_BYTES = 1024 * 1024  # default of ServeConfig.max_body_bytes
 KNOWN_PATHS = ("/v1/generate", "/v1/edit", "/v1/interpolate", "/v1/map", "/v1/models", "/generate", "/health",
                "/metrics", "/")
 
@@ -104,26 +107,53 @@ api = FastAPI(title="condgen", version="1.0.0",
               description="Guided sampling from conditional generative models in the MLflow registry.")
 
 
-# -- auth -------------------------------------------------------------------------------------------
+# -- auth and the body limit (``serving/guard.py``: on the headers, before any body byte is read) -------------
 _key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when CONDGEN_API_KEY is set")
 _bearer = HTTPBearer(auto_error=False)
 
 
+def _key_error(given: str | None) -> ApiError | None:
+    svc = _STATE.get("service")
+    digest = svc.config.api_key_sha256 if svc is not None else None
+    if not digest or (given and hmac.compare_digest(api_key_digest(given), digest)):
+        return None
+    return ApiError(401, "missing or wrong API key (send it in the X-API-Key header)",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
 def require_key(key: str | None = Depends(_key_header),
                 bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    digest = _service().config.api_key_sha256
-    if not digest:
-        return
-    given = key or (bearer.credentials if bearer is not None else None)
-    if not given or not hmac.compare_digest(api_key_digest(given), digest):
-        raise ApiError(401, "missing or wrong API key (send it in the X-API-Key header)",
-                       headers={"WWW-Authenticate": "Bearer"})
+    error = _key_error(key or (bearer.credentials if bearer is not None else None))
+    if error is not None:
+        raise error
+
+
+def _authorise(path: str, headers) -> ApiError | None:
+    """The guard's check of the key, before FastAPI reads the body (``require_key`` documents it)."""
+    if not (path.startswith("/v1/") or path == "/generate"):
+        return None
+    scheme, _, token = (headers.get("authorization") or "").partition(" ")
+    return _key_error(headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else None))
+
+
+def _body_limit() -> int:
+    svc = _STATE.get("service")
+    return svc.config.max_body_bytes if svc is not None else MAX_BODY_BYTES
+
+
+api.add_middleware(RequestGuard, authorise=_authorise, limit=_body_limit)  # inside _observe: 401/413 are counted
 
 
 # -- errors and metrics -------------------------------------------------------------------------------
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+    detail = reason_detail(exc.detail) if exc.status == 422 else exc.detail
+    return JSONResponse({"detail": detail}, status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
 
 
 @api.exception_handler(ValueError)
@@ -133,7 +163,7 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 async def _model_error(_: Request, exc: Exception) -> JSONResponse:
     # The model side refused the input (e.g. a shape or range check inside models/): the
     # request was the problem, so it is a 422 with the reason, not a 500.
-    return JSONResponse({"detail": f"{type(exc).__name__}: {str(exc)[:500]}"}, status_code=422)
+    return JSONResponse({"detail": reason_detail(f"{type(exc).__name__}: {str(exc)[:200]}")}, status_code=422)
 
 
 @api.exception_handler(Cancelled)
@@ -147,11 +177,7 @@ async def _observe(request: Request, call_next):
     t0 = time.perf_counter()
     path = request.url.path
     endpoint = path if path in KNOWN_PATHS else "other"
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        response: Response = JSONResponse({"detail": f"body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
-    else:
-        response = await call_next(request)
+    response: Response = await call_next(request)
     metrics: Metrics | None = _STATE.get("metrics")
     if metrics is not None and endpoint != "/metrics":
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
@@ -160,27 +186,36 @@ async def _observe(request: Request, call_next):
 
 
 # -- routes -------------------------------------------------------------------------------------------
+# Every POST route's 4xx/5xx, for the OpenAPI schema (422 is FastAPI's documented list of errors).
+POST_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the body could not be read as JSON text (e.g. not UTF-8)"},
+    401: {"description": "missing or wrong API key (checked before the body is read)"},
+    404: {"description": "unknown model or adapter"}, 409: {"description": "the model lacks a capability"},
+    413: {"description": "body larger than the limit (1 MiB by default), counted while it streams"},
+    422: {"model": schema.ErrorList, "description": "invalid request (malformed JSON, bounds, model-side "
+                                                      "checks): a list of errors, inputs cut to an excerpt"},
+    503: {"description": "overloaded or starting"}, 504: {"description": "timed out"}}
 @api.post("/v1/generate", response_model=schema.GenerateV1Response, dependencies=[Depends(require_key)],
-          description="base64 PNGs in the model's colour mode: L (1 channel) or RGB (3 channels).", responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
+          description="base64 PNGs in the model's colour mode: L (1 channel) or RGB (3 channels).", responses=POST_RESPONSES)
 async def generate_v1(req: schema.GenerateV1) -> dict[str, Any]:
     return await _service().generate(req)
 
 
 @api.post("/v1/edit", response_model=schema.EditV1Response, dependencies=[Depends(require_key)],
           description=f"Edit an image with a diffusion model. {schema.UPLOAD_POLICY} The edited image is a PNG in "
-                      "the model's colour mode.", responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
+                      "the model's colour mode.", responses=POST_RESPONSES)
 async def edit_v1(req: schema.EditV1) -> dict[str, Any]:
     return await _service().edit(req)
 
 
 @api.post("/v1/interpolate", response_model=schema.InterpolateV1Response, dependencies=[Depends(require_key)],
-          responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
+          responses=POST_RESPONSES)
 async def interpolate_v1(req: schema.InterpolateV1) -> dict[str, Any]:
     return await _service().interpolate(req)
 
 
 @api.post("/v1/map", response_model=schema.MapV1Response, dependencies=[Depends(require_key)],
-          responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}, 504: {}})
+          responses=POST_RESPONSES)
 async def map_v1(req: schema.MapV1) -> dict[str, Any]:
     return await _service().map(req)
 
@@ -214,13 +249,17 @@ async def index() -> str:
     return PAGE
 
 
-@api.post("/generate", response_model=schema.GenerateResponse, dependencies=[Depends(require_key)])
+@api.post("/generate", response_model=schema.GenerateResponse, dependencies=[Depends(require_key)],
+          responses=POST_RESPONSES)
 async def generate(req: schema.GenerateRequest) -> dict[str, Any]:
     return await _service().generate_legacy(req)
 
 
 # -- Ray Serve ---------------------------------------------------------------------------------------------
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=512,
+ACTOR_OPTIONS = {"num_cpus": 0.5}
+
+
+@serve.deployment(num_replicas=1, ray_actor_options=ACTOR_OPTIONS, max_ongoing_requests=512,
                   health_check_period_s=10)
 @serve.ingress(api)
 class CondgenService:
@@ -252,20 +291,31 @@ def make_config(models: str | list[str] | None = None, tracking_uri: str | None 
 
 def build_app(model_uri: str | list[str] | None = None, tracking_uri: str | None = None, *,
               config: ServeConfig | None = None, **options: Any):
+    """The deployment bound to its config; the replica gets the credentials it needs to load models
+    (``launch.replica_env``) in its own runtime_env, and nothing else of the driver's environment."""
     config = config or make_config(model_uri, tracking_uri, **options)
-    return CondgenService.options(max_ongoing_requests=max(64, 2 * config.max_queue)).bind(config.model_dump())
+    env = replica_env()
+    actor = {**ACTOR_OPTIONS, "runtime_env": {"env_vars": env}} if env else dict(ACTOR_OPTIONS)
+    return CondgenService.options(max_ongoing_requests=max(64, 2 * config.max_queue),
+                                  ray_actor_options=actor).bind(config.model_dump())
 
 
 def run(model_uri: str | list[str] | None = None, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
         *, config: ServeConfig | None = None, name: str = "condgen", route_prefix: str = "/", **options: Any):
-    """Start Ray (local unless RAY_ADDRESS), Serve's proxy on host:port, and the app."""
+    """Start Ray (local unless RAY_ADDRESS), Serve's proxy on host:port, and the app.
 
-    ensure_ray(log_to_driver=True)
-    serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(build_app(model_uri, config=config, **options), name=name, route_prefix=route_prefix,
-                       blocking=False)
+    PortInUse (one line) when host:port is taken. Ray's processes start without the API key and
+    credentials (``serving/launch.py``); the key leaves this process's environment for good.
+    """
+    config = config or make_config(model_uri, **options)
+    application = build_app(config=config)  # reads the key and the replica's credentials, before they go
+    refuse_busy_port(host, port)
+    with launch_env():
+        ensure_ray(log_to_driver=True)
+        serve.start(http_options={"host": host, "port": port})
+        handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
     if blocking:
-        print(f"serving {model_uri or [m.uri for m in config.models]} on http://{host}:{port}  "
+        print(f"serving {[redact_uri(m.uri) for m in config.models]} on http://{host}:{port}  "
               f"(docs: /docs, page: /, Ctrl-C to stop)", flush=True)
         try:
             while True:

@@ -29,6 +29,9 @@ class ServeConfig(BaseModel):
     poll_s: float = Field(30.0, ge=0, description="registry alias poll period; 0 = never")
     torch_threads: int = Field(1, ge=1, le=256)
     api_key_sha256: str | None = Field(None, description="sha256 of the API key (never the key itself)")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+                                description="largest request body, counted while it streams (413 beyond); the "
+                                            "largest valid body (a 512 KiB base64 image) fits with room to spare")
     maps: list[str] = Field(default_factory=list,
                             description="fitted latent maps (tasks.map_latents.load_map URIs: runs:/…, s3://…, a "
                                         "folder); /v1/map uses the one fitted on the loaded models' weights")

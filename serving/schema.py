@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 MAX_N = 64
 MAX_SEED = 2**31 - 1
@@ -26,22 +26,41 @@ MAX_TIMEOUT_S = 300.0
 
 # The upload policy of tasks/generation/inputs.py, as the OpenAPI description of every image input.
 UPLOAD_POLICY = (
-    f"base64 PNG/JPEG, greyscale or colour, at most {MAX_IMAGE_SIDE} px per side (checked on the header, "
-    "before decoding). It is decoded to the served model's channels (GET /v1/models: channels, image_size): "
+    f"base64 PNG, JPEG or WebP (no other format, one still image), greyscale or colour, at most {MAX_IMAGE_SIDE} "
+    "px per side (checked on the header, before decoding). It is decoded to the served model's channels "
+    "(GET /v1/models: channels, image_size): "
     "for a 1-channel model a colour image becomes luma (PIL 'L', alpha ignored); for a 3-channel model a "
     "greyscale image is replicated to RGB and transparency is composited onto white. Any other size is "
     "resized (stretched, bilinear) to image_size x image_size: send a square image to avoid distortion.")
 
 
 class _Strict(BaseModel):
+    """A request body: unknown fields refused, floats finite, integers JSON integers (StrictInt: no
+    ``true``/``false``, no "3")."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+
+
+# -- errors ----------------------------------------------------------------------------------
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="where: ['body', field, ...]")
+    msg: str
+    type: str
+    input: Any = Field(None, description="the offending value, or its first 64 characters and an ellipsis")
+    ctx: dict[str, Any] | None = None
+
+
+class ErrorList(BaseModel):
+    """Every 422: a list of errors (pydantic's shape, also for the service's own checks)."""
+
+    detail: list[ErrorItem]
 
 
 # -- the original endpoint -------------------------------------------------------------------
 class GenerateRequest(_Strict):
-    label: int = Field(..., ge=0, le=1_000_000, description="class to generate")
-    n: int = Field(4, ge=1, le=MAX_N, description="number of images")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="RNG seed; the same seed gives the same images")
+    label: StrictInt = Field(..., ge=0, le=1_000_000, description="class to generate")
+    n: StrictInt = Field(4, ge=1, le=MAX_N, description="number of images")
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="RNG seed; the same seed gives the same images")
 
 
 class GenerateResponse(BaseModel):
@@ -62,7 +81,7 @@ class Health(BaseModel):
 
 # -- /v1 -------------------------------------------------------------------------------------
 class _Condition(_Strict):
-    label: int | None = Field(None, ge=0, le=1_000_000, description="class label (label-conditioned models)")
+    label: StrictInt | None = Field(None, ge=0, le=1_000_000, description="class label (label-conditioned models)")
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT,
                                description="text prompt (text models; label models accept a prompt naming a digit)")
 
@@ -78,18 +97,18 @@ class GenerateV1(_Condition):
                               description="a name from GET /v1/models; default: the first loaded model")
     adapter: str | None = Field(None, min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9._-]+$",
                                 description="a LoRA adapter of that model (GET /v1/models lists them)")
-    negative_label: int | None = Field(None, ge=0, le=1_000_000, description="CFG: guide away from this class")
+    negative_label: StrictInt | None = Field(None, ge=0, le=1_000_000, description="CFG: guide away from this class")
     negative_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT,
                                         description="CFG: guide away from this text")
     guidance: Literal["none", "cfg", "classifier", "clip"] = "none"
     scale: float = Field(0.0, ge=0.0, le=MAX_SCALE, description="guidance weight w (CFG: (1+w) eps_c - w eps_u)")
     sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="sampling steps; default: the model's")
+    steps: StrictInt | None = Field(None, ge=1, le=MAX_STEPS, description="sampling steps; default: the model's")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="one RNG for all n images (default 0)")
-    seeds: list[int] | None = Field(None, min_length=1, max_length=MAX_N,
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="one RNG for all n images (default 0)")
+    seeds: list[StrictInt] | None = Field(None, min_length=1, max_length=MAX_N,
                                     description="one image per seed, each from its own RNG")
-    n: int | None = Field(None, ge=1, le=MAX_N, description="images (default 1, or len(seeds))")
+    n: StrictInt | None = Field(None, ge=1, le=MAX_N, description="images (default 1, or len(seeds))")
     timeout_s: float | None = Field(None, gt=0.0, le=MAX_TIMEOUT_S, description="give up after this long (504)")
 
     @model_validator(mode="after")
@@ -132,15 +151,15 @@ class GenerateV1Response(BaseModel):
 class EditV1(_Strict):
     model: str | None = Field(None, min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9._@/:-]+$")
     image: str = Field(..., min_length=8, max_length=MAX_IMAGE_B64, description=UPLOAD_POLICY)
-    source_label: int | None = Field(None, ge=0, le=1_000_000)
+    source_label: StrictInt | None = Field(None, ge=0, le=1_000_000)
     source_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT)
-    target_label: int | None = Field(None, ge=0, le=1_000_000)
+    target_label: StrictInt | None = Field(None, ge=0, le=1_000_000)
     target_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT)
     method: Literal["ddim_inversion", "null_text", "sdedit"] = "sdedit"
     strength: float = Field(0.6, ge=0.0, le=1.0, description="sdedit: noise level t0 = strength * T")
     scale: float = Field(0.0, ge=0.0, le=20.0, description="CFG weight while re-generating (null_text needs > 0)")
-    steps: int = Field(20, ge=1, le=MAX_EDIT_STEPS)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    steps: StrictInt = Field(20, ge=1, le=MAX_EDIT_STEPS)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     timeout_s: float | None = Field(None, gt=0.0, le=MAX_TIMEOUT_S)
 
     @model_validator(mode="after")
@@ -164,14 +183,14 @@ class EditV1Response(BaseModel):
 
 class InterpolateV1(_Condition):
     model: str | None = Field(None, min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9._@/:-]+$")
-    seed_a: int = Field(0, ge=0, le=MAX_SEED)
-    seed_b: int = Field(1, ge=0, le=MAX_SEED)
+    seed_a: StrictInt = Field(0, ge=0, le=MAX_SEED)
+    seed_b: StrictInt = Field(1, ge=0, le=MAX_SEED)
     latent_a: list[float] | None = Field(None, min_length=1, max_length=MAX_LATENT,
                                          description="explicit latent (CVAE/GAN: latent_dim numbers); overrides seed_a")
     latent_b: list[float] | None = Field(None, min_length=1, max_length=MAX_LATENT)
-    frames: int = Field(8, ge=2, le=MAX_FRAMES)
+    frames: StrictInt = Field(8, ge=2, le=MAX_FRAMES)
     method: Literal["linear", "slerp"] = "slerp"
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="diffusion: DDIM steps per frame")
+    steps: StrictInt | None = Field(None, ge=1, le=MAX_STEPS, description="diffusion: DDIM steps per frame")
     scale: float = Field(0.0, ge=0.0, le=MAX_SCALE, description="diffusion: CFG weight")
     timeout_s: float | None = Field(None, gt=0.0, le=MAX_TIMEOUT_S)
 
@@ -189,8 +208,8 @@ class InterpolateV1Response(BaseModel):
 class MapV1(_Strict):
     source_model: str = Field(..., min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9._@/:-]+$")
     target_model: str = Field(..., min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9._@/:-]+$")
-    label: int | None = Field(None, ge=0, le=1_000_000)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    label: StrictInt | None = Field(None, ge=0, le=1_000_000)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     latent: list[float] | None = Field(None, min_length=1, max_length=MAX_LATENT)
 
 
@@ -215,7 +234,8 @@ class ModelInfo(BaseModel):
 
     name: str
     registered_name: str
-    uri: str
+    uri: str | None = Field(description="the registry URI served (models:/NAME@ALIAS or /VERSION); null for a "
+                                        "checkpoint folder (storage paths are never shown)")
     version: str
     run_id: str
     adapters: list[str]

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -67,6 +68,8 @@ class Service:
                                wait_s=config.batch_wait_ms / 1000, max_queue=config.max_queue,
                                threads=config.torch_threads)
         self._solo = itertools.count()
+        # uploads are decoded here, never on the request loop (a slow decode must not stall /health)
+        self._decoder = ThreadPoolExecutor(2, thread_name_prefix="condgen-decode")
         self._stop = threading.Event()
         self.metrics = None  # set by the app (prometheus collectors)
         if config.poll_s > 0:
@@ -82,6 +85,7 @@ class Service:
     def close(self) -> None:
         self._stop.set()
         self.batcher.executor.shutdown(wait=False, cancel_futures=True)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def _poll(self) -> None:
         while not self._stop.wait(self.config.poll_s):
@@ -222,7 +226,8 @@ class Service:
             raise ApiError(422, f"steps must be <= the model's {T} timesteps, got {req.steps}")
         if req.method == "null_text" and req.scale <= 0:
             raise ApiError(422, "method 'null_text' needs scale > 0 (it optimises the unconditional branch of CFG)")
-        x0 = decode_image(req.image, loaded.info["channels"], loaded.info["image_size"])
+        x0 = await asyncio.get_running_loop().run_in_executor(
+            self._decoder, decode_image, req.image, loaded.info["channels"], loaded.info["image_size"])
         src, src_info = condition_rows(loaded, self.clip, req.source_label, req.source_prompt, 1, "source")
         tgt, tgt_info = condition_rows(loaded, self.clip, req.target_label, req.target_prompt, 1, "target")
         model = loaded.model
@@ -337,7 +342,8 @@ class Service:
         out = []
         for loaded in self.pool.all():
             variants = self.pool._entries[loaded.key]
-            out.append({"name": loaded.key, "registered_name": loaded.registered_name, "uri": loaded.spec.uri,
+            out.append({"name": loaded.key, "registered_name": loaded.registered_name,
+                        "uri": _public_uri(loaded.spec.uri),
                         "version": loaded.version, "run_id": loaded.run_id,
                         "adapters": sorted(a for a in variants if a is not None),
                         "classifier_guidance": loaded.classifier is not None, "loaded_at": loaded.loaded_at,
@@ -353,6 +359,11 @@ class Service:
         first = self.pool.get(None)
         return {"status": "ok", "model": first.registered_name, "version": first.version,
                 "models": {m.key: m.version for m in self.pool.all()}}
+
+
+def _public_uri(uri: str) -> str | None:
+    """The registry URI a model was asked for; never a checkpoint's local or storage path."""
+    return uri if uri.startswith("models:/") else None
 
 
 @dataclass(eq=False)

@@ -18,6 +18,14 @@ from tests.registry_helpers import TINY_CVAE, TINY_DIFFUSION, register_tiny
 DIFF, CVAE = "bg-diffusion", "bg-cvae"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _watermark_key():
+    """Signing needs a configured key (there is no built-in one): a test-only key, set explicitly."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(watermark.KEY_ENV, "test-only-watermark-key")
+        yield
+
+
 # -- unit: watermark and safety --------------------------------------------------------------------
 def test_watermark_signs_marks_and_detects():
     rng = np.random.default_rng(0)

@@ -51,6 +51,14 @@ MODELS = {"rgb-diff": ("diffusion", RGB_DIFF), "rgb-cvae": ("cvae", RGB_CVAE), "
 
 
 @pytest.fixture(autouse=True, scope="module")
+def _watermark_key():
+    """Signing needs a configured key (there is no built-in one): a test-only key, set explicitly."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(watermark.KEY_ENV, "test-only-watermark-key")
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -161,7 +169,7 @@ def test_edit_decodes_the_upload_to_the_models_channels(client, upload, model, m
         assert im.mode == mode and im.size == (side, side)
     big = _b64_png(np.zeros((300, 300, 3), np.uint8), "RGB")
     r = client.post("/v1/edit", json={"model": model, "image": big, "source_label": 1, "target_label": 2})
-    assert r.status_code == 422 and "at most 256 per side" in r.json()["detail"]
+    assert r.status_code == 422 and "at most 256 per side" in r.json()["detail"][0]["msg"]
 
 
 def test_interpolate_and_map_return_colour(client):

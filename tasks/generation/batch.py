@@ -61,7 +61,8 @@ MANIFEST = "manifest.json"
 # Settings a worker needs to reach storage / sign like the driver (forwarded when set).
 WORKER_ENV = ("CONDGEN_HOME", "CONDGEN_STORAGE", "CONDGEN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE",
-              "AWS_SHARED_CREDENTIALS_FILE", "NO_PROXY", "no_proxy", "CONDGEN_PROVENANCE_KEY", "CONDGEN_DENYLIST")
+              "AWS_SHARED_CREDENTIALS_FILE", "NO_PROXY", "no_proxy", watermark.KEY_ENV, watermark.LEGACY_KEY_ENV,
+              "CONDGEN_DENYLIST")
 
 
 @dataclass(frozen=True)
@@ -329,8 +330,9 @@ def write_manifest(plan: Plan) -> dict[str, Any]:
         "blocked": blocked, "n_blocked": sum(blocked.values()),
         "shards": [{"name": e["name"], "n_samples": e["n_samples"], "sha256": e["sha256"], "blocked": e["blocked"]}
                    for e in entries],
-        "provenance": {"signature": "hmac-sha256", "key_id": watermark.key_id(),
-                       "watermark": "lsb-keyed" if plan.spec.watermark else None},
+        "provenance": {"signature": "hmac-sha256" if watermark.signing() else watermark.UNSIGNED,
+                       "key_id": watermark.key_id(),
+                       "watermark": "lsb-keyed" if plan.spec.watermark and watermark.signing() else None},
     }
     if n_samples + manifest["n_blocked"] != plan.n_items:
         raise RuntimeError(f"manifest accounts for {n_samples + manifest['n_blocked']} of {plan.n_items} items")

@@ -3,9 +3,11 @@ images handed to a classifier of another colour mode (the safety filter's judge)
 
 Upload policy (declared in ``/v1/edit``'s OpenAPI description and ``condgen edit --help``):
 
+* formats: PNG, JPEG and WebP only (``FORMATS``, handed to ``Image.open``), one still image: no
+  other container (ICO, TIFF, ...) is ever parsed, and an animated PNG/WebP is refused;
 * the header is read first: width and height must be in [1, ``max_side``] (the service's
-  ``schema.MAX_IMAGE_SIDE``) and PIL's decompression-bomb limit applies, before any pixel is decoded;
-  any format PIL reads is accepted (PNG and JPEG are the ones promised);
+  ``schema.MAX_IMAGE_SIDE``), so at most ``max_side``² pixels, and PIL's decompression-bomb limit
+  applies, before any pixel is decoded (callers on an event loop decode in a thread);
 * 1-channel models (``L``): PIL ``convert("L")`` -- a colour image becomes ITU-R 601-2 luma
   (0.299 R + 0.587 G + 0.114 B), alpha is ignored -- exactly as the greyscale-only service did;
 * 3-channel models (``RGB``): a greyscale image is replicated to three channels; an image with
@@ -28,6 +30,7 @@ from condgen.tasks.io.images import from_uint8
 MODES = {1: "L", 3: "RGB"}
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's convert("L")
 WHITE = (255, 255, 255, 255)
+FORMATS = ("PNG", "JPEG", "WEBP")  # single-image formats whose header gives the size of what is decoded
 
 
 class BadImage(ValueError):
@@ -53,19 +56,29 @@ def _in_mode(im: Image.Image, mode: str) -> Image.Image:
     return im.convert(mode)
 
 
+def check_geometry(im: Image.Image, max_side: int | None) -> None:
+    """Refuse, from the header alone, an image whose pixels this policy would not decode."""
+    w, h = im.size
+    if w < 1 or h < 1 or (max_side is not None and max(w, h) > max_side):
+        raise BadImage(f"image is {w}x{h}; at most {max_side} per side")
+    Image._decompression_bomb_check(im.size)  # PIL's own limit when no max_side is given
+    if getattr(im, "n_frames", 1) != 1:
+        raise BadImage(f"image has {im.n_frames} frames; send one still image")
+
+
 def decode_for_model(data: bytes, channels: int, size: int, max_side: int | None = None) -> torch.Tensor:
-    """Encoded image bytes -> (1, channels, size, size) float in [-1, 1] by the policy above; BadImage otherwise."""
+    """Encoded image bytes -> (1, channels, size, size) float in [-1, 1] by the policy above; BadImage otherwise.
+
+    CPU-bound (up to ``max_side``² pixels): an async caller runs it in a thread."""
     mode = mode_of(channels)
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w < 1 or h < 1 or (max_side is not None and max(w, h) > max_side):
-                raise BadImage(f"image is {w}x{h}; at most {max_side} per side")
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            check_geometry(im, max_side)
             pixels = np.array(_in_mode(im, mode).resize((size, size), Image.BILINEAR), dtype=np.uint8)
     except BadImage:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise BadImage("image is not a readable PNG/JPEG") from None
+        raise BadImage("image is not a readable PNG, JPEG or WebP") from None
     return from_uint8(pixels[None])
 
 

@@ -16,8 +16,11 @@ It is a fragile watermark (it proves "this exact output came from that record"),
 not one that survives resizing or JPEG; a robust one (spread spectrum) would need
 images larger than 28x28 digits to hide in.
 
-The key comes from ``CONDGEN_PROVENANCE_KEY``; without it an embedded development key
-is used (the record says so: ``key_id`` = "dev"), so a deployment sets its own.
+The key comes from configuration: ``CONDGEN_WATERMARK_KEY`` (``CONDGEN_PROVENANCE_KEY``, its former
+name, is still read). There is no built-in key: without one, records are **unsigned** -- ``sign``
+writes ``key_id`` = "unsigned" and ``signature`` = null, ``mark`` leaves the pixels alone, and
+``verify``/``detect`` are False -- so an unsigned output can never pass for a signed one. Tests set
+a key of their own explicitly (an env var in a fixture, or ``key=``).
 """
 from __future__ import annotations
 
@@ -29,24 +32,34 @@ from typing import Any
 
 import numpy as np
 
-KEY_ENV = "CONDGEN_PROVENANCE_KEY"
-_DEV_KEY = b"condgen-development-provenance-key"
+KEY_ENV = "CONDGEN_WATERMARK_KEY"
+LEGACY_KEY_ENV = "CONDGEN_PROVENANCE_KEY"
+UNSIGNED = "unsigned"  # the key_id of a record made without a key
 SIGNED_FIELDS_EXCLUDED = ("signature", "image_sha256")
 DEFAULT_THRESHOLD = 0.9
 
 
-def _key(key: bytes | str | None = None) -> tuple[bytes, str]:
+def configured_key() -> str | None:
+    """The signing key from the environment, or None (unsigned mode)."""
+    return os.environ.get(KEY_ENV) or os.environ.get(LEGACY_KEY_ENV) or None
+
+
+def _key(key: bytes | str | None = None) -> tuple[bytes | None, str]:
     if key is None:
-        env = os.environ.get(KEY_ENV)
-        if not env:
-            return _DEV_KEY, "dev"
-        key = env
+        key = configured_key()
+        if key is None:
+            return None, UNSIGNED
     raw = key.encode() if isinstance(key, str) else key
     return raw, hashlib.sha256(raw).hexdigest()[:12]  # an id for the key, never the key itself
 
 
 def key_id(key: bytes | str | None = None) -> str:
     return _key(key)[1]
+
+
+def signing(key: bytes | str | None = None) -> bool:
+    """Whether records are signed and images marked (a key is given or configured)."""
+    return _key(key)[0] is not None
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -56,18 +69,18 @@ def canonical(record: dict[str, Any]) -> bytes:
 
 
 def sign(record: dict[str, Any], key: bytes | str | None = None) -> dict[str, Any]:
-    """A copy of ``record`` with ``key_id`` and ``signature`` (hex HMAC-SHA256)."""
+    """A copy of ``record`` with ``key_id`` and ``signature`` (hex HMAC-SHA256; null when unsigned)."""
     raw, kid = _key(key)
     out = {k: v for k, v in record.items() if k != "signature"}
     out["key_id"] = kid
-    out["signature"] = hmac.new(raw, canonical(out), hashlib.sha256).hexdigest()
+    out["signature"] = hmac.new(raw, canonical(out), hashlib.sha256).hexdigest() if raw is not None else None
     return out
 
 
 def verify(record: dict[str, Any], key: bytes | str | None = None) -> bool:
     raw, kid = _key(key)
     sig = record.get("signature")
-    if not isinstance(sig, str) or record.get("key_id") != kid:
+    if raw is None or not isinstance(sig, str) or record.get("key_id") != kid:
         return False
     return hmac.compare_digest(sig, hmac.new(raw, canonical(record), hashlib.sha256).hexdigest())
 
@@ -82,16 +95,19 @@ def _pattern(record: dict[str, Any], shape: tuple[int, ...], key: bytes | str | 
 
 
 def embed(image: np.ndarray, record: dict[str, Any], key: bytes | str | None = None) -> np.ndarray:
-    """uint8 image (H, W) or (H, W, 3) -> the same image with the record's bits in its LSBs (|change| <= 1)."""
+    """uint8 image (H, W) or (H, W, 3) -> the same image with the record's bits in its LSBs (|change| <= 1);
+    unchanged when unsigned (no key)."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"embed takes uint8 images, got {image.dtype}")
+    if not signing(key):
+        return image.copy()
     return (image & np.uint8(0xFE)) | _pattern(record, image.shape, key)
 
 
 def match_rate(image: np.ndarray, record: dict[str, Any], key: bytes | str | None = None) -> float:
     image = np.asarray(image)
-    if image.dtype != np.uint8 or image.size == 0:
+    if image.dtype != np.uint8 or image.size == 0 or not signing(key):
         return 0.0
     return float(((image & 1) == _pattern(record, image.shape, key)).mean())
 

@@ -1,0 +1,124 @@
+"""What stands in front of the routes: the API key checked on the headers before any body byte is
+read, the body limit enforced while the body streams in (413 as soon as it is passed, chunked or
+not), and 422 details that are always the documented list and never echo more than an excerpt
+of the input.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable
+
+from fastapi.encoders import jsonable_encoder
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+
+from condgen.serving.errors import ApiError
+
+EXCERPT_CHARS = 64  # the most of a client's input a 422 detail repeats
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when the body passes the limit; an HTTPException so that FastAPI's
+    body parsing passes it on (anything else it turns into a 400) and it renders as a 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit} bytes; send at most {limit}")
+
+
+def excerpt(value: Any) -> Any:
+    """``value`` if its JSON is short, else the first ``EXCERPT_CHARS`` characters of it and an ellipsis."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value[:4 * EXCERPT_CHARS]).decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value if len(value) <= EXCERPT_CHARS else value[:EXCERPT_CHARS] + "…"
+    try:
+        text = json.dumps(jsonable_encoder(value))
+    except (TypeError, ValueError):
+        text = repr(value)
+    else:
+        if len(text) <= EXCERPT_CHARS:
+            return jsonable_encoder(value)
+    return text[:EXCERPT_CHARS] + "…"
+
+
+def validation_detail(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic/FastAPI errors -> the documented ``detail`` list, inputs and contexts cut to an excerpt."""
+    out = []
+    for err in errors:
+        item = {"type": str(err.get("type", "value_error")), "loc": list(err.get("loc", ("body",))),
+                "msg": str(err.get("msg", ""))[:500]}
+        if "input" in err:
+            item["input"] = excerpt(err["input"])
+        if err.get("ctx"):
+            item["ctx"] = {str(k): excerpt(v if isinstance(v, (str, int, float, bool, type(None))) else str(v))
+                           for k, v in err["ctx"].items()}
+        out.append(item)
+    return out
+
+
+def reason_detail(message: str, type_: str = "value_error") -> list[dict[str, Any]]:
+    """A 422 reason (a string) in the documented list shape."""
+    return [{"type": type_, "loc": ["body"], "msg": message}]
+
+
+async def send_json(send: Callable[[Message], Awaitable[None]], status: int, detail: Any,
+                    headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           (b"connection", b"close")]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestGuard:
+    """ASGI middleware: ``authorise(path, headers)`` (an ApiError to refuse, else None) runs on the
+    headers alone; ``limit()`` is the body limit in bytes, checked on Content-Length and again on
+    every chunk received."""
+
+    def __init__(self, app, *, authorise: Callable[[str, Headers], ApiError | None], limit: Callable[[], int]):
+        self.app, self.authorise, self.limit = app, authorise, limit
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        path = scope["path"]
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        denied = self.authorise(path, headers)
+        if denied is not None:
+            await send_json(send, denied.status, denied.detail, denied.headers)
+            return
+        limit = self.limit()
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await send_json(send, 413, BodyTooLarge(limit).detail)
+            return
+        received, started = 0, False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as exc:  # read outside FastAPI's body parsing (which renders it itself)
+            if started:
+                raise
+            await send_json(send, 413, exc.detail)
