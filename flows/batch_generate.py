@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from condgen.flows.steps import manifest_task, missing_task, payload_task, plan_task, shards_task
 from condgen.tasks.generation import batch as bg
@@ -19,6 +19,7 @@ from condgen.tasks.io import settings, storage
 
 
 class BatchGenerateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a params file is an error, not ignored
     model_uri: str = Field("models:/condgen-cvae@champion", description="models:/NAME@ALIAS or models:/NAME/VERSION")
     out_uri: str | None = Field(None, description="default: <storage>/generated/<model>-<job fingerprint>")
     labels: list[int] = Field(default_factory=lambda: list(range(10)), max_length=10_000)

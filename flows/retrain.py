@@ -17,7 +17,7 @@ import dataclasses
 from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from condgen.flows.steps import (
     embed_task,
@@ -38,6 +38,7 @@ from condgen.tasks.training.driver import TrainRequest, TrainResult
 class TrainSpec(BaseModel):
     """One model to train in a retrain run (``RetrainParams.models``)."""
 
+    model_config = ConfigDict(extra="forbid")  # a typo in a params file is an error, not ignored
     name: str = Field("cvae", description="a key of models.registry.MODELS")
     config: dict[str, Any] = Field(default_factory=dict, description="overrides of the model's config dataclass")
     epochs: int = Field(10, ge=1, le=10_000)
@@ -48,6 +49,7 @@ class TrainSpec(BaseModel):
 
 
 class GateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a params file is an error, not ignored
     min_accuracy: float = Field(0.8, ge=0, le=1)
     tolerance: float = Field(0.0, ge=0, le=1)
 
@@ -55,6 +57,7 @@ class GateParams(BaseModel):
 class ReportParams(BaseModel):
     """The evaluation report written after all models (tasks/judging/report.py)."""
 
+    model_config = ConfigDict(extra="forbid")  # a typo in a params file is an error, not ignored
     enabled: bool = True
     exploration: bool = Field(True, description="interpolation strips + attribute edits/leakage (first CVAE)")
     latent_maps: bool = Field(True, description="linear maps between every pair of models with a latent space")
@@ -74,6 +77,7 @@ class ReportParams(BaseModel):
 
 
 class RetrainParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a params file is an error, not ignored
     source: str = "bundled:mnist"
     shards_uri: str | None = Field(None, description="default: <storage>/shards/<source>")
     limit: int | None = Field(None, ge=1, description="ingest at most this many samples (tests, smoke runs)")

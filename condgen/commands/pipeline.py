@@ -1,0 +1,178 @@
+"""``condgen demo`` / ``retrain`` (the whole flow), ``condgen ingest`` and ``condgen train`` (one step each).
+
+Inputs are checked (``condgen.commands.checks``) before the flow, Ray Train or ingestion is
+imported: those imports (Prefect, Ray, torch, MLflow) stay inside the functions and cost ~10 s.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Annotated, Any, Literal
+
+import typer
+
+from condgen.commands import checks
+
+DEMO_MODELS = [{"name": "cvae", "epochs": 20, "batch_size": 64, "config": {"channels": [32, 64], "latent_dim": 4}}]
+
+Params = Annotated[str | None, typer.Option(help="JSON file with RetrainParams fields (flows/retrain.py)")]
+Source = Annotated[str | None, typer.Option(help="bundled:mnist | bundled:uci_digits | folder | tar glob | s3://…")]
+Workers = Annotated[int | None, typer.Option(help="Ray Train workers per model")]
+Epochs = Annotated[int | None, typer.Option(help="override every model's epochs")]
+Limit = Annotated[int | None, typer.Option(help="ingest at most N samples (smoke runs)")]
+
+
+def demo(params: Params = None, source: Source = None, workers: Workers = None, epochs: Epochs = None,
+         limit: Limit = None) -> int:
+    """The whole pipeline on bundled MNIST at the demo budget."""
+    return run_retrain(params, source, workers, epochs, limit, demo=True)
+
+
+def retrain(params: Params = None, source: Source = None, workers: Workers = None, epochs: Epochs = None,
+            limit: Limit = None) -> int:
+    """The retrain flow with parameters from a JSON file."""
+    return run_retrain(params, source, workers, epochs, limit, demo=False)
+
+
+def retrain_inputs(raw: dict[str, Any], where: str) -> Any:
+    """``raw`` as ``RetrainParams``, checked before the flow starts: field names, sources, model names, config
+    keys and a registry CLIP; then the flow's own pydantic model (``extra="forbid"``)."""
+    checks.params_keys(raw, "condgen.flows.retrain", "RetrainParams", where)
+    if isinstance(raw.get("source"), str):
+        checks.source(raw["source"])
+    for i, spec in enumerate(raw.get("models") or []):
+        if isinstance(spec, dict) and isinstance(spec.get("name", "cvae"), str):
+            name = spec.get("name", "cvae")
+            checks.config_keys(checks.model_name(name), spec.get("config") or {}, f"{where}: models[{i}].config")
+            if isinstance(spec.get("source_b"), str):
+                checks.source(spec["source_b"])
+    if isinstance(raw.get("clip"), str) and raw["clip"].startswith("models:/"):
+        checks.registered(raw["clip"])
+    from pydantic import ValidationError
+
+    from condgen.flows.retrain import RetrainParams
+
+    try:
+        return RetrainParams.model_validate(raw)
+    except ValidationError as exc:
+        raise checks.validation_error(exc, where) from None
+
+
+def run_retrain(params_file: str | None, source: str | None, workers: int | None, epochs: int | None,
+                limit: int | None, demo: bool = False) -> int:
+    raw: dict[str, Any] = checks.json_file(params_file, "--params") if params_file else {}
+    if demo:
+        raw.setdefault("models", copy.deepcopy(DEMO_MODELS))
+    if source:
+        raw["source"] = source
+    if workers:
+        raw["num_workers"] = workers
+    if limit:
+        raw["limit"] = limit
+    if epochs:
+        for m in raw.setdefault("models", [{"name": "cvae"}]):
+            m["epochs"] = epochs
+    params = retrain_inputs(raw, params_file or "parameters")
+
+    from condgen.flows.retrain import retrain as retrain_flow
+    from condgen.tasks.io import settings
+
+    out = retrain_flow(params)
+    print("\n== condgen retrain finished ==")
+    print(f"shards:          {out['shards_uri']}  (manifest {out['manifest']})")
+    print(f"MLflow tracking: {settings.tracking_uri()}  (artifacts {settings.artifact_root()})")
+    print(f"                 browse: mlflow ui --backend-store-uri {settings.tracking_uri()}")
+    for r in out["results"]:
+        m, p = r["metrics"], r["promotion"]
+        print(f"model {r['model']}: run {r['run_id']}  checkpoint {r['checkpoint']}")
+        print(f"  conditional accuracy {m['eval/cond_accuracy']:.4f}  domain FID {m['eval/fid']:.3f}  "
+              f"(judge test accuracy {m['eval/judge_test_accuracy']:.4f})")
+        state = "promoted to" if p["promoted"] else "NOT promoted to"
+        print(f"  registry: models:/{p['name']}/{p['version']} {state} @champion — {p['reason']}")
+    if out["results"]:
+        print(f"\nserve it:  condgen serve --model models:/{out['results'][0]['promotion']['name']}@champion")
+    return 0
+
+
+def _image_size(text: str) -> str:
+    """``--image-size``: a whole number of pixels or ``auto``."""
+    if text != "auto" and not text.isdigit():
+        raise typer.BadParameter(f"expected a number of pixels or 'auto', got {text!r}")
+    return text
+
+
+def ingest(
+    source: Annotated[str, typer.Argument(help="bundled:NAME, a folder, a tar file or glob, or s3://bucket/prefix")],
+    out: Annotated[str | None, typer.Option(help="shards URI (file://… or s3://…)")] = None,
+    shard_size: int = 1000,
+    limit: int | None = None,
+    image_size: Annotated[str, typer.Option(callback=_image_size, help="side of the stored square images, or "
+                                            "'auto' (most common longer side, at most 64)")] = "28",
+    mode: Annotated[Literal["auto", "L", "RGB"], typer.Option(
+        help="colour mode: auto (the majority of the files), L (greyscale) or RGB")] = "auto",
+    resize: Annotated[Literal["pad", "center_crop", "resize"], typer.Option(
+        help="how non-square images become square")] = "pad",
+    background: Annotated[str, typer.Option(
+        help="colour transparency is composited onto: white, black, #rrggbb or r,g,b")] = "white",
+    num_classes: Annotated[int | None, typer.Option(
+        help="default: the number of class names, or 10 for integer labels")] = None,
+    invert: Annotated[Literal["never", "auto"], typer.Option(
+        help="auto: MNIST polarity for greyscale digit scans (dark ink on paper is inverted)")] = "never",
+) -> int:
+    """Source -> WebDataset shards + manifest."""
+    checks.source(source)
+    from condgen.flows.retrain import default_shards_uri
+    from condgen.tasks.data.ingest import ingest as ingest_source
+
+    res = ingest_source(source, out or default_shards_uri(source), shard_size=shard_size, limit=limit,
+                        image_size=None if image_size == "auto" else int(image_size), mode=mode, resize=resize,
+                        background=background, num_classes=num_classes, invert=invert)
+    print(json.dumps(dict(res.__dict__), indent=2, default=str))
+    return 0
+
+
+def train(
+    model: Annotated[str, typer.Option(help="a model family (models/registry.py), e.g. cvae, cgan, diffusion")] = "cvae",
+    shards: Annotated[str | None, typer.Option(help="ingested shards URI (default: bundled MNIST's)")] = None,
+    epochs: int = 10,
+    batch_size: int = 128,
+    workers: int = 2,
+    seed: int = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE",
+                                                   help="model config override (repeatable)")] = None,
+    source_b: Annotated[str | None, typer.Option(
+        help="second, unpaired domain for cyclegan (e.g. bundled:uci_digits)")] = None,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="score the result with the judge")] = False,
+) -> int:
+    """Train one model with Ray Train (one MLflow run)."""
+    if shards:
+        checks.shards(shards)
+    if source_b:
+        checks.source(source_b)
+    config = checks.config_keys(checks.model_name(model), checks.key_values(set_ or []))
+    from condgen.flows.retrain import default_shards_uri
+    from condgen.tasks.data.ingest import ingest as ingest_source
+    from condgen.tasks.judging.evaluate import evaluate_run
+    from condgen.tasks.training.driver import TrainRequest
+    from condgen.tasks.training.driver import train as train_model
+
+    if not shards:  # the bundled default, ingested on first use (a no-op once its manifest exists)
+        shards = default_shards_uri("bundled:mnist")
+        ingest_source("bundled:mnist", shards)
+    shards_b = None
+    if source_b:  # CycleGAN's second domain, ingested on demand
+        shards_b = default_shards_uri(source_b)
+        ingest_source(source_b, shards_b)
+    res = train_model(TrainRequest(model=model, shards_uri=shards, model_config=config, epochs=epochs,
+                                   batch_size=batch_size, num_workers=workers, seed=seed, shards_b_uri=shards_b))
+    print(json.dumps({"run_id": res.run_id, "checkpoint": res.checkpoint_uri}, indent=2))
+    if evaluate:
+        print(json.dumps(evaluate_run(res.run_id, res.checkpoint_uri, shards), indent=2))
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
+    app.command("retrain")(retrain)
+    app.command("ingest")(ingest)
+    app.command("train")(train)
