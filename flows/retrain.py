@@ -209,7 +209,10 @@ def _train(spec: TrainSpec, params: RetrainParams, shards_uri: str, emb: dict[st
                        embeddings=embeddings, latents=latents, epochs=spec.epochs, batch_size=spec.batch_size,
                        num_workers=params.num_workers, seed=params.seed, experiment=params.experiment,
                        grid_every=spec.grid_every)
-    return train_task(req), config_to_dict(model_config), embeddings
+    trained = train_task(req)
+    # The config as trained (channels, size and classes fitted to the data), so a later "@name"
+    # reference gets the architecture that was really built.
+    return trained, trained.config or config_to_dict(model_config), embeddings
 
 
 def _evaluate_and_promote(model: str, name: str, trained: TrainResult, params: RetrainParams, shards_uri: str,
