@@ -19,7 +19,8 @@ value raises :class:`SettingsError` with one line naming the variable and the ac
 | PREFECT_API_URL           | (unset: ephemeral Prefect)               | http://prefect:4200/api          |
 | CONDGEN_S3_ENDPOINT_URL   | (unset: AWS)                             | http://minio:9000                |
 | CONDGEN_API_KEY           | (unset: no key)                          | from a Secret                    |
-| CONDGEN_PROVENANCE_KEY    | (a development key)                      | from a Secret                    |
+| CONDGEN_WATERMARK_KEY     | (unset: unsigned provenance records)     | from a Secret                    |
+| CONDGEN_PROVENANCE_KEY    | (the old name of CONDGEN_WATERMARK_KEY)  | —                                |
 | CONDGEN_DENYLIST          | (the built-in list)                      | /etc/condgen/denylist.txt        |
 | CONDGEN_WORKDIR           | (the checkout)                           | /opt/condgen                     |
 | CONDGEN_DEBUG             | off                                      | —                                |
@@ -74,7 +75,8 @@ class Settings(BaseSettings):
     prefect_api_url: str | None = Field(None, validation_alias="PREFECT_API_URL")
     s3_endpoint_url: str | None = Field(None, validation_alias="CONDGEN_S3_ENDPOINT_URL")
     api_key: SecretStr | None = Field(None, validation_alias="CONDGEN_API_KEY")
-    provenance_key: SecretStr | None = Field(None, validation_alias="CONDGEN_PROVENANCE_KEY")
+    watermark_key: SecretStr | None = Field(None, validation_alias="CONDGEN_WATERMARK_KEY")
+    provenance_key: SecretStr | None = Field(None, validation_alias="CONDGEN_PROVENANCE_KEY")  # its old name
     denylist: Path | None = Field(None, validation_alias="CONDGEN_DENYLIST")
     workdir: Path | None = Field(None, validation_alias="CONDGEN_WORKDIR")
     debug: bool = Field(False, validation_alias="CONDGEN_DEBUG")
