@@ -16,9 +16,13 @@ Routes (OpenAPI docs at ``/docs``):
 * ``POST /generate``  the original endpoint: {label, n, seed} on the first model.
 
 Bad input is a 4xx with a reason, never a 5xx: pydantic bounds (422), unknown model (404),
-missing capability (409), model-side ``ValueError`` (422), overload (503), timeout (504).
+missing capability (409), model-side ``ValueError`` (422), overload (503), timeout (504), a body
+over ``max_body_bytes`` (413, counted while it streams, chunked or not), an unparseable body (400).
+Every 422 ``detail`` is a list of ``{loc, msg, type[, input, ctx]}``, inputs cut to 64 characters.
 When ``CONDGEN_API_KEY`` is set, ``/v1/*`` and ``/generate`` need it in ``X-API-Key``
-(or ``Authorization: Bearer``); otherwise 401. Only its sha256 travels to the replicas.
+(or ``Authorization: Bearer``); otherwise 401, answered on the headers before any body byte is
+read (``serving/guard.py``). Only its sha256 travels to the replicas; Ray's processes start
+without it and without credentials (``serving/launch.py``).
 """
 from __future__ import annotations
 
@@ -195,8 +199,11 @@ POST_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": schema.ErrorList, "description": "invalid request (malformed JSON, bounds, model-side "
                                                       "checks): a list of errors, inputs cut to an excerpt"},
     503: {"description": "overloaded or starting"}, 504: {"description": "timed out"}}
+
+
 @api.post("/v1/generate", response_model=schema.GenerateV1Response, dependencies=[Depends(require_key)],
-          description="base64 PNGs in the model's colour mode: L (1 channel) or RGB (3 channels).", responses=POST_RESPONSES)
+          description="base64 PNGs in the model's colour mode: L (1 channel) or RGB (3 channels).",
+          responses=POST_RESPONSES)
 async def generate_v1(req: schema.GenerateV1) -> dict[str, Any]:
     return await _service().generate(req)
 

@@ -6,7 +6,8 @@ of the input.
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi.encoders import jsonable_encoder
 from starlette.datastructures import Headers
@@ -25,7 +26,9 @@ class BodyTooLarge(HTTPException):
     body parsing passes it on (anything else it turns into a 400) and it renders as a 413."""
 
     def __init__(self, limit: int):
-        super().__init__(413, f"request body larger than {limit} bytes; send at most {limit}")
+        # Connection: close, so that the server drops the connection rather than reading the rest to discard it
+        super().__init__(413, f"request body larger than {limit} bytes; send at most {limit}",
+                         headers={"Connection": "close"})
 
 
 def excerpt(value: Any) -> Any:
@@ -121,4 +124,4 @@ class RequestGuard:
         except BodyTooLarge as exc:  # read outside FastAPI's body parsing (which renders it itself)
             if started:
                 raise
-            await send_json(send, 413, exc.detail)
+            await send_json(send, 413, exc.detail)  # send_json closes the connection too

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 API_KEY_ENV = "CONDGEN_API_KEY"
 # what a replica needs to read models from the registry and its artifact store
