@@ -114,6 +114,22 @@ def test_help_lists_every_command_and_completion(home):
     assert res.cpu_s < LIMIT_S
 
 
+def test_shell_completion_completes_commands_and_options(home):
+    env = {"_CONDGEN_COMPLETE": "complete_bash", "COMP_WORDS": "condgen tr", "COMP_CWORD": "1"}
+    assert condgen(home=home, env=env).out.split() == ["train"]
+    env.update(COMP_WORDS="condgen train --bat", COMP_CWORD="2")
+    assert condgen(home=home, env=env).out.split() == ["--batch-size"]
+    res = condgen("--show-completion", "bash", home=home)
+    assert res.rc == 0 and "_CONDGEN_COMPLETE" in res.out
+
+
+def test_sample_choices_match_the_api():
+    from condgen.commands import diffusion
+    from condgen.models.diffusion import SAMPLERS
+
+    assert diffusion.SAMPLERS == tuple(SAMPLERS)
+
+
 # -- fail fast: names, keys, paths ----------------------------------------------------------------------------------
 def test_unknown_model_lists_the_registry(home):
     line = assert_fails_fast(condgen("train", "--model", "cvea", home=home), "unknown model 'cvea'", "choose from")

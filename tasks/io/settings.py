@@ -35,7 +35,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_RAY_ADDRESS = re.compile(r"^(auto|local|(ray|http|https|anyscale)://\S+|[\w.-]+:\d{1,5})$")
+_RAY_ADDRESS = re.compile(r"^(auto|local|(ray|http|https|anyscale)://\S+|([\w.-]+|\[[0-9A-Fa-f:]+\]):\d{1,5})$")
 _TRACKING_SCHEMES = re.compile(r"^(https?|file|sqlite|postgresql|mysql|mssql|databricks(-uc)?)(\+\w+)?$")
 
 
