@@ -44,7 +44,8 @@ def condgen(*args: str, home: Path, env: dict[str, str] | None = None) -> Result
     full.update(CONDGEN_HOME=str(home), COLUMNS="200", **(env or {}))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    proc = subprocess.run([*COMMAND, *args], capture_output=True, text=True, env=full, cwd=home, timeout=300)
+    proc = subprocess.run([*COMMAND, *args], check=False, capture_output=True, text=True, env=full, cwd=home,
+                          timeout=300)
     wall = time.monotonic() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

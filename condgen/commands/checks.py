@@ -14,8 +14,9 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REGISTRY_URI = re.compile(r"models:/([^/@]+)(?:@([\w-]+)|/(\d+))")
 SOURCES = "a folder, a .tar file or glob, s3://bucket/prefix, or bundled:mnist|uci_digits|shapes|openmoji"
