@@ -180,11 +180,16 @@ def _client() -> Iterator[Any]:
     except mlflow.exceptions.MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
             raise
-        raise InputError(f"the MLflow registry at {uri} did not answer ({str(exc).splitlines()[0][:160]}); "
+        raise InputError(f"the MLflow registry at {_shown(uri)} did not answer ({_shown(str(exc).splitlines()[0][:160])}); "
                          f"check MLFLOW_TRACKING_URI") from None
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _shown(uri: str) -> str:
+    """A tracking URI fit for a message: no password (``postgresql://user:secret@host`` -> ``//***@host``)."""
+    return re.sub(r"//[^/@]+@", "//***@", uri)
 
 
 def _empty_registry() -> str | None:
@@ -250,7 +255,8 @@ def run_id(rid: str) -> str:
     """An MLflow run that exists in the configured tracking store."""
     from condgen.tasks.io import settings
 
-    fix = f"not a run of the tracking store at {settings.tracking_uri()} (see `mlflow ui`, or set MLFLOW_TRACKING_URI)"
+    fix = (f"not a run of the tracking store at {_shown(settings.tracking_uri())} (see `mlflow ui`, or set "
+           f"MLFLOW_TRACKING_URI)")
     if not re.fullmatch(r"[0-9a-zA-Z_-]{1,64}", rid) or _empty_registry():
         raise InputError(f"unknown run id {rid!r}: {fix}")
     from mlflow.exceptions import MlflowException
