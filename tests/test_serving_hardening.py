@@ -215,28 +215,29 @@ def test_health_stays_fast_while_hostile_edits_are_in_flight(service):
 
     async def hostile(c):
         sent = 0
-        while not done.is_set() and sent < 400:
+        while not done.is_set() and sent < 2000:
             r = await c.post("/v1/edit", json=_edit(bomb))
             assert r.status_code == 422
             sent += 1
         return sent
 
     async def scenario(c):
+        await c.get("/health")  # warm: first-request costs are not what is measured
         attackers = [asyncio.create_task(hostile(c)) for _ in range(6)]
         await asyncio.sleep(0.05)  # all six in flight
-        latencies = []
-        for _ in range(50):
+        latencies, deadline = [], time.perf_counter() + 30  # bounded even when /health is stalled
+        while len(latencies) < 200 and time.perf_counter() < deadline:  # p99 of 200: one blip is not the p99
             t0 = time.perf_counter()
             assert (await c.get("/health")).status_code == 200
             latencies.append(time.perf_counter() - t0)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.002)
         done.set()
         return latencies, await asyncio.gather(*attackers)
 
     latencies, sent = _call(scenario)
     p50, p99 = np.percentile(latencies, [50, 99]) * 1000
     print(f"/health under 6 hostile edit loops ({sum(sent)} bombs sent): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    assert min(sent) >= 1 and p99 < 100
+    assert min(sent) >= 1 and p99 < 100, sorted(np.round(np.array(latencies) * 1000, 1))[-5:]
 
 
 # -- 3. secrets ------------------------------------------------------------------------------------------------
