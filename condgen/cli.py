@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 # The command modules import only typer and the standard library at module level. Everything heavy
 # (flows, serving, tasks: Ray, Prefect, MLflow, torch; seconds to import) is imported lazily inside the
@@ -74,8 +75,6 @@ def _error(message: str) -> None:
 
 def _failed(exc: BaseException, debug: bool) -> int:
     """One line on stderr (the traceback too with --debug); the exit code: 2 for input, 1 for the rest."""
-    from pydantic import ValidationError
-
     if debug:
         traceback.print_exception(exc)
     if isinstance(exc, (checks.InputError, settings.SettingsError)):

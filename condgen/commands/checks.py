@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,6 @@ def model_name(name: str) -> str:
 
 def config_keys(model: str, config: dict[str, Any], where: str = "--set") -> dict[str, Any]:
     """``config``'s keys must be fields of ``model``'s config dataclass."""
-    import dataclasses
-
     from condgen.models.registry import config_class
 
     fields = sorted(f.name for f in dataclasses.fields(config_class(model_name(model))))
@@ -239,8 +239,6 @@ def model_ref(uri: str, fix: str = "") -> str | None:
 
 
 def _family_of_version(version: Any) -> str | None:
-    import tempfile
-
     import mlflow
 
     try:

@@ -9,6 +9,7 @@ import json
 from typing import Annotated, Literal
 
 import typer
+from pydantic import ValidationError
 
 from condgen.commands import checks
 
@@ -50,8 +51,6 @@ def generate(
     checks.registered(model, TRAIN_FIX)
     if judge:
         checks.model_ref(judge)
-
-    from pydantic import ValidationError
 
     from condgen.flows.batch_generate import BatchGenerateParams, batch_generate
     from condgen.tasks.generation import batch as bg

@@ -10,6 +10,7 @@ import json
 from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import ValidationError
 
 from condgen.commands import checks
 
@@ -48,8 +49,6 @@ def retrain_inputs(raw: dict[str, Any], where: str) -> Any:
                 checks.source(spec["source_b"])
     if isinstance(raw.get("clip"), str) and raw["clip"].startswith("models:/"):
         checks.registered(raw["clip"])
-    from pydantic import ValidationError
-
     from condgen.flows.retrain import RetrainParams
 
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from condgen.commands import checks
 from condgen.commands.embed import clip_spec
@@ -19,8 +20,6 @@ TRAIN_FIX = "train and promote one with `condgen demo` or `condgen retrain --par
 
 def serve_inputs(models: list[Any], raw: dict[str, Any], where: str) -> Any:
     """The ``ServeConfig`` of ``models`` + ``raw``, every reference in it checked."""
-    from pydantic import ValidationError
-
     from condgen.serving.config import ServeConfig
 
     specs = [m if isinstance(m, dict) else {"uri": m} for m in models]
