@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-# The command modules import only typer and the standard library at module level. Everything heavy
+# The command modules import only typer, pydantic and the standard library at module level. Everything heavy
 # (flows, serving, tasks: Ray, Prefect, MLflow, torch; seconds to import) is imported lazily inside the
 # command functions, after their inputs are checked, so `condgen --help` and input errors answer fast.
 from condgen.commands import adapt, checks, deploy, diffusion, embed, generate, pipeline, report, serve
@@ -66,7 +66,10 @@ def _take_debug(args: list[str]) -> bool:
 
 
 def _env_debug() -> bool:
-    return os.environ.get("CONDGEN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return settings.load().debug
+    except settings.SettingsError:  # reported as the error itself, below
+        return False
 
 
 def _error(message: str) -> None:
