@@ -104,7 +104,8 @@ def fit_clip(images: np.ndarray, captions: Sequence[Sequence[str]], labels: np.n
         return 0.5 * lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     loss_fn = open_clip.ClipLoss()
-    images_t = as_float_images(images).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1]
+    images_t = as_float_images(images)  # (N, 28, 28) or (N, 3, H, W) in [-1, 1]
+    images_t = images_t.unsqueeze(1) if images_t.ndim == 3 else images_t
     losses: list[float] = []
     t0 = time.perf_counter()
     model.train()

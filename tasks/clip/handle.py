@@ -165,7 +165,11 @@ class ClipHandle:
 
 
 def as_float_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1]: (N, H, W) stays, RGB shard arrays (N, H, W, 3) become (N, 3, H, W); tensors keep
+    their layout (they are channels-first already)."""
     if isinstance(images, np.ndarray):
+        if images.ndim == 4 and images.shape[-1] == 3:
+            images = images.transpose(0, 3, 1, 2)
         if images.dtype == np.uint8:
             return torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1)
         images = torch.from_numpy(images)
