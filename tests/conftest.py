@@ -385,3 +385,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             server.stop()
         except Exception as exc:  # shutting down: report, never fail the session over it
             print(f"prefect ephemeral server did not stop cleanly: {exc!r}", file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def watermark_key() -> Iterator[str]:
+    """Signing needs a configured key (there is no built-in one): a test-only key, set explicitly
+    for the module that asks for it (``pytestmark = pytest.mark.usefixtures("watermark_key")``)."""
+    from condgen.tasks.generation import watermark
+
+    key = "test-only-watermark-key"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(watermark.KEY_ENV, key)
+        yield key

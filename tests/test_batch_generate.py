@@ -18,12 +18,7 @@ from tests.registry_helpers import TINY_CVAE, TINY_DIFFUSION, register_tiny
 DIFF, CVAE = "bg-diffusion", "bg-cvae"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _watermark_key():
-    """Signing needs a configured key (there is no built-in one): a test-only key, set explicitly."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(watermark.KEY_ENV, "test-only-watermark-key")
-        yield
+pytestmark = pytest.mark.usefixtures("watermark_key")  # tests/conftest.py
 
 
 # -- unit: watermark and safety --------------------------------------------------------------------

@@ -50,12 +50,7 @@ MODELS = {"rgb-diff": ("diffusion", RGB_DIFF), "rgb-cvae": ("cvae", RGB_CVAE), "
           "grey-diff": ("diffusion", GREY_DIFF), "grey-judge": ("classifier", {"channels": (4, 8)})}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _watermark_key():
-    """Signing needs a configured key (there is no built-in one): a test-only key, set explicitly."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(watermark.KEY_ENV, "test-only-watermark-key")
-        yield
+pytestmark = pytest.mark.usefixtures("watermark_key")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True, scope="module")

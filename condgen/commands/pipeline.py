@@ -75,12 +75,14 @@ def run_retrain(params_file: str | None, source: str | None, workers: int | None
 
     from condgen.flows.retrain import retrain as retrain_flow
     from condgen.tasks.io import settings
+    from condgen.tasks.io.redact import redact_uri
 
     out = retrain_flow(params)
     print("\n== condgen retrain finished ==")
     print(f"shards:          {out['shards_uri']}  (manifest {out['manifest']})")
-    print(f"MLflow tracking: {settings.tracking_uri()}  (artifacts {settings.artifact_root()})")
-    print(f"                 browse: mlflow ui --backend-store-uri {settings.tracking_uri()}")
+    tracking = redact_uri(settings.tracking_uri())  # never print credentials embedded in a URI
+    print(f"MLflow tracking: {tracking}  (artifacts {redact_uri(settings.artifact_root())})")
+    print(f"                 browse: mlflow ui --backend-store-uri {tracking}")
     for r in out["results"]:
         m, p = r["metrics"], r["promotion"]
         print(f"model {r['model']}: run {r['run_id']}  checkpoint {r['checkpoint']}")
