@@ -3,7 +3,8 @@
 ``train(TrainRequest)`` fits the model config to the data (``tasks.training.data_config``: channels,
 image size and classes from the shard manifest, unless the spec sets them, when a disagreement is an
 error here, before Ray starts) and validates it, opens one MLflow run, runs the worker
-loop of ``tasks/training/worker.py`` on ``num_workers`` Ray Train workers, copies the final
+loop of ``tasks/training/worker.py`` on ``num_workers`` Ray Train workers (``batch_size`` is the global batch,
+split over them: ``tasks/training/batching.py``), copies the final
 checkpoint (``model.safetensors`` + ``config.json``; the adapter files of a LoRA run) to
 storage and the run's artifacts, and returns the per-epoch history the workers logged.
 """
@@ -31,9 +32,10 @@ from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io import settings, storage, tracking
 from condgen.tasks.io.cluster import ensure_ray
 from condgen.tasks.io.model_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model_uri, register
+from condgen.tasks.training import batching
 from condgen.tasks.training.adapters import prepare, served_parameters, trained_adapter_parameters
 from condgen.tasks.training.data_config import fit_to_data
-from condgen.tasks.training.worker import train_loop_per_worker
+from condgen.tasks.training.worker import group_lrs, train_loop_per_worker
 
 
 # -- requests and results ----------------------------------------------------------------
@@ -45,8 +47,17 @@ class TrainRequest:
     # from the data and its *_uri checkpoints when left out (tasks.training.data_config.fit_to_data).
     model_config: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
+    # The GLOBAL batch: samples per optimiser step, summed over all workers. The worker count only
+    # splits it (tasks.training.batching): 1 and N workers take the same optimiser steps on the same data.
     batch_size: int = 128
     num_workers: int = 2
+    # The learning rate: the config's lr is the rate for this global batch ("none", the default). To
+    # train with another global batch than the rate was tuned for, "linear" (x G/reference) or "sqrt"
+    # (x sqrt(G/reference), suited to Adam) scales it relative to lr_reference_batch, ramping up from the
+    # config's rate over lr_warmup_steps optimiser steps (Goyal et al. 2017).
+    lr_scaling: str = "none"
+    lr_reference_batch: int | None = None
+    lr_warmup_steps: int = 0
     seed: int = 0
     embeddings: str | None = None  # CLIP fingerprint of precomputed embeddings (text conditioning)
     latents: str | None = None  # autoencoder fingerprint of precomputed latents (latent diffusion)
@@ -91,6 +102,7 @@ class TrainResult:
 # -- the driver ----------------------------------------------------------------------------
 def train(req: TrainRequest) -> TrainResult:
     """Run one TorchTrainer fit as one MLflow run; copy the final checkpoint to storage."""
+    split = batch_params(req)  # a bad split or LR option fails here, before Ray starts
     tracking.configure(req.experiment)  # an adapter's base may be a models:/ URI
     model, adapter_cfg = _model_for_data(req)  # validates the config against the data, then starts Ray
     with mlflow.start_run(run_name=req.run_name or req.model) as run:
@@ -98,7 +110,7 @@ def train(req: TrainRequest) -> TrainResult:
                              "shards_b_uri": req.shards_b_uri or "",
                              "num_workers": req.num_workers, "seed": req.seed, "shards_uri": req.shards_uri,
                              "embeddings": req.embeddings or "", "latents": req.latents or "",
-                             **flatten_params(model.config, "cfg.")})
+                             **split, **_lr_params(req, model), **flatten_params(model.config, "cfg.")})
         mlflow.log_dict({"model": req.model, "config": _config_dict(model)}, "model_config.json")
         mlflow.set_tags({"condgen.model": req.model, "condgen.shards": req.shards_uri,
                          "condgen.condition": getattr(model.config, "condition", "label")})
@@ -113,7 +125,8 @@ def train(req: TrainRequest) -> TrainResult:
             "epochs": req.epochs, "batch_size": req.batch_size, "seed": req.seed, "embeddings": req.embeddings,
             "run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(), "fail_at_epoch": req.fail_at_epoch,
             "grid_every": req.grid_every, "shards_b_uri": req.shards_b_uri, "latents": req.latents,
-            "adapter": adapter_cfg,
+            "adapter": adapter_cfg, "lr_scaling": req.lr_scaling, "lr_reference_batch": req.lr_reference_batch,
+            "lr_warmup_steps": req.lr_warmup_steps,
         }
         storage_path, storage_fs = ray_storage(req.storage_path or settings.ray_storage())
         trainer = TorchTrainer(
@@ -147,6 +160,28 @@ def train(req: TrainRequest) -> TrainResult:
             MlflowClient().set_registered_model_alias(req.adapter.register_as, "latest-adapter", version)
         return TrainResult(run.info.run_id, dest, dict(result.metrics or {}), history,
                            json_normalised(_config_dict(model)))
+
+
+def batch_params(req: TrainRequest) -> dict[str, Any]:
+    """The split of the global batch over the workers and the LR option, as MLflow params
+    (``tasks.training.batching``); ValueError on a batch smaller than the worker count or a bad option."""
+    if req.lr_scaling != "none" and not req.lr_reference_batch:
+        raise ValueError(f"lr_scaling={req.lr_scaling!r} scales the rate relative to lr_reference_batch: set it "
+                         "(the global batch the config's lr was tuned for)")
+    if req.lr_warmup_steps < 0:
+        raise ValueError(f"lr_warmup_steps must be >= 0, not {req.lr_warmup_steps}")
+    batching.lr_factor(req.lr_scaling, req.batch_size, req.lr_reference_batch or req.batch_size)
+    return {**batching.split_params(req.batch_size, req.num_workers), "lr_scaling": req.lr_scaling,
+            "lr_reference_batch": req.lr_reference_batch or "", "lr_warmup_steps": req.lr_warmup_steps}
+
+
+def _lr_params(req: TrainRequest, model: torch.nn.Module) -> dict[str, float]:
+    """The effective learning rate of each optimiser group after warm-up (``lr`` for a single group)."""
+    factor = batching.lr_factor(req.lr_scaling, req.batch_size, req.lr_reference_batch or req.batch_size)
+    lrs = {name: lr * factor for name, lr in group_lrs(model).items()}
+    if len(lrs) == 1:
+        return {"lr_effective": next(iter(lrs.values()))}
+    return {f"lr_effective.{name}": lr for name, lr in lrs.items()}
 
 
 def _model_for_data(req: TrainRequest) -> tuple[torch.nn.Module, dict[str, Any] | None]:

@@ -5,7 +5,9 @@ CPU in one process, and touches Ray only through ``get_context``, ``get_checkpoi
 ``get_device`` and ``report``. Gradients are averaged across workers with one flat
 all-reduce per optimiser step instead of DDP, because GANs step two optimisers per batch
 through methods other than ``forward`` (DDP only synchronises gradients produced through
-its wrapped ``forward``).
+its wrapped ``forward``). ``config["batch_size"]`` is the global batch; each rank trains on its
+share of it (``tasks/training/batching.py``), so the optimiser steps, the data behind each step and
+every schedule counted in optimiser steps are the same for any number of workers.
 
 Each epoch ends in a checkpoint of ``model.safetensors`` + ``config.json`` +
 ``optimizer.safetensors`` + ``trainer_state.json`` (plus the adapter files of a LoRA run):
@@ -37,6 +39,7 @@ from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io.images import from_uint8, grid, to_uint8
 from condgen.tasks.io.model_store import attach_frozen_parts, save_adapter
 from condgen.tasks.io.tracking import MetricLogger
+from condgen.tasks.training import batching
 from condgen.tasks.training.adapters import prepare
 
 OPTIMIZER_WEIGHTS = "optimizer.safetensors"
@@ -45,28 +48,29 @@ TRAINER_STATE = "trainer_state.json"
 
 # -- data --------------------------------------------------------------------------------
 def batches(arrays: dict[str, np.ndarray], batch_size: int, rank: int, world: int, epoch: int, seed: int):
-    """Shuffled, rank-disjoint mini-batches (a DistributedSampler over in-memory arrays).
+    """Rank ``rank``'s share of each global batch of ``batch_size`` samples in ``epoch``
+    (``tasks.training.batching``: one permutation per epoch, the same on every rank; step k's global
+    batch is the same set of samples for any ``world``, and rank r takes its contiguous slice of it).
 
-    Every rank sees the same number of batches (the permutation is padded by wrapping)
-    so the per-step all-reduce never waits on a rank that has run out of data.
+    Every rank takes the same number of steps, so the per-step all-reduce never waits on a rank that
+    has run out of data. Per-sample random choices (a caption phrasing, CycleGAN's unpaired draw) are
+    drawn for the whole global batch and sliced, so they do not depend on ``world`` either.
     """
-    n = len(arrays["y"])
-    perm = np.random.default_rng(seed + epoch).permutation(n)
-    per_rank = -(-n // world)
-    perm = np.resize(perm, per_rank * world)[rank::world]
-    rng = np.random.default_rng(seed * 1000 + epoch * 10 + rank)
-    for i in range(0, per_rank - batch_size + 1 if per_rank >= batch_size else 1, batch_size):
-        idx = perm[i:i + batch_size]
+    bp = batching.plan(len(arrays["y"]), batch_size, world)
+    part = bp.rank_slice(rank)
+    rng = np.random.default_rng(seed * 1000 + epoch * 10)
+    for step_idx in batching.epoch_steps(bp, epoch, seed):
+        idx = step_idx[part]
         batch = {"x": from_uint8(arrays["x"][idx]), "y": torch.from_numpy(arrays["y"][idx])}
         if "z" in arrays:  # precomputed autoencoder latents: latent diffusion skips its encoder
             batch["z"] = torch.from_numpy(arrays["z"][idx])
         if "txt" in arrays:
             # One random caption phrasing per sample per step: text is not a lookup table.
-            pick = rng.integers(0, arrays["txt"].shape[1], len(idx))
+            pick = rng.integers(0, arrays["txt"].shape[1], len(step_idx))[part]
             batch["txt"] = torch.from_numpy(arrays["txt"][idx, pick])
         if "x_b" in arrays:
             # Unpaired second domain (CycleGAN): an independent random draw per batch.
-            batch["x_b"] = from_uint8(arrays["x_b"][rng.integers(0, len(arrays["x_b"]), len(idx))])
+            batch["x_b"] = from_uint8(arrays["x_b"][rng.integers(0, len(arrays["x_b"]), len(step_idx))[part]])
         yield batch
 
 
@@ -86,20 +90,32 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average gradients across workers with a single flat all-reduce."""
+def allreduce_grads(params: list[torch.nn.Parameter], weight: float | None = None) -> None:
+    """Combine gradients across workers with a single flat all-reduce: the average over ranks, or, with
+    ``weight`` (this rank's ``n_r / N`` when the shares of a global batch differ), the weighted sum, which
+    is the average over the global batch's samples."""
     _, world = _world()
     if world == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
+    if weight is not None:
+        flat *= weight
     dist.all_reduce(flat)
-    flat /= world
+    if weight is None:
+        flat /= world
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of rank ``rank`` > 0 after the model is built (rank 0 keeps ``seed``): every rank
+    draws its own noise (latents, timesteps, dropout) for its share of the global batch, never a copy of
+    another rank's."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def broadcast_model(model: torch.nn.Module) -> None:
@@ -131,21 +147,36 @@ def worker_placement() -> list[dict[str, Any]]:
 
 
 # -- optimisers ------------------------------------------------------------------------
-def make_optimizers(model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+def group_lrs(model: torch.nn.Module) -> dict[str, float]:
+    """The config's learning rate of each optimiser group (a model may give a group its own rate)."""
     cfg = model.config
-    betas = tuple(getattr(cfg, "betas", (0.9, 0.999)))
-    lr = getattr(model, "group_lr", lambda name: cfg.lr)  # a model may give a group its own rate
-    return {name: torch.optim.Adam([p for p in params if p.requires_grad], lr=lr(name), betas=betas)
+    lr = getattr(model, "group_lr", lambda name: cfg.lr)
+    return {name: lr(name) for name in model.optimizer_groups()}
+
+
+def make_optimizers(model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+    betas = tuple(getattr(model.config, "betas", (0.9, 0.999)))
+    lrs = group_lrs(model)
+    return {name: torch.optim.Adam([p for p in params if p.requires_grad], lr=lrs[name], betas=betas)
             for name, params in model.optimizer_groups().items()}
 
 
-def make_opt_step(optimizers: dict[str, torch.optim.Optimizer]):
+def set_lr(optimizers: dict[str, torch.optim.Optimizer], base: dict[str, float], multiplier: float) -> None:
+    """Every group's rate = its config rate x ``multiplier`` (``tasks.training.batching.lr_multiplier``)."""
+    for name, opt in optimizers.items():
+        for group in opt.param_groups:
+            group["lr"] = base[name] * multiplier
+
+
+def make_opt_step(optimizers: dict[str, torch.optim.Optimizer], weight: float | None = None):
+    """``opt_step(name, loss)`` of the training contract; ``weight``: this rank's share of the global batch
+    when the shares differ (``allreduce_grads``)."""
     def opt_step(name: str, loss: torch.Tensor) -> None:
         opt = optimizers[name]
         params = [p for g in opt.param_groups for p in g["params"]]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        allreduce_grads(params)
+        allreduce_grads(params, weight)
         opt.step()
 
     return opt_step
@@ -225,8 +256,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     adapter = config.get("adapter")
     model.to(ray.train.torch.get_device())
     broadcast_model(model)
+    if rank > 0:  # rank 0 keeps the seed's stream (one worker trains as before); the others draw their own noise
+        torch.manual_seed(rank_seed(config["seed"], rank))
     optimizers = make_optimizers(model)
-    opt_step = make_opt_step(optimizers)
+    base_lrs = group_lrs(model)
 
     start_epoch, step = 0, 0
     resumed = ray.train.get_checkpoint()
@@ -240,6 +273,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                               config.get("latents")))
     if config.get("shards_b_uri"):
         arrays["x_b"] = load_arrays(config["shards_b_uri"], "train")["x"]
+    bp = batching.plan(len(arrays["y"]), config["batch_size"], world)
+    opt_step = make_opt_step(optimizers, bp.weight(rank))
+    factor = batching.lr_factor(config.get("lr_scaling", "none"), config["batch_size"],
+                                config.get("lr_reference_batch") or config["batch_size"])
+    warmup = int(config.get("lr_warmup_steps") or 0)
     placement = worker_placement()  # every rank takes part in the gather
     logger = None
     if rank == 0 and config.get("run_id"):
@@ -248,6 +286,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # about a slow or failed run. Rewritten when a restarted worker group resumes.
         logger.log_dict({"workers": placement, "num_nodes": len({w["node_id"] for w in placement})},
                         "placement.json")
+        logger.log_dict({**bp.summary(), "lr_factor": factor, "lr_warmup_steps": warmup}, "batch_plan.json")
+        print(f"condgen train: {bp.describe()}", flush=True)
     cond = grid_conditions(model, arrays) if rank == 0 else None
     fail_at = config.get("fail_at_epoch")  # fault injection for tests: die once, mid-run
 
@@ -255,6 +295,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         t0, sums, count = time.perf_counter(), {}, 0
         for batch in batches(arrays, config["batch_size"], rank, world, epoch, config["seed"]):
+            if factor != 1.0 or warmup:
+                set_lr(optimizers, base_lrs, batching.lr_multiplier(step, factor, warmup))
             logs = model.train_step(batch, opt_step)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
