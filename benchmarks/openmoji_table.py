@@ -18,20 +18,23 @@ import time
 
 import numpy as np
 import torch
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from benchmarks.diffusion_common import BENCH_DIFFUSION, machine, table, write_json  # noqa: E402
-from condgen.flows.retrain import default_shards_uri  # noqa: E402
-from condgen.tasks.data.ingest import ingest  # noqa: E402
-from condgen.tasks.data.splits import dataset_info  # noqa: E402
-from condgen.tasks.io.images import grid, to_uint8  # noqa: E402
-from condgen.tasks.io.model_store import load_trained  # noqa: E402
-from condgen.tasks.judging.evaluate import evaluate_run, load_test  # noqa: E402
-from condgen.tasks.training.driver import TrainRequest, train  # noqa: E402
+from benchmarks.diffusion_common import BENCH_DIFFUSION, machine, table, write_json
+from condgen.flows.retrain import default_shards_uri
+from condgen.tasks.data.ingest import ingest
+from condgen.tasks.data.splits import dataset_info
+from condgen.tasks.io import tracking
+from condgen.tasks.io.images import grid, to_uint8
+from condgen.tasks.io.model_store import load_trained
+from condgen.tasks.judging.evaluate import evaluate_run, load_test
+from condgen.tasks.training.driver import TrainRequest, train
 
 SOURCE = "bundled:openmoji"
+EXPERIMENT = "condgen-openmoji-table"
 SIZE = 32
 # family -> (config overrides, epochs, batch size) at the demo budget (2 shared CPU cores). The
 # channels/size/classes come from the manifest (tasks/training/data_config.py). The GANs use half
@@ -79,13 +82,52 @@ def save_small_png(img: np.ndarray, path: str, max_bytes: int = 300_000) -> None
         print(f"{path}: over {max_bytes // 1000} KB as RGB, saved with a 256-colour palette")
 
 
+def trained_family(family: str, epochs: int, shards: str, workers: int, per_class: int, judge_epochs: int) -> dict:
+    """Train ``family`` for ``epochs`` through Ray Train, evaluate it (metrics logged to the run)."""
+    cfg, _, bs = ROWS[family]
+    t0 = time.perf_counter()
+    res = train(TrainRequest(model=family, shards_uri=shards, model_config=cfg, epochs=epochs, batch_size=bs,
+                             num_workers=workers, run_name=f"openmoji-{family}", experiment=EXPERIMENT))
+    secs = time.perf_counter() - t0
+    m = evaluate_run(res.run_id, res.checkpoint_uri, shards, n_per_class=per_class, judge_epochs=judge_epochs)
+    return {**m, "train_seconds": secs, "epochs": epochs, "config": cfg, "checkpoint": res.checkpoint_uri,
+            "run_id": res.run_id}
+
+
+def reused_family(family: str, epochs: int) -> dict | None:
+    """The latest finished, evaluated run of ``family`` for ``epochs`` in this benchmark's MLflow experiment
+    (``--reuse``): its eval metrics and checkpoint; train seconds = the training run's wall time."""
+    tracking.configure(EXPERIMENT)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    for run in client.search_runs([exp.experiment_id], f"attributes.run_name = 'openmoji-{family}'",
+                                  order_by=["attributes.start_time DESC"]):
+        m, ckpt = run.data.metrics, run.data.tags.get("condgen.checkpoint")
+        if run.info.status == "FINISHED" and "eval/cond_accuracy" in m and ckpt and \
+                int(run.data.params["epochs"]) == epochs:
+            return {**m, "train_seconds": (run.info.end_time - run.info.start_time) / 1000,
+                    "epochs": epochs, "config": ROWS[family][0], "checkpoint": ckpt,
+                    "run_id": run.info.run_id, "reused": True}
+    return None
+
+
+def table_row(family: str, f: dict) -> list:
+    return [family, f"`{f['config']}`", f["epochs"], f"{f['eval/cond_accuracy']:.3f}",
+            f"{f['eval/judge_test_accuracy']:.3f}", f"{f['eval/fid']:.2f}",
+            f"{f.get('eval/kid', float('nan')):.4f} ± {f.get('eval/kid_std', float('nan')):.4f}",
+            f"{f['train_seconds']:.0f}"]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--epochs-scale", type=float, default=1.0)
+    p.add_argument("--epochs", nargs="*", default=[], metavar="FAMILY=N", help="a family's epochs (beats the scale)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--per-class", type=int, default=100, help="samples per class for accuracy / FID / KID")
     p.add_argument("--judge-epochs", type=int, default=4)
+    p.add_argument("--reuse", action="store_true", help="take a family's latest evaluated run of this benchmark "
+                   "(MLflow experiment condgen-openmoji-table) instead of training it again")
     p.add_argument("--grid", default="docs/img/openmoji_samples.png", help="sample grid PNG ('' = none)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
@@ -96,36 +138,27 @@ def main(argv: list[str] | None = None) -> None:
     info = dataset_info(shards)
     k = info["num_classes"]
     print(f"{SOURCE}: {k} classes {info['class_names']}", flush=True)
+    headers = ["family", "config", "epochs", "cond. accuracy", "judge test accuracy", "FID", "KID ± std", "train s"]
     rows, figures, blocks = [], {}, [real_per_class(shards, k, REAL)]
+    epochs = {f: max(1, round(ROWS[f][1] * args.epochs_scale)) for f in ROWS}
+    epochs.update({f: int(n) for f, n in (kv.split("=") for kv in args.epochs)})
     for family in args.only:
-        cfg, epochs, bs = ROWS[family]
-        epochs = max(1, round(epochs * args.epochs_scale))
-        t0 = time.perf_counter()
-        res = train(TrainRequest(model=family, shards_uri=shards, model_config=cfg, epochs=epochs, batch_size=bs,
-                                 num_workers=args.workers, run_name=f"openmoji-{family}",
-                                 experiment="condgen-openmoji-table"))
-        secs = time.perf_counter() - t0
-        m = evaluate_run(res.run_id, res.checkpoint_uri, shards, n_per_class=args.per_class,
-                         judge_epochs=args.judge_epochs)
-        figures[family] = {**m, "train_seconds": secs, "epochs": epochs, "batch_size": bs, "config": cfg,
-                           "checkpoint": res.checkpoint_uri}
-        rows.append([family, f"`{cfg}`", epochs, f"{m['eval/cond_accuracy']:.3f}",
-                     f"{m['eval/judge_test_accuracy']:.3f}", f"{m['eval/fid']:.2f}",
-                     f"{m.get('eval/kid', float('nan')):.4f} ± {m.get('eval/kid_std', float('nan')):.4f}",
-                     f"{secs:.0f}"])
-        print(f"| {' | '.join(map(str, rows[-1]))} |", flush=True)
+        f = (reused_family(family, epochs[family]) if args.reuse else None) or trained_family(
+            family, epochs[family], shards, args.workers, args.per_class, args.judge_epochs)
+        figures[family] = f
+        rows.append(table_row(family, f))
+        print(f"| {' | '.join(map(str, rows[-1]))} |" + (" (reused run)" if f.get("reused") else ""), flush=True)
+        write_json(args.json, figures, default=str)  # after every family: a cut-short run keeps what it measured
         if args.grid:
-            blocks.append(samples_per_class(res.checkpoint_uri, k, PER_FAMILY))
-    print("\n" + table(["family", "config", "epochs", "cond. accuracy", "judge test accuracy", "FID", "KID ± std",
-                        "train s"], rows))
+            blocks.append(samples_per_class(f["checkpoint"], k, PER_FAMILY))
+            img = sample_grid(blocks, [REAL] + [PER_FAMILY] * (len(blocks) - 1), k)
+            os.makedirs(os.path.dirname(args.grid) or ".", exist_ok=True)
+            save_small_png(img, args.grid)
+    print("\n" + table(headers, rows))
     if args.grid:
-        img = sample_grid(blocks, [REAL] + [PER_FAMILY] * (len(blocks) - 1), k)
-        os.makedirs(os.path.dirname(args.grid) or ".", exist_ok=True)
-        save_small_png(img, args.grid)
         print(f"\nsample grid ({img.shape[1]}x{img.shape[0]}, rows = classes {info['class_names']}; columns: "
               f"{REAL} real, then {PER_FAMILY} per family {args.only}) -> {args.grid} "
               f"({os.path.getsize(args.grid) // 1024} KB)")
-    write_json(args.json, figures, default=str)
 
 
 if __name__ == "__main__":
