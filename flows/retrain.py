@@ -14,7 +14,7 @@ checkpoint but skip evaluate and promote.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,7 +42,15 @@ class TrainSpec(BaseModel):
     name: str = Field("cvae", description="a key of models.registry.MODELS")
     config: dict[str, Any] = Field(default_factory=dict, description="overrides of the model's config dataclass")
     epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(128, ge=1, le=65_536)
+    batch_size: int = Field(128, ge=1, le=65_536, description="the GLOBAL batch: samples per optimiser step over all "
+                            "workers; num_workers only splits it (tasks/training/batching.py)")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="'none': config.lr is the rate for batch_size; 'linear'/'sqrt': scale it by "
+        "batch_size / lr_reference_batch (or its square root)")
+    lr_reference_batch: int | None = Field(None, ge=1, le=65_536,
+                                           description="the global batch config.lr was tuned for (with lr_scaling)")
+    lr_warmup_steps: int = Field(0, ge=0, le=1_000_000,
+                                 description="optimiser steps over which the rate ramps up to the scaled one")
     registered_name: str | None = Field(None, description="MLflow registry name; default condgen-<name>")
     source_b: str | None = Field(None, description="second, unpaired domain (CycleGAN), e.g. bundled:uci_digits")
     grid_every: int = Field(1, ge=0, le=10_000, description="log a sample grid every N epochs (0: never)")
@@ -208,7 +216,8 @@ def _train(spec: TrainSpec, params: RetrainParams, shards_uri: str, emb: dict[st
     req = TrainRequest(model=spec.name, shards_uri=shards_uri, model_config=config, shards_b_uri=shards_b,
                        embeddings=embeddings, latents=latents, epochs=spec.epochs, batch_size=spec.batch_size,
                        num_workers=params.num_workers, seed=params.seed, experiment=params.experiment,
-                       grid_every=spec.grid_every)
+                       grid_every=spec.grid_every, lr_scaling=spec.lr_scaling,
+                       lr_reference_batch=spec.lr_reference_batch, lr_warmup_steps=spec.lr_warmup_steps)
     trained = train_task(req)
     # The config as trained (channels, size and classes fitted to the data), so a later "@name"
     # reference gets the architecture that was really built.

@@ -32,6 +32,14 @@ def test_torchtrainer_loss_falls(tiny_shards, local_ray, workers):
     run = mlflow.get_run(res.run_id)
     assert run.data.params["num_workers"] == str(workers)
     assert run.data.params["cfg.channels"] == "(4, 8)"
+    # batch_size is the global batch: the workers split it; the epoch is the same optimiser steps
+    params = run.data.params
+    assert (params["global_batch"], params["world_size"]) == ("32", str(workers))
+    assert (params["per_worker_batch"], params["grad_accumulation"]) == (str(32 // workers), "1")
+    assert (params["lr_scaling"], float(params["lr_effective"])) == ("none", TINY_CVAE["lr"])
+    plan = mlflow.artifacts.load_dict(f"runs:/{res.run_id}/batch_plan.json")
+    assert plan["shares"] == [32 // workers] * workers and plan["steps_per_epoch"] == plan["samples"] // 32
+    assert res.metrics["step"] == 3 * plan["steps_per_epoch"]
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(res.run_id, "model")]
     assert sorted(arts) == ["model/config.json", "model/model.safetensors"]
 
