@@ -8,6 +8,7 @@ accuracy, domain FID, KID) every combination of
 * sampler: 25-step DDIM (eta = 0), 25-step ancestral (DDPM on the same timesteps), 20-step DPM-Solver++(2M);
 * x0 clipping on / off (``clip_x0``);
 * weights: the trained ones / the EMA copy;
+* ``--prediction eps`` (the default model) or ``v`` (the fix: x0_hat's error stays bounded at low SNR);
 
 and records per-step statistics of the (unclipped) x0_hat along the trajectories (``--stats``).
 Grids go to ``--out`` (PNG), the figures to ``--json``. ``docs/results.md`` ("Deterministic
@@ -15,13 +16,14 @@ sampling gap") has the table and the reading.
 
     .venv/bin/python -m benchmarks.diffusion_gap --minutes 8 --out /tmp/gap --json /tmp/gap/figures.json
     .venv/bin/python -m benchmarks.diffusion_gap --load /tmp/gap/model.pt --out /tmp/gap   # re-score only
+    .venv/bin/python -m benchmarks.diffusion_gap --minutes 8 --prediction v --out /tmp/gap-v   # the fix
 """
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -89,6 +91,27 @@ class X0Stats:
         return eps
 
 
+@torch.no_grad()
+def x0_errors(model: ConditionalDiffusion, x0: torch.Tensor, y: torch.Tensor, steps: int = 25, seed: int = 0
+              ) -> list[list[float]]:
+    """Per DDIM timestep, on real digits noised by q(x_t | x0): [t, alpha_bar, eps MSE, x0_hat rms error,
+    x0_hat mean] for the trained and the EMA weights (the error of x0_hat is the eps error times
+    sqrt((1 - a) / a))."""
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for t in model.schedule.timesteps(steps):
+        a = model.schedule.alpha_bar(t)
+        x_t = a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+        row = [t, a]
+        for ema in (False, True):
+            with weights(model, ema=ema and model.ema is not None):
+                e = model.eps(x_t, t, y)
+            x0_hat = predicted_x0(x_t, e, a)
+            row += [float(((e - eps) ** 2).mean()), float(((x0_hat - x0) ** 2).mean().sqrt()), float(x0_hat.mean())]
+        rows.append(row)
+    return rows
+
+
 def generate(model: ConditionalDiffusion, labels: torch.Tensor, sampler: str, steps: int, *, clip: bool,
              seed: int, stats: X0Stats | None = None, chunk: int = 250) -> torch.Tensor:
     """Unguided samples (B, 1, 28, 28) in [-1, 1], noise seeded per chunk; x0 clipping when ``clip``."""
@@ -125,28 +148,33 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--channels", default="16,32,32")
+    p.add_argument("--prediction", default="eps", choices=["eps", "v"], help="what the U-Net predicts")
     p.add_argument("--n-per-class", type=int, default=30, help="samples per class for each score")
     p.add_argument("--load", help="a state_dict saved by an earlier run (skips training)")
     p.add_argument("--out", default="/tmp/gap", help="folder for the model, grids and x0_hat statistics")
     p.add_argument("--only", default="", help="comma-separated subset of 'raw,ema' weights to score")
+    p.add_argument("--clip", default="on,off", help="x0 clipping settings to score: 'on', 'off' or 'on,off'")
     args = p.parse_args()
     shards = setup(args)
     os.makedirs(args.out, exist_ok=True)
     print(machine(), flush=True)
     config = DiffusionConfig(channels=tuple(int(c) for c in args.channels.split(",")), lr=args.lr,
-                             ema_decay=args.ema_decay, sample_steps=25)
+                             ema_decay=args.ema_decay, sample_steps=25, prediction=args.prediction)
     scorer = Scorer.for_shards(shards)
+    train = load_split(shards, "train")
     if args.load:
         model = ConditionalDiffusion(config)
         model.load_state_dict(torch.load(args.load))
         model.eval()
     else:
-        train = load_split(shards, "train")
         x, y = from_uint8(train["x"]), torch.from_numpy(np.asarray(train["y"])).long()
         model, losses = train_direct(config, x, y, seconds=60 * args.minutes, batch=args.batch_size * 2,
                                      seed=args.seed)
         print(f"[train] {len(losses)} steps, final loss {np.mean(losses[-200:]):.4f}", flush=True)
         torch.save(model.state_dict(), os.path.join(args.out, "model.pt"))
+    errors = x0_errors(model, from_uint8(train["x"][:256]), torch.from_numpy(np.asarray(train["y"][:256])).long())
+    print(table(["t", "alpha_bar", "eps MSE", "x0_hat rms err", "x0_hat mean", "EMA: eps MSE", "x0_hat rms err",
+                 "x0_hat mean"], errors), flush=True)
     labels = torch.from_numpy(balanced_labels(args.n_per_class)).long()
     real = scorer.real_features
     rows, figures, traces = [], [], {}
@@ -155,7 +183,7 @@ def main() -> None:
             continue
         with weights(model, ema=which == "ema"):
             for name, sampler, steps in RUNS:
-                for clip in (True, False):
+                for clip in [c == "on" for c in args.clip.split(",")]:
                     stats = X0Stats(None, model)
                     t0 = time.perf_counter()
                     s = generate(model, labels, sampler, steps, clip=clip, seed=args.seed, stats=stats)
@@ -176,7 +204,7 @@ def main() -> None:
         if tag.endswith("-clip") and ("ddim" in tag or "ddpm" in tag):
             print(f"\nx0_hat per step, {tag} (first chunk, before clipping)")
             print(table(list(tr[0]), [list(r.values()) for r in tr]))
-    write_json(args.json, {"figures": figures, "x0_stats": traces, "config": str(config)})
+    write_json(args.json, {"figures": figures, "x0_stats": traces, "x0_errors": errors, "config": str(config)})
 
 
 if __name__ == "__main__":

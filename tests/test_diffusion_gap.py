@@ -9,7 +9,8 @@ tests pin down what was ruled out and what was found, cheaply:
 * the cause is the eps parameterisation at low SNR: an error delta in the network's eps moves
   x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a) by delta * sqrt((1 - a) / a), ~157 delta at t = T-1
   of the linear schedule, and deterministic DDIM carries those early errors to the end
-  (ancestral sampling replaces most of x_t with fresh noise at each early step and forgets them).
+  (ancestral sampling replaces most of x_t with fresh noise at each early step and forgets them);
+* prediction="v" (Salimans & Ho 2022) bounds that error: x0_hat moves by at most the error of v.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import math
 import pytest
 import torch
 
-from condgen.models.diffusion import SAMPLERS, clip_x0, make_schedule
+from condgen.models.diffusion import SAMPLERS, ConditionalDiffusion, DiffusionConfig, clip_x0, make_schedule
 from condgen.models.diffusion.samplers.ddim import predicted_x0
 
 SCHEDULE = make_schedule("linear", 1000)
@@ -73,3 +74,46 @@ def test_an_eps_error_at_low_snr_is_amplified_into_x0_hat():
         moved = (predicted_x0(x_t, eps + delta, a) - predicted_x0(x_t, eps, a)).abs()
         assert torch.allclose(moved, torch.full_like(moved, delta * math.sqrt((1 - a) / a)))
         assert float(moved.min()) > least * delta
+
+
+def v_model() -> ConditionalDiffusion:
+    return ConditionalDiffusion(DiffusionConfig(channels=(4, 8), timesteps=1000, prediction="v"))
+
+
+def test_v_prediction_is_consistent_with_its_training_target():
+    """to_eps(target(x0, eps)) at x_t = sqrt(a) x0 + sqrt(1 - a) eps gives eps back, at every level."""
+    model, g = v_model(), torch.Generator().manual_seed(2)
+    x0 = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(6, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    a = model.alpha_bars[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    assert torch.allclose(model.to_eps(model.target(x0, eps, a), x_t, t), eps, atol=1e-5)
+    eps_model = ConditionalDiffusion(DiffusionConfig(channels=(4, 8), timesteps=1000))
+    assert eps_model.target(x0, eps, a) is eps and eps_model.to_eps(eps, x_t, t) is eps
+
+
+def test_v_prediction_bounds_the_x0_hat_error_at_low_snr():
+    """An error delta in the network's output moves x0_hat by delta * sqrt(1 - a) <= delta for "v",
+    against delta * sqrt((1 - a) / a) (157 delta at t = T-1) for "eps"."""
+    model, delta = v_model(), 0.01
+    x_t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = torch.randn_like(x_t)
+    for t in (999, 750, 0):
+        tb = torch.full((4,), t)
+        a = SCHEDULE.alpha_bar(t)
+        moved = predicted_x0(x_t, model.to_eps(out + delta, x_t, tb), a) - predicted_x0(
+            x_t, model.to_eps(out, x_t, tb), a)
+        assert float(moved.abs().max()) <= delta * (1 + 1e-3)
+
+
+def test_a_v_model_trains_and_samples_through_the_usual_path():
+    model = v_model()
+    x0 = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    loss, logs = model.loss(x0, torch.arange(8) % 10)
+    loss.backward()
+    assert math.isfinite(logs["loss"]) and model.net.conv_out.weight.grad is not None
+    out = model.eval().sample(torch.arange(2), torch.Generator().manual_seed(5), steps=3)
+    assert out.shape == (2, 1, 28, 28) and bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match="prediction"):
+        ConditionalDiffusion(DiffusionConfig(channels=(4, 8), prediction="x0"))

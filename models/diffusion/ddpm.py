@@ -46,7 +46,10 @@ class DiffusionConfig:
     schedule: str = "linear"  # "linear" | "cosine"
     p_uncond: float = 0.1  # condition dropout to the null token (Ho & Salimans 2022 use 0.1-0.2)
     lr: float = 1e-3  # small U-Net on 28x28: higher than DDPM's 2e-4 converges in fewer epochs
-    prediction: str = "eps"  # only eps; v / x0 would go in a preconditioning wrapper
+    # "eps" | "v": what the network outputs (``ConditionalDiffusion.to_eps``). "v" keeps x0_hat's error bounded at
+    # low SNR, where an eps error is amplified sqrt((1 - a) / a) times (~157x at t = T-1): docs/results.md,
+    # "Deterministic sampling gap". Models that call the U-Net directly (ControlNet) need an "eps" base.
+    prediction: str = "eps"
     sample_steps: int = 50  # DDIM steps used by sample()
     sample_eta: float = 0.0  # DDIM eta used by sample(): 0 deterministic, 1 = DDPM ancestral on the same steps
     guidance_scale: float = 1.0  # CFG w in eps~ = (1 + w) eps(c) - w eps(null); 0 = no guidance
@@ -60,8 +63,8 @@ class ConditionalDiffusion(nn.Module):
     def __init__(self, config: DiffusionConfig):
         super().__init__()
         self.config = config
-        if config.prediction != "eps":
-            raise ValueError(f"prediction must be 'eps', got {config.prediction!r}")
+        if config.prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {config.prediction!r}")
         if config.condition not in ("label", "text"):
             raise ValueError(f"condition must be 'label' or 'text', got {config.condition!r}")
         if not 0.0 <= config.p_uncond < 1.0:
@@ -141,7 +144,22 @@ class ConditionalDiffusion(nn.Module):
         """eps_theta(x_t, t, cond), (B, C, H, W). cond: int64 labels (label models), float
         embeddings (B, E) from ``embed_condition``/``null_embedding``, or None (null token)."""
         b = x.shape[0]
-        return self.sampling_net(x, as_timesteps(t, b, x.device), self._as_embedding(cond, b))
+        t = as_timesteps(t, b, x.device)
+        return self.to_eps(self.sampling_net(x, t, self._as_embedding(cond, b)), x, t)
+
+    def to_eps(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps from the network's output ``out`` at (x_t, t): ``out`` itself for prediction="eps"; for "v"
+        (Salimans & Ho 2022, §4: v = sqrt(a) eps - sqrt(1 - a) x0) eps = sqrt(a) v + sqrt(1 - a) x_t, so
+        x0_hat = sqrt(a) x_t - sqrt(1 - a) v moves by at most the error of v. x_t is the first channels
+        of the network input ``x`` (super-resolution appends the upsampled image)."""
+        if self.config.prediction == "eps":
+            return out
+        a = self.alpha_bars[t].view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+        return a.sqrt() * out + (1 - a).sqrt() * x[:, :out.shape[1]]
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, a_bar: torch.Tensor) -> torch.Tensor:
+        """What the network regresses on: eps, or v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)."""
+        return eps if self.config.prediction == "eps" else a_bar.sqrt() * eps - (1 - a_bar).sqrt() * x0
 
     def denoiser(self) -> Denoiser:
         """The callable D(x, t, cond) -> eps of DESIGN.md's denoiser contract (no guidance)."""
@@ -152,7 +170,8 @@ class ConditionalDiffusion(nn.Module):
              eps_model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              p_uncond: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """L_simple = E_{t, eps} ||eps - eps_theta(sqrt(a_bar) x0 + sqrt(1 - a_bar) eps, t, c~)||^2
-        (Ho et al. 2020, Eq. 14), with c~ = null w.p. p_uncond (Ho & Salimans 2022, Algorithm 1).
+        (Ho et al. 2020, Eq. 14), with c~ = null w.p. p_uncond (Ho & Salimans 2022, Algorithm 1);
+        with prediction="v" the same squared error on v instead of eps (``target``).
 
         ``eps_model(x_t, t, e)`` replaces the U-Net for models that wrap it (ControlNet adds its
         residuals, super-resolution concatenates the upsampled low-resolution image); the
@@ -165,7 +184,7 @@ class ConditionalDiffusion(nn.Module):
         p = self.config.p_uncond if p_uncond is None else p_uncond
         drop = torch.rand(b, device=x0.device) < p
         e = self.net.cond(c, drop=drop)  # (B, E)
-        loss = F.mse_loss((eps_model or self.net)(x_t, t, e), eps)
+        loss = F.mse_loss((eps_model or self.net)(x_t, t, e), self.target(x0, eps, a_bar))
         return loss, {"loss": loss.item()}
 
     def optimizer_groups(self):
