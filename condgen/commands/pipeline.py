@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from condgen.commands import checks
 
-DEMO_MODELS = [{"name": "cvae", "epochs": 20, "batch_size": 64, "config": {"channels": [32, 64], "latent_dim": 4}}]
+# The global batch (split over the workers): 128 = the 64 per worker x 2 workers the demo always used.
+DEMO_MODELS = [{"name": "cvae", "epochs": 20, "batch_size": 128, "config": {"channels": [32, 64], "latent_dim": 4}}]
 
 Params = Annotated[str | None, typer.Option(help="JSON file with RetrainParams fields (flows/retrain.py)")]
 Source = Annotated[str | None, typer.Option(help="bundled:mnist | bundled:uci_digits | folder | tar glob | s3://…")]
