@@ -29,7 +29,7 @@ from condgen.models.registry import build_model
 from condgen.serving import app as app_module
 from condgen.serving.app import api, bind_service
 from condgen.serving.config import ModelSpec, ServeConfig, api_key_digest
-from condgen.serving.launch import PortInUse
+from condgen.serving.launch import REPLICA_SECRETS, PortInUse
 from condgen.serving.service import Service
 from condgen.tasks.generation import watermark
 from condgen.tasks.generation.inputs import BadImage, decode_for_model
@@ -251,6 +251,8 @@ def _fake_ray(monkeypatch) -> list[tuple[str, dict]]:
 
 def test_ray_processes_start_without_secrets(monkeypatch):
     calls = _fake_ray(monkeypatch)
+    for name in REPLICA_SECRETS:  # other tests' S3 fixtures may have set some of them for the session
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CONDGEN_API_KEY", "s3cret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-s3cret")
     monkeypatch.setenv(watermark.KEY_ENV, "wm-s3cret")
