@@ -91,8 +91,13 @@ def run_retrain(params_file: str | None, source: str | None, workers: int | None
               f"(judge test accuracy {m['eval/judge_test_accuracy']:.4f})")
         state = "promoted to" if p["promoted"] else "NOT promoted to"
         print(f"  registry: models:/{p['name']}/{p['version']} {state} @champion — {p['reason']}")
-    if out["results"]:
-        print(f"\nserve it:  condgen serve --model models:/{out['results'][0]['promotion']['name']}@champion")
+    promoted = [r for r in out["results"] if r["promotion"]["promoted"]]
+    if promoted:
+        models = " ".join(f"--model models:/{r['promotion']['name']}@champion" for r in promoted)
+        # a text-conditioned model turns prompts into embeddings with the CLIP its shards were embedded with
+        text = {s.registered_name or f"condgen-{s.name}" for s in params.models if s.config.get("condition") == "text"}
+        clip = " --clip models:/condgen-clip@champion" if text & {r["promotion"]["name"] for r in promoted} else ""
+        print(f"\nserve it:  condgen serve {models}{clip}")
     return 0
 
 
