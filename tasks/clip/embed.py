@@ -36,6 +36,8 @@ from condgen.tasks.data.sidecars import (
     IMG_MEMBER,
     TXT_MEMBER,
     embeddings_uri,
+    finished_shards,
+    is_up_to_date,
     source_shards,
     write_embeddings,
 )
@@ -131,11 +133,7 @@ def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", o
     source_manifest, shards = source_shards(shards_uri)
     manifest_uri = storage.join(out_uri, MANIFEST)
 
-    done: dict[str, dict[str, Any]] = {}
-    if storage.exists(manifest_uri):
-        old = storage.read_json(manifest_uri)
-        if old.get("fingerprint") == fp:  # another model's side-cars (custom out_uri) are all stale
-            done = {e["name"]: e for e in old.get("shards", [])}
+    done = finished_shards(out_uri, fp)
 
     clip_uri = handle.source
     if clip_uri is None:  # in-memory model: store it beside its embeddings so they stay reproducible
@@ -144,9 +142,7 @@ def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", o
             save_clip(handle, clip_uri)
 
     def up_to_date(s: dict[str, Any]) -> bool:
-        e = done.get(s["name"])
-        return bool(e and e.get("source_sha256") == s["sha256"] and s["sha256"]
-                    and storage.exists(storage.join(out_uri, s["name"])))
+        return is_up_to_date(done, s, out_uri)
 
     todo = [s for s in shards if not up_to_date(s)]
     result = EmbedResult(uri=out_uri, fingerprint=fp, clip_uri=clip_uri, embed_dim=handle.embed_dim,

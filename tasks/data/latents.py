@@ -31,7 +31,14 @@ import torch
 
 from condgen.models.autoencoder import Autoencoder
 from condgen.models.base import config_to_dict
-from condgen.tasks.data.sidecars import LATENT_MEMBER, latents_uri, source_shards, write_latents
+from condgen.tasks.data.sidecars import (
+    LATENT_MEMBER,
+    finished_shards,
+    is_up_to_date,
+    latents_uri,
+    source_shards,
+    write_latents,
+)
 from condgen.tasks.data.splits import load_arrays
 from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io import storage
@@ -132,16 +139,10 @@ def precompute_latents(shards_uri: str, autoencoder: Autoencoder | str, out_uri:
     out_uri = out_uri or latents_uri(shards_uri, fp)
     source_manifest, shards = source_shards(shards_uri)
     manifest_uri = storage.join(out_uri, MANIFEST)
-    done: dict[str, dict[str, Any]] = {}
-    if storage.exists(manifest_uri):
-        old = storage.read_json(manifest_uri)
-        if old.get("fingerprint") == fp:
-            done = {e["name"]: e for e in old.get("shards", [])}
+    done = finished_shards(out_uri, fp)
 
     def up_to_date(s: dict[str, Any]) -> bool:
-        e = done.get(s["name"])
-        return bool(e and s["sha256"] and e.get("source_sha256") == s["sha256"]
-                    and storage.exists(storage.join(out_uri, s["name"])))
+        return is_up_to_date(done, s, out_uri)
 
     result = LatentsResult(uri=out_uri, fingerprint=fp, latent_shape=tuple(ae.config.latent_shape))
 

@@ -32,6 +32,23 @@ def source_shards(shards_uri: str) -> tuple[dict[str, Any], list[dict[str, Any]]
                       for s in manifest["shards"]]
 
 
+def finished_shards(out_uri: str, fingerprint: str) -> dict[str, dict[str, Any]]:
+    """The shard entries a side-car folder already holds for this model, by name (resume).
+    A folder written by another model (a custom ``out_uri``) holds nothing reusable."""
+    manifest_uri = storage.join(out_uri, shards.MANIFEST)
+    if not storage.exists(manifest_uri):
+        return {}
+    old = storage.read_json(manifest_uri)
+    return {e["name"]: e for e in old.get("shards", [])} if old.get("fingerprint") == fingerprint else {}
+
+
+def is_up_to_date(done: dict[str, dict[str, Any]], source: dict[str, Any], out_uri: str) -> bool:
+    """Whether the side-car of one source shard was computed from these very bytes and is still there."""
+    entry = done.get(source["name"])
+    return bool(entry and source["sha256"] and entry.get("source_sha256") == source["sha256"]
+                and storage.exists(storage.join(out_uri, source["name"])))
+
+
 def write_embeddings(uri: str, keys: Sequence[str], img: np.ndarray, txt: Sequence[np.ndarray]) -> str:
     """One embeddings side-car shard; returns its sha256."""
     return shards.write_tar(uri, [(k, {IMG_MEMBER: shards.npy_bytes(i), TXT_MEMBER: shards.npy_bytes(t)})
