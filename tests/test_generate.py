@@ -9,6 +9,7 @@ from PIL import Image
 from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
 from condgen.tasks.generation.sampling import edit_images, sample_images
 from condgen.tasks.io import checkpoint as ckpt_io
+from tests.tiny import perturb
 
 TINY = dict(channels=(4, 8), timesteps=20, text_dim=12, sample_steps=4)
 
@@ -22,25 +23,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _perturbed(module, seed):
-    """Zero-initialised output layers would predict eps = 0 and make every comparison trivial."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return _perturbed(ConditionalDiffusion(DiffusionConfig(**TINY)), 0)
+    return perturb(ConditionalDiffusion(DiffusionConfig(**TINY)), 0).eval()
 
 
 @pytest.fixture(scope="module")
 def classifier():
     torch.manual_seed(1)
-    return _perturbed(NoisyClassifier(NoisyClassifierConfig(channels=(4, 8), timesteps=20)), 1)
+    return perturb(NoisyClassifier(NoisyClassifierConfig(channels=(4, 8), timesteps=20)), 1).eval()
 
 
 def _encoder():
@@ -123,7 +115,7 @@ def test_sample_images_rejects_mismatched_inputs(model, classifier):
 
 def test_sample_images_text_model_with_cfg_and_clip():
     torch.manual_seed(0)
-    text_model = _perturbed(ConditionalDiffusion(DiffusionConfig(**TINY, condition="text")), 3)
+    text_model = perturb(ConditionalDiffusion(DiffusionConfig(**TINY, condition="text")), 3).eval()
     txt = torch.randn(2, 12)
     a = sample_images(text_model, txt, guidance="cfg", scale=2.0, negative=torch.randn(1, 12), progress=False)
     b = sample_images(text_model, txt, guidance="clip", clip_encoder=_encoder(), scale=1.0, progress=False)

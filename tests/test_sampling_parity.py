@@ -29,6 +29,7 @@ from condgen.serving.service import Service
 from condgen.tasks.clip.handle import new_clip, save_clip
 from condgen.tasks.data.attributes import label_prompt
 from condgen.tasks.io import checkpoint as ckpt_io
+from tests.tiny import perturb
 
 # channels (8, 16): group_norm(c) has gcd(8, c) groups, so with 4 or 8 channels every group is one
 # channel and the block's normalisation removes the per-channel condition shift: labels and CFG
@@ -46,23 +47,13 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every weight perturbed (as tests/test_generate.py does): zero-initialised output layers would predict
-    eps = 0, and small random values there alone leave the condition almost without effect."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("parity")
     torch.manual_seed(0)
-    ckpt_io.save_checkpoint(root / "diffusion", _perturbed(ConditionalDiffusion(DiffusionConfig(**TINY)), 0))
+    ckpt_io.save_checkpoint(root / "diffusion", perturb(ConditionalDiffusion(DiffusionConfig(**TINY)), 0).eval())
     torch.manual_seed(1)
-    clf = _perturbed(NoisyClassifier(NoisyClassifierConfig(channels=(4, 8), timesteps=TINY["timesteps"])), 1)
+    clf = perturb(NoisyClassifier(NoisyClassifierConfig(channels=(4, 8), timesteps=TINY["timesteps"])), 1).eval()
     ckpt_io.save_checkpoint(root / "clf", clf)
     save_clip(new_clip("condgen-clip-test", seed=2), str(root / "clip"))
     return {"model": (root / "diffusion").as_uri(), "classifier": (root / "clf").as_uri(),
