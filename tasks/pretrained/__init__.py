@@ -1,0 +1,6 @@
+"""A user's pretrained diffusers pipeline inside condgen.
+
+``base`` loads a diffusers-layout folder (local or ``s3://``, safetensors only) and exposes its
+U-Net and text encoder through condgen's denoiser contract, so condgen's samplers, guidance,
+inversion and SDEdit drive it. ``lora`` fine-tunes peft LoRA adapters on it through Ray Train.
+"""
