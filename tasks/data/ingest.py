@@ -20,7 +20,8 @@ Manifest, schema v2: ``schema_version`` 2, ``channels`` (1 or 3), ``image_size``
 ``resize`` (``pad`` | ``center_crop`` | ``resize``), ``background`` [r, g, b], ``mode``
 (``L`` | ``RGB``), ``num_classes``, ``class_names`` (only when labels are names),
 ``attribute_names`` (numeric), ``digits`` (whether digit attributes were measured),
-``split_counts`` (every split present or declared by the source),
+``split_counts`` (every split present or declared by the source; each entry of ``shards``
+also has its own ``split_counts`` and ``labelled_split_counts``, label >= 0, which sum to it),
 ``n_unlabelled`` (caption-only items), ``conversions`` (counts of what decoding did:
 ``exif_rotated``, ``composited``, ``animated_first_frame``, ``converted_to_L``, ...) and
 ``policy`` (the declared input policy in words); a generated source adds ``tag_names``
@@ -50,8 +51,9 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -80,7 +82,8 @@ from condgen.tasks.io.shards import MANIFEST, encode_png, tar_bytes
 SCHEMA_VERSION = 2
 # Bump when the bytes written for the same source + config change (processing code),
 # so an old manifest no longer counts as "already done".
-INGEST_VERSION = 2
+# 3: per-shard split counts in the manifest, and the stricter input policy of issue #20.
+INGEST_VERSION = 3
 POLICY = {
     "size": "sides 8..8192 px, <= 40 Mpx, aspect <= 2 (checked on the header); others rejected as bad_size",
     "mode": "auto: majority of header modes (tie: RGB); grey files in RGB sets replicated, colour in L sets -> luma",
@@ -268,6 +271,7 @@ def _write_shards(src: Source, out_uri: str, config: dict[str, Any], plan: Plan
     rejects: list[Reject] = []
     stats: Counter = Counter()
     batch: list[tuple[str, dict[str, bytes]]] = []
+    in_shard: list[tuple[str, bool]] = []  # (split, labelled) of each sample of the batch
     accepted = 0
     for index, item in _numbered_items(src, config):
         if config["limit"] is not None and accepted >= config["limit"]:
@@ -282,12 +286,26 @@ def _write_shards(src: Source, out_uri: str, config: dict[str, Any], plan: Plan
         counts[split] = counts.get(split, 0) + 1
         accepted += 1
         batch.append((key, members))
+        in_shard.append((split, int(members["cls"]) >= 0))
         if len(batch) == config["shard_size"]:
-            shards.append(_write_shard(out_uri, len(shards), batch))
-            batch = []
+            shards.append({**_write_shard(out_uri, len(shards), batch), "_splits": in_shard})
+            batch, in_shard = [], []
     if batch:
-        shards.append(_write_shard(out_uri, len(shards), batch))
+        shards.append({**_write_shard(out_uri, len(shards), batch), "_splits": in_shard})
+    for entry in shards:
+        entry.update(_shard_split_counts(entry.pop("_splits"), counts))
     return shards, counts, rejects, dict(stats)
+
+
+def _shard_split_counts(samples: list[tuple[str, bool]], splits: dict[str, int]) -> dict[str, dict[str, int]]:
+    """A shard entry's ``split_counts`` and ``labelled_split_counts`` (label >= 0), with every
+    split of the manifest's ``split_counts`` (zeros too), so a reader that plans by shard (a
+    streaming loader) needs neither the shard's bytes nor a default; summed over the shards
+    they give the manifest's ``split_counts``."""
+    every = Counter(split for split, _ in samples)
+    labelled = Counter(split for split, has_label in samples if has_label)
+    return {"split_counts": {name: every[name] for name in splits},
+            "labelled_split_counts": {name: labelled[name] for name in splits}}
 
 
 def _write_shard(out_uri: str, number: int, samples: list[tuple[str, dict[str, bytes]]]) -> dict[str, Any]:
