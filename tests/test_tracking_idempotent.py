@@ -58,7 +58,7 @@ def test_image_series_once_per_step(run):
 def test_an_unreachable_store_at_creation_is_read_again_at_the_first_log(run, monkeypatch):
     uri, client, run_id = run
     MetricLogger(uri, run_id).log({"loss": 1.0}, step=0)
-    import condgen.tasks.io.tracking as tracking
+    from condgen.tasks.io import tracking
 
     real = tracking.logged_steps
     monkeypatch.setattr(tracking, "logged_steps", lambda *a: (_ for _ in ()).throw(ConnectionError("down")))
