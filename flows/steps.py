@@ -38,30 +38,33 @@ def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
 IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_on_io}
 
 
-def io_step(fn, name: str):
-    """A storage/tracking-bound step: retried on transient I/O errors only."""
-    return task(fn, name=name, cache_policy=NONE, **IO_RETRIES)
+def io_step(fn, name: str, run_name: str | None = None):
+    """A storage/tracking-bound step: retried on transient I/O errors only. ``run_name``: Prefect's
+    ``task_run_name`` template over the step's parameters (default: the name and a counter)."""
+    return task(fn, name=name, task_run_name=run_name, cache_policy=NONE, **IO_RETRIES)
 
 
-def compute_step(fn, name: str):
+def compute_step(fn, name: str, run_name: str | None = None):
     """A compute-bound step: never retried by Prefect (Ray restarts lost workers itself)."""
-    return task(fn, name=name, cache_policy=NONE)
+    return task(fn, name=name, task_run_name=run_name, cache_policy=NONE)
 
 
 # retrain
-ingest_task = io_step(ingest, "ingest")
+# Task runs are named from their parameters (``train-cvae``, ``promote-condgen-cvae``), not ``train-329``;
+# the flows rename a call where the parameters do not say which model it is (``flows.retrain.named``).
+ingest_task = io_step(ingest, "ingest", "ingest-{source}")
 latents_task = io_step(precompute_latents, "precompute-latents")
-train_task = compute_step(train, "train")
-evaluate_task = compute_step(evaluate_mod.evaluate_run, "evaluate")
+train_task = compute_step(train, "train", "train-{req.model}")
+evaluate_task = compute_step(evaluate_mod.evaluate_run, "evaluate", "evaluate-{run_id}")
 
 
-@task(name="embed", cache_policy=NONE, **IO_RETRIES)
+@task(name="embed", task_run_name="embed-{clip}", cache_policy=NONE, **IO_RETRIES)
 def embed_task(shards_uri: str, clip: str, fit_steps: int, num_workers: int) -> dict[str, Any]:
-    return embed(shards_uri, clip, num_workers=num_workers, progress=False,
+    return embed(shards_uri, clip, num_workers=num_workers,
                  fit_kwargs={"steps": fit_steps}).to_dict()
 
 
-@task(name="promote", cache_policy=NONE)
+@task(name="promote", task_run_name="promote-{registered_name}", cache_policy=NONE)
 def promote_task(run_id: str, registered_name: str, metrics: dict[str, float], min_accuracy: float,
                  tolerance: float, shards_uri: str, eval_per_class: int, judge_epochs: int,
                  embeddings: str | None = None) -> dict[str, Any]:
@@ -74,7 +77,7 @@ def promote_task(run_id: str, registered_name: str, metrics: dict[str, float], m
     return p.__dict__
 
 
-@task(name="report", cache_policy=NONE)
+@task(name="report", task_run_name="report-{experiment}", cache_policy=NONE)
 def report_task(results: list[dict[str, Any]], shards_uri: str, options: report_mod.ReportOptions, experiment: str,
                 curves: dict[str, Any] | None) -> dict[str, Any]:
     """One HTML report for every model of this flow run, logged to a dedicated MLflow run."""
@@ -82,11 +85,15 @@ def report_task(results: list[dict[str, Any]], shards_uri: str, options: report_
 
 
 # batch_generate
-plan_task = io_step(bg.make_plan, "plan")
-missing_task = compute_step(bg.missing_shards, "missing-shards")
-payload_task = io_step(bg.model_payload, "load-model")
-shards_task = compute_step(bg.run_shards, "generate-shards")
-manifest_task = io_step(bg.write_manifest, "manifest")
+plan_task = io_step(bg.make_plan, "plan", "plan-{spec.model_uri}")
+missing_task = compute_step(bg.missing_shards, "missing-shards", "missing-shards-{plan.fingerprint}")
+payload_task = io_step(bg.model_payload, "load-model", "load-model-{uri}")
+shards_task = compute_step(bg.run_shards, "generate-shards", "generate-shards-{plan.fingerprint}")
+# One shard, as a task run of its own on Ray (flows/batch_generate.py): its bytes depend on the job alone, so a
+# retry after a storage hiccup writes the same shard.
+shard_task = task(bg.generate_shard, name="generate-shard", task_run_name="shard-{k}", cache_policy=NONE,
+                  **IO_RETRIES)
+manifest_task = io_step(bg.write_manifest, "manifest", "manifest-{plan.fingerprint}")
 
 # healthcheck
 storage_check_task = io_step(health.storage_roundtrip, "storage")

@@ -8,10 +8,8 @@ and a syntax error answer without them.
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -273,49 +271,54 @@ def needs_diffusion(command: str, uri: str, family: str | None) -> InputError:
 
 
 # -- parameter files of the flows ---------------------------------------------------------------------------------
-def params_keys(raw: dict[str, Any], module: str, cls: str, where: str) -> None:
-    """Unknown keys of a flow's parameter file, found before the flow (Prefect, Ray, torch: ~10 s) is imported:
-    the pydantic models' fields are read from the module's source. The models themselves
-    (``extra="forbid"``) remain the authority once imported."""
-    spec = importlib.util.find_spec(module)
-    models = _pydantic_fields(Path(spec.origin).read_text()) if spec and spec.origin else {}
-    _unknown_keys(raw, cls, models, where)
+def flow_params(cls: Any, raw: dict[str, Any], where: str) -> Any:
+    """``raw`` validated by a flow's parameter model (``condgen.flows.params``: pydantic only, so this costs
+    milliseconds and runs before Prefect, Ray or torch is imported). The models forbid unknown fields: a typo
+    such as ``"modles"`` is one line that lists the valid names, never silently ignored."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_error(exc, where, cls) from None
 
 
-def _pydantic_fields(src: str) -> dict[str, dict[str, str | None]]:
-    """{class: {field: nested model class or None}} for the ``BaseModel`` classes of a module's source."""
-    classes = [n for n in ast.parse(src).body if isinstance(n, ast.ClassDef)
-               and any(getattr(b, "id", None) == "BaseModel" for b in n.bases)]
-    names = {c.name for c in classes}
-    out: dict[str, dict[str, str | None]] = {}
-    for c in classes:
-        fields = {}
-        for stmt in c.body:
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) \
-                    and stmt.target.id != "model_config":
-                nested = [n.id for n in ast.walk(stmt.annotation) if isinstance(n, ast.Name) and n.id in names]
-                fields[stmt.target.id] = nested[0] if nested else None
-        out[c.name] = fields
-    return out
+def _model_at(cls: Any, path: tuple[Any, ...]) -> Any:
+    """The pydantic model class that ``path`` (a validation error's location, list indices included) leads to
+    from ``cls``, or None."""
+    import typing
+
+    from pydantic import BaseModel
+
+    model = cls
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        stack, model = [field.annotation], None
+        while stack:  # list[TrainSpec], TrainSpec | None, ...
+            t = stack.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+                break
+            stack.extend(typing.get_args(t))
+        if model is None:
+            return None
+    return model
 
 
-def _unknown_keys(raw: Any, cls: str, models: dict[str, dict[str, str | None]], where: str) -> None:
-    fields = models.get(cls)
-    if fields is None or not isinstance(raw, dict):
-        return
-    for key, value in raw.items():
-        if key not in fields:
-            raise InputError(f"{where}: unknown field {key!r} of {cls} (valid: {', '.join(fields)})")
-        nested = fields[key]
-        for i, item in enumerate(value if isinstance(value, list) else [value]):
-            _unknown_keys(item, nested or "", models, f"{where}.{key}[{i}]" if isinstance(value, list)
-                          else f"{where}.{key}")
-
-
-def validation_error(exc: Any, where: str) -> InputError:
-    """A pydantic ``ValidationError`` as one line: the first problem, where it is, and the count of the rest."""
+def validation_error(exc: Any, where: str, cls: Any = None) -> InputError:
+    """A pydantic ``ValidationError`` as one line: the first problem, where it is, and the count of the rest;
+    an unknown field (``extra="forbid"``) with the valid names of its model when ``cls`` is given."""
     errors = exc.errors()
     first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".") or "(top level)"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    model = _model_at(cls, tuple(first["loc"][:-1])) if cls is not None and first["type"] == "extra_forbidden" \
+        else None
+    if model is not None:
+        return InputError(f"{where}: unknown field {first['loc'][-1]!r} of {model.__name__} at {loc} "
+                          f"(valid: {', '.join(model.model_fields)}){more}")
     return InputError(f"{where}: {loc}: {first['msg']}, got {first.get('input')!r}{more}")

@@ -1,7 +1,8 @@
 """``condgen generate``: batch generation of a grid of conditions x seeds into WebDataset shards.
 
-The model (and judge) are checked in the registry and a parameter file's fields against
-``BatchGenerateParams`` before the flow (Prefect, Ray, torch) is imported inside :func:`generate`.
+The options and a parameter file are validated by ``BatchGenerateParams`` (``condgen.flows.params``,
+pydantic only) and the model (and judge) are looked up in the registry before the flow (Prefect, Ray,
+torch) is imported inside :func:`generate`.
 """
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import json
 from typing import Annotated, Literal
 
 import typer
-from pydantic import ValidationError
-
 from condgen.commands import checks
 
 TRAIN_FIX = "train and promote one with `condgen demo` or `condgen retrain --params FILE`"
@@ -26,9 +25,11 @@ def generate(
     seed_base: int = 0,
     guidance: Literal["none", "cfg"] = "none",
     scale: float = 0.0,
-    sampler: Literal["ddim", "ddpm"] = "ddim",
-    steps: int | None = None,
-    eta: float = 0.0,
+    sampler: Annotated[Literal["ddim", "ddpm", "dpmpp_2m"], typer.Option(
+        help="diffusion models: ddim (eta 0 = deterministic), ddpm (ancestral) or dpmpp_2m (DPM-Solver++(2M), "
+             "good in ~20 steps); ignored by other families")] = "ddim",
+    steps: Annotated[int | None, typer.Option(help="sampler steps (default: the model's sample_steps)")] = None,
+    eta: Annotated[float, typer.Option(help="DDIM eta (0 = deterministic, 1 = ancestral)")] = 0.0,
     shard_size: int = 256,
     batch_size: int = 64,
     judge: Annotated[str | None, typer.Option(help="classifier URI for the output safety check")] = None,
@@ -40,26 +41,25 @@ def generate(
                       ] = None,
 ) -> int:
     """Batch-generate a grid of conditions x seeds into shards (the batch_generate flow)."""
+    from condgen.flows.params import BatchGenerateParams
+
     raw = checks.json_file(params, "--params") if params else {}
-    checks.params_keys(raw, "condgen.flows.batch_generate", "BatchGenerateParams", params or "parameters")
+    checks.flow_params(BatchGenerateParams, raw, params or "parameters")  # the file alone: its typos named
     raw.update(model_uri=model, labels=checks.labels(labels), prompts=prompt or [], seeds_per_condition=seeds,
                seed_base=seed_base, guidance=guidance, scale=scale, sampler=sampler, steps=steps, eta=eta,
                shard_size=shard_size, batch_size=batch_size, judge_uri=judge, watermark=not no_watermark,
                use_ray=not no_ray)
     if out:
         raw["out_uri"] = out
+    job = checks.flow_params(BatchGenerateParams, raw, params or "generate options")
     checks.registered(model, TRAIN_FIX)
     if judge:
         checks.model_ref(judge)
 
-    from condgen.flows.batch_generate import BatchGenerateParams, batch_generate
+    from condgen.flows.batch_generate import batch_generate, job_spec
     from condgen.tasks.generation import batch as bg
 
-    try:
-        job = BatchGenerateParams.model_validate(raw)
-    except ValidationError as exc:
-        raise checks.validation_error(exc, params or "generate options") from None
-    result = bg.run_job(job.spec(), use_ray=job.use_ray) if no_prefect else batch_generate(job)
+    result = bg.run_job(job_spec(job), use_ray=job.use_ray) if no_prefect else batch_generate(job)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -10,14 +10,12 @@ import json
 from typing import Annotated, Any, Literal
 
 import typer
-from pydantic import ValidationError
-
 from condgen.commands import checks
 
 # The global batch (split over the workers): 128 = the 64 per worker x 2 workers the demo always used.
 DEMO_MODELS = [{"name": "cvae", "epochs": 20, "batch_size": 128, "config": {"channels": [32, 64], "latent_dim": 4}}]
 
-Params = Annotated[str | None, typer.Option(help="JSON file with RetrainParams fields (flows/retrain.py)")]
+Params = Annotated[str | None, typer.Option(help="JSON file with RetrainParams fields (flows/params.py)")]
 Source = Annotated[str | None, typer.Option(help="bundled:mnist | bundled:uci_digits | folder | tar glob | s3://…")]
 Workers = Annotated[int | None, typer.Option(help="Ray Train workers per model")]
 Epochs = Annotated[int | None, typer.Option(help="override every model's epochs")]
@@ -37,25 +35,24 @@ def retrain(params: Params = None, source: Source = None, workers: Workers = Non
 
 
 def retrain_inputs(raw: dict[str, Any], where: str) -> Any:
-    """``raw`` as ``RetrainParams``, checked before the flow starts: field names, sources, model names, config
-    keys and a registry CLIP; then the flow's own pydantic model (``extra="forbid"``)."""
-    checks.params_keys(raw, "condgen.flows.retrain", "RetrainParams", where)
-    if isinstance(raw.get("source"), str):
-        checks.source(raw["source"])
-    for i, spec in enumerate(raw.get("models") or []):
-        if isinstance(spec, dict) and isinstance(spec.get("name", "cvae"), str):
-            name = spec.get("name", "cvae")
-            checks.config_keys(checks.model_name(name), spec.get("config") or {}, f"{where}: models[{i}].config")
-            if isinstance(spec.get("source_b"), str):
-                checks.source(spec["source_b"])
-    if isinstance(raw.get("clip"), str) and raw["clip"].startswith("models:/"):
-        checks.registered(raw["clip"])
-    from condgen.flows.retrain import RetrainParams
+    """``raw`` as ``RetrainParams``, checked before the flow starts, cheapest first: the parameter model itself
+    (``condgen.flows.params``, pydantic only: unknown fields, types, ranges), then sources, model names, config
+    keys (the model registry: torch) and a registry CLIP (MLflow)."""
+    from condgen.flows.params import RetrainParams
 
-    try:
-        return RetrainParams.model_validate(raw)
-    except ValidationError as exc:
-        raise checks.validation_error(exc, where) from None
+    params = checks.flow_params(RetrainParams, raw, where)
+    checks.source(params.source)
+    for i, spec in enumerate(params.models):
+        try:
+            checks.model_name(spec.name)
+        except checks.InputError as exc:
+            raise checks.InputError(f"{where}: models[{i}].name: {exc}") from None
+        checks.config_keys(spec.name, spec.config, f"{where}: models[{i}].config")
+        if spec.source_b:
+            checks.source(spec.source_b)
+    if params.clip and params.clip.startswith("models:/"):
+        checks.registered(params.clip)
+    return params
 
 
 def run_retrain(params_file: str | None, source: str | None, workers: int | None, epochs: int | None,

@@ -28,7 +28,6 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 import torch
-from tqdm.auto import tqdm
 
 from condgen.tasks.clip.handle import ClipHandle, save_clip
 from condgen.tasks.clip.load import load_clip
@@ -43,6 +42,7 @@ from condgen.tasks.data.sidecars import (
 )
 from condgen.tasks.io import storage
 from condgen.tasks.io.cluster import ensure_ray
+from condgen.tasks.io.progress import progress as progress_bar
 from condgen.tasks.io.shards import MANIFEST, decode_png, read_samples
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def embed(shards_uri: str, clip_spec_or_handle: str | ClipHandle = "embedded", o
         remote = ray.remote(num_cpus=1, max_retries=2)(embed_shard)
         queue = list(todo)
         running: dict[Any, dict[str, Any]] = {}
-        bar = tqdm(total=len(todo), desc=f"embed {fp[:8]}", unit="shard", disable=not progress)
+        bar = progress_bar(total=len(todo), desc=f"embed {fp[:8]}", unit="shard", enabled=progress)
         try:
             while queue or running:
                 while queue and len(running) < max(1, num_workers):  # backpressure: num_workers in flight

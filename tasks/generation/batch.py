@@ -53,6 +53,7 @@ from condgen.tasks.io.checkpoint import model_name
 from condgen.tasks.io.cluster import ensure_ray
 from condgen.tasks.io.images import png_bytes, to_uint8
 from condgen.tasks.io.model_store import load_model_uri, load_registered, resolve
+from condgen.tasks.io.progress import progress
 from condgen.tasks.io.shards import tar_bytes
 
 SCHEMA_VERSION = 1
@@ -270,21 +271,29 @@ def generate_shard(payload: dict[str, Any], plan_json: dict[str, Any], k: int) -
     return entry
 
 
+def worker_env() -> dict[str, str]:
+    """The settings a shard worker needs (``WORKER_ENV``) that are set here, for a Ray ``runtime_env``."""
+    return {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+
+
 # -- many shards ------------------------------------------------------------------------------------
 def run_shards(plan: Plan, shard_ids: Sequence[int], payload: dict[str, Any], *, use_ray: bool = True,
                max_in_flight: int = 8, fail_shards: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Run shards as Ray tasks (or in-process); completed shards stay on disk if another one fails."""
     plan_json = plan.to_json()
+    bar = progress(total=len(shard_ids), desc=f"generate {plan.fingerprint[:8]}", unit="shard")
     if not use_ray:
         out = []
-        for k in shard_ids:
-            if k in fail_shards:
-                raise RuntimeError(f"injected failure on shard {k}")
-            out.append(generate_shard(payload, plan_json, k))
+        with bar:
+            for k in shard_ids:
+                if k in fail_shards:
+                    raise RuntimeError(f"injected failure on shard {k}")
+                out.append(generate_shard(payload, plan_json, k))
+                bar.update(1)
         return out
 
     ensure_ray()
-    env = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+    env = worker_env()
 
     @ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])
     def shard_task(payload, plan_json, k, fail):
@@ -306,6 +315,8 @@ def run_shards(plan: Plan, shard_ids: Sequence[int], payload: dict[str, Any], *,
             results.append(ray.get(done[0]))
         except Exception as exc:  # noqa: BLE001 - finish the others, then report
             errors.append((k, exc))
+        bar.update(1)
+    bar.close()
     if errors:
         k, exc = errors[0]
         raise RuntimeError(f"{len(errors)} shard(s) failed, first: shard {k}: {exc}") from exc

@@ -47,6 +47,7 @@ from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io import storage, tracking
 from condgen.tasks.io.images import from_uint8, grid, to_uint8
 from condgen.tasks.io.model_store import apply_adapter, load_model_uri, load_trained
+from condgen.tasks.io.progress import progress
 from condgen.tasks.judging.feature_metrics import (
     MIN_SET_SIZE,
     frechet_distance,
@@ -121,7 +122,7 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, *, config: ClassifierConfig | N
 
     rng = np.random.default_rng(seed)
     model.train()
-    for _ in range(epochs):
+    for _ in progress(range(epochs), desc="judge", unit="epoch"):
         perm = rng.permutation(len(y))
         for i in range(0, len(y), batch_size):
             idx = perm[i:i + batch_size]
@@ -289,7 +290,12 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
     labels = np.repeat(classes, n_per_class)
     cond = eval_conditions(model, labels, test)
     g = torch.Generator().manual_seed(seed)
-    samples = torch.cat([model.sample(cond[i:i + batch_size], generator=g) for i in range(0, len(labels), batch_size)])
+    chunks = []
+    with progress(total=len(labels), desc="evaluate", unit="sample") as bar:
+        for i in range(0, len(labels), batch_size):
+            chunks.append(model.sample(cond[i:i + batch_size], generator=g))
+            bar.update(len(chunks[-1]))
+    samples = torch.cat(chunks)
     probs, feats = predict(judge.model, samples)
     _, real_feats = predict(judge.model, from_uint8(test["x"]))
     pred = probs.argmax(-1).numpy()
