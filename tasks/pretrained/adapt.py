@@ -45,6 +45,7 @@ class PretrainedAdaptRequest:
     rank: int = 4
     alpha: float | None = None
     train_text_encoder: bool = False
+    targets: list[str] | None = None  # U-Net modules (peft names); default lora.UNET_TARGETS
     image_size: int | None = None
     cond_dropout: float = 0.1
     mixed_precision: str = "no"  # "no" | "bf16" (autocast of the U-Net forward)
@@ -122,7 +123,7 @@ def adapt_pretrained(req: PretrainedAdaptRequest) -> PretrainedAdaptResult:
     dtype = "bfloat16" if req.mixed_precision == "bf16" else "float32"
     latents_uri, latents_reused = cache.latents(p, req.shards_uri, size=size, dtype=dtype)
     text_uri, text_reused = cache.text(p, req.shards_uri, dtype=dtype)
-    adapter_cfg = {**lora.settings(req.rank, req.alpha, req.train_text_encoder, p), "image_size": size}
+    adapter_cfg = {**lora.settings(req.rank, req.alpha, req.train_text_encoder, p, req.targets), "image_size": size}
     served = sum(prm.numel() for prm in p.unet.parameters())
     trained = sum(prm.numel() for prm in lora.inject(p, adapter_cfg))
     samples = int(cache.read(latents_uri)["mean"].shape[0])

@@ -36,10 +36,12 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 PARTS = ("unet", "text_encoder")
 
 
-def settings(rank: int, alpha: float | None, train_text_encoder: bool, base: Pretrained) -> dict[str, Any]:
-    """The JSON half of an adapter: what ``inject`` needs to rebuild the same layers on the same base."""
+def settings(rank: int, alpha: float | None, train_text_encoder: bool, base: Pretrained,
+             unet_targets: list[str] | None = None) -> dict[str, Any]:
+    """The JSON half of an adapter: what ``inject`` needs to rebuild the same layers on the same base
+    (``unet_targets``: peft target module names, default the attention projections)."""
     return {"kind": KIND, "rank": int(rank), "alpha": float(alpha if alpha is not None else rank),
-            "targets": {"unet": list(UNET_TARGETS), "text_encoder": list(TEXT_TARGETS) if train_text_encoder else []},
+            "targets": {"unet": list(unet_targets or UNET_TARGETS), "text_encoder": list(TEXT_TARGETS) if train_text_encoder else []},
             "base": base.uri, "base_fingerprint": base.fingerprint}
 
 

@@ -140,9 +140,34 @@ def _swapped(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
                 prm.copy_(v)
 
 
+def train_step(p: base.Pretrained, data: dict[str, torch.Tensor], params: list[torch.nn.Parameter],
+               opt: torch.optim.Optimizer, ema: list[torch.Tensor] | None, config: dict[str, Any], step: int,
+               device: torch.device) -> dict[str, float]:
+    """Optimiser step ``step`` (0-based): this rank's rows of the global batch, gradients averaged over ranks,
+    clipping, AdamW, the EMA update. Every draw comes from (seed, step, rank), so it replays exactly."""
+    rank, world = _world()
+    g = step_generator(config["seed"], step, 0)  # the global batch's rows: the same on every rank
+    rows = torch.randint(0, len(data["mean"]), (int(config["batch_size"]),), generator=g)[rank::world]
+    loss = loss_on_batch(p, data, rows, step_generator(config["seed"], step, rank + 1), config, device)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    allreduce_grads(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, float(config["max_grad_norm"]))
+    opt.step()
+    if ema is not None:
+        with torch.no_grad():
+            for e, prm in zip(ema, params):
+                e.lerp_(prm.detach(), 1 - float(config["ema_decay"]))
+    logged = loss.detach().double().reshape(1)
+    if world > 1:  # the global batch's mean loss (equal shares)
+        torch.distributed.all_reduce(logged)
+        logged /= world
+    return {"loss": float(logged), "grad_norm": float(grad_norm), "step": step + 1}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: load the base, add the adapter, (resume), run ``steps`` optimiser steps."""
-    rank, world = _world()
+    rank, _ = _world()
     torch.manual_seed(config["seed"])  # peft's LoRA A init: the same on every rank
     device = ray.train.torch.get_device()
     p = base.load(config["base"], device=device)
@@ -157,22 +182,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resumed:
         step = _resume(resumed, params, ema, opt)
     logger = MetricLogger(config["tracking_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else None
-    n, batch, total = len(data["mean"]), int(config["batch_size"]), int(config["steps"])
+    total = int(config["steps"])
     while step < total:
-        g = step_generator(config["seed"], step, 0)  # the global batch's rows: the same on every rank
-        rows = torch.randint(0, n, (batch,), generator=g)[rank::world]
-        loss = loss_on_batch(p, data, rows, step_generator(config["seed"], step, rank + 1), config, device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        allreduce_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float(config["max_grad_norm"]))
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for e, prm in zip(ema, params):
-                    e.lerp_(prm.detach(), 1 - float(config["ema_decay"]))
+        metrics = train_step(p, data, params, opt, ema, config, step, device)
         step += 1
-        metrics = {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "step": step}
         if logger:
             logger.log({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}, step=step)
             every = int(config["validate_every"] or 0)
