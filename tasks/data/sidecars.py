@@ -6,7 +6,8 @@ arrays of two models.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -105,3 +106,68 @@ def load_latents(shards_uri: str, fingerprint: str, keys: Sequence[str], *, uri:
                             "run precompute_latents for this autoencoder first")
     shape = tuple(manifest["latent_shape"])
     return np.stack([found[k][0] for k in keys]) if keys else np.zeros((0, *shape), np.float32)
+
+
+# -- streaming joins (tasks/data/stream.py) ---------------------------------------------------------------
+SIDECAR_KINDS = {  # kind -> (folder URI, members joined, what, the fix a missing row needs)
+    "embeddings": (embeddings_uri, (TXT_MEMBER,), "CLIP embeddings", "run embed() for this shard set first"),
+    "latents": (latents_uri, (LATENT_MEMBER,), "latents", "run precompute_latents for this autoencoder first"),
+}
+
+
+def sidecar_manifest(shards_uri: str, kind: str, fingerprint: str) -> tuple[str, dict[str, Any]]:
+    """The folder and manifest of a side-car set, checked to be ``fingerprint``'s (one-line errors)."""
+    folder_of, _, what, fix = SIDECAR_KINDS[kind]
+    uri = folder_of(shards_uri, fingerprint)
+    if not storage.exists(storage.join(uri, shards.MANIFEST)):
+        raise FileNotFoundError(f"no {what} of {fingerprint[:16]} at {uri}; {fix}")
+    manifest = shards.read_manifest(uri)
+    if not manifest["fingerprint"].startswith(fingerprint):
+        raise ValueError(f"{uri} holds {what} of {manifest['fingerprint'][:16]}, not {fingerprint[:16]}")
+    return uri, manifest
+
+
+class ShardJoin:
+    """The side-car rows of one source shard, read alongside it and joined by ``__key__``.
+
+    The side-car shard has the source shard's name and was written from it in the same order, so the rows
+    arrive in step: ``take(key)`` reads forward to ``key``, ``drop(key)`` marks a row nobody needs (another
+    split, a skipped position). A row that arrives out of order waits in ``stash`` (empty when the orders
+    agree), so memory is one row, not the side-car shard. A key the side-car lacks is a one-line error
+    naming it and the fix."""
+
+    def __init__(self, folder: str, shard_name: str, kind: str):
+        _, self.members, self.what, self.fix = SIDECAR_KINDS[kind]
+        self.uri = storage.join(folder, shard_name)
+        if not storage.exists(self.uri):
+            raise FileNotFoundError(f"{self.uri} is missing (the {self.what} of shard {shard_name}); {self.fix}")
+        self._rows = shards.iter_samples(self.uri)
+        self.stash: dict[str, dict[str, Any]] = {}
+        self._dropped: set[str] = set()
+
+    def take(self, key: str) -> dict[str, bytes]:
+        row = self.stash.pop(key, None)
+        if row is None:
+            for row in self._rows:
+                if row["__key__"] == key:
+                    break
+                if row["__key__"] in self._dropped:
+                    self._dropped.discard(row["__key__"])
+                    continue
+                self.stash[row["__key__"]] = row
+            else:
+                row = None
+            if row is None:
+                raise KeyError(f"sample {key!r} has no {self.what} in {self.uri} (side-car missing, stale or "
+                               f"incomplete); {self.fix}")
+        missing = [m for m in self.members if m not in row]
+        if missing:
+            raise KeyError(f"sample {key!r} in {self.uri} has no {missing}; {self.fix}")
+        return {m: row[m] for m in self.members}
+
+    def drop(self, key: str) -> None:
+        if self.stash.pop(key, None) is None:
+            self._dropped.add(key)
+
+    def close(self) -> None:
+        self._rows.close()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from typing import Any, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -71,8 +72,15 @@ def write_tar(uri: str, samples: Sequence[tuple[str, dict[str, bytes]]]) -> str:
 
 def read_samples(uri: str) -> list[dict[str, Any]]:
     """All samples of one tar: ``__key__`` plus the raw member bytes by extension."""
+    return list(iter_samples(uri))
+
+
+def iter_samples(uri: str) -> Iterator[dict[str, Any]]:
+    """The samples of one tar as they are read (``__key__`` plus raw member bytes by extension): the
+    object is opened once and its members are streamed, so memory holds one sample, not the shard (a
+    streaming loader, ``tasks/data/stream.py``). Closing the generator closes the object."""
     with storage.open_read(uri) as f:
-        return list(group_by_keys({**m, "__url__": uri} for m in tar_file_iterator(f)))
+        yield from group_by_keys({**m, "__url__": uri} for m in tar_file_iterator(f))
 
 
 # -- manifests -----------------------------------------------------------------------------------

@@ -11,6 +11,15 @@ worker count changes only how that batch is split:
   and nothing is padded; the next epoch's permutation differs, so no sample is left out for good). A
   set smaller than ``G`` makes one step over all ``n`` samples. The epoch is the same for any worker
   count: the same steps over the same sets of samples.
+* **Streamed epoch** (``data_mode="stream"``, ``tasks/training/loader.py``). The split is read from its
+  shards, never held whole: epoch ``e`` orders the shards by a permutation of ``(seed, e)`` and concatenates
+  their samples of the split into one stream of ``n`` positions. The same ``n // G`` steps are taken; rank
+  ``r`` reads the contiguous span ``rank_span`` of ``steps x share_r`` positions (spans in rank order), passes
+  it through a shuffle buffer seeded by ``(seed, e, r)`` and takes ``share_r`` samples per step. Every rank
+  takes the same number of steps (equal work, whatever the shard sizes), a rank opens only the shards its
+  span overlaps, and the ``n % G`` positions at the end of the stream are the epoch's unused samples
+  (``unused_per_epoch``; a new shard order next epoch). A step's global batch then depends on the worker
+  count (each rank shuffles its own span), unlike the in-memory epoch above.
 * **Split.** Rank ``r`` takes a contiguous slice of step ``k``'s samples; the shares differ by at most
   one sample (the first ``G % W`` ranks take one more: 64 on 3 workers is 22 + 21 + 21). With equal
   shares each rank's gradient (a mean over its share) is averaged over the ranks, as before. With
@@ -30,8 +39,9 @@ worker count changes only how that batch is split:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -111,6 +121,13 @@ def plan(samples: int, global_batch: int, world: int) -> BatchPlan:
     if step_size < world:
         raise ValueError(f"{samples} training samples cannot be split over {world} workers")
     return BatchPlan(global_batch, world, samples, step_size, samples // step_size, split(step_size, world))
+
+
+def rank_span(bp: BatchPlan, rank: int) -> tuple[int, int]:
+    """Rank ``rank``'s positions ``[start, stop)`` in a streamed epoch (module docstring): ``steps x share``
+    contiguous positions, the spans of all ranks back to back from position 0."""
+    start = bp.steps_per_epoch * sum(bp.shares[:rank])
+    return start, start + bp.steps_per_epoch * bp.shares[rank]
 
 
 def epoch_steps(bp: BatchPlan, epoch: int, seed: int) -> Iterator[np.ndarray]:

@@ -1,0 +1,248 @@
+"""Streaming training data (tasks/data/stream.py, tasks/training/loader.py; issue #16, the data side).
+
+Shard sets are written here with ``shards.write_tar`` + a manifest: 8x8 greyscale images whose first two
+pixels spell the sample's number, so every batch says which samples it holds. Shards differ in size, some
+samples are val and some caption-only (``y == -1``), side-car embeddings (2 or 3 phrasings) and latents are
+keyed like the source. What is checked: disjoint rank spans over ``steps x G`` samples, equal steps per rank,
+a new order per epoch, a resume's ``skip_steps`` (bitwise, without decoding the skipped images), the side-car
+join against ``load_arrays``, memory vs stream over an epoch, the auto choice, ``s3://``, bounded memory.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from condgen.tasks.data import stream
+from condgen.tasks.data.sidecars import embeddings_uri, latents_uri, write_embeddings, write_latents
+from condgen.tasks.data.splits import load_arrays, load_split
+from condgen.tasks.io import shards, storage
+from condgen.tasks.training import loader
+from condgen.tasks.training.loader import memory_batches, open_train_data
+
+SEED, D, EMB_FP, LAT_FP = 7, 5, "e" * 64, "a" * 64
+SIZES = (37, 11, 60, 5, 29, 48)  # shards of different sizes
+
+
+def _image(i: int) -> np.ndarray:
+    x = np.full((8, 8), 128, np.uint8)
+    x[0, 0], x[0, 1] = i % 256, i // 256
+    return x
+
+
+def ids(batch: dict[str, torch.Tensor]) -> list[int]:
+    """The sample numbers of a batch, read back from its images."""
+    px = ((batch["x"][:, 0, 0, :2] + 1) * 127.5).round().long()
+    return (px[:, 0] + 256 * px[:, 1]).tolist()
+
+
+def make_set(root: str, sizes=SIZES, *, per_shard_counts: bool = True, sidecars: bool = False) -> str:
+    """A shard set: sample i is val when i % 7 == 3, caption-only when i % 11 == 5, else train with y = i % 10."""
+    entries, counts, i, unlabelled = [], Counter(), 0, 0
+    for s, size in enumerate(sizes):
+        samples, meta = [], []
+        for _ in range(size):
+            split = "val" if i % 7 == 3 else "train"
+            y = -1 if i % 11 == 5 else i % 10
+            samples.append((f"k{i:05d}", {"png": shards.encode_png(_image(i)), "cls": str(y).encode(),
+                                          "json": f'{{"split": "{split}", "caption": "c", "captions": ["c"]}}'.encode()}))
+            meta.append((split, y >= 0))
+            counts[split] += 1
+            unlabelled += y < 0
+            i += 1
+        name = f"shard-{s:06d}.tar"
+        entry = {"name": name, "n_samples": size, "sha256": shards.write_tar(storage.join(root, name), samples)}
+        if per_shard_counts:
+            entry["split_counts"] = {sp: sum(m[0] == sp for m in meta) for sp in ("train", "val")}
+            entry["labelled_split_counts"] = {sp: sum(m[0] == sp and m[1] for m in meta) for sp in ("train", "val")}
+        entries.append(entry)
+        if sidecars:
+            keys = [k for k, _ in samples]
+            nums = [int(k[1:]) for k in keys]
+            txt = [np.random.default_rng(n).normal(size=(2 + n % 2, D)).astype(np.float16) for n in nums]
+            write_embeddings(storage.join(embeddings_uri(root, EMB_FP), name), keys,
+                             np.zeros((len(keys), D), np.float16), txt)
+            write_latents(storage.join(latents_uri(root, LAT_FP), name), keys,
+                          np.stack([np.full((2, 2, 2), n, np.float32) for n in nums]))
+    manifest = {"schema_version": 2, "channels": 1, "image_size": 8, "num_classes": 10, "shards": entries,
+                "n_samples": i, "split_counts": dict(counts), "n_unlabelled": unlabelled, "attribute_names": []}
+    storage.write_json(storage.join(root, shards.MANIFEST), manifest)
+    if sidecars:
+        storage.write_json(storage.join(embeddings_uri(root, EMB_FP), shards.MANIFEST),
+                           {"fingerprint": EMB_FP, "embed_dim": D, "shards": [{"name": e["name"], "n_captions": 3}
+                                                                           for e in entries]})
+        storage.write_json(storage.join(latents_uri(root, LAT_FP), shards.MANIFEST),
+                           {"fingerprint": LAT_FP, "latent_shape": [2, 2, 2],
+                            "shards": [{"name": e["name"]} for e in entries]})
+    return root
+
+
+def _config(uri: str, **kw) -> dict:
+    return {"shards_uri": uri, "batch_size": 16, "seed": SEED, "data_mode": "stream", "stream_buffer": 40,
+            "loader_threads": 2, **kw}
+
+
+def _epoch(data, epoch: int = 0, skip: int = 0) -> list[dict[str, torch.Tensor]]:
+    return list(data.epoch(epoch, skip))
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory) -> str:
+    return make_set(str(tmp_path_factory.mktemp("stream-set")), sidecars=True)
+
+
+def _train_ids(uri: str, labelled_only: bool) -> list[int]:
+    y = load_arrays(uri, "train")["y"]
+    keys = load_split(uri, "train")["key"]
+    return [int(k[1:]) for k, yy in zip(keys, y) if yy >= 0 or not labelled_only]
+
+
+# -- the index and the epoch ------------------------------------------------------------------------------
+@pytest.mark.parametrize("labelled_only", [False, True])
+def test_the_index_from_the_manifest_equals_a_scan_of_the_tars(shard_set, tmp_path, labelled_only):
+    scanned = make_set(str(tmp_path / "scan"), per_shard_counts=False)
+    a = stream.build_index(shard_set, "train", labelled_only=labelled_only)
+    b = stream.build_index(scanned, "train", labelled_only=labelled_only)
+    assert (a.source, b.source) == ("manifest", "scan")
+    assert a.counts == b.counts and a.total == len(_train_ids(shard_set, labelled_only))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_spans_are_disjoint_cover_steps_x_g_and_every_rank_takes_the_same_steps(shard_set, world):
+    per_rank = [_epoch(open_train_data(_config(shard_set), r, world, labelled_only=True)) for r in range(world)]
+    data = open_train_data(_config(shard_set), 0, world, labelled_only=True)
+    bp = data.plan
+    assert data.mode == "stream" and bp.steps_per_epoch == bp.samples // 16 and bp.unused_per_epoch == bp.samples % 16
+    assert {len(steps) for steps in per_rank} == {bp.steps_per_epoch}  # equal work, unequal shards
+    seen = [i for r, steps in enumerate(per_rank) for b in steps for i in ids(b) if len(b["y"]) == bp.shares[r]]
+    assert len(seen) == len(set(seen)) == bp.steps_per_epoch * 16  # disjoint, nothing repeated or padded
+    assert set(seen) <= set(_train_ids(shard_set, True))
+    for steps in per_rank:  # labels travel with their images; no caption-only sample
+        for b in steps:
+            assert torch.equal(b["y"], torch.tensor([i % 10 for i in ids(b)]))
+    summary = data.summary()
+    assert summary["unused_per_epoch"] == bp.unused_per_epoch and summary["index"] == "manifest"
+    assert 1 <= summary["shards_per_rank"] <= len(SIZES)
+
+
+def test_each_epoch_has_a_new_order_and_the_same_epoch_is_the_same(shard_set):
+    data = open_train_data(_config(shard_set), 1, 2, labelled_only=False)
+    e0, again, e1 = ([i for b in _epoch(data, e) for i in ids(b)] for e in (0, 0, 1))
+    assert e0 == again and e0 != e1 and len(e0) == len(e1)
+
+
+@pytest.mark.parametrize("world, rank, skip", [(1, 0, 3), (2, 1, 5), (3, 0, 1)])
+def test_skip_steps_yields_the_tail_of_the_epoch_bitwise_without_decoding_the_skipped_images(
+        shard_set, monkeypatch, world, rank, skip):
+    cfg = _config(shard_set, embeddings=EMB_FP, latents=LAT_FP, shards_b_uri=shard_set)
+    data = open_train_data(cfg, rank, world, labelled_only=False)
+    full = _epoch(data, 2)
+    decoded = []
+    real = stream.decode_sample
+    monkeypatch.setattr(stream, "decode_sample", lambda raw: decoded.append(raw["__key__"]) or real(raw))
+    tail = _epoch(data, 2, skip)
+    assert len(tail) == len(full) - skip and len(decoded) == len(tail) * data.plan.shares[rank]
+    for got, want in zip(tail, full[skip:]):
+        assert got.keys() == want.keys() == {"x", "y", "txt", "z", "x_b"}
+        assert all(torch.equal(got[k], want[k]) for k in got)
+    assert _epoch(data, 2, data.plan.steps_per_epoch) == []
+    with pytest.raises(ValueError, match="skip_steps"):
+        data.epoch(2, data.plan.steps_per_epoch + 1)
+
+
+def test_side_cars_join_by_key_like_load_arrays(shard_set):
+    arrays = load_arrays(shard_set, "train", EMB_FP, LAT_FP)
+    keys = [int(k[1:]) for k in load_split(shard_set, "train")["key"]]
+    row = {k: i for i, k in enumerate(keys)}
+    data = open_train_data(_config(shard_set, embeddings=EMB_FP, latents=LAT_FP), 0, 1, labelled_only=False)
+    n = 0
+    for b in _epoch(data, 1):
+        for j, i in enumerate(ids(b)):
+            r = row[i]
+            assert torch.equal(b["z"][j], torch.from_numpy(arrays["z"][r])) and b["z"].dtype == torch.float32
+            assert b["txt"].dtype == torch.float32
+            assert any(torch.equal(b["txt"][j], torch.from_numpy(t)) for t in arrays["txt"][r])  # one phrasing
+            n += 1
+    assert n == data.plan.steps_per_epoch * 16
+
+
+def test_a_missing_side_car_row_is_a_one_line_error_with_the_fix(tmp_path):
+    root = make_set(str(tmp_path / "set"), sizes=(20, 20), sidecars=True)
+    name = "shard-000001.tar"
+    folder = embeddings_uri(root, EMB_FP)
+    rows = shards.read_samples(storage.join(folder, name))
+    shards.write_tar(storage.join(folder, name), [(s["__key__"], {m: s[m] for m in s if m.endswith("npy")})
+                                                 for s in rows[:5]])
+    data = open_train_data(_config(root, embeddings=EMB_FP, batch_size=4), 0, 1, labelled_only=False)
+    with pytest.raises(KeyError, match=r"has no CLIP embeddings in .*shard-000001.tar.*run embed\(\)"):
+        _epoch(data)
+    with pytest.raises(FileNotFoundError, match="run precompute_latents"):
+        open_train_data(_config(root, latents="b" * 64), 0, 1, labelled_only=False)
+
+
+# -- memory mode, auto, S3, bounded memory -----------------------------------------------------------------
+def test_memory_batches_are_the_workers_batches_and_skip_continues_them(shard_set):
+    from condgen.tasks.training.worker import batches
+
+    arrays = load_arrays(shard_set, "train", EMB_FP)
+    arrays["x_b"] = arrays["x"][::-1].copy()
+    for rank, world in ((0, 1), (1, 3)):
+        full = list(memory_batches(arrays, 16, rank, world, 1, SEED))
+        old = list(batches(arrays, 16, rank, world, 1, SEED))
+        tail = list(memory_batches(arrays, 16, rank, world, 1, SEED, skip_steps=4))
+        assert len(full) == len(old) == len(tail) + 4
+        for a, b in zip(full, old):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        for a, b in zip(tail, full[4:]):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_memory_and_stream_give_the_same_samples_over_an_epoch(tmp_path):
+    root = make_set(str(tmp_path / "set"), sizes=(40, 24, 56))  # 120 samples: 94 labelled train ones
+    mem = open_train_data(_config(root, data_mode="memory", batch_size=47), 0, 1, labelled_only=True)
+    st = open_train_data(_config(root, data_mode="stream", batch_size=47), 0, 1, labelled_only=True)
+    assert (mem.mode, st.mode) == ("memory", "stream") and mem.plan == st.plan and mem.plan.unused_per_epoch == 0
+    a, b = (sorted(i for batch in _epoch(d) for i in ids(batch)) for d in (mem, st))
+    assert a == b == sorted(_train_ids(root, True))
+    grid = st.grid_examples(per_class=2)
+    assert set(grid["y"].tolist()) == set(range(10)) and max(Counter(grid["y"].tolist()).values()) == 2
+    assert grid["x"].dtype == np.uint8 and mem.grid_examples(per_class=2)["x"].shape[1:] == (8, 8)
+
+
+def test_auto_picks_memory_for_a_small_set_and_stream_above_the_limit(shard_set):
+    n, size = loader.estimate_bytes(_config(shard_set, embeddings=EMB_FP, latents=LAT_FP))
+    assert size == n * (64 + 4 * 3 * D + 4 * 8)  # images + 3 phrasings x D float32 + latents
+    small = open_train_data(_config(shard_set, data_mode="auto"), 0, 1, labelled_only=False)
+    big = open_train_data(_config(shard_set, data_mode="auto", memory_limit_mb=n * 64 / 2**20 / 2), 0, 1,
+                          labelled_only=False)
+    assert (small.mode, big.mode) == ("memory", "stream")
+    assert small.summary()["data_mode"] == "memory" and big.summary()["requested_mode"] == "auto"
+    with pytest.raises(ValueError, match="data_mode must be one of"):
+        open_train_data(_config(shard_set, data_mode="disk"), 0, 1, labelled_only=False)
+
+
+def test_streaming_from_s3_gives_the_batches_of_the_local_set(shard_set, s3_uri):
+    root = storage.local_path(shard_set)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        storage.write_bytes(storage.join(s3_uri, str(path.relative_to(root))), path.read_bytes())
+    cfg = {"embeddings": EMB_FP, "latents": LAT_FP}
+    local = _epoch(open_train_data(_config(shard_set, **cfg), 1, 2, labelled_only=False), 3)
+    remote = _epoch(open_train_data(_config(s3_uri, **cfg), 1, 2, labelled_only=False), 3)
+    assert len(local) == len(remote) > 0
+    for a, b in zip(local, remote):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stream_holds_at_most_its_buffer_and_prefetch_whatever_the_set_size(tmp_path):
+    root = make_set(str(tmp_path / "big"), sizes=(250,) * 12)  # 3,000 samples
+    data = open_train_data(_config(root, stream_buffer=50, batch_size=8), 0, 2, labelled_only=False)
+    n = 0
+    for b in data.epoch(0):
+        n += len(b["y"])
+        time.sleep(0.001)  # a consumer that trains: the reader runs ahead until the prefetch queue is full
+    assert n == data.plan.steps_per_epoch * 4 and n > 1000
+    assert 50 <= data.live.peak <= data.max_live < n / 10, (data.live.peak, data.max_live)
+    assert data.live.now == 0  # every sample read was handed over
