@@ -20,7 +20,7 @@ from condgen.tasks.data.splits import load_split
 from condgen.tasks.io import storage
 from condgen.tasks.io.shards import tar_bytes
 
-SMALL = dict(limit=300, shard_size=100)  # 3 shards: fast, still exercises sharding
+SMALL = {"limit": 300, "shard_size": 100}  # 3 shards: fast, still exercises sharding
 
 
 def _digits(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +219,7 @@ def test_bad_folder_items_are_rejected_not_fatal(tmp_path: Path) -> None:
     (src / "4").mkdir(exist_ok=True)
     (src / "4" / "escape.png").symlink_to(outside / "secret.png")
     (src / "linked_dir").symlink_to(outside, target_is_directory=True)
-    (src / "4" / "inside.png").symlink_to(src / "3" / "big.png")  # stays inside: fine
+    (src / "4" / "inside.png").symlink_to(src / "3" / "big.png")  # stays inside, but big.png is read already
 
     out = tmp_path / "out"
     before = _snapshot(tmp_path, out)
@@ -238,9 +238,10 @@ def test_bad_folder_items_are_rejected_not_fatal(tmp_path: Path) -> None:
         "loose.png": "missing_label",
         "4/escape.png": "symlink_escape",
         "linked_dir": "symlink_escape",
+        "4/inside.png": "duplicate_file",
     }
-    assert result.n_rejected == 10
-    assert sum(result.counts.values()) == 13  # 10 digits + big + paper + inside link
+    assert result.n_rejected == 11
+    assert sum(result.counts.values()) == 12  # 10 digits + big + paper
     data = load_split(str(out), "all")
     refs = [json.loads(s["json"])["source_ref"] for s in wds.WebDataset(
         [str(p) for p in sorted(out.glob("shard-*.tar"))], shardshuffle=False)]
@@ -306,15 +307,16 @@ def test_bad_tar_members_are_rejected_and_never_extracted(tmp_path: Path) -> Non
 
 
 def test_captions_jsonl_folder(tmp_path: Path) -> None:
-    x, y = _digits(3)
+    x, y = _digits(5)
     src = tmp_path / "cap"
     (src / "img").mkdir(parents=True)
-    for i in range(3):
+    for i in range(5):
         (src / "img" / f"{i}.png").write_bytes(_png(x[i]))
     (tmp_path / "outside.png").write_bytes(_png(x[0]))
     lines = [json.dumps({"file": f"img/{i}.png", "label": int(y[i]), "caption": f"caption {i}"}) for i in range(3)]
-    lines += ['{"file": "../outside.png", "label": 1}', "{not json", json.dumps({"file": "img/0.png"}),
-              json.dumps({"file": "img/1.png", "label": -1})]
+    # (each line names another file: a file named twice is a duplicate_file, tests/test_ingest_limits.py)
+    lines += ['{"file": "../outside.png", "label": 1}', "{not json", json.dumps({"file": "img/3.png"}),
+              json.dumps({"file": "img/4.png", "label": -1})]
     (src / "captions.jsonl").write_text("\n".join(lines) + "\n")
 
     result = ingest(str(src), str(tmp_path / "out"), shard_size=10)

@@ -14,6 +14,18 @@ extracting anything (tar members are read in memory) and without leaving the fol
 Tar members with absolute names, ``..`` components or link types, symlinks that resolve
 outside the source folder, and non-image files become :class:`~condgen.tasks.data.items.Reject`
 items with a reason. Which source a spec names is ``tasks/data/sources.py``.
+
+Bounds, checked before bytes are held: a folder file or tar member over 16 MiB is
+``too_large``; a tar sample (the consecutive members of one key) with more members or bytes
+than ``settings.ingest_sample_limits()`` (16, 32 MiB) is ``sample_too_large`` and the rest
+of its members are skipped unread; a ``captions.jsonl`` line over ``MAX_RECORD_BYTES`` is
+``record_too_long`` (the file is read line by line, never whole).
+
+One file, one sample: a folder file reached a second time -- through a symlink, a hard link
+or a repeated ``captions.jsonl`` line -- is rejected as ``duplicate_file`` (the first
+reference in walk order, or the first line, wins), so no image is ingested twice. A label
+read from a ``cls``/``label`` member loses one trailing newline (``7\n`` as ``echo`` writes
+it); the label itself must then be exact (``tasks/data/items.py``).
 """
 from __future__ import annotations
 
@@ -22,8 +34,9 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from braceexpand import braceexpand
 
@@ -37,9 +50,11 @@ from condgen.tasks.data.items import (
     sha256_of,
     unsafe_name,
 )
+from condgen.tasks.io import settings
 
 LABEL_EXTS = ("cls", "cls.txt", "label", "label.txt")
 CAPTION_EXTS = ("txt", "caption", "caption.txt")
+MAX_RECORD_BYTES = 64 * 1024  # one captions.jsonl line: a 2,000-character caption and attributes fit
 
 
 # local folder ----------------------------------------------------------------------
@@ -84,10 +99,11 @@ def _folder_items(root: Path) -> Iterator[RawItem | Reject]:
 
 
 def _class_folder_items(root: Path) -> Iterator[RawItem | Reject]:
+    seen: dict[tuple[int, int], str] = {}
     for path, rel in _walk(root):
         parts = rel.split("/")
         try:
-            data = _read_inside(root, path, rel)
+            data = _read_inside(root, path, rel, seen)
         except BadItem as exc:
             yield Reject(rel, exc.reason, exc.detail)
             continue
@@ -95,12 +111,31 @@ def _class_folder_items(root: Path) -> Iterator[RawItem | Reject]:
         yield RawItem(ref=rel, label=parts[0] if len(parts) > 1 else None, data=data)
 
 
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of each line, read one at a time; text None for a line over
+    ``MAX_RECORD_BYTES`` (skipped without holding it)."""
+    with open(path, "rb") as f:
+        for lineno in range(1, 1 << 62):
+            line = f.readline(MAX_RECORD_BYTES + 1)
+            if not line:
+                return
+            if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):
+                    line = f.readline(1 << 20)
+                yield lineno, None
+                continue
+            yield lineno, line.decode("utf-8", errors="replace")
+
+
 def _captioned_items(root: Path) -> Iterator[RawItem | Reject]:
-    lines = (root / "captions.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
-    for lineno, line in enumerate(lines, start=1):
+    seen: dict[tuple[int, int], str] = {}
+    for lineno, line in _jsonl_lines(root / "captions.jsonl"):
+        ref = f"captions.jsonl:{lineno}"
+        if line is None:
+            yield Reject(ref, "record_too_long", f"over {MAX_RECORD_BYTES} bytes")
+            continue
         if not line.strip():
             continue
-        ref = f"captions.jsonl:{lineno}"
         try:
             rec = json.loads(line)
             if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
@@ -109,7 +144,7 @@ def _captioned_items(root: Path) -> Iterator[RawItem | Reject]:
             ref = rel
             if unsafe_name(rel):
                 raise BadItem("unsafe_path", rel[:200])
-            data = _read_inside(root, root / rel, rel)
+            data = _read_inside(root, root / rel, rel, seen, by=f"captions.jsonl:{lineno}")
         except json.JSONDecodeError:
             yield Reject(ref, "bad_record", "not JSON")
             continue
@@ -121,8 +156,9 @@ def _captioned_items(root: Path) -> Iterator[RawItem | Reject]:
                       attributes=rec.get("attributes") if isinstance(rec.get("attributes"), dict) else None)
 
 
-def _read_inside(root: Path, path: Path, rel: str) -> bytes:
-    """Bytes of an image file that really lies inside ``root`` (symlinks resolved)."""
+def _read_inside(root: Path, path: Path, rel: str, seen: dict[tuple[int, int], str], by: str = "") -> bytes:
+    """Bytes of an image file that really lies inside ``root`` (symlinks resolved) and was not
+    read before (``seen``: (device, inode) -> the first reference to it, which ``by`` names)."""
     real = path.resolve()
     if not real.is_relative_to(root):
         raise BadItem("symlink_escape" if path.is_symlink() or _has_link(root, path) else "unsafe_path",
@@ -133,8 +169,12 @@ def _read_inside(root: Path, path: Path, rel: str) -> bytes:
         raise BadItem("not_a_file", rel[:200])
     if rel.rsplit(".", 1)[-1].lower() not in IMAGE_EXTS or "." not in rel.rsplit("/", 1)[-1]:
         raise BadItem("not_an_image", rel[:200])
-    if real.stat().st_size > MAX_MEMBER_BYTES:
-        raise BadItem("too_large", f"{real.stat().st_size} bytes")
+    stat = real.stat()
+    if stat.st_size > MAX_MEMBER_BYTES:
+        raise BadItem("too_large", f"{stat.st_size} bytes")
+    first = seen.setdefault((stat.st_dev, stat.st_ino), by or rel)
+    if first != (by or rel):
+        raise BadItem("duplicate_file", f"same file as {first[:200]}")
     return real.read_bytes()
 
 
@@ -175,7 +215,10 @@ def expand_tar_pattern(pattern: str) -> list[Path]:
     return [Path(p) for p in found]
 
 
-def tar_source(tars: list[Path], tag: str) -> Source:
+def tar_source(tars: list[Path], tag: str, limits: tuple[int, int] | None = None) -> Source:
+    """A WebDataset tar set; ``limits`` (members, bytes) of one sample, default the settings'."""
+    max_members, max_bytes = limits or settings.ingest_sample_limits()
+
     def fingerprint() -> str:
         def chunks() -> Iterator[bytes]:
             for t in tars:
@@ -186,15 +229,22 @@ def tar_source(tars: list[Path], tag: str) -> Source:
 
     def items() -> Iterator[RawItem | Reject]:
         for t in tars:
-            yield from _tar_items(t)
+            yield from _tar_items(t, max_members, max_bytes)
 
     return Source(tag, fingerprint, items)
 
 
-def _tar_items(path: Path) -> Iterator[RawItem | Reject]:
-    """Stream one tar; consecutive members with the same key form a sample (webdataset)."""
+def _tar_items(path: Path, max_members: int, max_bytes: int) -> Iterator[RawItem | Reject]:
+    """Stream one tar; consecutive members with the same key form a sample (webdataset).
+
+    A sample's size is checked on each member's header before its bytes are read: one over
+    ``max_members`` members or ``max_bytes`` bytes is rejected and its other members skipped
+    unread, so memory stays under ``max_bytes`` whatever the tar holds.
+    """
     key: str | None = None
     group: dict[str, bytes] = {}
+    n_members = n_bytes = 0
+    refused: str | None = None  # the key of a sample rejected as too large
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
@@ -205,10 +255,20 @@ def _tar_items(path: Path) -> Iterator[RawItem | Reject]:
                 if parsed is None:
                     continue  # directories and webdataset metadata
                 mkey, ext = parsed
-                if mkey != key and group:
-                    yield _tar_sample(path.name, key or "", group)
-                    group = {}
+                if mkey != key:
+                    if group:
+                        yield _tar_sample(path.name, key or "", group)
+                    group, n_members, n_bytes, refused = {}, 0, 0, None
                 key = mkey
+                if refused == mkey:
+                    continue  # the rest of a sample already rejected: never read
+                n_members, n_bytes = n_members + 1, n_bytes + member.size
+                if n_members > max_members or n_bytes > max_bytes:
+                    what = f"more than {max_members} members" if n_members > max_members else \
+                        f"more than {max_bytes} bytes"
+                    yield Reject(f"{path.name}:{mkey}", "sample_too_large", what)
+                    group, refused = {}, mkey
+                    continue
                 fobj = tar.extractfile(member)
                 group[ext.lower()] = fobj.read() if fobj is not None else b""
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -250,9 +310,14 @@ def _tar_sample(tar_name: str, key: str, group: dict[str, bytes]) -> RawItem | R
             meta = loaded if isinstance(loaded, dict) else {}
         except ValueError:
             meta = {}  # only needed for label/caption fallbacks; missing ones reject below
-    label = next((group[e].decode("utf-8", "replace") for e in LABEL_EXTS if e in group), meta.get("label"))
+    label = next((_line(group[e]) for e in LABEL_EXTS if e in group), meta.get("label"))
     caption = next((group[e].decode("utf-8", "replace") for e in CAPTION_EXTS if e in group), meta.get("caption"))
     attrs = meta.get("attributes")
     return RawItem(ref=f"{ref}.{image_ext}", label=label, data=group[image_ext],
                    caption=caption if isinstance(caption, str) else None,
                    attributes=attrs if isinstance(attrs, dict) else None)
+
+
+def _line(data: bytes) -> str:
+    """A text member as one value: UTF-8, less one trailing newline (as ``echo 7 > x.cls`` writes)."""
+    return data.decode("utf-8", "replace").removesuffix("\n").removesuffix("\r")

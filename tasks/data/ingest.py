@@ -60,6 +60,7 @@ from PIL import Image
 from condgen.tasks.data import attributes
 from condgen.tasks.data.items import (
     INVERT_POLICIES,
+    MAX_CAPTION_CHARS,
     MIN_SIDE,
     MODES,
     RESIZE_POLICIES,
@@ -76,7 +77,7 @@ from condgen.tasks.data.items import (
 )
 from condgen.tasks.data.sources import open_source
 from condgen.tasks.data.survey import Plan, describe, make_plan, numeric_attributes
-from condgen.tasks.io import storage
+from condgen.tasks.io import settings, storage
 from condgen.tasks.io.shards import MANIFEST, encode_png, tar_bytes
 
 SCHEMA_VERSION = 2
@@ -85,16 +86,25 @@ SCHEMA_VERSION = 2
 # 3: per-shard split counts in the manifest, and the stricter input policy of issue #20.
 INGEST_VERSION = 3
 POLICY = {
+    "formats": "PNG, JPEG, WebP, GIF, BMP, PGM/PPM, decided from the header before decoding; others (ICO, TIFF, "
+               "...) rejected as unsupported_format",
     "size": "sides 8..8192 px, <= 40 Mpx, aspect <= 2 (checked on the header); others rejected as bad_size",
     "mode": "auto: majority of header modes (tie: RGB); grey files in RGB sets replicated, colour in L sets -> luma",
     "transparency": "composited onto the background colour",
     "animation": "first frame kept (counted in conversions.animated_first_frame)",
     "depth": "16-bit scaled by 255/65535, never clipped",
     "orientation": "EXIF orientation applied",
-    "labels": "integers if >= half the distinct labels are; else class names sorted like ImageFolder",
+    "labels": "integers if >= half the distinct labels are; else class names sorted like ImageFolder; exact: "
+              "canonical integers ('7', not '+7', '07', ' 7', '-0'), names as written; others bad_label",
+    "captions": "the source's own caption <= 2000 characters; longer: rejected as caption_too_long (not truncated)",
+    "duplicates": "a file reached twice (symlink, hard link, repeated captions.jsonl line) is ingested once; "
+                  "later references rejected as duplicate_file",
+    "tar_samples": "<= 16 members and 32 MiB per sample (CONDGEN_INGEST_MAX_SAMPLE_*), checked on the tar "
+                   "headers before reading; others rejected as sample_too_large",
     "caption_only": "label -1: for text conditioning; class-conditional training skips it",
     "blank": "digit sets: no stroke pixel; other sets: every pixel one colour (after squaring); rejected",
 }
+DEFAULT_SAMPLE_LIMITS = (settings.MAX_SAMPLE_MEMBERS, settings.MAX_SAMPLE_BYTES)
 MANIFEST_NAME = MANIFEST  # the shard-set manifest of tasks/io/shards
 REJECTS_NAME = "rejects.json"
 SPLIT_NAMES = ("train", "val", "test")
@@ -151,6 +161,8 @@ def ingest(
                      background=config["background"]) as src:
         if limit is not None and stratify and src.labels is not None:
             config["limit_sampling"] = "stratified"  # absent otherwise: other sets' manifests stay as they were
+        if settings.ingest_sample_limits() != DEFAULT_SAMPLE_LIMITS:  # a changed cap redoes the set
+            config["sample_limits"] = list(settings.ingest_sample_limits())
         fingerprint = src.fingerprint()
         existing = _read_manifest(manifest_uri)
         if existing is not None and _is_complete(existing, out_uri, source, fingerprint, config):
@@ -345,6 +357,8 @@ def _process(index: int, item: RawItem | Reject, tag: str, config: dict[str, Any
         return item
     own = (item.caption or "").strip()
     try:
+        if len(own) > MAX_CAPTION_CHARS:
+            raise BadItem("caption_too_long", f"{len(own)} characters > {MAX_CAPTION_CHARS}")
         label = plan.labels.parse(item.label, bool(own))
         if item.array is not None:
             img = array_to_mode(item.array, plan.mode, notes)

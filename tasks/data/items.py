@@ -12,10 +12,16 @@ Ingest then decodes and validates each item here; a failed check raises
 
 Input policy (schema v2):
 
+- formats: only ``FORMATS`` (PNG, JPEG, WebP, and the GIF, BMP and PGM/PPM files the
+  folder and tar sources name in ``IMAGE_EXTS``), decided from the file's header by
+  PIL's format check before any pixel is decoded, whatever the file's extension; any
+  other container (ICO, TIFF, PSD, ...) is never parsed past its magic bytes and is
+  rejected as ``unsupported_format`` -- an ICO whose directory says 16 x 16 but which
+  holds a 9000 x 9000 PNG is refused without decoding it;
 - the header is checked before any pixel is decoded: sides from ``MIN_SIDE`` to
   ``MAX_SIDE`` px, at most ``MAX_PIXELS`` pixels, aspect ratio <= ``MAX_ASPECT``;
   anything else (a 1 x 10,000 strip, a tiny icon, a decompression bomb) is rejected as
-  ``bad_size``, never padded;
+  ``bad_size``, never padded (in the allowed formats the header's size is the size decoded);
 - images are stored losslessly in the set's mode, ``L`` or ``RGB``: EXIF orientation is
   applied; animated GIF/WebP/PNG keep their first frame (counted as
   ``animated_first_frame`` in the manifest's ``conversions``); CMYK, YCbCr and LAB
@@ -28,7 +34,15 @@ Input policy (schema v2):
   turns dark ink on light paper into MNIST polarity when the border is mostly light;
 - :func:`to_square` makes the image square by ``pad`` (centred, filled with ``fill``),
   ``center_crop`` or ``resize`` (stretch), then resizes to ``image_size`` (Lanczos);
-- labels must be integers in ``[0, num_classes)`` (or class names, ``tasks/data/survey.py``);
+- labels must be integers in ``[0, num_classes)`` spelt canonically -- ASCII digits, no sign,
+  no leading zero or whitespace (``7``; not ``+7``, ``07``, `` 7``, ``-0`` or ``٧``) -- or
+  class names matched exactly (``tasks/data/survey.py``); anything else is ``bad_label``;
+- a caption (the source's own) has at most ``MAX_CAPTION_CHARS`` characters; a longer one
+  is rejected as ``caption_too_long``, not truncated (half a caption may describe another
+  image);
+- a WebDataset sample has at most 16 members and 32 MiB in all (the settings
+  ``CONDGEN_INGEST_MAX_SAMPLE_MEMBERS`` and ``..._BYTES``, ``tasks/io/settings.py``), checked
+  on the tar headers before a member's bytes are read (``sample_too_large``);
 - names that are absolute, drive-qualified or contain ``..`` are unsafe (:func:`unsafe_name`).
 """
 from __future__ import annotations
@@ -36,11 +50,12 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 8, 8192, 2.0
 MAX_PIXELS = 40_000_000  # checked on the header, like PIL's MAX_IMAGE_PIXELS
@@ -54,6 +69,12 @@ GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;
 WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 ORIENTATION_TAG = 0x0112
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "pgm", "ppm")
+# PIL format names allowed (PPM covers PGM/PBM): one image each, or a first frame whose header
+# size is what is decoded. TIFF (a multi-image container) is named by IMAGE_EXTS only so that
+# a .tif file gets the clear reason ``unsupported_format``.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "PPM")
+MAX_CAPTION_CHARS = 2000
+CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]*")  # fullmatch: "7", "-1"; not "+7", "07", " 7", "-0", "٧"
 
 
 # ------------------------------------------------------------------------- records
@@ -170,7 +191,7 @@ def parse_label(raw: Any, num_classes: int) -> int:
     if isinstance(raw, bool) or not isinstance(raw, (int, np.integer, str)):
         raise BadItem("bad_label", repr(raw)[:80])
     if isinstance(raw, str):
-        if not re.fullmatch(r"\s*[+-]?\d+\s*", raw):
+        if not CANONICAL_INT.fullmatch(raw):
             raise BadItem("bad_label", raw[:80])
         raw = int(raw)
     label = int(raw)
@@ -198,16 +219,36 @@ def parse_background(value: Any) -> tuple[int, int, int]:
 
 
 def open_checked(data: bytes) -> Image.Image:
-    """Open encoded bytes and check the header size; no pixel is decoded. Raises BadItem."""
+    """Open encoded bytes in an allowed format and check the header size; no pixel is
+    decoded. Raises BadItem."""
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=FORMATS)  # only these plugins look at the bytes
         width, height = im.size  # header only: check before decoding any pixels
-    except Exception as exc:  # PIL raises many types for bad input
+    except UnidentifiedImageError:
+        found = sniff_format(data)
+        if found is not None and found not in FORMATS:
+            raise BadItem("unsupported_format", f"{found}; allowed: {', '.join(FORMATS)}") from None
+        raise BadItem("corrupt_image", "UnidentifiedImageError") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad input
         raise BadItem("corrupt_image", type(exc).__name__) from None
     if not (MIN_SIDE <= min(width, height) and max(width, height) <= MAX_SIDE
             and width * height <= MAX_PIXELS and max(width, height) <= MAX_ASPECT * min(width, height)):
         raise BadItem("bad_size", f"{width}x{height}")
     return im
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The PIL format whose magic bytes ``data`` starts with (its ``accept`` check only: no
+    plugin parses the file), or None; for the reason given to a refused file."""
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(data[:64]):
+                return name
+        except Exception:  # noqa: BLE001, S112 - a plugin's check on a short prefix
+            continue
+    return None
 
 
 def header_mode(im: Image.Image) -> str:
@@ -238,7 +279,7 @@ def decode_image(data: bytes, mode: str = "L", background: Sequence[int] = WHITE
             notes.append("exif_rotated")
         im = ImageOps.exif_transpose(im)
         arr = _to_mode(im, mode, tuple(background), notes)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is this item's, not the run's
         raise BadItem("corrupt_image", type(exc).__name__) from None
     if invert == "auto" and arr.ndim == 2:
         border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])

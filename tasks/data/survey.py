@@ -6,11 +6,14 @@ Declared policies (ingest records the outcome in the manifest):
 - **mode** ``auto``: the majority of the items' storage modes by header (greyscale:
   ``1``, ``L``, ``LA``, 16-bit, float and grey palettes; everything else counts as
   colour); a tie goes to ``RGB``, which loses nothing. ``L`` or ``RGB`` force the mode.
-- **labels**: integers when at least half of the distinct raw labels are integer
-  literals (a digit folder with one stray ``cat/`` folder stays a digit set, the stray
-  one is rejected as ``bad_label``); otherwise every label is a class name and classes
-  are numbered by sorted name, like torchvision's ImageFolder (``class_names`` in the
-  manifest). Integer labels are checked against ``num_classes`` (default 10, the digits).
+- **labels**: integers when at least half of the distinct raw labels are integers in
+  their canonical spelling (``7``; a digit folder with one stray ``cat/`` folder stays a
+  digit set, the stray one is rejected as ``bad_label``); otherwise every label is a class
+  name and classes are numbered by sorted name, like torchvision's ImageFolder
+  (``class_names`` in the manifest). Integer labels are checked against ``num_classes``
+  (default 10, the digits). Labels are taken exactly as written: ``+7``, ``07``, `` 7``,
+  ``-0`` and ``٧`` are not 7 or 0 but ``bad_label`` in an integer set, and a name with
+  leading or trailing whitespace or an unprintable character is never a class name.
 - **caption-only** items (a caption and no label) get label -1 (``cls`` "-1"): text
   conditioning uses them, class-conditional training must skip them.
 - **attributes**: the sorted union of the numeric attribute names the source gives.
@@ -22,15 +25,16 @@ image side), so :func:`make_plan` skips the pass for it.
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from condgen.tasks.data import attributes
 from condgen.tasks.data.items import (
+    CANONICAL_INT,
     MIN_SIDE,
     BadItem,
     Declared,
@@ -44,14 +48,13 @@ from condgen.tasks.data.items import (
 
 MAX_INFERRED_SIZE = 64
 DEFAULT_NUM_CLASSES = 10
-INT_RE = re.compile(r"\s*[+-]?\d+\s*")
 
 
 @dataclass
 class Survey:
     modes: Counter = field(default_factory=Counter)
     sizes: Counter = field(default_factory=Counter)
-    labels: set = field(default_factory=set)  # distinct raw labels, normalised (see _norm)
+    labels: set = field(default_factory=set)  # distinct raw labels (see _norm)
     attribute_names: set = field(default_factory=set)
 
     def mode(self, requested: str) -> str:
@@ -126,21 +129,27 @@ class LabelScheme:
 
 def label_scheme(labels: set, num_classes: int | None) -> LabelScheme:
     """Integer labels or class names, by the majority rule in the module docstring."""
-    ints = [v for v in labels if isinstance(v, int) or INT_RE.fullmatch(str(v))]
+    ints = [v for v in labels if isinstance(v, int) or CANONICAL_INT.fullmatch(str(v))]
     if 2 * len(ints) >= len(labels):
         return LabelScheme(num_classes if num_classes is not None else DEFAULT_NUM_CLASSES)
-    names = tuple(sorted({str(v).strip() for v in labels}))
+    names = tuple(sorted(name for name in {str(v) for v in labels} if _valid_name(name)))
     if num_classes is not None and num_classes != len(names):
         raise ValueError(f"num_classes={num_classes} but the data names {len(names)} classes: {list(names)[:20]}")
     return LabelScheme(len(names), names)
 
 
+def _valid_name(name: str) -> bool:
+    """A class name: printable, without leading or trailing whitespace (`` cat`` is not ``cat``)."""
+    return name == name.strip() and name.isprintable()
+
+
 def _norm(raw: Any) -> int | str | None:
-    """A raw label as an int or a stripped string; None when absent, empty or of another type."""
+    """A raw label as an int or the string exactly as given; None when absent, blank or of
+    another type."""
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
     if isinstance(raw, str):
-        return raw.strip() or None
+        return raw if raw.strip() else None
     if isinstance(raw, (int, np.integer)) and not isinstance(raw, bool):
         return int(raw)
     return None

@@ -18,6 +18,9 @@ value raises :class:`SettingsError` with one line naming the variable and the ac
 | CONDGEN_RAY_DASHBOARD     | off                                      | 1                                |
 | PREFECT_API_URL           | (unset: ephemeral Prefect)               | http://prefect:4200/api          |
 | CONDGEN_S3_ENDPOINT_URL   | (unset: AWS)                             | http://minio:9000                |
+| CONDGEN_S3_RETRY_SECONDS  | 15 (how long an S3 call retries a lost connection) | 120                    |
+| CONDGEN_INGEST_MAX_SAMPLE_MEMBERS | 16 (members of one tar sample)   | 32                               |
+| CONDGEN_INGEST_MAX_SAMPLE_BYTES   | 33554432 (32 MiB, one tar sample) | 134217728                       |
 | CONDGEN_API_KEY           | (unset: no key)                          | from a Secret                    |
 | CONDGEN_WATERMARK_KEY     | (unset: unsigned provenance records)     | from a Secret                    |
 | CONDGEN_PROVENANCE_KEY    | (the old name of CONDGEN_WATERMARK_KEY)  | —                                |
@@ -37,6 +40,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _RAY_ADDRESS = re.compile(r"^(auto|local|(ray|http|https|anyscale)://\S+|([\w.-]+|\[[0-9A-Fa-f:]+\]):\d{1,5})$")
 _TRACKING_SCHEMES = re.compile(r"^(https?|file|sqlite|postgresql|mysql|mssql|databricks(-uc)?)(\+\w+)?$")
+
+
+S3_RETRY_SECONDS = 15.0  # survives the ~10 s restart of an S3 endpoint (tests/test_faults.py)
+MAX_S3_RETRY_SECONDS = 86_400.0
+MAX_SAMPLE_MEMBERS = 16  # one WebDataset sample: image, cls, json, txt and a few side-cars
+MAX_SAMPLE_BYTES = 32 * 1024 * 1024  # two 16 MiB members (the per-file cap of ingestion)
 
 
 class SettingsError(ValueError):
@@ -74,6 +83,9 @@ class Settings(BaseSettings):
     ray_dashboard: bool = Field(False, validation_alias="CONDGEN_RAY_DASHBOARD")
     prefect_api_url: str | None = Field(None, validation_alias="PREFECT_API_URL")
     s3_endpoint_url: str | None = Field(None, validation_alias="CONDGEN_S3_ENDPOINT_URL")
+    s3_retry_seconds: float = Field(S3_RETRY_SECONDS, validation_alias="CONDGEN_S3_RETRY_SECONDS")
+    ingest_max_sample_members: int = Field(MAX_SAMPLE_MEMBERS, validation_alias="CONDGEN_INGEST_MAX_SAMPLE_MEMBERS")
+    ingest_max_sample_bytes: int = Field(MAX_SAMPLE_BYTES, validation_alias="CONDGEN_INGEST_MAX_SAMPLE_BYTES")
     api_key: SecretStr | None = Field(None, validation_alias="CONDGEN_API_KEY")
     watermark_key: SecretStr | None = Field(None, validation_alias="CONDGEN_WATERMARK_KEY")
     provenance_key: SecretStr | None = Field(None, validation_alias="CONDGEN_PROVENANCE_KEY")  # its old name
@@ -113,6 +125,25 @@ class Settings(BaseSettings):
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return _http_url(value)
+
+    @field_validator("s3_retry_seconds", mode="before")
+    @classmethod
+    def _retry_seconds(cls, value: object) -> float:
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            seconds = float("nan")
+        if not 0 <= seconds <= MAX_S3_RETRY_SECONDS:  # also refuses nan
+            raise ValueError(f"must be a number of seconds from 0 to {MAX_S3_RETRY_SECONDS:.0f}, got {value!r}")
+        return seconds
+
+    @field_validator("ingest_max_sample_members", "ingest_max_sample_bytes", mode="before")
+    @classmethod
+    def _positive_int(cls, value: object) -> int:
+        text = str(value).strip()
+        if not re.fullmatch(r"[1-9][0-9]{0,11}", text):
+            raise ValueError(f"must be a whole number >= 1, got {value!r}")
+        return int(text)
 
     @field_validator("denylist")
     @classmethod
@@ -184,3 +215,16 @@ def ray_dashboard() -> bool:
 def s3_endpoint_url() -> str | None:
     """An S3-compatible endpoint (MinIO, Ceph, moto); None is AWS."""
     return load().s3_endpoint_url
+
+
+def s3_retry_seconds() -> float:
+    """How long one S3 operation retries a refused or dropped connection before it gives up
+    with ``tasks.io.s3.StorageUnavailable`` (``CONDGEN_S3_RETRY_SECONDS``, default 15 s)."""
+    return load().s3_retry_seconds
+
+
+def ingest_sample_limits() -> tuple[int, int]:
+    """(members, bytes) one WebDataset sample may have at ingestion (the two
+    ``CONDGEN_INGEST_MAX_SAMPLE_*`` settings)."""
+    s = load()
+    return s.ingest_max_sample_members, s.ingest_max_sample_bytes
