@@ -9,6 +9,8 @@ join against ``load_arrays``, memory vs stream over an epoch, the auto choice, `
 """
 from __future__ import annotations
 
+import io
+import tarfile
 import time
 from collections import Counter
 
@@ -246,3 +248,26 @@ def test_a_stream_holds_at_most_its_buffer_and_prefetch_whatever_the_set_size(tm
     assert n == data.plan.steps_per_epoch * 4 and n > 1000
     assert 50 <= data.live.peak <= data.max_live < n / 10, (data.live.peak, data.max_live)
     assert data.live.now == 0  # every sample read was handed over
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_fast_tar_reader_reads_what_tarfile_reads(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    files = [(f"{'d/' * 60 if i == 2 else ''}k{i}.{ext}", rng.bytes(int(rng.integers(0, 1500))))
+             for i in range(5) for ext in ("png", "cls")] + [("__meta__", b"{}")]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        adir = tarfile.TarInfo("adir")
+        adir.type = tarfile.DIRTYPE
+        tar.addfile(adir)  # not a regular file: skipped
+    with tarfile.open(path) as tar:
+        want = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg() and m.name != "__meta__"]
+    with open(path, "rb") as f:
+        got = [(m["fname"], m["data"]) for m in shards.tar_members(f, chunk=700)]
+    assert got == want and len(got) == 10 and got[4][0].startswith("d/d/")  # USTAR: prefix + name
+    with open(path, "rb") as f, pytest.raises(ValueError, match="truncated"):
+        list(shards.tar_members(io.BytesIO(f.read()[:1500])))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from condgen.tasks.io import storage
 
@@ -78,9 +79,62 @@ def read_samples(uri: str) -> list[dict[str, Any]]:
 def iter_samples(uri: str) -> Iterator[dict[str, Any]]:
     """The samples of one tar as they are read (``__key__`` plus raw member bytes by extension): the
     object is opened once and its members are streamed, so memory holds one sample, not the shard (a
-    streaming loader, ``tasks/data/stream.py``). Closing the generator closes the object."""
+    streaming loader, ``tasks/data/stream.py``). Closing the generator closes the object.
+
+    The members come from ``tar_members``, a header parser several times faster than ``tarfile``'s (which
+    parsed ~3 headers per sample at ~100 us each, the streaming loader's largest cost); samples are grouped
+    by webdataset's ``group_by_keys``, as ``read_samples`` always did."""
     with storage.open_read(uri) as f:
-        yield from group_by_keys({**m, "__url__": uri} for m in tar_file_iterator(f))
+        yield from group_by_keys({**m, "__url__": uri} for m in tar_members(f))
+
+
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these names too
+_REGULAR = (b"0", b"\0", b"7")
+
+
+def tar_members(f: IO[bytes], chunk: int = 1 << 20) -> Iterator[dict[str, Any]]:
+    """``{"fname", "data"}`` of each regular file of a tar stream (USTAR, GNU long names, pax ``path``
+    records), read in ``chunk``-sized blocks: the part of ``tarfile`` a shard reader needs."""
+    buf, pos, long_name = b"", 0, None
+
+    def take(n: int) -> bytes:
+        nonlocal buf, pos
+        while len(buf) - pos < n:
+            more = f.read(max(chunk, n))
+            if not more:
+                break
+            buf, pos = buf[pos:] + more, 0
+        out, pos = buf[pos:pos + n], min(pos + n, len(buf))
+        return out
+
+    while True:
+        header = take(512)
+        if len(header) < 512 or header.count(0) == 512:
+            return
+        if header[124] & 0x80:
+            raise ValueError("a tar member over 8 GiB (base-256 size) is not a shard member")
+        size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
+        data = take(size)
+        if len(data) < size:
+            raise ValueError(f"truncated tar: a member of {size} bytes ends after {len(data)}")
+        take(-size % 512)
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind == b"x":  # pax extended header: "<len> path=<name>\n" records
+            for rec in data.decode("utf-8").splitlines():
+                if " path=" in rec:
+                    long_name = rec.split(" path=", 1)[1]
+            continue
+        if kind not in _REGULAR:
+            long_name = None
+            continue
+        name = header[:100].split(b"\0")[0].decode("utf-8")
+        prefix = header[345:500].split(b"\0")[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+        name, long_name = long_name or (f"{prefix}/{name}" if prefix else name), None
+        if not _SKIP_META.match(name):
+            yield {"fname": name, "data": data}
 
 
 # -- manifests -----------------------------------------------------------------------------------
