@@ -1,9 +1,9 @@
 """Ray Serve application: several registry models per replica, guided sampling, batching.
 
-Routes (OpenAPI docs at ``/docs``):
+Routes (OpenAPI docs at ``/docs`` and ``/redoc``, served offline: ``serving/docs.py``):
 
 * ``POST /v1/generate``  label | prompt, negative, guidance none|cfg|classifier|clip + scale,
-  sampler ddpm|ddim, steps, eta, seed | seeds, n -> base64 PNGs + the exact parameters and
+  sampler ddim|ddpm|dpmpp_2m, steps, eta, seed | seeds, n -> base64 PNGs + the exact parameters and
   model version used. Compatible requests share one forward pass (``serving/batcher.py``).
 * ``POST /v1/edit``  image + source/target condition, ddim_inversion | null_text | sdedit. The upload is
   decoded to the model's channels and size (``schema.UPLOAD_POLICY``, ``tasks/generation/inputs.py``).
@@ -23,6 +23,11 @@ When ``CONDGEN_API_KEY`` is set, ``/v1/*`` and ``/generate`` need it in ``X-API-
 (or ``Authorization: Bearer``); otherwise 401, answered on the headers before any body byte is
 read (``serving/guard.py``). Only its sha256 travels to the replicas; Ray's processes start
 without it and without credentials (``serving/launch.py``).
+
+Deploying: ``condgen serve`` (flags or ``--config infra/ray/serve_config.yaml``), ``serve run`` /
+``serve deploy infra/ray/serve_config.yaml`` (the builder ``condgen.serving.builder:app``), or a KubeRay
+RayService. Replicas are a fixed count or Serve's autoscaling (``config.Deployment``); Ray itself starts
+through ``tasks.io.cluster.ensure_ray`` (``RAY_ADDRESS``, dashboard only with ``CONDGEN_RAY_DASHBOARD=1``).
 """
 from __future__ import annotations
 
@@ -30,17 +35,19 @@ import asyncio
 import hmac
 import os
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
 from ray import serve
 
 from condgen.serving import schema
-from condgen.serving.config import ModelSpec, ServeConfig, api_key_digest
+from condgen.serving.config import Deployment, ModelSpec, ServeConfig, api_key_digest, config_error
+from condgen.serving.docs import ASSET_PATH, add_offline_docs
 from condgen.serving.errors import ApiError
 from condgen.serving.guard import RequestGuard, reason_detail, validation_detail
 from condgen.serving.launch import API_KEY_ENV, launch_env, refuse_busy_port, replica_env
@@ -53,7 +60,7 @@ from condgen.tasks.io.redact import redact_uri
 
 MAX_BODY_BYTES = 1024 * 1024  # default of ServeConfig.max_body_bytes
 KNOWN_PATHS = ("/v1/generate", "/v1/edit", "/v1/interpolate", "/v1/map", "/v1/models", "/generate", "/health",
-               "/metrics", "/")
+               "/metrics", "/", "/docs", "/redoc", "/openapi.json")
 
 # The replica's service. Set by the deployment's constructor (or ``bind_service`` in tests);
 # routes are module-level functions so they always read this module's state.
@@ -107,8 +114,9 @@ def _service() -> Service:
     return svc
 
 
-api = FastAPI(title="condgen", version="1.0.0",
+api = FastAPI(title="condgen", version="1.0.0", docs_url=None, redoc_url=None,
               description="Guided sampling from conditional generative models in the MLflow registry.")
+add_offline_docs(api)  # /docs and /redoc from local assets (no CDN)
 
 
 # -- auth and the body limit (``serving/guard.py``: on the headers, before any body byte is read) -------------
@@ -125,8 +133,8 @@ def _key_error(given: str | None) -> ApiError | None:
                     headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_key(key: str | None = Depends(_key_header),
-                bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+def require_key(key: Annotated[str | None, Depends(_key_header)],
+                bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     error = _key_error(key or (bearer.credentials if bearer is not None else None))
     if error is not None:
         raise error
@@ -180,7 +188,7 @@ async def _timeout(_: Request, exc: Exception) -> JSONResponse:
 async def _observe(request: Request, call_next):
     t0 = time.perf_counter()
     path = request.url.path
-    endpoint = path if path in KNOWN_PATHS else "other"
+    endpoint = path if path in KNOWN_PATHS else "/docs/assets" if path.startswith(ASSET_PATH) else "other"
     response: Response = await call_next(request)
     metrics: Metrics | None = _STATE.get("metrics")
     if metrics is not None and endpoint != "/metrics":
@@ -284,46 +292,57 @@ def make_config(models: str | list[str] | None = None, tracking_uri: str | None 
     """A ServeConfig from model URIs (``models:/NAME@alias`` | ``models:/NAME/3``) and options.
 
     The API key is read from ``CONDGEN_API_KEY`` here, on the driver; only its sha256 is
-    put in the config that travels to the replicas.
+    put in the config that travels to the replicas. An unknown option or a bad value is a
+    one-line ``ValueError`` naming the valid keys (``config.config_error``).
     """
 
     if isinstance(models, str):
         models = [models]
-    specs = [m if isinstance(m, ModelSpec) else ModelSpec.model_validate(m) if isinstance(m, dict)
-             else ModelSpec(uri=m) for m in (models or ["models:/condgen-cvae@champion"])]
     key = os.environ.get(API_KEY_ENV)
     options.setdefault("api_key_sha256", api_key_digest(key) if key else None)
-    return ServeConfig(models=specs, tracking_uri=tracking_uri or settings.tracking_uri(), **options)
+    try:
+        specs = [m if isinstance(m, ModelSpec) else ModelSpec.model_validate(m) if isinstance(m, dict)
+                 else ModelSpec(uri=m) for m in (models or ["models:/condgen-cvae@champion"])]
+        return ServeConfig(models=specs, tracking_uri=tracking_uri or settings.tracking_uri(), **options)
+    except ValidationError as exc:
+        raise ValueError(config_error(exc, "serve config")) from None
 
 
 def build_app(model_uri: str | list[str] | None = None, tracking_uri: str | None = None, *,
-              config: ServeConfig | None = None, **options: Any):
-    """The deployment bound to its config; the replica gets the credentials it needs to load models
+              config: ServeConfig | None = None, deployment: Deployment | None = None, **options: Any):
+    """The deployment bound to its config, with its replicas (``deployment``: a fixed count or autoscaling;
+    default one replica); the replica gets the credentials it needs to load models
     (``launch.replica_env``) in its own runtime_env, and nothing else of the driver's environment."""
     config = config or make_config(model_uri, tracking_uri, **options)
+    deployment = deployment or Deployment()
     env = replica_env()
-    actor = {**ACTOR_OPTIONS, "runtime_env": {"env_vars": env}} if env else dict(ACTOR_OPTIONS)
-    return CondgenService.options(max_ongoing_requests=max(64, 2 * config.max_queue),
-                                  ray_actor_options=actor).bind(config.model_dump())
+    actor: dict[str, Any] = {**ACTOR_OPTIONS, **deployment.actor_options()}
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
+    return CondgenService.options(max_ongoing_requests=max(64, 2 * config.max_queue), ray_actor_options=actor,
+                                  **deployment.options()).bind(config.model_dump())
 
 
 def run(model_uri: str | list[str] | None = None, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
-        *, config: ServeConfig | None = None, name: str = "condgen", route_prefix: str = "/", **options: Any):
-    """Start Ray (local unless RAY_ADDRESS), Serve's proxy on host:port, and the app.
+        *, config: ServeConfig | None = None, deployment: Deployment | None = None, name: str = "condgen",
+        route_prefix: str = "/", **options: Any):
+    """Start Ray (local unless RAY_ADDRESS; its dashboard only with CONDGEN_RAY_DASHBOARD=1, as every
+    step: ``tasks.io.cluster``), Serve's proxy on host:port, and the app with its replicas.
 
     PortInUse (one line) when host:port is taken. Ray's processes start without the API key and
     credentials (``serving/launch.py``); the key leaves this process's environment for good.
     """
     config = config or make_config(model_uri, **options)
-    application = build_app(config=config)  # reads the key and the replica's credentials, before they go
+    deployment = deployment or Deployment()
+    application = build_app(config=config, deployment=deployment)  # reads the key and the replica's credentials
     refuse_busy_port(host, port)
     with launch_env():
         ensure_ray(log_to_driver=True)
         serve.start(http_options={"host": host, "port": port})
         handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
     if blocking:
-        print(f"serving {[redact_uri(m.uri) for m in config.models]} on http://{host}:{port}  "
-              f"(docs: /docs, page: /, Ctrl-C to stop)", flush=True)
+        print(f"serving {[redact_uri(m.uri) for m in config.models]} on http://{host}:{port} with "
+              f"{deployment.describe()}  (docs: /docs, page: /, Ctrl-C to stop)", flush=True)
         try:
             while True:
                 time.sleep(3600)

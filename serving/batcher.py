@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -76,7 +77,7 @@ class Batcher:
         self._wake.set()
         try:
             result = await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             job.cancelled = True
             raise
         except asyncio.CancelledError:  # the client went away
@@ -89,7 +90,7 @@ class Batcher:
         dropped = [j for j in self.queue if j.expired()]
         for j in dropped:
             if not j.future.done():
-                j.future.set_exception(asyncio.TimeoutError())
+                j.future.set_exception(TimeoutError())
         self.queue = now_live
         if not self.queue:
             return []

@@ -1,10 +1,18 @@
-"""Ray Serve application builder for config-driven deploys: ``serve run``/``serve deploy``
-with a config file, and a KubeRay ``RayService``'s ``serveConfigV2``
-(``import_path: condgen.serving.builder:app``, infra/k8s/rayservice.yaml).
+"""Ray Serve entry points for config-driven deploys.
 
-Serve calls it with the application's ``args`` mapping: ``models`` (a list of
-``models:/NAME@alias`` URIs, or ``model_uri`` for one), optional ``tracking_uri``
-(default ``MLFLOW_TRACKING_URI``), and any ``serving.config.ServeConfig`` field.
+* ``app``: the application builder that ``serve run`` / ``serve deploy`` call with a config file's
+  ``args`` (``infra/ray/serve_config.yaml``; a KubeRay ``RayService``'s ``serveConfigV2``,
+  infra/k8s/rayservice.yaml): ``import_path: condgen.serving.builder:app``. ``args`` holds ``models``
+  (a list of ``models:/NAME@alias`` URIs or ``serving.config.ModelSpec`` mappings; ``model_uri`` for one),
+  optional ``tracking_uri`` (default ``MLFLOW_TRACKING_URI``), and any other ``ServeConfig`` field; an
+  unknown key is a one-line error naming the valid ones. Also ``serve run condgen.serving.builder:app
+  models=models:/NAME@champion`` (``key=value`` args).
+* ``application``: the default application (``models:/condgen-cvae@champion``), built when first read, for
+  ``serve build condgen.serving.builder:application`` (which wants an application, not a builder) and
+  ``serve run condgen.serving.builder:application``.
+
+Replicas and autoscaling are Serve's own deployment options in the config file
+(``deployments: [{name: CondgenService, autoscaling_config: ...}]``), applied by Serve over the code's.
 """
 from __future__ import annotations
 
@@ -14,7 +22,14 @@ from condgen.serving.app import build_app
 
 
 def app(args: dict[str, Any]):
-
+    """The condgen application for a Serve config's ``args`` (see the module docstring)."""
     args = dict(args or {})
-    models = args.pop("models", None) or args.pop("model_uri", None)
-    return build_app(models, args.pop("tracking_uri", None), **args)
+    models = args.pop("models", None)
+    uri = args.pop("model_uri", None)
+    return build_app(models or uri, args.pop("tracking_uri", None), **args)
+
+
+def __getattr__(name: str):
+    if name == "application":  # built on first read: importing this module for ``app`` builds nothing
+        return build_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

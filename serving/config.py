@@ -1,12 +1,25 @@
-"""Serving configuration: which registry models a replica serves, and how (``ServeConfig``)."""
+"""Serving configuration: which registry models a replica serves, and how (``ServeConfig``), and how many
+replicas serve them (``Deployment``: a fixed count or Ray Serve's autoscaling).
+
+``ServeConfig`` travels to every replica (it is the deployment's init argument) and holds no secret;
+``Deployment`` stays with the driver and becomes Ray Serve deployment options. Both refuse unknown keys;
+``config_error`` turns a ``ValidationError`` into one line that names the valid keys.
+"""
 from __future__ import annotations
 
 import hashlib
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# per replica: a replica batches concurrent requests into one forward pass (serving/batcher.py), so it
+# should hold many of them before Serve adds a replica (Ray's own default target, 2, suits one-at-a-time models)
+TARGET_ONGOING_REQUESTS = 32.0
 
 
 class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     uri: str = Field(..., description="models:/NAME@ALIAS or models:/NAME/VERSION")
     name: str | None = Field(None, description="name in the API; default: the registered name")
     classifier: str | None = Field(None, description="noise-aware classifier for classifier guidance (URI)")
@@ -15,6 +28,8 @@ class ModelSpec(BaseModel):
 
 
 class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     models: list[ModelSpec]
     tracking_uri: str | None = None
     clip: str | None = Field(None, description="load_clip spec: text prompts and CLIP guidance")
@@ -35,6 +50,93 @@ class ServeConfig(BaseModel):
     maps: list[str] = Field(default_factory=list,
                             description="fitted latent maps (tasks.map_latents.load_map URIs: runs:/…, s3://…, a "
                                         "folder); /v1/map uses the one fitted on the loaded models' weights")
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve's ``autoscaling_config``: replicas between ``min_replicas`` and ``max_replicas``, added when
+    a replica holds more than ``target_ongoing_requests``. Ray's other keys (``upscale_delay_s``, ...) pass
+    through to Ray, which checks them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    min_replicas: int = Field(1, ge=0, le=1024)
+    max_replicas: int = Field(..., ge=1, le=1024)
+    target_ongoing_requests: float = Field(TARGET_ONGOING_REQUESTS, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        return self
+
+
+class Deployment(BaseModel):
+    """How many replicas serve the app, and what each one reserves: the Ray Serve deployment options
+    that ``condgen serve`` takes from its flags and from a Serve config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | Literal["auto"] | None = Field(None, description="a fixed count (default 1), or 'auto'")
+    autoscaling_config: Autoscaling | None = None
+    num_cpus: float | None = Field(None, ge=0, description="CPUs reserved per replica (default 0.5)")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs reserved per replica (default 0)")
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if isinstance(self.num_replicas, int) and self.autoscaling_config is not None:
+            raise ValueError("give a fixed number of replicas or autoscaling (min/max replicas), not both")
+        if isinstance(self.num_replicas, int) and self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        return self
+
+    def override(self, **flags: Any) -> Deployment:
+        """These options with ``flags`` on top (None = not given): a fixed count replaces autoscaling and
+        the other way round; autoscaling flags update the file's ``autoscaling_config`` key by key."""
+        data = self.model_dump(exclude_none=True)
+        scale = {k: flags[k] for k in ("min_replicas", "max_replicas", "target_ongoing_requests")
+                 if flags.get(k) is not None}
+        if flags.get("num_replicas") is not None:
+            data.pop("autoscaling_config", None)
+            data["num_replicas"] = flags["num_replicas"]
+        if scale:
+            data.pop("num_replicas", None)
+            data["autoscaling_config"] = {**data.get("autoscaling_config", {}), **scale}
+        data.update({k: flags[k] for k in ("num_cpus", "num_gpus") if flags.get(k) is not None})
+        return Deployment.model_validate(data)
+
+    def options(self) -> dict[str, Any]:
+        """``Deployment.options(**...)`` keywords for the replica count (actor options: ``actor_options``)."""
+        if self.autoscaling_config is not None:
+            return {"autoscaling_config": self.autoscaling_config.model_dump()}
+        return {"num_replicas": self.num_replicas} if self.num_replicas is not None else {}
+
+    def actor_options(self) -> dict[str, float]:
+        return {k: v for k, v in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus)) if v is not None}
+
+    def describe(self) -> str:
+        if self.autoscaling_config is not None:
+            a = self.autoscaling_config
+            return (f"autoscaling {a.min_replicas}-{a.max_replicas} replicas (target {a.target_ongoing_requests:g} "
+                    "ongoing requests each)")
+        n = self.num_replicas if self.num_replicas is not None else 1
+        return "replicas: auto" if n == "auto" else f"{n} replica{'s' if n != 1 else ''}"
+
+
+def config_error(exc: ValidationError, where: str) -> str:
+    """A ``ServeConfig`` / ``ModelSpec`` / ``Deployment`` ``ValidationError`` as one line: an unknown key with
+    the valid ones, else the first problem (its input cut to an excerpt), and the count of the rest."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = [str(p) for p in first["loc"]]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        model = ServeConfig if exc.title == "ServeConfig" else Deployment if exc.title == "Deployment" else ModelSpec
+        if exc.title == "ServeConfig" and loc[0] == "models" and len(loc) > 2:
+            model = ModelSpec
+        return f"{where}: unknown key {'.'.join(loc)!r}; valid keys: {', '.join(model.model_fields)}{more}"
+    shown = repr(first.get("input"))
+    shown = shown if len(shown) <= 64 else shown[:64] + "…"
+    return f"{where}: {'.'.join(loc) or '(top level)'}: {first['msg']}, got {shown}{more}"
 
 
 def api_key_digest(key: str) -> str:

@@ -70,9 +70,9 @@ class ModelPool:
         classifier = load_model_uri(spec.classifier)[0].eval() if spec.classifier else None
         key = spec.name or str(meta["name"])
         now = time.time()
-        common = dict(key=key, spec=spec, registered_name=str(meta["name"]), version=str(meta["version"]),
-                      run_id=str(meta.get("run_id", "")), kind=kind, classifier=classifier, loaded_at=now,
-                      info=describe(model))
+        common = {"key": key, "spec": spec, "registered_name": str(meta["name"]), "version": str(meta["version"]),
+                  "run_id": str(meta.get("run_id", "")), "kind": kind, "classifier": classifier, "loaded_at": now,
+                  "info": describe(model)}
         out: dict[str | None, Loaded] = {None: Loaded(model=model.eval(), adapter=None, **common)}
         for name, uri in spec.adapters.items():
             out[name] = Loaded(model=apply_adapter(model, uri), adapter=name, **common)

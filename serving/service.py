@@ -14,9 +14,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -113,7 +114,7 @@ class Service:
         timeout = min(timeout_s or self.config.request_timeout_s, self.config.request_timeout_s)
         try:
             return await self.batcher.submit(key, samples, payload, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(504, f"timed out after {timeout:g}s (queue: {self.batcher.queued_samples()} samples)") \
                 from None
         except Overloaded as exc:

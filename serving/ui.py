@@ -1,11 +1,17 @@
 """The small web page the app serves at ``/``: plain HTML + JS, no build step.
 
-Pick a model (from ``GET /v1/models``), a label or a prompt, guidance, scale, sampler and
-steps; ``POST /v1/generate`` and show the grid: greyscale or colour PNGs, as the model makes them (the
-model list says ``L`` or ``RGB`` and the size; ``#grid`` gets ``data-mode``). ``?autorun=1&label=3&n=8``
+Pick a model (from ``GET /v1/models``), a label or a prompt, guidance, scale, sampler (``SAMPLERS``:
+those of ``schema.GenerateV1.sampler``) and steps; ``POST /v1/generate`` and show the grid: greyscale or
+colour PNGs, as the model makes them (the model list says ``L`` or ``RGB`` and the size; ``#grid`` gets
+``data-mode``). ``?autorun=1&label=3&n=8``
 fills the form from the query string and generates at once (the headless-browser test uses it). When
 every image has loaded, ``#status`` gets ``data-loaded="<count>"``.
 """
+from typing import get_args
+
+from condgen.serving.schema import GenerateV1
+
+SAMPLERS = get_args(GenerateV1.model_fields["sampler"].annotation)  # ddim (the default) first
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -36,7 +42,7 @@ PAGE = """<!doctype html>
   <label for="guidance">guidance</label>
   <select id="guidance"><option>none</option><option>cfg</option><option>classifier</option><option>clip</option></select>
   <label for="scale">scale</label><input id="scale" type="number" min="0" max="50" step="0.5" value="0">
-  <label for="sampler">sampler</label><select id="sampler"><option>ddim</option><option>ddpm</option></select>
+  <label for="sampler">sampler</label><select id="sampler">@SAMPLERS@</select>
   <label for="steps">steps</label><input id="steps" type="number" min="1" max="1000" placeholder="model default">
   <label for="n">images</label><input id="n" type="number" min="1" max="64" value="8">
   <label for="seed">seed</label><input id="seed" type="number" min="0" value="0">
@@ -136,4 +142,4 @@ $("model").addEventListener("change", onModel);
 </script>
 </body>
 </html>
-"""
+""".replace("@SAMPLERS@", "".join(f"<option>{name}</option>" for name in SAMPLERS))
