@@ -1,21 +1,22 @@
 """Load one split of an ingested shard set into numpy arrays.
 
-Reads exactly the shards the manifest lists (so a half-written set is never read),
-through webdataset, which handles ``s3://`` via the opener ``tasks.storage`` registers.
+Reads exactly the shards the manifest lists (so a half-written set is never read), each
+streamed through ``tasks.io.shards.iter_samples`` (``file://`` or ``s3://``). A split too
+large to hold is streamed instead (``tasks/data/stream.py``, ``tasks/training/loader.py``).
 """
 from __future__ import annotations
 
 import io
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from condgen.tasks.data.attributes import ATTRIBUTE_NAMES
 from condgen.tasks.data.sidecars import load_embeddings, load_latents
-from condgen.tasks.io.shards import read_manifest, shard_uris
+from condgen.tasks.io.shards import iter_samples, read_manifest, shard_uris
 
 SPLITS = ("train", "val", "test", "all")  # plus any split the manifest counts (e.g. "test_unseen")
 # Optional members added by later steps (embed), and the array names they load into.
@@ -52,11 +53,9 @@ def load_split(shards_uri: str, split: str = "train", *, keys: Sequence[str] = (
     captions: list[list[str]] = []
     tags: list[dict[str, str]] = []
     extra: dict[str, list[np.ndarray]] = {name: [] for name in OPTIONAL_ARRAYS.values()}
-    # No node/worker splitting: every caller wants the whole split (Ray Train shards
-    # the arrays itself); shardshuffle=False keeps the manifest order.
-    dataset = wds.WebDataset(shard_uris(shards_uri, manifest), shardshuffle=False, nodesplitter=None,
-                             workersplitter=None, empty_check=False)
-    for sample in dataset:
+    # The whole split in manifest order (a streamed split is tasks/data/stream.py's), each shard streamed
+    # member by member (``shards.iter_samples``: file:// or s3://).
+    for sample in (s for uri in shard_uris(shards_uri, manifest) for s in iter_samples(uri)):
         meta = json.loads(sample["json"])
         if split != "all" and meta["split"] != split:
             continue  # skip before decoding the image: the cheap test first
