@@ -369,6 +369,34 @@ def test_map_translates_a_latent_between_models(client, service):
     assert other.json()["latent_source"] != z
 
 
+def test_dpmpp_2m_is_served_like_ddim_and_ddpm(client, service):
+    """DPM-Solver++(2M) (models/diffusion/samplers/dpmpp.py) through /v1/generate: the request's sampler is
+    the one run (the library's images for that sampler, not DDIM's), reported in the parameters, and offered
+    by the web page."""
+    body = {"label": 3, "seeds": [1, 2], "guidance": "cfg", "scale": 1.5, "steps": 5}
+    r = client.post("/v1/generate", json={**body, "sampler": "dpmpp_2m"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["parameters"]["sampler"] == "dpmpp_2m" and out["parameters"]["steps"] == 5
+    assert out["parameters"]["eta"] is None  # eta is DDIM's
+    loaded = service.pool.get(DIFF)
+    req = bs.SampleRequest(cond=torch.full((2,), 3), segments=[(1, 1), (2, 1)], guidance="cfg", scale=1.5,
+                           sampler="dpmpp_2m", steps=5)
+    expected = [base64.b64encode(png).decode() for png in _pngs(bs.sample_batch(loaded.model, [req])[0])]
+    _same_images(out["images"], expected)
+    ddim = client.post("/v1/generate", json={**body, "sampler": "ddim"}).json()["images"]
+    assert np.abs(np.stack([_img(a) for a in ddim]).astype(int) - np.stack([_img(b) for b in out["images"]])).max() > 8
+    assert client.post("/v1/generate", json={**body, "sampler": "dpmpp_3m"}).status_code == 422
+    page = client.get("/").text
+    assert "<option>dpmpp_2m</option>" in page and "<option>ddpm</option>" in page
+
+
+def _pngs(x: torch.Tensor) -> list[bytes]:
+    from condgen.tasks.io.images import png_bytes
+
+    return [png_bytes(img) for img in to_uint8(x)]
+
+
 def test_edit_and_interpolate(client):
     src = client.post("/v1/generate", json={"label": 7, "seed": 1, "steps": 4}).json()["images"][0]
     for method in ("sdedit", "ddim_inversion", "null_text"):
@@ -579,7 +607,7 @@ def test_serve_http_batches_concurrent_clients(served):
 @pytest.mark.slow
 def test_web_page_in_headless_chromium(served, tmp_path):
     script = Path(__file__).resolve().parents[1] / "infra" / "scripts" / "ensure_chromium.sh"
-    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         pytest.skip(f"no headless Chromium: {proc.stderr.strip()[-300:]}")
     browser = proc.stdout.strip().splitlines()[-1]
@@ -588,8 +616,8 @@ def test_web_page_in_headless_chromium(served, tmp_path):
              "--no-first-run", "--window-size=900,700", f"--user-data-dir={tmp_path / 'profile'}",
              "--virtual-time-budget=15000"]
     shot = tmp_path / "page.png"
-    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False)
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120, check=False)
     assert 'data-loaded="8"' in dom.stdout, dom.stdout[-2000:] + dom.stderr[-2000:]
     assert dom.stdout.count('src="data:image/png;base64,') == 8
     assert shot.exists() and shot.stat().st_size > 5_000
