@@ -53,7 +53,7 @@ def run_name() -> str:
     return f"generate-{name}-{p.sampler}" if "diffusion" in name else f"generate-{name}"
 
 
-@flow(name="generate-shards", task_runner=RayTaskRunner())
+@flow(name="generate-shards", flow_run_name="generate-shards-{plan.fingerprint}", task_runner=RayTaskRunner())
 def shards_on_ray(plan: bg.Plan, todo: list[int], payload: dict[str, Any]) -> list[dict[str, Any]]:
     """One Prefect task run per missing shard, on Ray (the connection ``ensure_ray`` made); every shard is
     waited for, then the first failure (if any) is raised: complete shards stay on disk for a re-run."""

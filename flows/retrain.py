@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -32,6 +33,7 @@ from condgen.flows.steps import (
 from condgen.models.base import config_from_dict, config_to_dict, is_generator, trains_on_latents
 from condgen.models.registry import config_class, model_class
 from condgen.tasks.io import settings, storage
+from condgen.tasks.io.redact import redact_uri
 from condgen.tasks.judging.report import ReportOptions
 from condgen.tasks.training.driver import TrainRequest, TrainResult
 
@@ -95,7 +97,7 @@ def report_options(report: ReportParams, judge_epochs: int, seed: int) -> Report
 
 
 @flow(name="retrain", flow_run_name=run_name, log_prints=True)
-def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:
+def retrain(params: RetrainParams = RetrainParams()) -> dict[str, Any]:  # noqa: B008 - Prefect reads the default
     """ingest -> embed -> for each spec: train (Ray Train) -> evaluate -> promote -> report; then the run's
     artifacts in Prefect: a metrics table, the promotion decisions with their reasons, a link to the report."""
     log = get_run_logger()
@@ -167,8 +169,21 @@ def publish_artifacts(results: list[dict[str, Any]], components: list[dict[str, 
     create_markdown_artifact(promotion_markdown(results, params.gate), key="retrain-promotion",
                              description="promotion decisions and their reasons")
     if report_uri:
-        create_link_artifact(report_uri, link_text="evaluation report (HTML)", key="retrain-report",
-                             description="the run's HTML report; `condgen report RUN_ID` downloads it")
+        create_link_artifact(report_link(report_uri), link_text="evaluation report (HTML)", key="retrain-report",
+                             description=f"the run's HTML report ({report_uri}); `condgen report "
+                                         f"{report_uri.split('/')[1]}` downloads it")
+
+
+def report_link(report_uri: str) -> str:
+    """Where a browser finds the report of ``runs:/RUN_ID/PATH``: its page in the MLflow UI when tracking is an
+    MLflow server, else the file in the run's artifact store (``file://…``, ``s3://…``); credentials redacted."""
+    run_id, path = report_uri.removeprefix("runs:/").split("/", 1)
+    tracking = settings.tracking_uri()
+    client = MlflowClient(tracking_uri=tracking)
+    run = client.get_run(run_id)
+    if tracking.startswith(("http://", "https://")):
+        return redact_uri(f"{tracking.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}/artifacts/{path}")
+    return redact_uri(f"{run.info.artifact_uri.rstrip('/')}/{path}")
 
 
 # -- the steps of one run ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 from typing import Annotated, Literal
 
 import typer
+
 from condgen.commands import checks
 
 TRAIN_FIX = "train and promote one with `condgen demo` or `condgen retrain --params FILE`"

@@ -10,6 +10,7 @@ import json
 from typing import Annotated, Any, Literal
 
 import typer
+
 from condgen.commands import checks
 
 # The global batch (split over the workers): 128 = the 64 per worker x 2 workers the demo always used.
