@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -76,26 +77,34 @@ def upload(local_uri: str, s3_uri: str) -> None:
 
 
 # -- (a) the loader alone --------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: ``VmHWM``, which a new program starts afresh (``ru_maxrss``
+    keeps the parent's peak across fork + exec, so a spawned probe would report its parent's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _probe(config: dict[str, Any], rank: int, world: int, out: Any) -> None:
-    """In a fresh process: open the data, run one epoch, report the times and this process's peak RSS."""
+    """In a fresh process: open the data, run one epoch, report the times and this process's peak RSS.
+    samples/s is over the whole epoch, opening included (the memory path decodes the split there)."""
     import torch
 
     from condgen.tasks.training.loader import open_train_data
 
     torch.set_num_threads(1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     data = open_train_data(config, rank, world, labelled_only=True)
     first, n = None, 0
     for batch in data.epoch(0):
-        if first is None:
-            first = time.perf_counter() - t0
-            t1 = time.perf_counter()
+        first = time.perf_counter() - t0 if first is None else first
         n += len(batch["y"])
-    seconds = time.perf_counter() - t1 if n else float("nan")
-    out.put({"mode": data.mode, "samples": n, "first_batch_s": first, "sps": n / seconds if n else 0.0,
-             "total_s": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-             / 1024, "rss_before_mb": base, "summary": data.summary()})
+    total = time.perf_counter() - t0
+    out.put({"mode": data.mode, "samples": n, "first_batch_s": first, "sps": n / total, "total_s": total,
+             "peak_rss_mb": peak_rss_mb(), "rss_before_mb": base, "summary": data.summary()})
 
 
 def loader_run(config: dict[str, Any], rank: int = 0, world: int = 2) -> dict[str, Any]:
@@ -146,18 +155,19 @@ def start_s3(scratch: str):
 
 # -- the report ------------------------------------------------------------------------------------------
 def _fmt(v: Any, digits: int = 0) -> str:
-    if v is None or (isinstance(v, float) and v != v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     return f"{v:,.{digits}f}" if isinstance(v, (int, float)) else str(v)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| part | source | scale | samples | mode | time to first batch (s) | samples/s | peak RSS (MB) |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = ("| part | source | scale | train samples | mode | time to first batch (s) | samples/s | peak RSS (MB) "
+            "| RSS over imports (MB) |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         lines.append(f"| {r['part']} | {r['source']} | {r['scale']}x | {_fmt(r['n'])} | {r['mode']} | "
-                     f"{_fmt(r.get('first_batch_s'), 2)} | {_fmt(r.get('sps'))} | {_fmt(r.get('peak_rss_mb'))} |")
+                     f"{_fmt(r.get('first_batch_s'), 2)} | {_fmt(r.get('sps'))} | {_fmt(r.get('peak_rss_mb'))} | "
+                     f"{_fmt(r['peak_rss_mb'] - r['rss_before_mb'] if r.get('rss_before_mb') else None)} |")
     return "\n".join(lines)
 
 

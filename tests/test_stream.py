@@ -22,7 +22,7 @@ from condgen.tasks.data import stream
 from condgen.tasks.data.sidecars import embeddings_uri, latents_uri, write_embeddings, write_latents
 from condgen.tasks.data.splits import load_arrays, load_split
 from condgen.tasks.io import shards, storage
-from condgen.tasks.training import loader
+from condgen.tasks.training import batching, loader
 from condgen.tasks.training.loader import memory_batches, open_train_data
 
 SEED, D, EMB_FP, LAT_FP = 7, 5, "e" * 64, "a" * 64
@@ -271,3 +271,17 @@ def test_the_fast_tar_reader_reads_what_tarfile_reads(tmp_path, fmt):
     assert got == want and len(got) == 10 and got[4][0].startswith("d/d/")  # USTAR: prefix + name
     with open(path, "rb") as f, pytest.raises(ValueError, match="truncated"):
         list(shards.tar_members(io.BytesIO(f.read()[:1500])))
+
+
+def test_a_rank_opens_only_the_shards_its_span_overlaps(shard_set, monkeypatch):
+    opened: list[str] = []
+    real = shards.iter_samples
+    monkeypatch.setattr(shards, "iter_samples", lambda uri: opened.append(uri.rsplit("/", 1)[-1]) or real(uri))
+    data = open_train_data(_config(shard_set, batch_size=12), 2, 3, labelled_only=True)
+    for epoch in (0, 1):
+        opened.clear()
+        _epoch(data, epoch)
+        order = stream.shard_order(len(SIZES), SEED, epoch)
+        want = [data.index.names[i] for i in stream.shards_overlapping(data.index, order,
+                                                                      *batching.rank_span(data.plan, 2))]
+        assert opened == want and len(want) < len(SIZES)  # in the epoch's order, each once
