@@ -1,7 +1,8 @@
 """MLflow in its production form: a tracking server with a PostgreSQL backend store and
 artifacts on the S3-compatible server (moto on 127.0.0.1), used through condgen's own
 code (``tasks.promote``): a run with a checkpoint artifact, a registered model version,
-the ``champion`` alias, and loading ``models:/…@champion`` back through the server.
+the ``champion`` alias, and loading ``models:/…@champion`` back through the server (with condgen's
+loader and as an MLflow pyfunc model).
 """
 from __future__ import annotations
 
@@ -75,19 +76,23 @@ def test_run_artifact_and_registry_on_postgres_and_s3(mlflow_pg_server, monkeypa
     loaded, meta = load_registered(f"models:/{name}@{ALIAS}")
     assert meta["version"] == "1" and meta["run_id"] == run.info.run_id
     assert ckpt_io.state_fingerprint(loaded) == ckpt_io.state_fingerprint(model)  # same bytes, via S3
+    # ...and plain MLflow loads the same version as a pyfunc model through the server's artifact proxy
+    images = mlflow.pyfunc.load_model(f"models:/{name}@{ALIAS}").predict({"condition": 4, "n": 2, "seed": 0})
+    assert images.shape == (2, 28, 28, 1) and images.dtype == "uint8"
+    assert "## Metrics" in mlflow.MlflowClient().get_model_version(name, "1").description
 
     # The artifacts are objects in the S3 bucket...
     keys = [k for k, _, _ in storage.list_objects(mlflow_pg_server["artifacts"])]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/model/{ckpt_io.WEIGHTS}") for k in keys), keys
     # ...and runs, metrics and the registry are rows in PostgreSQL.
     pg = mlflow_pg_server["pg"]
-    with psycopg2.connect(host=pg["host"], port=pg["port"], user=pg["user"], dbname="mlflow") as con:
-        with con.cursor() as cur:
-            cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
-            assert cur.fetchone() == ("FINISHED",)
-            cur.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss'", (run.info.run_id,))
-            assert cur.fetchone() == (3,)
-            cur.execute("SELECT version FROM registered_model_aliases WHERE name = %s AND alias = %s", (name, ALIAS))
-            assert cur.fetchone() == (1,)
+    with psycopg2.connect(host=pg["host"], port=pg["port"], user=pg["user"], dbname="mlflow") as con, \
+            con.cursor() as cur:
+        cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
+        assert cur.fetchone() == ("FINISHED",)
+        cur.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss'", (run.info.run_id,))
+        assert cur.fetchone() == (3,)
+        cur.execute("SELECT version FROM registered_model_aliases WHERE name = %s AND alias = %s", (name, ALIAS))
+        assert cur.fetchone() == (1,)
     print(f"\nMLflow on {mlflow_pg_server['backend'].split('@')[0]}@…/mlflow, artifacts {len(keys)} objects in "
           f"{mlflow_pg_server['artifacts']}; models:/{name}@{ALIAS} -> v{meta['version']}")

@@ -136,9 +136,9 @@ def test_a_copied_home_loads_after_the_original_is_deleted(monkeypatch, tmp_path
         shutil.rmtree(old)
         monkeypatch.setenv("CONDGEN_HOME", str(new))
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exported the old one
-        tracking.configure("relocate")  # rewrites the copied store's artifact locations on open
+        mlflow.set_tracking_uri(tracking.settings.tracking_uri())  # as the service does: no tracking.configure
+        loaded, meta = load_registered(f"models:/{name}@{ALIAS}")  # resolving rewrites the copied store first
         assert MlflowClient().get_run(run_id).info.artifact_uri.startswith(new.as_uri())
-        loaded, meta = load_registered(f"models:/{name}@{ALIAS}")
         assert ckpt_io.state_fingerprint(loaded) == ckpt_io.state_fingerprint(model) and meta["run_id"] == run_id
         steps = TINY["diffusion"]["sample_steps"]
         requests = [{"condition": 2, "n": 2, "seed": 5, "guidance": 1.5, "steps": steps}]

@@ -17,9 +17,10 @@ import contextlib
 import copy
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import torch
@@ -31,7 +32,7 @@ from safetensors.torch import save as st_save
 from condgen.models.base import missing_frozen_part
 from condgen.models.conditioning import lora
 from condgen.tasks.io import checkpoint as ckpt_io
-from condgen.tasks.io import storage
+from condgen.tasks.io import storage, tracking
 
 ALIAS = "champion"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -68,6 +69,7 @@ class Version:
 def resolve(uri: str) -> Version:
     """Pin ``models:/NAME@ALIAS`` (or ``/VERSION``) to a :class:`Version`."""
     name, alias, version = parse_model_uri(uri)
+    tracking.relocate_home()  # an embedded home that was moved or copied: its artifact locations first
     client = MlflowClient()
     mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     return Version(name, str(mv.version), mv.run_id, mv.source)
