@@ -6,7 +6,9 @@ error here, before Ray starts) and validates it, opens one MLflow run, runs the 
 loop of ``tasks/training/worker.py`` on ``num_workers`` Ray Train workers (``batch_size`` is the global batch,
 split over them: ``tasks/training/batching.py``), copies the final
 checkpoint (``model.safetensors`` + ``config.json``; the adapter files of a LoRA run) to
-storage and the run's artifacts, and returns the per-epoch history the workers logged.
+storage and the run's artifacts, and returns the per-epoch history the workers logged. The request's
+``precision``, ``grad_accumulation``, ``checkpoint_every_steps`` and data options (``data_mode``,
+``stream_buffer``, ``loader_threads``) are checked here, before Ray starts, and logged as MLflow params.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ from condgen.tasks.io.model_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_m
 from condgen.tasks.training import batching
 from condgen.tasks.training.adapters import prepare, served_parameters, trained_adapter_parameters
 from condgen.tasks.training.data_config import fit_to_data
-from condgen.tasks.training.worker import group_lrs, train_loop_per_worker
+from condgen.tasks.training.loader import MODES
+from condgen.tasks.training.worker import PRECISIONS, check_options, group_lrs, train_loop_per_worker
 
 
 # -- requests and results ----------------------------------------------------------------
@@ -65,7 +68,21 @@ class TrainRequest:
     experiment: str = "condgen"
     run_name: str | None = None
     max_failures: int = 2
-    fail_at_epoch: int | None = None  # fault injection (tests only)
+    fail_at_epoch: int | None = None  # fault injection (tests only): a worker dies in this epoch
+    fail_at_step: int | None = None  # fault injection (tests only): a worker dies after this optimiser step
+    # Checkpoints: at each epoch's end, and every this many optimiser steps inside an epoch (0: epoch ends
+    # only). Each records the data position and every RNG state: a resumed run continues exactly.
+    checkpoint_every_steps: int = 0
+    precision: str = "fp32"  # "bf16": autocast around the forward (CPU and CUDA); weights stay fp32
+    # Micro-batches per worker per optimiser step (memory: the same global batch in smaller pieces);
+    # models with one optimiser group only (not GANs).
+    grad_accumulation: int = 1
+    # Training data (tasks/training/loader.py): "memory" decodes the split into each worker, "stream" reads
+    # shards through a shuffle buffer of stream_buffer samples with loader_threads decoders, "auto" picks
+    # by the split's decoded size. None = the loader's default.
+    data_mode: str = "auto"
+    stream_buffer: int | None = None
+    loader_threads: int | None = None
     grid_every: int = 1
     use_gpu: bool = False
     # Cluster placement. None = one CPU per worker (plus the GPU when use_gpu). A custom
@@ -78,7 +95,7 @@ class TrainRequest:
     storage_path: str | None = None
     # A LoRA adapter run: ``AdapterSpec`` of a trained base; ``model``/``model_config`` are taken
     # from the base and only the adapters train (plus a GAN's critic).
-    adapter: "AdapterSpec | None" = None
+    adapter: AdapterSpec | None = None
 
 
 @dataclass
@@ -126,7 +143,10 @@ def train(req: TrainRequest) -> TrainResult:
             "run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(), "fail_at_epoch": req.fail_at_epoch,
             "grid_every": req.grid_every, "shards_b_uri": req.shards_b_uri, "latents": req.latents,
             "adapter": adapter_cfg, "lr_scaling": req.lr_scaling, "lr_reference_batch": req.lr_reference_batch,
-            "lr_warmup_steps": req.lr_warmup_steps,
+            "lr_warmup_steps": req.lr_warmup_steps, "fail_at_step": req.fail_at_step,
+            "checkpoint_every_steps": req.checkpoint_every_steps, "precision": req.precision,
+            "grad_accumulation": req.grad_accumulation, "data_mode": req.data_mode,
+            "stream_buffer": req.stream_buffer, "loader_threads": req.loader_threads,
         }
         storage_path, storage_fs = ray_storage(req.storage_path or settings.ray_storage())
         trainer = TorchTrainer(
@@ -163,16 +183,33 @@ def train(req: TrainRequest) -> TrainResult:
 
 
 def batch_params(req: TrainRequest) -> dict[str, Any]:
-    """The split of the global batch over the workers and the LR option, as MLflow params
-    (``tasks.training.batching``); ValueError on a batch smaller than the worker count or a bad option."""
+    """The split of the global batch over the workers, the LR, precision, accumulation, checkpoint and
+    data options, as MLflow params (``tasks.training.batching``); ValueError on a batch smaller than the
+    worker count, a share smaller than ``grad_accumulation`` or a bad option."""
     if req.lr_scaling != "none" and not req.lr_reference_batch:
         raise ValueError(f"lr_scaling={req.lr_scaling!r} scales the rate relative to lr_reference_batch: set it "
                          "(the global batch the config's lr was tuned for)")
     if req.lr_warmup_steps < 0:
         raise ValueError(f"lr_warmup_steps must be >= 0, not {req.lr_warmup_steps}")
     batching.lr_factor(req.lr_scaling, req.batch_size, req.lr_reference_batch or req.batch_size)
-    return {**batching.split_params(req.batch_size, req.num_workers), "lr_scaling": req.lr_scaling,
-            "lr_reference_batch": req.lr_reference_batch or "", "lr_warmup_steps": req.lr_warmup_steps}
+    split, smallest = batching.split_params(req.batch_size, req.num_workers), req.batch_size // req.num_workers
+    if not 1 <= req.grad_accumulation <= smallest:
+        raise ValueError(f"grad_accumulation must be in [1, {smallest}] (micro-batches of a worker's share of the "
+                         f"global batch {req.batch_size}), not {req.grad_accumulation}")
+    if req.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {req.precision!r}")
+    if req.data_mode not in MODES:
+        raise ValueError(f"data_mode must be one of {MODES}, not {req.data_mode!r}")
+    for name in ("checkpoint_every_steps", "stream_buffer", "loader_threads"):
+        value = getattr(req, name)
+        if value is not None and value < (0 if name == "checkpoint_every_steps" else 1):
+            raise ValueError(f"{name} must be >= {0 if name == 'checkpoint_every_steps' else 1}, not {value}")
+    return {**split, "grad_accumulation": req.grad_accumulation,
+            "micro_batch": -(-split["per_worker_batch"] // req.grad_accumulation), "precision": req.precision,
+            "lr_scaling": req.lr_scaling, "lr_reference_batch": req.lr_reference_batch or "",
+            "lr_warmup_steps": req.lr_warmup_steps, "checkpoint_every_steps": req.checkpoint_every_steps,
+            "data_mode": req.data_mode, "stream_buffer": req.stream_buffer or "",
+            "loader_threads": req.loader_threads or ""}
 
 
 def _lr_params(req: TrainRequest, model: torch.nn.Module) -> dict[str, float]:
@@ -197,12 +234,14 @@ def _model_for_data(req: TrainRequest) -> tuple[torch.nn.Module, dict[str, Any] 
                                  f"{req.shards_b_uri} has {info_b[key]}")
     if req.adapter is None:
         model = build_model(req.model, fit_to_data(req.model, req.model_config, info, where=req.shards_uri))
+        check_options(model, req.precision, req.grad_accumulation)  # a GAN refuses accumulation here
         ensure_ray()
         return model, None
     base, meta = load_model_uri(req.adapter.base)
     req.model = ckpt_io.model_name(base)
     req.model_config = _config_dict(base)
     fit_to_data(req.model, req.model_config, info, where=req.shards_uri)  # the base fixes every field: a check
+    check_options(base, req.precision, req.grad_accumulation)
     ensure_ray()
     return base, _adapter_setup(req.adapter, base, meta)
 
