@@ -1,13 +1,18 @@
 """Ingestion under hostile input (issue #20): caps on tar samples, the format allow-list,
 pixel counts read from the header, exact labels, one ingestion per image file, caption
-length; and the per-shard split counts a streaming reader plans with."""
+length, the local mirror of an S3 source after a kill; and the per-shard split counts a
+streaming reader plans with."""
 from __future__ import annotations
 
 import io
 import json
 import os
+import signal
 import struct
+import subprocess
+import sys
 import tarfile
+import tempfile
 import time
 import tracemalloc
 import zlib
@@ -305,3 +310,59 @@ def test_captions_are_capped_and_long_lines_never_held(tmp_path: Path) -> None:
     ingest(str(tmp_path / "t.tar"), str(tmp_path / "out-tar"), shard_size=50)
     assert _rejects(tmp_path / "out-tar") == {"t.tar:a.png": ("caption_too_long", "2001 characters > 2000")}
     assert load_split(str(tmp_path / "out-tar"), "all")["caption"].tolist() == ["fine"]
+
+
+# ------------------------------------------------------- an S3 source's local mirror
+
+KILL_MID_DOWNLOAD = """
+import os, signal, sys
+from condgen.tasks.io import storage
+real, opened = storage.open_read, []
+def open_then_die(uri):
+    opened.append(uri)
+    if len(opened) == 4:  # three objects are down: SIGKILL, no cleanup runs
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(uri)
+storage.open_read = open_then_die
+from condgen.tasks.data.ingest import ingest
+ingest(sys.argv[1], sys.argv[2], shard_size=4)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_s3_ingestion_leaves_a_mirror_the_rerun_reuses_and_removes(
+        s3_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #20: a killed S3-source ingestion left its download in /tmp/condgen-ingest-*
+    for ever. The re-run now finds it, downloads only what is missing, and removes it."""
+    from condgen.tasks.io import storage
+
+    x, y = _digits(6)
+    raw = storage.join(s3_uri, "raw")
+    for i in range(6):
+        storage.write_bytes(storage.join(raw, str(y[i]), f"{i}.png"), _png(x[i]))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_DOWNLOAD, raw, str(tmp_path / "out")],
+                            env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True, timeout=300, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    left = sorted(tmp.glob("condgen-ingest-*"))
+    assert len(left) == 1 and len(list((left[0] / "data").rglob("*.png"))) == 3
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    fetched: list[str] = []
+    real_open = storage.open_read
+    monkeypatch.setattr(storage, "open_read", lambda uri: (fetched.append(uri), real_open(uri))[1])
+    result = ingest(raw, str(tmp_path / "out"), shard_size=4)
+    assert sum(result.counts.values()) == 6 and result.n_rejected == 0
+    assert len(fetched) == 3  # the other three came from the killed run's mirror
+    assert list(tmp.iterdir()) == []  # and the mirror is gone
+
+    # A mirror of an older listing of the same prefix (the source changed since) is removed too.
+    storage.write_bytes(storage.join(raw, str(y[0]), "new.png"), _png(x[5]))
+    again = subprocess.run([sys.executable, "-c", KILL_MID_DOWNLOAD, raw, str(tmp_path / "out2")],
+                           env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True, timeout=300, check=False)
+    assert again.returncode == -signal.SIGKILL
+    stale = sorted(tmp.glob("condgen-ingest-*"))
+    storage.write_bytes(storage.join(raw, str(y[0]), "newer.png"), _png(x[4]))
+    assert len(stale) == 1 and ingest(raw, str(tmp_path / "out3"), shard_size=4).n_rejected == 0
+    assert list(tmp.iterdir()) == []

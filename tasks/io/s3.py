@@ -3,9 +3,12 @@ operations, the atomic writer and webdataset's ``s3://`` opener.
 
 The endpoint comes from ``CONDGEN_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL`` (unset = AWS),
 credentials from the standard AWS chain; they are never logged. Connection failures are
-retried twice over: botocore's "standard" retry mode inside each call, and our own bounded
-exponential backoff around whole-object operations (:func:`with_retry`), so an endpoint
-that is unreachable for ~10 s is survived.
+retried twice over: botocore's "standard" retry mode inside each call, and our own
+exponential backoff around whole-object operations (:func:`with_retry`) for up to
+``CONDGEN_S3_RETRY_SECONDS`` (default 15 s, ``tasks/io/settings.py``), so an endpoint that
+is unreachable for ~10 s is survived. An outage that outlasts the budget ends in
+:class:`StorageUnavailable`, one line that says nothing was lost and to re-run: every
+write is atomic, so what was written is complete and a re-run resumes from it.
 
 Writes are atomic (:class:`S3AtomicWriter`): a single PUT for small objects, otherwise a
 multipart upload that is completed on success and aborted on any exception (S3 never
@@ -19,7 +22,8 @@ import os
 import random
 import threading
 import time
-from typing import IO, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 import boto3
@@ -27,6 +31,7 @@ import botocore.exceptions as bexc
 import webdataset
 from botocore.config import Config
 
+from condgen.tasks.io import settings
 from condgen.tasks.io.atomic_writer import AtomicWriter
 
 log = logging.getLogger(__name__)
@@ -34,9 +39,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ENDPOINT_ENV_VARS = ("CONDGEN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
-# Our own retry around whole-object operations; delays 0.5, 1, 2, 4, 8 s (+ jitter)
-# sum to ~15 s on top of botocore's attempts: enough for a ~10 s endpoint outage.
-RETRY_ATTEMPTS = 6
+# Our own retry around whole-object operations: delays 0.5, 1, 2, 4, 8, 8, ... s (+ jitter)
+# until settings.s3_retry_seconds() have passed since the first failure (botocore's own
+# attempts inside each call come on top).
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 8.0
 # S3 needs parts >= 5 MiB (except the last); 8 MiB keeps memory small and PUTs few.
@@ -99,11 +104,11 @@ def _client_config(endpoint: str | None) -> Config:
     if endpoint is not None:
         # S3-compatible servers (moto, MinIO, Ceph) generally want path-style URLs and
         # may reject the newer default request checksums; AWS keeps the defaults.
-        extra = dict(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
+        extra = {
+            "s3": {"addressing_style": "path"},
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+        }
     return Config(
         retries={"mode": "standard", "max_attempts": 5},
         connect_timeout=5,
@@ -112,21 +117,45 @@ def _client_config(endpoint: str | None) -> Config:
     )
 
 
-def with_retry(what: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` again on connection errors, with bounded exponential backoff."""
-    for attempt in range(RETRY_ATTEMPTS):
+class StorageUnavailable(ConnectionError):
+    """S3 stayed unreachable for longer than the retry budget. Nothing was lost (writes are
+    atomic): the message is one line that says so and to re-run. A ``ConnectionError``, so
+    a Prefect I/O step still retries it (``storage.is_transient_io_error``)."""
+
+    def __init__(self, what: str, waited_s: float, budget_s: float) -> None:
+        super().__init__(
+            f"S3 unreachable for {waited_s:.0f} s ({what[:160]}; CONDGEN_S3_RETRY_SECONDS={budget_s:g}): "
+            "nothing was lost, writes are atomic; re-run the same command to resume, or raise "
+            "CONDGEN_S3_RETRY_SECONDS for longer outages")
+        self.what, self.waited_s, self.budget_s = what, waited_s, budget_s
+
+
+def with_retry(what: str, fn: Callable[[], T], budget_s: float | None = None) -> T:
+    """Run ``fn`` again on connection errors, with exponential backoff, for up to ``budget_s``
+    seconds (default ``settings.s3_retry_seconds()``) from the start of the first failed call;
+    then raise :class:`StorageUnavailable` from the last error. (A call that has begun runs
+    to its end: botocore's own attempts inside it may take up to ~15 s more.)"""
+    budget = settings.s3_retry_seconds() if budget_s is None else budget_s
+    first_failure: float | None = None
+    attempt = 0
+    while True:
+        started = time.monotonic()
         try:
             return fn()
         except CONNECTION_ERRORS as exc:
-            if attempt == RETRY_ATTEMPTS - 1:
-                raise
+            now = time.monotonic()
+            first_failure = started if first_failure is None else first_failure
+            left = first_failure + budget - now
+            if left <= 0:
+                raise StorageUnavailable(what, now - first_failure, budget) from exc
             delay = min(RETRY_BASE_S * 2**attempt, RETRY_MAX_S) * (0.75 + 0.5 * random.random())
+            delay = min(delay, left)  # the last try comes when the budget ends
+            attempt += 1
             # Only the operation and the error class: messages may carry the endpoint,
             # never credentials, but keep logs minimal anyway.
-            log.warning("S3 %s failed (%s); retry %d/%d in %.1fs", what, type(exc).__name__,
-                        attempt + 1, RETRY_ATTEMPTS - 1, delay)
+            log.warning("S3 %s failed (%s); retry %d in %.1fs (%.0fs of the %gs budget left)", what,
+                        type(exc).__name__, attempt, delay, left, budget)
             time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def _is_not_found(exc: bexc.ClientError) -> bool:
@@ -212,7 +241,7 @@ def delete(uri: str, *, recursive: bool = False) -> None:
     keys += [f"{key.rstrip('/')}/{rel}" if key else rel for rel, _, _ in list_objects(uri)]
     for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
         batch = [{"Key": k} for k in keys[i:i + 1000]]
-        with_retry(f"delete {uri}", lambda: s3_client().delete_objects(
+        with_retry(f"delete {uri}", lambda batch=batch: s3_client().delete_objects(
             Bucket=bucket, Delete={"Objects": batch, "Quiet": True}))
 
 
@@ -293,9 +322,9 @@ class S3AtomicWriter(AtomicWriter):
         if self._upload_id is not None:
             upload_id = self._upload_id
             try:
-                with_retry(f"abort multipart {self._uri}",
+                with_retry(f"abort multipart {self._uri}",  # one try: S3 never shows the parts
                            lambda: s3_client().abort_multipart_upload(Bucket=self._bucket, Key=self._key,
-                                                                      UploadId=upload_id))
+                                                                      UploadId=upload_id), budget_s=0)
             except Exception:  # the original error matters more; a bucket lifecycle rule cleans up
                 log.warning("could not abort multipart upload for %s", self._uri, exc_info=True)
 

@@ -5,7 +5,9 @@ write in ``tasks/`` goes through here; this module picks the backend by URI. Wri
 atomic: a reader sees either the old object or the complete new one, never a torn file
 (``tasks/io/atomic_writer.py``: temp file + fsync + ``os.replace`` locally;
 ``tasks/io/s3.py``: one PUT or a multipart upload that is completed or aborted, plus the
-client, its retries and webdataset's ``s3://`` opener).
+client, its retries and webdataset's ``s3://`` opener). An S3 outage longer than
+``CONDGEN_S3_RETRY_SECONDS`` raises :class:`StorageUnavailable` (re-exported here): one line
+saying that nothing was lost and to re-run.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
 import botocore.exceptions as bexc
@@ -22,8 +25,14 @@ import botocore.exceptions as bexc
 from condgen.tasks.io import s3
 from condgen.tasks.io.atomic_writer import TMP_MARK, AtomicWriter, LocalAtomicWriter
 
-# Re-exported S3 helpers for callers that need the raw client or a recursive listing.
-from condgen.tasks.io.s3 import endpoint_url, list_objects, reset_clients, s3_client  # noqa: F401
+# Re-exported S3 helpers for callers that need the raw client, a recursive listing or the outage error.
+from condgen.tasks.io.s3 import (  # noqa: F401
+    StorageUnavailable,
+    endpoint_url,
+    list_objects,
+    reset_clients,
+    s3_client,
+)
 
 # --------------------------------------------------------------------------- URIs
 
