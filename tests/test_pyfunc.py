@@ -189,3 +189,16 @@ def test_bad_requests_fail_in_one_line(tmp_path):
             wrapper.predict(None, request)
         assert "\n" not in str(err.value)
     assert wrapper.predict(None, [{"condition": 1}]).shape == (1, 28, 28, 1)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_the_pyfunc_cannot_wrap_is_still_promoted(condgen_home):
+    """A component (no sampling from a condition) registers as before, tagged ``condgen.pyfunc=false``."""
+    run_id = train_run(build_tiny("autoencoder"), "pyfunc-test", metrics={"eval/cond_accuracy": 0.9})
+    name = f"condgen-component-{uuid.uuid4().hex[:6]}"
+    decision = promote(run_id, name, 0.9, Gate(min_accuracy=0.5))
+    version = MlflowClient().get_model_version(name, decision.version)
+    assert decision.promoted and version.tags["condgen.pyfunc"] == "false"
+    files = {f.path.rsplit("/", 1)[-1] for f in MlflowClient().list_artifacts(run_id, "model")}
+    assert files == {ckpt_io.WEIGHTS, ckpt_io.CONFIG}
+    assert "promoted to @champion" in version.description
