@@ -165,6 +165,6 @@ def adapt_pretrained(req: PretrainedAdaptRequest) -> PretrainedAdaptResult:
         if req.register_as:
             tags = {"condgen.kind": "adapter", "condgen.adapter_kind": lora.KIND, "condgen.adapter_base": req.base,
                     "condgen.base_fingerprint": p.fingerprint}
-            version = register(run_id, req.register_as, tags=tags, artifact_path="adapter")
+            version = str(register(run_id, req.register_as, tags=tags, artifact_path="adapter"))
             MlflowClient().set_registered_model_alias(req.register_as, "latest-adapter", version)
         return PretrainedAdaptResult(run_id, dest, metrics, card, version)
