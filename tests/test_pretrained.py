@@ -277,3 +277,37 @@ def test_adapt_pretrained_under_ray_registers_an_adapter_that_changes_the_output
     e0 = _eps(p)
     lora.apply_adapter(p, "models:/test-tiny-sd-lora@latest-adapter")
     assert (_eps(p) - e0).abs().max() > 1e-5  # the trained adapter is used
+
+
+@pytest.mark.slow
+def test_a_pipeline_on_s3_is_downloaded_once_and_pickles_are_refused_before_download(tiny_dir, s3_uri, tmp_path):
+    from condgen.tasks.io import storage
+
+    for f in sorted(tiny_dir.rglob("*")):
+        if f.is_file():
+            storage.write_bytes(storage.join(s3_uri, str(f.relative_to(tiny_dir))), f.read_bytes())
+    assert base.is_pipeline(s3_uri)
+    p = base.load(s3_uri, cache_dir=tmp_path / "cache")
+    assert p.fingerprints == base.load(str(tiny_dir)).fingerprints
+    assert base.fetch(s3_uri, tmp_path / "cache") == p.folder  # reused, not downloaded again
+    storage.write_bytes(storage.join(s3_uri, "unet", "diffusion_pytorch_model.bin"), b"not a pickle, but named one")
+    with pytest.raises(base.LayoutError, match="pickled weights"):
+        base.fetch(s3_uri, tmp_path / "cache2")
+    assert not (tmp_path / "cache2").exists()
+
+
+def test_condgen_adapt_checks_a_pipeline_base_before_ray(tiny_dir, tmp_path):
+    from tests.test_cli import assert_fails_fast, condgen
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    res = condgen("adapt", "--base", str(tiny_dir), "--shards", str(shards), "--evaluate", home=tmp_path)
+    assert_fails_fast(res, "--evaluate", "validation images")
+    res = condgen("adapt", "--base", str(tiny_dir), "--shards", str(shards), "--ema", "1.5", home=tmp_path)
+    assert_fails_fast(res, "--ema", "[0, 1)")
+    pickled = tmp_path / "pickled"
+    build_tiny_pipeline(pickled)
+    (pickled / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"x")
+    res = condgen("adapt", "--base", str(pickled), "--shards", str(shards), home=tmp_path)
+    assert_fails_fast(res, "pickled weights", "safe_serialization=True")
