@@ -116,7 +116,7 @@ def _save(d: str, p: base.Pretrained, config: dict[str, Any], params: list[torch
     if ema is not None:
         with _swapped(params, ema):
             lora.save(d, p, adapter_cfg)
-        save_file({str(i): e.contiguous() for i, e in enumerate(ema)}, str(Path(d, EMA)))
+        save_file({str(i): e.detach().cpu().contiguous() for i, e in enumerate(ema)}, str(Path(d, EMA)))
     else:
         lora.save(d, p, adapter_cfg)
     save_file({str(i): prm.detach().cpu().contiguous() for i, prm in enumerate(params)}, str(Path(d, LIVE)))
