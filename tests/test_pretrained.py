@@ -251,6 +251,21 @@ def test_resume_from_a_checkpoint_takes_the_same_steps(tiny_dir, tiny, shapes, t
     assert not torch.equal(params[0], params2[0])  # the straight run did move on after step 2
 
 
+def test_bf16_autocast_and_text_encoder_lora_train(tiny_dir, tiny, shapes):
+    from condgen.tasks.pretrained import train
+
+    data = {**cache.read(cache.latents(tiny, shapes, size=32)[0]), **cache.read(cache.text(tiny, shapes)[0])}
+    torch.manual_seed(0)
+    p = base.load(str(tiny_dir))
+    config = _loop_config(p, mixed_precision="bf16", ema_decay=0.0, adapter=lora.settings(2, None, True, p))
+    params = lora.inject(p, config["adapter"])
+    text_params = [prm for n, prm in p.text_encoder.named_parameters() if "lora_B" in n]
+    opt = torch.optim.AdamW(params, lr=config["lr"])
+    out = train.train_step(p, data, params, opt, None, config, 0, torch.device("cpu"))
+    assert np.isfinite(out["loss"]) and out["grad_norm"] > 0
+    assert text_params and any(prm.abs().sum() > 0 for prm in text_params)  # B left 0: the text encoder trained
+
+
 @pytest.mark.slow
 def test_adapt_pretrained_under_ray_registers_an_adapter_that_changes_the_output(tiny_dir, shapes, local_ray):
     from condgen.tasks.io.model_store import downloaded
