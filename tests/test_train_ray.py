@@ -1,6 +1,6 @@
 """Ray Train integration: the real TorchTrainer with 1 and 2 CPU workers, MLflow
-tracking, checkpoint to storage, recovery from a killed worker process, and a colour shard set
-whose channels, size and classes reach the model config from its manifest alone."""
+tracking, checkpoint to storage, recovery from a killed worker process, in-memory and streamed training
+data, and a colour shard set whose channels, size and classes reach the model config from its manifest alone."""
 import mlflow
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ def test_torchtrainer_loss_falls(tiny_shards, local_ray, workers):
     losses = [h["loss"] for h in res.history]
     assert len(losses) == 3, res.history
     assert losses[-1] < losses[0], losses
-    model, meta = load_trained(res.checkpoint_uri)
+    _model, meta = load_trained(res.checkpoint_uri)
     assert meta["model"] == "cvae" and tuple(meta["config"]["channels"]) == (4, 8)
 
     import mlflow
@@ -55,6 +55,29 @@ def test_killed_worker_resumes_from_checkpoint(tiny_shards, local_ray, capsys):
     assert sorted(set(epochs)) == [0, 1, 2]
     model, _ = load_trained(res.checkpoint_uri)
     assert model is not None
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_both_data_modes_train_under_ray_and_report_throughput_and_memory(tiny_shards, local_ray, mode):
+    """In memory and streamed from the shards, 2 workers; the streamed run also in bf16 with 2 micro-batches
+    per worker step. Each epoch reports samples/s, time to first batch and every worker's peak RSS."""
+    extra = {"precision": "bf16", "grad_accumulation": 2, "stream_buffer": 64, "loader_threads": 1} if mode == "stream" else {}
+    res = train(TrainRequest(model="cvae", shards_uri=tiny_shards, model_config=TINY_CVAE, epochs=2, batch_size=32,
+                             num_workers=2, data_mode=mode, run_name=f"test-{mode}", **extra))
+    losses = [h["loss"] for h in res.history]
+    print(f"{mode}: losses {losses}; samples/s {[round(h['samples_per_s']) for h in res.history]}; peak RSS MiB "
+          f"{[(round(h['peak_rss_mb.rank0']), round(h['peak_rss_mb.rank1'])) for h in res.history]}")
+    assert len(losses) == 2 and losses[-1] < losses[0], losses
+    for h in res.history:
+        assert h["samples_per_s"] > 0 and h["first_batch_seconds"] >= 0
+        assert h["peak_rss_mb"] == max(h["peak_rss_mb.rank0"], h["peak_rss_mb.rank1"]) > 50
+    assert res.metrics["samples_per_s"] > 0 and res.metrics["peak_rss_mb"] > 50
+    params = mlflow.get_run(res.run_id).data.params
+    assert params["data_mode"] == mode and params["precision"] == extra.get("precision", "fp32")
+    assert params["grad_accumulation"] == str(extra.get("grad_accumulation", 1))
+    plan = mlflow.artifacts.load_dict(f"runs:/{res.run_id}/batch_plan.json")
+    assert plan["data"]["data_mode"] == mode and plan["grad_accumulation"] == extra.get("grad_accumulation", 1)
+    assert res.metrics["step"] == 2 * plan["steps_per_epoch"]
 
 
 @pytest.fixture(scope="module")
