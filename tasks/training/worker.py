@@ -45,7 +45,7 @@ from condgen.tasks.io.model_store import attach_frozen_parts, save_adapter
 from condgen.tasks.io.tracking import MetricLogger
 from condgen.tasks.training import batching
 from condgen.tasks.training.adapters import prepare
-from condgen.tasks.training.loader import memory_batches, open_train_data
+from condgen.tasks.training.loader import labelled, memory_batches, open_train_data
 
 OPTIMIZER_WEIGHTS = "optimizer.safetensors"
 RNG_STATE = "rng.safetensors"
@@ -54,6 +54,11 @@ PRECISIONS = ("fp32", "bf16")
 
 
 batches = memory_batches  # rank r's share of each global batch of an epoch (tasks/training/loader.py)
+
+
+def labelled_rows(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows ``model`` trains on: a label-conditioned model or a classifier skips caption-only ones (y = -1)."""
+    return labelled(arrays) if getattr(model.config, "condition", "label") == "label" else arrays
 
 
 # -- distributed helpers ---------------------------------------------------------------
@@ -352,7 +357,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = _resume(model, optimizers, resumed) if resumed else {"epoch": 0, "batches": 0, "step": 0, "rng": {}}
     step = state["step"]
     attach_frozen_parts(model)  # a frozen part named by URI (autoencoder, base) unless the model holds it
-    # A label-conditioned model or a classifier skips caption-only samples (label -1); text or image ones keep them.
     data = open_train_data(config, rank, world, labelled_only=getattr(model.config, "condition", "label") == "label")
     bp = dataclasses.replace(data.plan, grad_accumulation=accumulation)
     opt_step = make_opt_step(optimizers, bp.weight(rank), device.type)
