@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scales", default="1,10,50")
     p.add_argument("--sources", default="local,s3", help="local and/or s3 (the training part)")
-    p.add_argument("--parts", default="loader,train")
+    p.add_argument("--parts", default=None, help="loader and/or train (default both; --quick: loader)")
     p.add_argument("--limit", type=int, default=None, help="ingest at most this many digits (default: all)")
     p.add_argument("--buffer", type=int, default=2000, help="stream_buffer (samples)")
     p.add_argument("--quick", action="store_true", help="1,000 digits, the loader part only")
@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.quick:
         args.limit = args.limit or 1000
-        args.parts = "loader" if args.parts == "loader,train" else args.parts
+        args.parts = args.parts or "loader"
     scales = [int(s) for s in args.scales.split(",")]
-    parts, sources = args.parts.split(","), args.sources.split(",")
+    parts, sources = (args.parts or "loader,train").split(","), args.sources.split(",")
 
     home = tempfile.mkdtemp(prefix="condgen-bench-stream-")
     os.environ["CONDGEN_HOME"] = home
