@@ -20,7 +20,7 @@ TINY_CVAE = {"channels": [4, 8], "latent_dim": 4, "cond_dim": 4, "lr": 5e-3}
 @pytest.mark.slow
 def test_training_spreads_over_two_nodes_reading_s3(s3_uri, ray_cluster, capsys):
     """Head + 2 worker nodes (1 CPU and one ``trainer`` slot each): the 2 training workers
-    must run on 2 different nodes, read their shards from S3 (moto on 127.0.0.1) and keep
+    must run on 2 different nodes, stream their shares of the shards from S3 (moto on 127.0.0.1) and keep
     Ray Train's checkpoints on S3 too (a multi-node cluster has no shared local disk)."""
     import mlflow
     import ray
@@ -35,7 +35,7 @@ def test_training_spreads_over_two_nodes_reading_s3(s3_uri, ray_cluster, capsys)
     assert len(nodes) == 3 and len(trainer_nodes) == 2
 
     res = train(TrainRequest(model="cvae", shards_uri=shards, model_config=TINY_CVAE, epochs=2, batch_size=32,
-                             num_workers=2, resources_per_worker={"CPU": 1, "trainer": 1},
+                             num_workers=2, resources_per_worker={"CPU": 1, "trainer": 1}, data_mode="stream",
                              storage_path=storage.join(s3_uri, "ray_results"), run_name="test-multinode"))
 
     placement = mlflow.artifacts.load_dict(f"runs:/{res.run_id}/placement.json")
@@ -47,7 +47,10 @@ def test_training_spreads_over_two_nodes_reading_s3(s3_uri, ray_cluster, capsys)
     assert placement["num_nodes"] == 2
 
     assert [h["epoch"] for h in res.history] == [0, 1]
-    model, meta = load_trained(res.checkpoint_uri)
+    # Each worker streamed its share of the split from S3 instead of decoding the whole split (issue #16 item 5).
+    plan = mlflow.artifacts.load_dict(f"runs:/{res.run_id}/batch_plan.json")
+    assert plan["data"]["data_mode"] == "stream" and mlflow.get_run(res.run_id).data.params["data_mode"] == "stream"
+    _model, meta = load_trained(res.checkpoint_uri)
     assert meta["model"] == "cvae"
     # Ray Train's own checkpoints went to S3, not to a node's disk.
     ray_objects = [k for k, _, _ in storage.list_objects(storage.join(s3_uri, "ray_results"))]
