@@ -80,6 +80,14 @@ def test_bad_sampler_in_a_generate_params_file(tmp_path):
     assert_fails_fast(condgen("generate", "--params", str(params), home=tmp_path), "sampler", "dpmpp_2m")
 
 
+def test_generate_params_file_values_are_kept_unless_a_flag_is_typed(tmp_path):
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps({"model_uri": "models:/from-file@champion", "sampler": "dpmpp_2m"}))
+    assert_fails_fast(condgen("generate", "--params", str(params), home=tmp_path), "'from-file'")
+    assert_fails_fast(condgen("generate", "--params", str(params), "--model", "models:/from-flag@champion",
+                              home=tmp_path), "'from-flag'")
+
+
 def test_generate_offers_dpmpp_2m(tmp_path):
     res = condgen("generate", "--help", home=tmp_path)
     assert res.rc == 0 and "dpmpp_2m" in res.out

@@ -17,6 +17,7 @@ TRAIN_FIX = "train and promote one with `condgen demo` or `condgen retrain --par
 
 
 def generate(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="models:/NAME@ALIAS or models:/NAME/N")] = "models:/condgen-cvae@champion",
     out: Annotated[str | None, typer.Option(help="shards URI (file://… or s3://…); default under CONDGEN_STORAGE")
                    ] = None,
@@ -46,16 +47,22 @@ def generate(
 
     raw = checks.json_file(params, "--params") if params else {}
     checks.flow_params(BatchGenerateParams, raw, params or "parameters")  # the file alone: its typos named
-    raw.update(model_uri=model, labels=checks.labels(labels), prompts=prompt or [], seeds_per_condition=seeds,
-               seed_base=seed_base, guidance=guidance, scale=scale, sampler=sampler, steps=steps, eta=eta,
-               shard_size=shard_size, batch_size=batch_size, judge_uri=judge, watermark=not no_watermark,
-               use_ray=not no_ray)
-    if out:
-        raw["out_uri"] = out
+    flags = {"model_uri": ("model", model), "labels": ("labels", checks.labels(labels)),
+             "prompts": ("prompt", prompt or []), "seeds_per_condition": ("seeds", seeds),
+             "seed_base": ("seed_base", seed_base), "guidance": ("guidance", guidance), "scale": ("scale", scale),
+             "sampler": ("sampler", sampler), "steps": ("steps", steps), "eta": ("eta", eta),
+             "shard_size": ("shard_size", shard_size), "batch_size": ("batch_size", batch_size),
+             "judge_uri": ("judge", judge), "watermark": ("no_watermark", not no_watermark),
+             "use_ray": ("no_ray", not no_ray), "out_uri": ("out", out)}
+    for field, (option, value) in flags.items():
+        # with a params file, only the flags typed on the command line override it (not their defaults)
+        if not params or _given(ctx, option):
+            raw[field] = value
+    raw = {k: v for k, v in raw.items() if not (k == "out_uri" and v is None)}
     job = checks.flow_params(BatchGenerateParams, raw, params or "generate options")
-    checks.registered(model, TRAIN_FIX)
-    if judge:
-        checks.model_ref(judge)
+    checks.registered(job.model_uri, TRAIN_FIX)
+    if job.judge_uri:
+        checks.model_ref(job.judge_uri)
 
     from condgen.flows.batch_generate import batch_generate, job_spec
     from condgen.tasks.generation import batch as bg
@@ -63,6 +70,12 @@ def generate(
     result = bg.run_job(job_spec(job), use_ray=job.use_ray) if no_prefect else batch_generate(job)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _given(ctx: typer.Context, option: str) -> bool:
+    """Was ``option`` typed on the command line (or set from the environment), rather than left at its default?"""
+    source = ctx.get_parameter_source(option)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def register(app: typer.Typer) -> None:
