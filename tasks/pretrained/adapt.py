@@ -59,6 +59,7 @@ class PretrainedAdaptRequest:
     validation_steps: int = 20
     guidance_scale: float = 7.5  # diffusers' convention: 1 is no guidance
     num_workers: int = 1
+    threads_per_worker: int = 1  # torch intra-op threads of each worker process
     use_gpu: bool = False
     seed: int = 0
     register_as: str | None = None
@@ -143,7 +144,8 @@ def adapt_pretrained(req: PretrainedAdaptRequest) -> PretrainedAdaptResult:
         storage_path, storage_fs = ray_storage(req.storage_path or settings.ray_storage())
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=req.num_workers, use_gpu=req.use_gpu),
+            scaling_config=ScalingConfig(num_workers=req.num_workers, use_gpu=req.use_gpu,
+                                         resources_per_worker={"CPU": req.threads_per_worker}),
             run_config=RunConfig(name=f"adapter-pretrained-{run_id[:8]}", storage_path=storage_path,
                                  storage_filesystem=storage_fs, checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=req.max_failures)))

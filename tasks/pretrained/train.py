@@ -169,6 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: load the base, add the adapter, (resume), run ``steps`` optimiser steps."""
     rank, _ = _world()
     torch.manual_seed(config["seed"])  # peft's LoRA A init: the same on every rank
+    torch.set_num_threads(max(1, int(config.get("threads_per_worker") or 1)))  # as tasks.training.worker
     device = ray.train.torch.get_device()
     p = base.load(config["base"], device=device)
     params = lora.inject(p, config["adapter"])
