@@ -37,8 +37,8 @@ def enabled(requested: bool | None = None, stream: Any = None) -> bool:
 
 def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str | None = None,
              unit: str = "it", enabled: bool | None = None, leave: bool = False, **kwargs: Any) -> tqdm:
-    """A tqdm bar (also a context manager and an iterator over ``iterable``), disabled per :func:`enabled`.
-    A disabled bar still counts (``bar.n``) and costs nothing visible."""
+    """A tqdm bar (also a context manager and an iterator over ``iterable``), disabled per :func:`enabled`;
+    a disabled bar is free and prints nothing."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, mininterval=0.5,
                 file=sys.stderr, disable=not _enabled(enabled), **kwargs)
 
