@@ -281,7 +281,7 @@ def test_adapt_pretrained_under_ray_registers_an_adapter_that_changes_the_output
     from condgen.tasks.pretrained.adapt import PretrainedAdaptRequest, adapt_pretrained
 
     res = adapt_pretrained(PretrainedAdaptRequest(
-        base=str(tiny_dir), shards_uri=shapes, steps=4, batch_size=4, lr=1e-2, rank=2, checkpoint_every=2,
+        base=str(tiny_dir), shards_uri=shapes, steps=4, batch_size=4, lr=1e-2, rank=2, checkpoint_every=2, num_workers=2,
         validate_every=4, validation_prompts=["red circle"], validation_seeds=[0], validation_steps=2,
         ema_decay=0.5, register_as="test-tiny-sd-lora", run_name="test-pretrained"))
     assert res.version == "1" and np.isfinite(res.metrics["loss"]) and res.metrics["step"] == 4
@@ -294,7 +294,8 @@ def test_adapt_pretrained_under_ray_registers_an_adapter_that_changes_the_output
                     "adapter/model_card.json"]
     assert any("validation" in a.path for a in client.list_artifacts(res.run_id, "images"))
     run = client.get_run(res.run_id)
-    assert run.data.tags["condgen.kind"] == "adapter" and run.data.params["cache.latents_reused"] in ("True", "False")
+    assert run.data.tags["condgen.kind"] == "adapter" and run.data.params["num_workers"] == "2"
+    assert run.data.params["cache.latents"].endswith("-float32-32px.safetensors")
     with downloaded("models:/test-tiny-sd-lora@latest-adapter", artifact_path="adapter") as (local, _):
         assert (local / "adapter.safetensors").is_file()
     p = base.load(str(tiny_dir))

@@ -119,6 +119,7 @@ def _adapt_pipeline(base: str, target: list[str] | None, source: str, shards: st
                     alpha: float | None, batch_size: int, workers: int, seed: int, register: str | None,
                     **options) -> int:
     """The pretrained-pipeline path: ingest on demand (RGB, the shards' captions), then one fine-tune."""
+    _check_pipeline_options(base, batch_size, workers, options)
     from condgen.flows.retrain import default_shards_uri
     from condgen.tasks.data.ingest import ingest
     from condgen.tasks.pretrained.adapt import PretrainedAdaptRequest, adapt_pretrained, check
@@ -137,6 +138,28 @@ def _adapt_pipeline(base: str, target: list[str] | None, source: str, shards: st
     print(json.dumps({"run_id": res.run_id, "adapter": res.adapter_uri, "loss": res.metrics.get("loss"),
                       "registered": f"models:/{register}@latest-adapter" if register else None}, indent=2))
     return 0
+
+
+def _check_pipeline_options(base: str, batch_size: int, workers: int, options: dict) -> None:
+    """The pipeline path's option and layout errors, before torch or Ray load (a remote base is checked by
+    ``tasks.pretrained.base.fetch`` before its download)."""
+    if options["steps"] < 1 or options["checkpoint_every"] < 1:
+        raise checks.InputError("--steps and --checkpoint-every must be >= 1")
+    if batch_size < workers:
+        raise checks.InputError(f"--batch-size {batch_size} is the global batch: give each of the {workers} "
+                                "workers at least one sample")
+    for name in ("cond_dropout", "ema_decay"):
+        if not 0 <= options[name] < 1:
+            raise checks.InputError(f"--{'ema' if name == 'ema_decay' else 'cond-dropout'} must be in [0, 1), "
+                                    f"got {options[name]}")
+    if base.startswith("s3://"):
+        return
+    folder = Path(unquote(base.removeprefix("file://"))) if base.startswith("file://") else Path(base).expanduser()
+    pickles = sorted(str(f.relative_to(folder)) for f in folder.rglob("*")
+                     if f.suffix.lower() in (".bin", ".ckpt", ".pt", ".pth", ".pkl"))
+    if pickles:
+        raise checks.InputError(f"{base} holds pickled weights ({pickles[0]}); condgen reads safetensors only: "
+                                "convert them with diffusers' save_pretrained(..., safe_serialization=True)")
 
 
 def register(app: typer.Typer) -> None:
