@@ -34,6 +34,7 @@ from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io import settings, storage, tracking
 from condgen.tasks.io.cluster import ensure_ray
 from condgen.tasks.io.model_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model_uri, register
+from condgen.tasks.io.shards import read_manifest
 from condgen.tasks.training import batching
 from condgen.tasks.training.adapters import prepare, served_parameters, trained_adapter_parameters
 from condgen.tasks.training.data_config import fit_to_data
@@ -131,6 +132,8 @@ def train(req: TrainRequest) -> TrainResult:
         mlflow.log_dict({"model": req.model, "config": _config_dict(model)}, "model_config.json")
         mlflow.set_tags({"condgen.model": req.model, "condgen.shards": req.shards_uri,
                          "condgen.condition": getattr(model.config, "condition", "label")})
+        # the shard set as the run's dataset input: lineage (source, digest of the manifest) in the UI
+        tracking.log_shard_input(run.info.run_id, req.shards_uri, read_manifest(req.shards_uri))
         if adapter_cfg:
             mlflow.set_tags({"condgen.kind": "adapter", "condgen.adapter_base": adapter_cfg["base"]})
             tracking.log_params({"adapter.targets": ",".join(adapter_cfg["targets"]),

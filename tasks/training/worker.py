@@ -414,6 +414,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
                 grid_every = config.get("grid_every", 1)
                 if grid_every and (epoch + 1) % grid_every == 0 and (image := sample_grid(model, cond)) is not None:
-                    logger.log_image(image, f"grids/epoch_{epoch:03d}.png")
+                    logger.log_image_series(image, key="samples", step=epoch)  # MLflow's slider by epoch
         _checkpoint(metrics, {"epoch": epoch, "batches": count, "step": step, "complete": True, "sums": {}},
                     model, optimizers, config, device)
