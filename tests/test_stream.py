@@ -273,6 +273,23 @@ def test_the_fast_tar_reader_reads_what_tarfile_reads(tmp_path, fmt):
         list(shards.tar_members(io.BytesIO(f.read()[:1500])))
 
 
+def test_a_member_size_over_the_cap_is_refused_on_its_header_before_reading():
+    info = tarfile.TarInfo("k0.png")
+    info.size = shards.MAX_MEMBER_BYTES + 1
+    header = info.tobuf(tarfile.USTAR_FORMAT)  # a header that promises 256 MiB + 1, and no body
+
+    class Reads(io.BytesIO):
+        asked = 0
+
+        def read(self, n=-1):
+            Reads.asked = max(Reads.asked, n)
+            return super().read(n)
+
+    with pytest.raises(ValueError, match="cap"):
+        list(shards.tar_members(Reads(header), chunk=4096))
+    assert Reads.asked <= 4096  # never asked the stream for the promised bytes
+
+
 def test_a_rank_opens_only_the_shards_its_span_overlaps(shard_set, monkeypatch):
     opened: list[str] = []
     real = shards.iter_samples

@@ -92,6 +92,9 @@ _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator ski
 _REGULAR = (b"0", b"\0", b"7")
 
 
+MAX_MEMBER_BYTES = 256 << 20  # no shard member is this large: a corrupt or hostile size field is refused
+
+
 def tar_members(f: IO[bytes], chunk: int = 1 << 20) -> Iterator[dict[str, Any]]:
     """``{"fname", "data"}`` of each regular file of a tar stream (USTAR, GNU long names, pax ``path``
     records), read in ``chunk``-sized blocks: the part of ``tarfile`` a shard reader needs."""
@@ -114,6 +117,9 @@ def tar_members(f: IO[bytes], chunk: int = 1 << 20) -> Iterator[dict[str, Any]]:
         if header[124] & 0x80:
             raise ValueError("a tar member over 8 GiB (base-256 size) is not a shard member")
         size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
+        if size > MAX_MEMBER_BYTES:  # checked on the header, before the bytes are read
+            raise ValueError(f"a tar member of {size} bytes is over the shard reader's {MAX_MEMBER_BYTES}-byte cap "
+                             "(ingestion writes members of at most 32 MiB): not a condgen shard")
         data = take(size)
         if len(data) < size:
             raise ValueError(f"truncated tar: a member of {size} bytes ends after {len(data)}")
