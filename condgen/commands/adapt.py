@@ -143,6 +143,11 @@ def _adapt_pipeline(base: str, target: list[str] | None, source: str, shards: st
 def _check_pipeline_options(base: str, batch_size: int, workers: int, options: dict) -> None:
     """The pipeline path's option and layout errors, before torch or Ray load (a remote base is checked by
     ``tasks.pretrained.base.fetch`` before its download)."""
+    import importlib.util
+
+    missing = [m for m in ("diffusers", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise checks.InputError(f"a pipeline base needs {', '.join(missing)}: pip install 'condgen[pretrained]'")
     if options["steps"] < 1 or options["checkpoint_every"] < 1:
         raise checks.InputError("--steps and --checkpoint-every must be >= 1")
     if batch_size < workers:
