@@ -40,6 +40,16 @@ class TrainSpec(BaseModel):
     registered_name: str | None = Field(None, description="MLflow registry name; default condgen-<name>")
     source_b: str | None = Field(None, description="second, unpaired domain (CycleGAN), e.g. bundled:uci_digits")
     grid_every: int = Field(1, ge=0, le=10_000, description="log a sample grid every N epochs (0: never)")
+    data_mode: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="'memory': decode the split into each worker; 'stream': read shards through a shuffle "
+        "buffer (memory bounded by buffers); 'auto': stream when the decoded split is large")
+    stream_buffer: int | None = Field(None, ge=1, le=10_000_000, description="shuffle-buffer samples (stream)")
+    loader_threads: int | None = Field(None, ge=1, le=64, description="decode threads per worker (stream)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="'bf16': autocast; weights stay fp32")
+    grad_accumulation: int = Field(1, ge=1, le=1024, description="micro-batches per worker per optimiser step "
+                                   "(models with one optimiser)")
+    checkpoint_every_steps: int = Field(0, ge=0, le=10_000_000, description="also checkpoint every N optimiser "
+                                        "steps (exact mid-epoch resume); 0: at the end of each epoch only")
 
 
 class GateParams(BaseModel):

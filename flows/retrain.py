@@ -227,7 +227,10 @@ def _train(spec: TrainSpec, params: RetrainParams, shards_uri: str, emb: dict[st
                        embeddings=embeddings, latents=latents, epochs=spec.epochs, batch_size=spec.batch_size,
                        num_workers=params.num_workers, seed=params.seed, experiment=params.experiment,
                        grid_every=spec.grid_every, lr_scaling=spec.lr_scaling,
-                       lr_reference_batch=spec.lr_reference_batch, lr_warmup_steps=spec.lr_warmup_steps)
+                       lr_reference_batch=spec.lr_reference_batch, lr_warmup_steps=spec.lr_warmup_steps,
+                       data_mode=spec.data_mode, stream_buffer=spec.stream_buffer, loader_threads=spec.loader_threads,
+                       precision=spec.precision, grad_accumulation=spec.grad_accumulation,
+                       checkpoint_every_steps=spec.checkpoint_every_steps)
     trained = train_task(req)
     # The config as trained (channels, size and classes fitted to the data), so a later "@name"
     # reference gets the architecture that was really built.

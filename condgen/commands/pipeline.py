@@ -13,6 +13,10 @@ import typer
 
 from condgen.commands import checks
 
+DataMode = Literal["auto", "memory", "stream"]
+Precision = Literal["fp32", "bf16"]
+LrScaling = Literal["none", "linear", "sqrt"]
+
 # The global batch (split over the workers): 128 = the 64 per worker x 2 workers the demo always used.
 DEMO_MODELS = [{"name": "cvae", "epochs": 20, "batch_size": 128, "config": {"channels": [32, 64], "latent_dim": 4}}]
 
@@ -148,8 +152,20 @@ def train(
     source_b: Annotated[str | None, typer.Option(
         help="second, unpaired domain for cyclegan (e.g. bundled:uci_digits)")] = None,
     evaluate: Annotated[bool, typer.Option("--evaluate", help="score the result with the judge")] = False,
+    data_mode: Annotated[DataMode, typer.Option(help="memory: decode the split into each worker; stream: read "
+                                                "shards through a shuffle buffer; auto: stream large sets")] = "auto",
+    precision: Annotated[Precision, typer.Option(help="bf16: autocast (weights stay fp32)")] = "fp32",
+    grad_accumulation: Annotated[int, typer.Option(min=1, help="micro-batches per worker per optimiser step")] = 1,
+    checkpoint_every_steps: Annotated[int, typer.Option(min=0, help="also checkpoint every N steps (exact "
+                                                        "mid-epoch resume); 0: each epoch")] = 0,
+    lr_scaling: Annotated[LrScaling, typer.Option(help="none: the config's lr is for --batch-size; linear/sqrt: "
+                                                  "scale it by batch / --lr-reference-batch")] = "none",
+    lr_reference_batch: Annotated[int | None, typer.Option(min=1, help="the global batch the lr was tuned "
+                                                           "for")] = None,
+    lr_warmup_steps: Annotated[int, typer.Option(min=0, help="steps to ramp up to the scaled lr")] = 0,
 ) -> int:
-    """Train one model with Ray Train (one MLflow run)."""
+    """Train one model with Ray Train (one MLflow run). --batch-size is the GLOBAL batch: --workers only
+    splits it."""
     if shards:
         checks.shards(shards)
     if source_b:
@@ -169,7 +185,10 @@ def train(
         shards_b = default_shards_uri(source_b)
         ingest_source(source_b, shards_b)
     res = train_model(TrainRequest(model=model, shards_uri=shards, model_config=config, epochs=epochs,
-                                   batch_size=batch_size, num_workers=workers, seed=seed, shards_b_uri=shards_b))
+                                   batch_size=batch_size, num_workers=workers, seed=seed, shards_b_uri=shards_b,
+                                   data_mode=data_mode, precision=precision, grad_accumulation=grad_accumulation,
+                                   checkpoint_every_steps=checkpoint_every_steps, lr_scaling=lr_scaling,
+                                   lr_reference_batch=lr_reference_batch, lr_warmup_steps=lr_warmup_steps))
     print(json.dumps({"run_id": res.run_id, "checkpoint": res.checkpoint_uri}, indent=2))
     if evaluate:
         print(json.dumps(evaluate_run(res.run_id, res.checkpoint_uri, shards), indent=2))

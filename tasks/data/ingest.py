@@ -78,6 +78,7 @@ from condgen.tasks.data.items import (
 from condgen.tasks.data.sources import open_source
 from condgen.tasks.data.survey import Plan, describe, make_plan, numeric_attributes
 from condgen.tasks.io import settings, storage
+from condgen.tasks.io.progress import progress
 from condgen.tasks.io.shards import MANIFEST, encode_png, tar_bytes
 
 SCHEMA_VERSION = 2
@@ -285,7 +286,7 @@ def _write_shards(src: Source, out_uri: str, config: dict[str, Any], plan: Plan
     batch: list[tuple[str, dict[str, bytes]]] = []
     in_shard: list[tuple[str, bool]] = []  # (split, labelled) of each sample of the batch
     accepted = 0
-    for index, item in _numbered_items(src, config):
+    for index, item in progress(_numbered_items(src, config), desc=f"ingest {src.tag}", unit="file"):
         if config["limit"] is not None and accepted >= config["limit"]:
             break
         notes: list[str] = []

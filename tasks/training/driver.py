@@ -23,7 +23,7 @@ import pyarrow.fs
 import ray
 import torch
 from mlflow.tracking import MlflowClient
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import save as st_save
 
@@ -31,7 +31,7 @@ from condgen.models.base import config_to_dict, flatten_params, json_normalised
 from condgen.models.registry import build_model
 from condgen.tasks.data.splits import dataset_info
 from condgen.tasks.io import checkpoint as ckpt_io
-from condgen.tasks.io import settings, storage, tracking
+from condgen.tasks.io import cluster, settings, storage, tracking
 from condgen.tasks.io.cluster import ensure_ray
 from condgen.tasks.io.model_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model_uri, register
 from condgen.tasks.io.shards import read_manifest
@@ -39,6 +39,7 @@ from condgen.tasks.training import batching
 from condgen.tasks.training.adapters import prepare, served_parameters, trained_adapter_parameters
 from condgen.tasks.training.data_config import fit_to_data
 from condgen.tasks.training.loader import MODES
+from condgen.tasks.training.watch import progress_lines
 from condgen.tasks.training.worker import PRECISIONS, check_options, group_lrs, train_loop_per_worker
 
 
@@ -161,9 +162,13 @@ def train(req: TrainRequest) -> TrainResult:
             run_config=RunConfig(name=f"{req.model}-{run.info.run_id[:8]}", storage_path=storage_path,
                                  storage_filesystem=storage_fs,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 failure_config=FailureConfig(max_failures=req.max_failures)),
+                                 failure_config=FailureConfig(max_failures=req.max_failures),
+                                 # Ray Train's INFO lines ("Checkpoint successfully created") stay out of view;
+                                 # the worker prints its own progress (CONDGEN_RAY_VERBOSE=1 shows them)
+                                 logging_config=LoggingConfig(log_level="INFO" if cluster.verbose() else "WARNING")),
         )
-        result = trainer.fit()
+        with progress_lines(run.info.run_id, req.epochs):  # one line per epoch on this terminal
+            result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training {req.model} produced no checkpoint: {result.error}")
         if adapter_cfg:  # the product is the adapter, never a copy of the base
