@@ -107,6 +107,7 @@ def test_a_colour_set_trains_and_evaluates_without_repeating_its_shape(shapes_sh
     weak = metrics["eval/judge_test_accuracy"] < 0.6  # 1 judge epoch on 18 classes may well be weak
     assert ("condgen.judge_warning" in run.data.tags) == weak
     client = mlflow.MlflowClient()
+    assert "eval/per_class.json" in [f.path for f in client.list_artifacts(res.run_id, "eval")]  # one table
     # the per-epoch sample grids are one MLflow image series ("samples", by step)
     series = [f.path for f in client.list_artifacts(res.run_id, "images") if f.path.endswith(".png")]
     assert any("samples+step+0+" in p for p in series), series

@@ -336,9 +336,10 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
     )
 
 
-def log_eval(run_id: str, result: EvalResult, judge: Judge) -> None:
+def log_eval(run_id: str, result: EvalResult, judge: Judge, class_names: list[str] | None = None) -> None:
     """Attach an evaluation to a training run: metrics (eval/fid, eval/kid, eval/kid_std, ...), the per-class
-    table and notes, the class grid PNG (RGB for colour data); a weak judge's warning as a run tag."""
+    accuracies as one table (``tracking.log_per_class_table``) and notes, the class grid PNG (RGB for colour
+    data); a weak judge's warning as a run tag."""
     client = MlflowClient()
     for name, value in result.metrics().items():
         client.log_metric(run_id, name, value)
@@ -352,6 +353,7 @@ def log_eval(run_id: str, result: EvalResult, judge: Judge) -> None:
                              "n_samples": result.n_samples,
                              **{name: getattr(result, name) for name in EvalResult.EXTRA}}, "eval/summary.json")
     client.log_image(run_id, result.grid, "eval/class_grid.png")
+    tracking.log_per_class_table(run_id, list(result.per_class_accuracy), class_names)
 
 
 def load_test(shards_uri: str, embeddings: str | None = None) -> dict[str, Any]:
@@ -375,7 +377,7 @@ def evaluate_run(run_id: str, checkpoint_uri: str, shards_uri: str, *, embedding
         clip = load_clip(clip, data_uri=shards_uri)
     result = evaluate_model(model, judge, load_test(shards_uri, embeddings), n_per_class=n_per_class, clip=clip,
                             class_names=dataset_info(shards_uri)["class_names"] if clip is not None else None)
-    log_eval(run_id, result, judge)
+    log_eval(run_id, result, judge, dataset_info(shards_uri)["class_names"])
     return {**result.metrics(), "eval/judge_test_accuracy": judge.test_accuracy}
 
 
