@@ -52,6 +52,30 @@ class ServeConfig(BaseModel):
                                         "folder); /v1/map uses the one fitted on the loaded models' weights")
 
 
+class PretrainedServeConfig(BaseModel):
+    """One replica serving a user's pretrained pipeline with many LoRA adapters (``serving/pretrained_app.py``):
+    the base is loaded once, adapters lazily into an LRU of ``max_adapters`` (Ray Serve model multiplexing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(..., description="a diffusers-layout pipeline folder or s3:// prefix (safetensors only)")
+    adapters: dict[str, str] = Field(default_factory=dict,
+                                     description="adapter name -> storage folder or models:/NAME@alias; requests "
+                                                 "may also name any registered models:/ adapter")
+    max_adapters: int = Field(4, ge=1, le=256, description="adapters kept per replica (LRU)")
+    device: str = Field("cpu", description="torch device of the replica: cpu, cuda, cuda:0, ...")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    tracking_uri: str | None = None
+    batching: bool = True
+    max_batch: int = Field(16, ge=1, le=1024, description="images per forward pass")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000)
+    max_queue: int = Field(256, ge=1, description="queued images before 503")
+    request_timeout_s: float = Field(120.0, gt=0)
+    torch_threads: int = Field(1, ge=1, le=256)
+    api_key_sha256: str | None = Field(None, description="sha256 of the API key (never the key itself)")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+
 class Autoscaling(BaseModel):
     """Ray Serve's ``autoscaling_config``: replicas between ``min_replicas`` and ``max_replicas``, added when
     a replica holds more than ``target_ongoing_requests``. Ray's other keys (``upscale_delay_s``, ...) pass
@@ -130,7 +154,8 @@ def config_error(exc: ValidationError, where: str) -> str:
     loc = [str(p) for p in first["loc"]]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     if first["type"] == "extra_forbidden":
-        model = ServeConfig if exc.title == "ServeConfig" else Deployment if exc.title == "Deployment" else ModelSpec
+        model = {"ServeConfig": ServeConfig, "Deployment": Deployment,
+                 "PretrainedServeConfig": PretrainedServeConfig}.get(exc.title, ModelSpec)
         if exc.title == "ServeConfig" and loc[0] == "models" and len(loc) > 2:
             model = ModelSpec
         return f"{where}: unknown key {'.'.join(loc)!r}; valid keys: {', '.join(model.model_fields)}{more}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from condgen.tasks.io import settings, storage
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
 PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+LOADS: Counter[str] = Counter()  # base.load calls per URI in this process (a serving replica reports it)
 
 
 class LayoutError(ValueError):
@@ -131,6 +133,7 @@ def load(uri: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = t
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = fetch(uri, cache_dir)
+    LOADS[uri] += 1
     kw = {"use_safetensors": True, "torch_dtype": dtype}
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
     vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)

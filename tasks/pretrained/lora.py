@@ -104,19 +104,40 @@ def read(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, cfg
 
 
-def apply_adapter(p: Pretrained, uri: str, name: str = "default", *, check_base: bool = True) -> dict[str, Any]:
-    """Add the adapter at ``uri`` to the loaded base under ``name`` and make it the active one; the base
-    weights are never changed, so ``activate(p, None)`` gives the base back. Returns its settings."""
-    tensors, cfg = read(uri)
-    if check_base and cfg.get("base_fingerprint") not in (None, p.fingerprint):
+def require_base(p: Pretrained, cfg: dict[str, Any], uri: str) -> None:
+    """ValueError when the adapter's ``base_fingerprint`` names another base than ``p``."""
+    if cfg.get("base_fingerprint") not in (None, p.fingerprint):
         raise ValueError(f"{uri} was trained on base {cfg['base_fingerprint']}, this base is {p.fingerprint}: "
                          "load the base it names in adapter.json")
+
+
+def install(p: Pretrained, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], name: str) -> None:
+    """Add already-read adapter tensors to the loaded base under ``name`` (no I/O, the base weights untouched)
+    and make it the active adapter; every LoRA weight stays frozen."""
     inject(p, cfg, name)
     load_state_dict(p, cfg, tensors, name)
     activate(p, name)
     for part in PARTS:
         getattr(p, part).requires_grad_(False)  # peft's set_adapter marks the active adapter trainable
+
+
+def apply_adapter(p: Pretrained, uri: str, name: str = "default", *, check_base: bool = True) -> dict[str, Any]:
+    """Add the adapter at ``uri`` to the loaded base under ``name`` and make it the active one; the base
+    weights are never changed, so ``activate(p, None)`` gives the base back. Returns its settings."""
+    tensors, cfg = read(uri)
+    if check_base:
+        require_base(p, cfg, uri)
+    install(p, tensors, cfg, name)
     return cfg
+
+
+def remove(p: Pretrained, name: str) -> None:
+    """Delete adapter ``name``'s LoRA tensors from every layer of the base (an evicted adapter frees its
+    memory); the remaining adapters and the base are untouched. Call ``activate`` before the next use."""
+    for part in PARTS:
+        for module in getattr(p, part).modules():
+            if isinstance(module, BaseTunerLayer) and name in module.lora_A:
+                module.delete_adapter(name)
 
 
 def activate(p: Pretrained, name: str | None) -> None:
