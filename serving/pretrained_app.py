@@ -51,12 +51,12 @@ api = FastAPI(title="condgen pretrained", version="1.0.0", docs_url=None, redoc_
 add_offline_docs(api)
 
 
-def bind_service(service: PretrainedService, loaded=None) -> FastAPI:
-    """Make ``api`` serve ``service``; ``loaded()`` lists the adapters the replica holds (the multiplexer's)."""
+def bind_service(service: PretrainedService) -> FastAPI:
+    """Make ``api`` serve ``service`` (the deployment does this in its constructor)."""
     old = _STATE.get("service")
     if old is not None and old is not service:
         old.close()
-    _STATE.update(service=service, loaded=loaded)
+    _STATE.update(service=service)
     return api
 
 
@@ -132,8 +132,7 @@ async def edit_v1(req: ps.PretrainedEdit, request: Request) -> dict[str, Any]:
 
 @api.get("/v1/models", response_model=ps.PretrainedModels)
 async def models_v1() -> dict[str, Any]:
-    loaded = _STATE.get("loaded")
-    return _service().models(loaded() if loaded else None)
+    return _service().models()
 
 
 @api.get("/health")
@@ -163,11 +162,12 @@ class PretrainedDeployment:
         self.load = serve.multiplexed(max_num_models_per_replica=service.config.max_adapters)(load_adapter_by_id)
         service.loader = self.load
 
-        def loaded() -> list[str]:
+        def loaded() -> list[str]:  # Ray keeps its LRU on the function it wrapped
             wrapper = getattr(load_adapter_by_id, "__serve_multiplex_wrapper", None)
             return list(wrapper.models) if wrapper is not None else []
 
-        this.bind_service(service, loaded)
+        service.loaded = loaded
+        this.bind_service(service)
 
 
 def make_config(base: str, adapters: dict[str, str] | None = None, **options: Any) -> PretrainedServeConfig:

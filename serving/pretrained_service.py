@@ -17,6 +17,7 @@ No Ray and no FastAPI here (``serving/pretrained_app.py`` wraps it), so it is te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import os
@@ -70,10 +71,8 @@ class AdapterEntry:
             callback(self.key)
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter exit the compute thread may be gone
             self.evict()
-        except Exception:  # noqa: BLE001 - at interpreter exit the compute thread may be gone
-            pass
 
 
 def peft_name(uri: str) -> str:
@@ -97,6 +96,8 @@ class PretrainedService:
         self.adapter_loads: Counter[str] = Counter()
         self._lru: OrderedDict[str, AdapterEntry] = OrderedDict()
         self.loader: Callable[[str], Awaitable[AdapterEntry]] = self._lru_load  # the deployment: multiplexed
+        self.loaded: Callable[[], list[str]] = lambda: list(self._lru)  # the deployment: the multiplexer's
+        self._read_ahead: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any], str | None]] = {}
         self.batcher = Batcher(self._run_group, enabled=config.batching, max_batch=config.max_batch,
                                wait_s=config.batch_wait_ms / 1000, max_queue=config.max_queue,
                                threads=config.torch_threads)
@@ -116,8 +117,19 @@ class PretrainedService:
                             "or a registered one as models:/NAME@ALIAS")
 
     async def adapter(self, name: str | None) -> AdapterEntry | None:
-        """The entry of adapter ``name`` (None: the bare base), loaded on first use into the LRU."""
-        return None if name is None else await self.loader(name)
+        """The entry of adapter ``name`` (None: the bare base), loaded on first use into the LRU.
+
+        An adapter not in the LRU is read and checked first, outside it: Ray's multiplexer evicts its
+        least recently used entry before it calls the loader, so a request naming an unknown adapter must
+        fail (4xx) before it reaches the multiplexer, never at the cost of a good adapter."""
+        if name is None:
+            return None
+        if name not in self.loaded():
+            self._read_ahead[name] = await self._read_async(name)
+        try:
+            return await self.loader(name)
+        finally:
+            self._read_ahead.pop(name, None)  # unused when a concurrent request loaded it first
 
     async def _lru_load(self, name: str) -> AdapterEntry:
         if name in self._lru:
@@ -132,12 +144,16 @@ class PretrainedService:
     async def load_adapter(self, name: str) -> AdapterEntry:
         """Read adapter ``name`` (I/O thread), check it, add it to the base (compute thread)."""
         uri = self.adapter_uri(name)
+        tensors, cfg, version = self._read_ahead.pop(name, None) or await self._read_async(name)
         loop = asyncio.get_running_loop()
-        tensors, cfg, version = await loop.run_in_executor(None, self._read, name, uri)
         entry = AdapterEntry(name, peft_name(uri), uri, version, cfg, tensors, self._schedule_removal)
         await loop.run_in_executor(self.batcher.executor, self._use, entry)
         self.adapter_loads[name] += 1
         return entry
+
+    async def _read_async(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
+        uri = self.adapter_uri(name)
+        return await asyncio.get_running_loop().run_in_executor(None, self._read, name, uri)
 
     def _read(self, name: str, uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
         try:
@@ -229,9 +245,9 @@ class PretrainedService:
                 "image": b64_png(x)[0], "parameters": params,
                 "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
-    def models(self, loaded: list[str] | None = None) -> dict[str, Any]:
-        """The base, the configured adapters and this replica's LRU (``loaded``: the multiplexer's, if any)."""
+    def models(self) -> dict[str, Any]:
+        """The base, the configured adapters and this replica's LRU (least recently used first)."""
         return {"base": {"uri": redact_uri(self.config.base), "fingerprint": self.p.fingerprint,
                          "image_size": self.size, "loads": base.LOADS[self.config.base] - self._loads_before},
-                "adapters": sorted(self.config.adapters), "loaded": loaded if loaded is not None else list(self._lru),
+                "adapters": sorted(self.config.adapters), "loaded": self.loaded(),
                 "adapter_loads": dict(self.adapter_loads), "max_adapters": self.config.max_adapters}

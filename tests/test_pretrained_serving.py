@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import time
+import json
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +93,7 @@ def test_one_base_many_adapters_in_process(tiny_dir, tmp_path):
         assert r.status_code == 404, r.text
         r = c.post("/v1/generate", json={**GEN, "adapter": "foreign"})
         assert r.status_code == 422 and "trained on base" in r.json()["detail"][0]["msg"]
+        assert c.get("/v1/models").json()["loaded"] == ["a"]  # refused adapters evicted nothing
         r = c.post("/v1/generate", json={**GEN, "adapter": "a"}, headers={"serve_multiplexed_model_id": "b"})
         assert r.status_code == 422
         ddim8, dpm8 = (c.post("/v1/generate", json={**GEN, "adapter": "b", "steps": 8, "sampler": s}).json()
@@ -130,3 +134,83 @@ def test_remove_takes_an_adapter_off_the_base(tiny_dir, tmp_path):
     lora.activate(p, None)
     assert torch.allclose(_eps(p), e0, atol=1e-6)
     assert not any("lora_A.a" in n for n, _ in p.unet.named_parameters())
+
+
+def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json",
+                                                                  **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_adapt_register_promote_and_serve_two_adapters_on_one_base(tiny_dir, tmp_path, local_ray):
+    from ray import serve
+
+    from condgen.serving.pretrained_app import make_config, run
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.io.model_store import alias_version
+    from condgen.tasks.pretrained.adapt import PretrainedAdaptRequest, adapt_pretrained
+    from condgen.tasks.pretrained.gate import promote_adapter
+    from tests.conftest import free_port, wait_http
+
+    shards = str(tmp_path / "shapes")
+    ingest("bundled:shapes", shards, limit=32, image_size=16, shard_size=40)
+    name = "tiny-sd-styles"
+    common = {"base": str(tiny_dir), "shards_uri": shards, "batch_size": 4, "rank": 2, "num_workers": 1,
+              "checkpoint_every": 100, "register_as": name}
+    a = adapt_pretrained(PretrainedAdaptRequest(**common, steps=6, lr=2e-2, seed=0, run_name="style-a"))
+    b = adapt_pretrained(PretrainedAdaptRequest(**common, steps=1, lr=1e-5, seed=1, run_name="style-b"))
+    assert (a.version, b.version) == ("1", "2")
+    first = promote_adapter(name, "1", shards, split="val")
+    print("promotion 1:", first.reason)
+    assert first.promoted and first.champion_accuracy is None and first.candidate_accuracy > 0
+    second = promote_adapter(name, "2", shards, split="val")
+    print("promotion 2:", second.reason)
+    # 1 step at lr 1e-5 barely moves off the base: its score stays below the champion's, re-scored now
+    assert not second.promoted and second.champion_accuracy == pytest.approx(first.candidate_accuracy, rel=1e-6)
+    assert str(alias_version(name, "champion")) == "1"
+
+    serve.shutdown()
+    port = free_port()
+    run(make_config(str(tiny_dir), {"styles-b": f"models:/{name}/2"}, max_adapters=2, batch_wait_ms=50), port=port,
+        blocking=False, name="test-pretrained")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=180)
+        champion = {**GEN, "adapter": f"models:/{name}@champion"}
+        results: list = [None] * 4
+
+        def client(i: int) -> None:  # two concurrent clients per adapter: each pair may share a forward pass
+            body = champion if i % 2 == 0 else {**GEN, "adapter": "styles-b"}
+            results[i] = _post(f"{url}/v1/generate", {**body, "seed": 1 + i // 2})
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(s == 200 for s, _ in results), results
+        assert results[0][1]["adapter"]["version"] == "1" and results[1][1]["adapter"]["name"] == "styles-b"
+        img_a, img_b = _png(results[0][1]["images"][0]), _png(results[1][1]["images"][0])
+        assert np.abs(img_a - img_b).max() > 0  # two adapters, one seed: two images
+        status, by_header = _post(f"{url}/v1/generate", GEN, {"serve_multiplexed_model_id": "styles-b"})
+        assert status == 200 and np.array_equal(_png(by_header["images"][0]), img_b)
+        status, edited = _post(f"{url}/v1/edit", {"image": _image_b64(), "prompt": "blue square",
+                                                  "adapter": "styles-b", "method": "ddim_inversion", "steps": 3})
+        assert status == 200 and _png(edited["image"]).shape == (16, 16, 3)
+        status, body = _post(f"{url}/v1/generate", {**GEN, "adapter": f"models:/{name}@no-such-alias"})
+        assert status == 404 and "no-such-alias" in json.dumps(body), body
+        status, body = _post(f"{url}/v1/generate", {**GEN, "adapter": "nope"})
+        assert status == 404 and "unknown adapter" in body["detail"]
+        with urllib.request.urlopen(f"{url}/v1/models") as r:
+            models = json.loads(r.read())
+        assert models["base"]["loads"] == 1  # switching adapters never reloaded the base
+        assert sorted(models["loaded"]) == sorted([f"models:/{name}@champion", "styles-b"])
+        assert models["adapter_loads"] == {f"models:/{name}@champion": 1, "styles-b": 1}
+    finally:
+        serve.delete("test-pretrained")
+        serve.shutdown()

@@ -109,4 +109,4 @@ def promote_adapter(name: str, version: str, shards_uri: str, *, p: base.Pretrai
             client.log_metric(run_id, key, value)
     client.set_tag(run_id, "condgen.promoted", str(ok).lower())
     client.set_tag(run_id, "condgen.promotion_reason", reason)
-    return Promotion(name, str(version), ok, reason, cand["score"], champ, prev)
+    return Promotion(name, str(version), ok, reason, cand["score"], champ, None if prev is None else str(prev))
