@@ -214,3 +214,17 @@ def test_adapt_register_promote_and_serve_two_adapters_on_one_base(tiny_dir, tmp
     finally:
         serve.delete("test-pretrained")
         serve.shutdown()
+
+
+def test_condgen_serve_pretrained_checks_inputs_before_ray(tiny_dir, tmp_path, capsys):
+    from condgen.cli import main
+
+    cases = [(["--pretrained-base", str(tmp_path)], "has no model_index.json"),
+             (["--pretrained-base", str(tiny_dir), "--adapter", str(tmp_path)], "give NAME=URI"),
+             (["--pretrained-base", str(tiny_dir), "--adapter", f"x={tmp_path}"], "no LoRA adapter"),
+             (["--pretrained-base", str(tiny_dir), "--model", "models:/m@champion"], "drop --model"),
+             (["--adapter", "a=b"], "go with --pretrained-base")]
+    for args, message in cases:
+        assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

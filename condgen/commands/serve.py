@@ -1,4 +1,5 @@
-"""``condgen serve``: the Ray Serve app for registered models.
+"""``condgen serve``: the Ray Serve app for registered models, or (``--pretrained-base PATH``, ``--adapter
+NAME=URI`` repeated) for a pretrained pipeline with many LoRA adapters on one base (``serving/pretrained_app.py``).
 
 ``--config`` takes a JSON file of ``ServeConfig`` fields, or a Ray Serve config file (``.yaml``/``.yml``,
 ``infra/ray/serve_config.yaml``: the one ``serve run`` and ``serve deploy`` take), whose application
@@ -100,9 +101,36 @@ def serve(
     poll_s: Annotated[float | None, typer.Option(help="registry alias poll period (default 30; 0 = off)")] = None,
     timeout_s: Annotated[float | None, typer.Option(help="per-request timeout (default 60)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads per replica (default 1)")] = None,
+    pretrained_base: Annotated[str | None, typer.Option(
+        help="serve a diffusers-layout pipeline (folder or s3:// prefix) with LoRA adapters instead of registered "
+             "models: /v1/generate and /v1/edit name an adapter per request")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        help="with --pretrained-base: an adapter NAME=URI (storage folder or models:/NAME@ALIAS; a bare "
+             "models:/ URI is its own name; repeatable). Requests may also name any registered adapter")] = None,
+    max_adapters: Annotated[int | None, typer.Option(
+        help="with --pretrained-base: adapters kept per replica, least recently used evicted (default 4)",
+        min=1)] = None,
+    device: Annotated[str | None, typer.Option(help="with --pretrained-base: torch device (default cpu)")] = None,
 ) -> int:
-    """Ray Serve app for registered models (/v1 API, docs at /docs, web page at /). Ray's dashboard only with
-    CONDGEN_RAY_DASHBOARD=1, as for every step."""
+    """Ray Serve app for registered models (/v1 API, docs at /docs, web page at /), or with --pretrained-base a
+    pretrained pipeline with many LoRA adapters on one base. Ray's dashboard only with CONDGEN_RAY_DASHBOARD=1,
+    as for every step."""
+    if pretrained_base is not None:
+        if model or config or clip or judge or map_:
+            raise checks.InputError("--pretrained-base serves a pipeline and its adapters: drop --model, --config, "
+                                    "--clip, --judge and --map")
+        deployment = deployment_inputs(None, {
+            "num_replicas": replicas, "min_replicas": min_replicas, "max_replicas": max_replicas,
+            "target_ongoing_requests": target_ongoing_requests})
+        options = {k: v for k, v in (("max_batch", max_batch), ("request_timeout_s", timeout_s),
+                                     ("torch_threads", threads), ("max_adapters", max_adapters),
+                                     ("device", device)) if v is not None}
+        if no_batching:
+            options["batching"] = False
+        return serve_pretrained(pretrained_base, adapter or [], options, host or DEFAULT_HOST,
+                                port or DEFAULT_PORT, deployment)
+    if adapter or max_adapters or device:
+        raise checks.InputError("--adapter, --max-adapters and --device go with --pretrained-base PATH")
     raw, found = read_config(config) if config else ({}, None)
     models = model or raw.pop("models", None) or ([raw.pop("model_uri")] if raw.get("model_uri") else None) \
         or [DEFAULT_MODEL]
@@ -129,6 +157,42 @@ def serve(
 
     run(host=host, port=port, blocking=True, config=make_config(models, **raw), deployment=deployment,
         name=app_name, route_prefix=route)
+    return 0
+
+
+def adapter_inputs(values: list[str]) -> dict[str, str]:
+    """``NAME=URI`` (or a bare ``models:/`` URI, its own name) per ``--adapter``, each checked."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, uri = value.partition("=")
+        if not sep:
+            if not value.startswith("models:/"):
+                raise checks.InputError(f"--adapter {value!r}: give NAME=URI (a storage folder needs a name)")
+            name, uri = value, value
+        if not name or name in out:
+            raise checks.InputError(f"--adapter {value!r}: every adapter needs a name of its own")
+        out[name] = checks.adapter(uri)
+    return out
+
+
+def serve_pretrained(base: str, adapters: list[str], options: dict[str, Any], host: str, port: int,
+                     deployment: Any) -> int:
+    """``condgen serve --pretrained-base``: inputs checked before Ray starts, then the multi-adapter app."""
+    if "://" not in base or base.startswith("file://"):
+        from pathlib import Path
+
+        folder = Path(base.removeprefix("file://")).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise checks.InputError(f"--pretrained-base {base!r} has no model_index.json: point it at a diffusers "
+                                    "pipeline folder (docs/pretrained.md)")
+    named = adapter_inputs(adapters)
+    from condgen.serving.pretrained_app import make_config, run
+
+    try:
+        config = make_config(base, named, **options)
+    except ValueError as exc:
+        raise checks.InputError(str(exc)) from None
+    run(config, host=host, port=port, blocking=True, deployment=deployment)
     return 0
 
 
