@@ -24,6 +24,9 @@ When ``CONDGEN_API_KEY`` is set, ``/v1/*`` and ``/generate`` need it in ``X-API-
 read (``serving/guard.py``). Only its sha256 travels to the replicas; Ray's processes start
 without it and without credentials (``serving/launch.py``).
 
+A user's pretrained diffusers pipeline with many LoRA adapters on one base is another app:
+``serving/pretrained_app.py`` (``condgen serve --pretrained-base PATH``).
+
 Deploying: ``condgen serve`` (flags or ``--config infra/ray/serve_config.yaml``), ``serve run`` /
 ``serve deploy infra/ray/serve_config.yaml`` (the builder ``condgen.serving.builder:app``), or a KubeRay
 RayService. Replicas are a fixed count or Serve's autoscaling (``config.Deployment``); Ray itself starts

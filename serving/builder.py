@@ -7,6 +7,10 @@
   optional ``tracking_uri`` (default ``MLFLOW_TRACKING_URI``), and any other ``ServeConfig`` field; an
   unknown key is a one-line error naming the valid ones. Also ``serve run condgen.serving.builder:app
   models=models:/NAME@champion`` (``key=value`` args).
+* ``pretrained``: the builder of the pretrained-pipeline app (many LoRA adapters on one base,
+  ``serving/pretrained_app.py``): ``import_path: condgen.serving.builder:pretrained`` with ``args``
+  ``base`` (a pipeline folder or ``s3://`` prefix), ``adapters`` (name -> URI) and any other
+  ``PretrainedServeConfig`` field.
 * ``application``: the default application (``models:/condgen-cvae@champion``), built when first read, for
   ``serve build condgen.serving.builder:application`` (which wants an application, not a builder) and
   ``serve run condgen.serving.builder:application``.
@@ -27,6 +31,17 @@ def app(args: dict[str, Any]):
     models = args.pop("models", None)
     uri = args.pop("model_uri", None)
     return build_app(models or uri, args.pop("tracking_uri", None), **args)
+
+
+def pretrained(args: dict[str, Any]):
+    """The pretrained-pipeline application for a Serve config's ``args`` (``base``, ``adapters``, options)."""
+    from condgen.serving.pretrained_app import build_app as build_pretrained
+    from condgen.serving.pretrained_app import make_config
+
+    args = dict(args or {})
+    if not args.get("base"):
+        raise ValueError("pretrained serve config: args.base is required (a diffusers pipeline folder or s3:// prefix)")
+    return build_pretrained(make_config(args.pop("base"), args.pop("adapters", None), **args))
 
 
 def __getattr__(name: str):

@@ -228,3 +228,14 @@ def test_condgen_serve_pretrained_checks_inputs_before_ray(tiny_dir, tmp_path, c
         assert main(["serve", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+
+
+def test_serve_run_builder_for_the_pretrained_app(tiny_dir):
+    from condgen.serving.builder import pretrained
+
+    app = pretrained({"base": str(tiny_dir), "adapters": {"a": "models:/x@champion"}, "max_adapters": "3"})
+    assert app is not None
+    with pytest.raises(ValueError, match="args.base is required"):
+        pretrained({})
+    with pytest.raises(ValueError, match="unknown key 'colour'"):
+        pretrained({"base": str(tiny_dir), "colour": 1})
