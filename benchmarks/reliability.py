@@ -27,13 +27,14 @@ import random
 import sys
 import tempfile
 import time
+from asyncio.subprocess import PIPE
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.reliability_ingest import hostile_ingestion
+from benchmarks.reliability_ingest import FAULTS, hostile_ingestion
 from benchmarks.serve import body, free_port, pct
 
 MODEL = "rel-diffusion"
@@ -225,6 +226,20 @@ def failures(codes: Counter) -> int:
 
 
 # -- (c) hostile requests in flight ----------------------------------------------------------------------------
+PROBE = """
+import json, sys, time, httpx
+with httpx.Client(base_url=sys.argv[1], timeout=60, trust_env=False) as c:
+    c.get("/health")  # connect once, as a monitor's keep-alive connection would
+    lat, until = [], time.perf_counter() + float(sys.argv[2])
+    while time.perf_counter() < until:
+        t0 = time.perf_counter()
+        ok = c.get("/health").status_code == 200
+        lat.append(time.perf_counter() - t0 if ok else float("inf"))
+        time.sleep(max(0.0, 0.05 - (time.perf_counter() - t0)))
+print(json.dumps(lat))
+"""
+
+
 async def hostile(url: str, seconds: float) -> dict:
     """/health every 50 ms: idle; six hostile requests in flight, two of each kind, for ``seconds``;
     then six of one kind, ``seconds / 3`` per kind (which kind is it that slows /health?)."""
@@ -253,52 +268,26 @@ async def hostile(url: str, seconds: float) -> dict:
                 except httpx.HTTPError as exc:
                     outcomes[kind][type(exc).__name__] += 1
 
-    async def probe(c, span: float) -> dict:
-        lat, rss, until = [], [], time.perf_counter() + span
-        while time.perf_counter() < until:
-            t0 = time.perf_counter()
-            r = await c.get("/health")
-            lat.append(time.perf_counter() - t0 if r.status_code == 200 else float("inf"))
+    async def probe(span: float) -> dict:  # in a process of its own: the attackers' event loop is not timed
+        p = await asyncio.create_subprocess_exec(sys.executable, "-c", PROBE, url, str(span), stdout=PIPE)
+        task, rss = asyncio.create_task(p.communicate()), []
+        while not task.done():
             rss.append(replica_rss_mb())
-            await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - t0)))
-        return {"lat": lat, "rss_peak": max(rss, default=float("nan"))}
+            await asyncio.sleep(0.05)
+        return {"lat": json.loads((await task)[0]), "rss_peak": max(rss, default=float("nan"))}
 
-    phases: dict[str, dict] = {}
-    async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as c:
-        phases["idle"] = {**await probe(c, min(5.0, seconds)), "rss_before": replica_rss_mb()}
-        for name, crowd, span in [("six in flight, two of each kind", list(kinds) * 2, seconds)] + [
-                (f"six x {k}", [k] * 6, seconds / 3) for k in kinds]:
-            before, done = replica_rss_mb(), asyncio.Event()
-            attackers = [asyncio.create_task(attacker(k, done)) for k in crowd]
-            await asyncio.sleep(0.2)
-            phases[name] = {**await probe(c, span), "rss_before": before}
-            done.set()
-            await asyncio.gather(*attackers)
-            await asyncio.sleep(1.0)
-            phases[name]["rss_after"] = replica_rss_mb()
+    phases: dict[str, dict] = {"idle": {**await probe(min(5.0, seconds)), "rss_before": replica_rss_mb()}}
+    for name, crowd, span in [("six in flight, two of each kind", list(kinds) * 2, seconds)] + [
+            (f"six x {k}", [k] * 6, seconds / 3) for k in kinds]:
+        before, done = replica_rss_mb(), asyncio.Event()
+        attackers = [asyncio.create_task(attacker(k, done)) for k in crowd]
+        await asyncio.sleep(0.2)
+        phases[name] = {**await probe(span), "rss_before": before}
+        done.set()
+        await asyncio.gather(*attackers)
+        await asyncio.sleep(1.0)
+        phases[name]["rss_after"] = replica_rss_mb()
     return {"phases": phases, "outcomes": outcomes}
-
-
-# -- (e) faults: cited, not re-run -----------------------------------------------------------------------------
-T = "tests/test_faults.py::test_"
-FAULTS = [  # (fault, outcome, the test that injects it)
-    ("training worker killed (os._exit) in epoch 1 of 3", ("restarts from the epoch-0 checkpoint; 3 epochs, each "
-     "logged once"), "tests/test_train_ray.py::test_killed_worker_resumes_from_checkpoint"),
-    ("last worker killed after step 10 of epoch 0 (1 and 2 workers)", ("resumes from the step-8 checkpoint to the "
-     "weights of an uninterrupted run (bit-identical on 1 worker)"),
-     "tests/test_resume.py::test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run"),
-    ("ingestion flow's process group SIGKILLed after its first shard", ("re-run keeps the finished shards; output "
-     "byte-identical to an uninterrupted run"), T + "flow_killed_mid_ingestion_resumes_byte_identical"),
-    ("S3 endpoint down 10 s during ingestion", "retried inside the budget; every object and shard intact",
-     T + "s3_outage_during_ingestion_loses_nothing"),
-    ("S3 down past the retry budget (CONDGEN_S3_RETRY_SECONDS=2)", ("exit 1, one line (nothing lost, re-run); "
-     "the re-run keeps both shards and completes"),
-     T + "s3_outage_longer_than_the_budget_is_one_line_and_the_rerun_completes"),
-    ("MLflow server SIGKILLed after epoch 0, back ~10 s later", "every epoch's metrics logged",
-     T + "mlflow_restart_during_training_keeps_every_epoch"),
-    ("S3-source ingestion SIGKILLed mid-download", "re-run reuses the mirror, then removes it",
-     "tests/test_ingest_limits.py::test_a_killed_s3_ingestion_leaves_a_mirror_the_rerun_reuses_and_removes"),
-]
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-"""Hostile ingestion cases of issue #20 for ``benchmarks/reliability.py`` (part d).
+"""Hostile ingestion cases of issue #20 for ``benchmarks/reliability.py`` (part d), and the tests that
+inject faults, which part (e) cites (each takes minutes: they are not re-run there).
 
 The inputs of tests/test_ingest_limits.py and tests/test_ingest.py (an 80-member tar sample, ICO
 bombs, a 9000 x 9000 PNG header, inexact folder labels, symlink and hard-link duplicates, repeated
@@ -85,8 +86,9 @@ def ingestion_cases(root: Path) -> dict[str, tuple[str, str]]:
              [{"file": "img/0.png", "label": 1}, {"file": "img/1.png", "label": 2}, {"file": "img/0.png", "label": 1},
               {"file": "./img/0.png", "label": 3}]),
             ("caption_2mb", "a 2 MB caption, a 60,000-character caption, one of 2,001",
-             [{"file": "img/0.png", "label": 1, "caption": "c" * 2_000_000}, {"file": "img/1.png", "caption": "b" * 60_000},
-              {"file": "img/2.png", "label": 1, "caption": "a" * 2001}, {"file": "img/3.png", "label": 2, "caption": "ok"}])):
+             [{"file": "img/0.png", "label": 1, "caption": "c" * 2_000_000},
+              {"file": "img/1.png", "caption": "b" * 60_000}, {"file": "img/2.png", "label": 1, "caption": "a" * 2001},
+              {"file": "img/3.png", "label": 2, "caption": "ok"}])):
         src = root / name
         (src / "img").mkdir(parents=True)
         for i in range(4):
@@ -98,12 +100,12 @@ def ingestion_cases(root: Path) -> dict[str, tuple[str, str]]:
     _tar_gz(root / "tar80.tar", members + [("after.png", _png(x[2])), ("after.cls", str(y[2]).encode())])
     cases["tar_80_members"] = (str(root / "tar80.tar"), "gzipped tar (<1 MB): one key with 80 members of 1 MiB")
     with tarfile.open(root / "evil.tar", "w", format=tarfile.GNU_FORMAT) as tar:
-        for nm, data, kind, link in [("good0.png", _png(x[0]), tarfile.REGTYPE, ""), ("good0.cls", b"0", tarfile.REGTYPE, ""),
-                                     ("../evil.png", _png(x[4]), tarfile.REGTYPE, ""), ("../evil.cls", b"1", tarfile.REGTYPE, ""),
-                                     ("/etc/passwd", b"root:x:0:0", tarfile.REGTYPE, ""),
-                                     ("link.png", b"", tarfile.SYMTYPE, "/etc/passwd"), ("bomb.png", bomb, tarfile.REGTYPE, ""),
-                                     ("bomb.cls", b"3", tarfile.REGTYPE, ""), ("s.png", _png(x[5]), tarfile.REGTYPE, ""),
-                                     ("s.cls", b"+3", tarfile.REGTYPE, "")]:
+        reg, sym = tarfile.REGTYPE, tarfile.SYMTYPE
+        for nm, data, kind, link in [("good0.png", _png(x[0]), reg, ""), ("good0.cls", b"0", reg, ""),
+                                     ("../evil.png", _png(x[4]), reg, ""), ("../evil.cls", b"1", reg, ""),
+                                     ("/etc/passwd", b"root:x:0:0", reg, ""), ("link.png", b"", sym, "/etc/passwd"),
+                                     ("bomb.png", bomb, reg, ""), ("bomb.cls", b"3", reg, ""),
+                                     ("s.png", _png(x[5]), reg, ""), ("s.cls", b"+3", reg, "")]:
             info = tarfile.TarInfo(nm)
             info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
             tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
@@ -127,3 +129,25 @@ def hostile_ingestion(root: Path) -> dict[str, dict]:
         out[name] = {"what": what, **row}
         print(f"  ingest {name}: {row}", flush=True)
     return out
+
+
+# -- (e) faults: cited, not re-run -----------------------------------------------------------------------------
+T = "tests/test_faults.py::test_"
+FAULTS = [  # (fault, outcome, the test that injects it)
+    ("training worker killed (os._exit) in epoch 1 of 3", ("restarts from the epoch-0 checkpoint; 3 epochs, each "
+     "logged once"), "tests/test_train_ray.py::test_killed_worker_resumes_from_checkpoint"),
+    ("last worker killed after step 10 of epoch 0 (1 and 2 workers)", ("resumes from the step-8 checkpoint to the "
+     "weights of an uninterrupted run (bit-identical on 1 worker)"),
+     "tests/test_resume.py::test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run"),
+    ("ingestion flow's process group SIGKILLed after its first shard", ("re-run keeps the finished shards; output "
+     "byte-identical to an uninterrupted run"), T + "flow_killed_mid_ingestion_resumes_byte_identical"),
+    ("S3 endpoint down 10 s during ingestion", "retried inside the budget; every object and shard intact",
+     T + "s3_outage_during_ingestion_loses_nothing"),
+    ("S3 down past the retry budget (CONDGEN_S3_RETRY_SECONDS=2)", ("exit 1, one line (nothing lost, re-run); "
+     "the re-run keeps both shards and completes"),
+     T + "s3_outage_longer_than_the_budget_is_one_line_and_the_rerun_completes"),
+    ("MLflow server SIGKILLed after epoch 0, back ~10 s later", "every epoch's metrics logged",
+     T + "mlflow_restart_during_training_keeps_every_epoch"),
+    ("S3-source ingestion SIGKILLed mid-download", "re-run reuses the mirror, then removes it",
+     "tests/test_ingest_limits.py::test_a_killed_s3_ingestion_leaves_a_mirror_the_rerun_reuses_and_removes"),
+]
