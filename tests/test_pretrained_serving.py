@@ -211,6 +211,16 @@ def test_adapt_register_promote_and_serve_two_adapters_on_one_base(tiny_dir, tmp
         assert models["base"]["loads"] == 1  # switching adapters never reloaded the base
         assert sorted(models["loaded"]) == sorted([f"models:/{name}@champion", "styles-b"])
         assert models["adapter_loads"] == {f"models:/{name}@champion": 1, "styles-b": 1}
+        # a third adapter evicts the least recently used one (Ray's LRU; its tensors leave the base) ...
+        status, third = _post(f"{url}/v1/generate", {**GEN, "adapter": f"models:/{name}/1"})
+        assert status == 200 and np.array_equal(_png(third["images"][0]), img_a)  # version 1 is the champion
+        # ... which is read again when named again, to the same image
+        status, again = _post(f"{url}/v1/generate", {**champion, "seed": 1})
+        assert status == 200 and np.array_equal(_png(again["images"][0]), img_a)
+        with urllib.request.urlopen(f"{url}/v1/models") as r:
+            models = json.loads(r.read())
+        assert models["base"]["loads"] == 1 and len(models["loaded"]) == 2
+        assert models["adapter_loads"][f"models:/{name}@champion"] == 2
     finally:
         serve.delete("test-pretrained")
         serve.shutdown()
