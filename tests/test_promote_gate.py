@@ -26,3 +26,9 @@ def test_parse_model_uri():
     assert parse_model_uri("models:/condgen-cvae/3") == ("condgen-cvae", None, "3")
     with pytest.raises(ValueError):
         parse_model_uri("runs:/abc/model")
+
+
+def test_the_reason_names_the_score_the_gate_used():
+    ok, reason = decide(0.0048, None, Gate(min_accuracy=0.0), metric="score")
+    assert ok and reason.startswith("first champion: score 0.0048") and "accuracy" not in reason
+    assert "conditional accuracy 0.5000 < threshold" in decide(0.5, None, Gate(min_accuracy=0.9))[1]

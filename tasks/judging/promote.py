@@ -55,22 +55,23 @@ class Promotion:
 
 
 def decide(candidate: float, champion: float | None, gate: Gate, fid: float | None = None,
-           judge_warning: str | None = None) -> tuple[bool, str]:
-    """The gate as a pure function (so it is tested without a registry)."""
+           judge_warning: str | None = None, metric: str = "conditional accuracy") -> tuple[bool, str]:
+    """The gate as a pure function (so it is tested without a registry); ``metric`` names the score in the
+    reason (a pretrained adapter is gated on its held-out denoising gain, not on a judge's accuracy)."""
     if not math.isfinite(candidate):
-        return False, f"conditional accuracy {candidate} is not a number"
+        return False, f"{metric} {candidate} is not a number"
     if candidate < gate.min_accuracy:
-        return False, f"conditional accuracy {candidate:.4f} < threshold {gate.min_accuracy:.4f}"
+        return False, f"{metric} {candidate:.4f} < threshold {gate.min_accuracy:.4f}"
     if gate.max_fid is not None and fid is not None and not fid <= gate.max_fid:
         return False, f"FID {fid:.3f} > max {gate.max_fid:.3f}" if math.isfinite(fid) else "FID not measured (NaN)"
     if gate.require_competent_judge and judge_warning:
         return False, f"the judge is too weak to judge: {judge_warning}"
     if champion is not None and candidate < champion - gate.tolerance:
-        return False, f"conditional accuracy {candidate:.4f} worse than champion's {champion:.4f} on the same eval"
+        return False, f"{metric} {candidate:.4f} worse than champion's {champion:.4f} on the same eval"
     if champion is None:
-        reason = f"first champion: conditional accuracy {candidate:.4f} >= {gate.min_accuracy:.4f}"
+        reason = f"first champion: {metric} {candidate:.4f} >= {gate.min_accuracy:.4f}"
     else:
-        reason = f"conditional accuracy {candidate:.4f} >= champion's {champion:.4f} - {gate.tolerance}"
+        reason = f"{metric} {candidate:.4f} >= champion's {champion:.4f} - {gate.tolerance}"
     return True, reason + (f" (judge warning: {judge_warning})" if judge_warning else "")
 
 

@@ -93,8 +93,8 @@ def promote_adapter(name: str, version: str, shards_uri: str, *, p: base.Pretrai
     scores = score_adapters(p, uris, heldout_data(p, shards_uri, split=split), seed=seed, draws=draws)
     cand = scores["candidate"]
     champ = scores["champion"]["score"] if "champion" in scores else None
-    ok, reason = decide(cand["score"], champ, gate)
-    reason = f"{SCORE}: " + reason.replace("conditional accuracy", "score")
+    ok, reason = decide(cand["score"], champ, gate, metric="score")
+    reason = f"{SCORE}: {reason}"
     if ok:
         client.set_registered_model_alias(name, ALIAS, version)
     tags = {"condgen.promoted": str(ok).lower(), "condgen.reason": reason,
