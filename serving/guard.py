@@ -79,10 +79,10 @@ async def send_json(send: Callable[[Message], Awaitable[None]], status: int, det
 
 class RequestGuard:
     """ASGI middleware: ``authorise(path, headers)`` (an ApiError to refuse, else None) runs on the
-    headers alone; ``limit()`` is the body limit in bytes, checked on Content-Length and again on
-    every chunk received."""
+    headers alone; ``limit(path)`` is the body limit in bytes of that route, checked on Content-Length and
+    again on every chunk received."""
 
-    def __init__(self, app, *, authorise: Callable[[str, Headers], ApiError | None], limit: Callable[[], int]):
+    def __init__(self, app, *, authorise: Callable[[str, Headers], ApiError | None], limit: Callable[[str], int]):
         self.app, self.authorise, self.limit = app, authorise, limit
 
     async def __call__(self, scope: Scope, receive, send) -> None:
@@ -98,7 +98,7 @@ class RequestGuard:
         if denied is not None:
             await send_json(send, denied.status, denied.detail, denied.headers)
             return
-        limit = self.limit()
+        limit = self.limit(path)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             await send_json(send, 413, BodyTooLarge(limit).detail)

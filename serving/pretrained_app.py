@@ -80,7 +80,7 @@ def _authorise(path: str, headers) -> ApiError | None:
                     headers={"WWW-Authenticate": "Bearer"})
 
 
-def _body_limit() -> int:
+def _body_limit(path: str) -> int:  # one limit for every route (prompts and uploads)
     svc = _STATE.get("service")
     return svc.config.max_body_bytes if svc is not None else 4 * 1024 * 1024
 
