@@ -169,4 +169,6 @@ def test_dpmpp_2m_job_is_recorded_and_deterministic(models, condgen_home):
     assert [s["key"] for s in a] == [s["key"] for s in c]
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
     diff = [np.abs(x["image"].astype(int) - y["image"].astype(int)).mean() for x, y in zip(a, c)]
-    assert min(diff) > 0.5, diff  # another solver: other images from the same noise
+    # another solver: other images from the same noise (were it ignored, the difference would be exactly 0;
+    # its size, ~0.5 grey level on average for this tiny model, depends on the machine's float rounding)
+    assert min(diff) > 0.05, diff
