@@ -35,13 +35,11 @@ through ``tasks.io.cluster.ensure_ray`` (``RAY_ADDRESS``, dashboard only with ``
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import time
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -52,7 +50,7 @@ from condgen.serving import schema
 from condgen.serving.config import Deployment, ModelSpec, ServeConfig, api_key_digest, config_error
 from condgen.serving.docs import ASSET_PATH, add_offline_docs
 from condgen.serving.errors import ApiError
-from condgen.serving.guard import RequestGuard, reason_detail, validation_detail
+from condgen.serving.guard import RequestGuard, install_error_handlers, key_error, presented_key
 from condgen.serving.launch import API_KEY_ENV, launch_env, refuse_busy_port, replica_env
 from condgen.serving.service import Service
 from condgen.serving.ui import PAGE
@@ -131,11 +129,7 @@ _bearer = HTTPBearer(auto_error=False)
 
 def _key_error(given: str | None) -> ApiError | None:
     svc = _STATE.get("service")
-    digest = svc.config.api_key_sha256 if svc is not None else None
-    if not digest or (given and hmac.compare_digest(api_key_digest(given), digest)):
-        return None
-    return ApiError(401, "missing or wrong API key (send it in the X-API-Key header)",
-                    headers={"WWW-Authenticate": "Bearer"})
+    return key_error(given, svc.config.api_key_sha256 if svc is not None else None)
 
 
 def require_key(key: Annotated[str | None, Depends(_key_header)],
@@ -149,8 +143,7 @@ def _authorise(path: str, headers) -> ApiError | None:
     """The guard's check of the key, before FastAPI reads the body (``require_key`` documents it)."""
     if not (path.startswith("/v1/") or path == "/generate"):
         return None
-    scheme, _, token = (headers.get("authorization") or "").partition(" ")
-    return _key_error(headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else None))
+    return _key_error(presented_key(headers))
 
 
 def _body_limit(path: str) -> int:
@@ -167,25 +160,8 @@ api.add_middleware(RequestGuard, authorise=_authorise, limit=_body_limit)  # ins
 
 
 # -- errors and metrics -------------------------------------------------------------------------------
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    detail = reason_detail(exc.detail) if exc.status == 422 else exc.detail
-    return JSONResponse({"detail": detail}, status_code=exc.status, headers=exc.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
-
-
-@api.exception_handler(ValueError)
-@api.exception_handler(TypeError)
-@api.exception_handler(KeyError)
-@api.exception_handler(IndexError)
-async def _model_error(_: Request, exc: Exception) -> JSONResponse:
-    # The model side refused the input (e.g. a shape or range check inside models/): the
-    # request was the problem, so it is a 422 with the reason, not a 500.
-    return JSONResponse({"detail": reason_detail(f"{type(exc).__name__}: {str(exc)[:200]}")}, status_code=422)
+# The model side refusing an input (ValueError, TypeError, KeyError, IndexError) is a 422 with the reason.
+install_error_handlers(api, (ValueError, TypeError, KeyError, IndexError))
 
 
 @api.exception_handler(Cancelled)

@@ -5,14 +5,19 @@ of the input.
 """
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from condgen.serving.config import api_key_digest
 from condgen.serving.errors import ApiError
 
 EXCERPT_CHARS = 64  # the most of a client's input a 422 detail repeats
@@ -125,3 +130,38 @@ class RequestGuard:
             if started:
                 raise
             await send_json(send, 413, exc.detail)  # send_json closes the connection too
+
+
+# -- shared by the service's apps (serving/app.py, serving/pretrained_app.py) ----------------------------------
+def presented_key(headers) -> str | None:
+    """The API key a request presents: ``X-API-Key``, else an ``Authorization: Bearer`` token."""
+    scheme, _, token = (headers.get("authorization") or "").partition(" ")
+    return headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else None)
+
+
+def key_error(given: str | None, digest: str | None) -> ApiError | None:
+    """None when no key is configured (``digest`` None) or ``given`` is it; else the 401 to answer."""
+    if not digest or (given and hmac.compare_digest(api_key_digest(given), digest)):
+        return None
+    return ApiError(401, "missing or wrong API key (send it in the X-API-Key header)",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def install_error_handlers(api: FastAPI, model_errors: tuple[type[Exception], ...] = (ValueError,)) -> None:
+    """The documented error bodies: an ``ApiError`` as its status (a 422's reason as the detail list),
+    request validation as the short 422 list, and ``model_errors`` raised by the model side (a shape or
+    range check inside models/) as a 422 with the reason: the request was the problem, not the server."""
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        detail = reason_detail(exc.detail) if exc.status == 422 else exc.detail
+        return JSONResponse({"detail": detail}, status_code=exc.status, headers=exc.headers)
+
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
+
+    async def model_error(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": reason_detail(f"{type(exc).__name__}: {str(exc)[:200]}")}, status_code=422)
+
+    api.add_exception_handler(ApiError, api_error)
+    api.add_exception_handler(RequestValidationError, invalid)
+    for kind in model_errors:
+        api.add_exception_handler(kind, model_error)

@@ -21,14 +21,11 @@ Start it with ``condgen serve --pretrained-base PATH [--adapter NAME=URI ...]`` 
 """
 from __future__ import annotations
 
-import hmac
 import os
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
@@ -36,7 +33,7 @@ from condgen.serving import pretrained_schema as ps
 from condgen.serving.config import Deployment, PretrainedServeConfig, api_key_digest, config_error
 from condgen.serving.docs import add_offline_docs
 from condgen.serving.errors import ApiError
-from condgen.serving.guard import RequestGuard, reason_detail, validation_detail
+from condgen.serving.guard import RequestGuard, install_error_handlers, key_error, presented_key
 from condgen.serving.launch import API_KEY_ENV, launch_env, refuse_busy_port, replica_env
 from condgen.serving.pretrained_service import PretrainedService
 from condgen.tasks.io import settings
@@ -69,15 +66,9 @@ def _service() -> PretrainedService:
 
 def _authorise(path: str, headers) -> ApiError | None:
     svc = _STATE.get("service")
-    digest = svc.config.api_key_sha256 if svc is not None else None
-    if not digest or not path.startswith("/v1/"):
+    if not path.startswith("/v1/"):
         return None
-    scheme, _, token = (headers.get("authorization") or "").partition(" ")
-    given = headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else None)
-    if given and hmac.compare_digest(api_key_digest(given), digest):
-        return None
-    return ApiError(401, "missing or wrong API key (send it in the X-API-Key header)",
-                    headers={"WWW-Authenticate": "Bearer"})
+    return key_error(presented_key(headers), svc.config.api_key_sha256 if svc is not None else None)
 
 
 def _body_limit(path: str) -> int:  # one limit for every route (prompts and uploads)
@@ -88,20 +79,7 @@ def _body_limit(path: str) -> int:  # one limit for every route (prompts and upl
 api.add_middleware(RequestGuard, authorise=_authorise, limit=_body_limit)
 
 
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    detail = reason_detail(exc.detail) if exc.status == 422 else exc.detail
-    return JSONResponse({"detail": detail}, status_code=exc.status, headers=exc.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
-
-
-@api.exception_handler(ValueError)
-async def _model_error(_: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": reason_detail(f"{type(exc).__name__}: {str(exc)[:200]}")}, status_code=422)
+install_error_handlers(api)  # ApiError, validation, and ValueError from the pipeline: 4xx with a reason
 
 
 def adapter_name(body: str | None, request: Request) -> str | None:
