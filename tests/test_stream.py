@@ -1,4 +1,4 @@
-"""Streaming training data (tasks/data/stream.py, tasks/training/loader.py; issue #16, the data side).
+"""Streaming training data (tasks/data/stream.py, tasks/training/loader.py; issue #16, the data side; #17).
 
 Shard sets are written here with ``shards.write_tar`` + a manifest: 8x8 greyscale images whose first two
 pixels spell the sample's number, so every batch says which samples it holds. Shards differ in size, some
@@ -6,9 +6,13 @@ samples are val and some caption-only (``y == -1``), side-car embeddings (2 or 3
 keyed like the source. What is checked: disjoint rank spans over ``steps x G`` samples, equal steps per rank,
 a new order per epoch, a resume's ``skip_steps`` (bitwise, without decoding the skipped images), the side-car
 join against ``load_arrays``, memory vs stream over an epoch, the auto choice, ``s3://``, bounded memory.
+Issue #17: with ``stream_sharding="global"`` (the default) the ranks' batches of a step, concatenated, are one
+worker's batch of that step, bitwise, for 1, 2 and 3 workers (unequal shares), resumed or not, and a rank
+decodes only its own samples; ``"span"`` reads only its span and gives the batches it gave before.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 import time
@@ -112,10 +116,12 @@ def test_the_index_from_the_manifest_equals_a_scan_of_the_tars(shard_set, tmp_pa
     assert a.counts == b.counts and a.total == len(_train_ids(shard_set, labelled_only))
 
 
+@pytest.mark.parametrize("sharding", ["global", "span"])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_rank_spans_are_disjoint_cover_steps_x_g_and_every_rank_takes_the_same_steps(shard_set, world):
-    per_rank = [_epoch(open_train_data(_config(shard_set), r, world, labelled_only=True)) for r in range(world)]
-    data = open_train_data(_config(shard_set), 0, world, labelled_only=True)
+def test_rank_spans_are_disjoint_cover_steps_x_g_and_every_rank_takes_the_same_steps(shard_set, world, sharding):
+    cfg = _config(shard_set, stream_sharding=sharding)
+    per_rank = [_epoch(open_train_data(cfg, r, world, labelled_only=True)) for r in range(world)]
+    data = open_train_data(cfg, 0, world, labelled_only=True)
     bp = data.plan
     assert data.mode == "stream" and bp.steps_per_epoch == bp.samples // 16 and bp.unused_per_epoch == bp.samples % 16
     assert {len(steps) for steps in per_rank} == {bp.steps_per_epoch}  # equal work, unequal shards
@@ -127,6 +133,7 @@ def test_rank_spans_are_disjoint_cover_steps_x_g_and_every_rank_takes_the_same_s
             assert torch.equal(b["y"], torch.tensor([i % 10 for i in ids(b)]))
     summary = data.summary()
     assert summary["unused_per_epoch"] == bp.unused_per_epoch and summary["index"] == "manifest"
+    assert summary["stream_sharding"] == sharding
     assert 1 <= summary["shards_per_rank"] <= len(SIZES)
 
 
@@ -136,10 +143,11 @@ def test_each_epoch_has_a_new_order_and_the_same_epoch_is_the_same(shard_set):
     assert e0 == again and e0 != e1 and len(e0) == len(e1)
 
 
+@pytest.mark.parametrize("sharding", ["global", "span"])
 @pytest.mark.parametrize("world, rank, skip", [(1, 0, 3), (2, 1, 5), (3, 0, 1)])
 def test_skip_steps_yields_the_tail_of_the_epoch_bitwise_without_decoding_the_skipped_images(
-        shard_set, monkeypatch, world, rank, skip):
-    cfg = _config(shard_set, embeddings=EMB_FP, latents=LAT_FP, shards_b_uri=shard_set)
+        shard_set, monkeypatch, world, rank, skip, sharding):
+    cfg = _config(shard_set, embeddings=EMB_FP, latents=LAT_FP, shards_b_uri=shard_set, stream_sharding=sharding)
     data = open_train_data(cfg, rank, world, labelled_only=False)
     full = _epoch(data, 2)
     decoded = []
@@ -238,9 +246,11 @@ def test_streaming_from_s3_gives_the_batches_of_the_local_set(shard_set, s3_uri)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_stream_holds_at_most_its_buffer_and_prefetch_whatever_the_set_size(tmp_path):
+@pytest.mark.parametrize("sharding", ["global", "span"])
+def test_a_stream_holds_at_most_its_buffer_and_prefetch_whatever_the_set_size(tmp_path, sharding):
     root = make_set(str(tmp_path / "big"), sizes=(250,) * 12)  # 3,000 samples
-    data = open_train_data(_config(root, stream_buffer=50, batch_size=8), 0, 2, labelled_only=False)
+    data = open_train_data(_config(root, stream_buffer=50, batch_size=8, stream_sharding=sharding), 0, 2,
+                           labelled_only=False)
     n = 0
     for b in data.epoch(0):
         n += len(b["y"])
@@ -294,7 +304,7 @@ def test_a_rank_opens_only_the_shards_its_span_overlaps(shard_set, monkeypatch):
     opened: list[str] = []
     real = shards.iter_samples
     monkeypatch.setattr(shards, "iter_samples", lambda uri: opened.append(uri.rsplit("/", 1)[-1]) or real(uri))
-    data = open_train_data(_config(shard_set, batch_size=12), 2, 3, labelled_only=True)
+    data = open_train_data(_config(shard_set, batch_size=12, stream_sharding="span"), 2, 3, labelled_only=True)
     for epoch in (0, 1):
         opened.clear()
         _epoch(data, epoch)
@@ -302,3 +312,63 @@ def test_a_rank_opens_only_the_shards_its_span_overlaps(shard_set, monkeypatch):
         want = [data.index.names[i] for i in stream.shards_overlapping(data.index, order,
                                                                       *batching.rank_span(data.plan, 2))]
         assert opened == want and len(want) < len(SIZES)  # in the epoch's order, each once
+
+
+# -- issue #17: the worker count changes only how a global batch is split --------------------------------
+def _ranks(uri: str, world: int, epoch: int, skip: int = 0, **kw) -> list[list[dict[str, torch.Tensor]]]:
+    cfg = _config(uri, embeddings=EMB_FP, latents=LAT_FP, shards_b_uri=uri, **kw)
+    return [_epoch(open_train_data(cfg, r, world, labelled_only=False), epoch, skip) for r in range(world)]
+
+
+@pytest.mark.parametrize("skip", [0, 3])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_global_sharding_splits_the_one_worker_batch_of_every_step_bitwise(shard_set, world, skip):
+    """16 = 16, 8 + 8, 6 + 5 + 5: each step's per-rank batches, concatenated in rank order, are the 1-rank
+    batch of that step in every key (images, labels, the drawn caption phrasing, latents, CycleGAN's x_b),
+    and a resumed epoch's too; one worker's batches are those ``"span"`` (the pre-#17 reader) gives it."""
+    (one,) = _ranks(shard_set, 1, 1)
+    assert [ids(b) for b in one] == [ids(b) for b in _ranks(shard_set, 1, 1, stream_sharding="span")[0]]
+    per_rank = _ranks(shard_set, world, 1, skip)
+    assert {len(steps) for steps in per_rank} == {len(one) - skip} and len(one) == 10
+    for k, whole in enumerate(one[skip:]):
+        assert [len(per_rank[r][k]["y"]) for r in range(world)] == list(batching.split(16, world))
+        for key, value in whole.items():
+            assert torch.equal(torch.cat([per_rank[r][k][key] for r in range(world)]), value), (world, k, key)
+
+
+def test_span_sharding_changes_a_step_with_the_worker_count_and_gives_the_batches_it_gave_before(shard_set):
+    """Pinned: rank 1 of 2, epoch 0, as the reader before issue #17 gave them (its first step, a digest of all)."""
+    (one,) = _ranks(shard_set, 1, 0, stream_sharding="span")
+    two = _ranks(shard_set, 2, 0, stream_sharding="span")
+    assert [ids(b) for b in one] != [ids(a) + ids(b) for a, b in zip(*two)]  # the optimisation changes
+    got = [i for b in two[1] for i in ids(b)]
+    assert got[:8] == [103, 86, 98, 5, 100, 77, 99, 4]
+    assert hashlib.sha256(",".join(map(str, got)).encode()).hexdigest()[:16] == "c188012af37f5c17"
+
+
+@pytest.mark.parametrize("skip", [0, 4])
+def test_global_sharding_decodes_only_the_ranks_own_samples_and_reads_the_epochs_shards_in_order(
+        shard_set, monkeypatch, skip):
+    decoded: list[str] = []
+    opened: list[str] = []
+    real_decode, real_iter = stream.decode_sample, shards.iter_samples
+    monkeypatch.setattr(stream, "decode_sample", lambda raw: decoded.append(raw["__key__"]) or real_decode(raw))
+    monkeypatch.setattr(shards, "iter_samples", lambda uri: opened.append(uri.rsplit("/", 1)[-1]) or real_iter(uri))
+    for rank, share in enumerate((6, 5, 5)):
+        data = open_train_data(_config(shard_set), rank, 3, labelled_only=True)
+        decoded.clear()
+        opened.clear()
+        got = [i for b in _epoch(data, 2, skip) for i in ids(b)]
+        assert sorted(int(k[1:]) for k in decoded) == sorted(got)  # decoded = handed over, nothing else
+        assert len(got) == (data.plan.steps_per_epoch - skip) * share
+        order = stream.shard_order(len(SIZES), SEED, 2)
+        epoch_shards = [data.index.names[i] for i in stream.shards_overlapping(
+            data.index, order, 0, data.plan.steps_per_epoch * 16)]
+        assert opened == [n for n in epoch_shards if n in opened] and len(opened) >= len(SIZES) - 2  # in order, once
+        assert skip or opened[0] == epoch_shards[0]  # every rank reads the stream from its start
+    assert data.summary()["shards_per_rank"] == len(epoch_shards) >= len(SIZES) - 1
+
+
+def test_a_bad_stream_sharding_is_a_one_line_error(shard_set):
+    with pytest.raises(ValueError, match=r"^stream_sharding must be one of \('global', 'span'\), not 'ranks'$"):
+        open_train_data(_config(shard_set, stream_sharding="ranks"), 0, 1, labelled_only=False)

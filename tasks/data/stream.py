@@ -15,7 +15,17 @@ The pieces, each a small function of its inputs (so an epoch is a pure function 
 * ``read_span`` / ``shuffled_span``: the raw (undecoded) samples of positions ``[start, stop)`` in buffer
   order; only the shards that overlap the span are opened, each streamed member by member
   (``shards.iter_samples``: ``file://`` or ``s3://``, never a whole download), with side-car rows joined
-  by key (``sidecars.ShardJoin``).
+  by key (``sidecars.ShardJoin``). With ``keep`` a reader yields only some of the buffer's draws and drops
+  the others' raw members undecoded: how a rank takes its slice of each global batch.
+* Two ways to share an epoch between ranks (``SHARDINGS``; the loader's ``stream_sharding``):
+  ``"global"`` (the default): every rank runs the same buffer over the whole epoch ``[0, steps x G)``
+  (seeded by ``(seed, e)``), global step ``k`` is draws ``k*G .. k*G+G-1`` and rank ``r`` keeps the slice
+  ``BatchPlan.rank_slice(r)`` of them, the slice ``memory_batches`` gives it; a rank reads the whole
+  epoch's tar members (sequential reads are cheap) but decodes only its own samples, so step ``k`` sees
+  the same ``G`` samples in the same order for any worker count (issue #17). ``"span"``: rank ``r`` reads
+  only its contiguous span (``batching.rank_span``) and shuffles it with a buffer of its own, opening only
+  the shards the span overlaps (for IO-bound clusters); a step's samples then change with the worker
+  count, and so does the optimisation.
 * ``decode_sample``: PNG and ``.npy`` members to arrays (``shards.decode_png`` / ``load_npy``), run by the
   loader's threads (``tasks/training/loader.py``, which also owns batching and prefetch).
 """
@@ -33,6 +43,7 @@ from condgen.tasks.data.sidecars import LATENT_MEMBER, TXT_MEMBER, ShardJoin, si
 from condgen.tasks.io import shards, storage
 
 KEEP_MEMBERS = ("png", "cls")  # what a training sample needs of a source sample (json is read and dropped)
+SHARDINGS = ("global", "span")  # how ranks share an epoch's stream (module docstring); the first is the default
 
 
 @dataclass(frozen=True)
@@ -195,21 +206,38 @@ def read_span(index: SplitIndex, order: Sequence[int], start: int, stop: int, si
 
 def shuffled_span(index: SplitIndex, order: Sequence[int], start: int, stop: int, buffer: int,
                   rng: np.random.Generator, sidecars: Sidecars, *, skip: int = 0,
-                  live: LiveCount | None = None) -> Iterator[dict[str, Any]]:
+                  live: LiveCount | None = None, keep: Callable[[int], bool] | None = None
+                  ) -> Iterator[dict[str, Any]]:
     """The raw samples of positions ``[start, stop)`` in ``BufferShuffle`` order, without the first ``skip``.
 
     The skipped samples' positions are drawn from the buffer and never read: reading starts at the first
-    position still to come (a shard wholly before it is not opened) and keeps only those positions. The
+    position still to come (a shard wholly before it is not opened) and keeps only those positions.
+    ``keep(t)`` (``t``: the draw's number from 0, the skipped ones counted) says which draws are yielded; a
+    draw not kept is dropped, popped if already read, else passed over when the reader reaches it. The
     samples held (``live``) are those the buffer holds: at most ``buffer`` + 1."""
     order_ = BufferShuffle(start, stop, buffer, rng)
     for _ in range(skip):
         next(order_, None)
     pending, ptr = frozenset(order_.buf), order_.ptr
     first = min(pending, default=ptr)
-    reader = read_span(index, order, first, stop, sidecars, lambda p: p >= ptr or p in pending)
+    dropped: set[int] = set()  # drawn, not kept, not yet read: the reader passes over them
+
+    def needed(p: int) -> bool:
+        if p in dropped:
+            dropped.discard(p)
+            return False
+        return p >= ptr or p in pending
+
+    reader = read_span(index, order, first, stop, sidecars, needed)
     store: dict[int, dict[str, Any]] = {}
     try:
-        for q in order_:
+        for t, q in enumerate(order_, start=skip):
+            if keep is not None and not keep(t):
+                if store.pop(q, None) is None:
+                    dropped.add(q)
+                elif live is not None:
+                    live.add(-1)
+                continue
             while q not in store:
                 p, raw = next(reader)
                 store[p] = raw

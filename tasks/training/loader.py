@@ -5,19 +5,27 @@ Two ways to feed the same epochs (``tasks/training/batching.py`` defines the glo
 * **memory** (``data_mode="memory"``): the split is decoded once into numpy arrays (``splits.load_arrays``)
   and each step slices one permutation per epoch (``memory_batches``, exactly the batches the worker always
   took, the same for any worker count). Fastest for a set that fits: no decoding after the first read.
-* **stream** (``data_mode="stream"``): nothing is held whole. Each rank reads its span of the epoch's
-  shard stream (``tasks/data/stream.py``: only the shards its span overlaps, from ``file://`` or
-  ``s3://``), through a shuffle buffer of ``stream_buffer`` raw samples; one reader thread and
-  ``loader_threads`` decode threads (Pillow and numpy release the GIL) build batches ahead of the trainer,
-  at most ``PREFETCH_BATCHES`` of them, in a fixed order. Memory is bounded by ``max_live``, not by the set
-  (the approach of webdataset's ``split_by_node`` + ``shuffle`` and MosaicML Streaming's shard spans).
+* **stream** (``data_mode="stream"``): nothing is held whole. The epoch's shard stream
+  (``tasks/data/stream.py``, from ``file://`` or ``s3://``) goes through a shuffle buffer of
+  ``stream_buffer`` raw samples; one reader thread and ``loader_threads`` decode threads (Pillow and numpy
+  release the GIL) build batches ahead of the trainer, at most ``PREFETCH_BATCHES`` of them, in a fixed
+  order. Memory is bounded by ``max_live``, not by the set. ``stream_sharding`` says how ranks share the
+  stream: ``"global"`` (the default) runs the same buffer over the whole epoch on every rank and each rank
+  keeps the slice of each global batch that ``memory_batches`` gives it, decoding only those samples, so
+  1, 2 or 3 workers take the same optimisation steps (issue #17; MosaicML Streaming's global sample order
+  is the same idea); ``"span"`` gives each rank a contiguous span of the stream and a buffer of its own and
+  opens only the shards the span overlaps (webdataset's ``split_by_node`` + ``shuffle``): less IO per
+  rank, but a step's samples, and so the model, change with the worker count.
 * **auto** (the default): memory when the decoded split (images + embeddings + latents, estimated from the
   manifests) is below ``memory_limit_mb``, else stream; ``summary()`` says which and why.
 
-Both are deterministic functions of ``(seed, epoch, rank, world)``, and ``epoch(e, skip_steps=k)`` yields
+Both are deterministic functions of ``(seed, epoch, rank, world)`` (and with ``"global"`` streaming the
+concatenation of the ranks' batches is one worker's batch, bitwise), and ``epoch(e, skip_steps=k)`` yields
 exactly the batches from step ``k`` on of ``epoch(e)`` (a mid-epoch resume), without decoding the skipped
 steps' images. Per-sample random choices of a streamed step (a caption phrasing, CycleGAN's unpaired
-``x_b``) are drawn by a generator seeded with ``(seed, epoch, step, rank)``, so a resume repeats them.
+``x_b``) are drawn by a generator seeded with ``(seed, epoch, step)`` for the whole global batch and
+sliced (``"global"``), or with ``(seed, epoch, step, rank)`` for the rank's share (``"span"``), so a resume
+repeats them.
 """
 from __future__ import annotations
 
@@ -39,7 +47,9 @@ from condgen.tasks.io.images import from_uint8
 from condgen.tasks.training import batching
 
 MODES = ("auto", "memory", "stream")
-DEFAULTS: dict[str, Any] = {"data_mode": "auto", "stream_buffer": 2000, "loader_threads": 2, "memory_limit_mb": 512}
+SHARDINGS = stream.SHARDINGS  # "global" (world-invariant, the default) or "span" (rank spans)
+DEFAULTS: dict[str, Any] = {"data_mode": "auto", "stream_buffer": 2000, "loader_threads": 2, "memory_limit_mb": 512,
+                            "stream_sharding": SHARDINGS[0]}
 PREFETCH_BATCHES = 4  # decoded batches ready ahead of the trainer
 
 
@@ -117,6 +127,8 @@ def open_train_data(config: dict[str, Any], rank: int, world: int, *, labelled_o
     """Rank ``rank``'s training data of ``config`` (keys in the module docstring; ``batch_size`` is the global
     batch). ``labelled_only``: skip caption-only samples (``y == -1``), as label-conditioned models do."""
     cfg = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    if cfg["stream_sharding"] not in SHARDINGS:
+        raise ValueError(f"stream_sharding must be one of {SHARDINGS}, not {cfg['stream_sharding']!r}")
     _, estimate = estimate_bytes(cfg)
     mode = choose_mode(cfg["data_mode"], estimate, float(cfg["memory_limit_mb"]))
     kind = MemoryData if mode == "memory" else StreamData
@@ -175,7 +187,8 @@ class MemoryData(TrainData):
 
     def summary(self) -> dict[str, Any]:
         n = len(shards.read_manifest(self.config["shards_uri"])["shards"])
-        return {**super().summary(), "shards": n, "shards_per_rank": n, "stream_buffer": None, "loader_threads": None}
+        return {**super().summary(), "shards": n, "shards_per_rank": n, "stream_buffer": None, "loader_threads": None,
+                "stream_sharding": None}
 
 
 class _Failure:
@@ -199,7 +212,7 @@ class StreamData(TrainData):
         self.x_b = load_arrays(config["shards_b_uri"], "train")["x"] if config.get("shards_b_uri") else None
         self.plan = batching.plan(self.index.total, self.batch_size, world)
         self.buffer, self.threads = int(config["stream_buffer"]), max(1, int(config["loader_threads"]))
-        self.share = self.plan.shares[rank]
+        self.share, self.sharding = self.plan.shares[rank], config["stream_sharding"]
         self.live = stream.LiveCount()  # samples held by the last epoch's pipeline (peak: its maximum)
 
     @property
@@ -208,20 +221,37 @@ class StreamData(TrainData):
         batches, one waiting to enter the queue and the one being handed over."""
         return self.buffer + 1 + (PREFETCH_BATCHES + 3) * self.share
 
+    def _span(self, epoch: int) -> tuple[int, int, np.random.Generator]:
+        """The positions ``[start, stop)`` this rank's buffer runs over in ``epoch``, and its generator: the
+        whole epoch and rank 0's generator with ``"global"`` (every rank the same), the rank's own with ``"span"``."""
+        if self.sharding == "global":
+            return 0, self.plan.steps_per_epoch * self.plan.step_size, np.random.default_rng([self.seed, epoch, 0])
+        return (*batching.rank_span(self.plan, self.rank), np.random.default_rng([self.seed, epoch, self.rank]))
+
+    def _keep(self, draw: int) -> bool:
+        """Whether the buffer's draw number ``draw`` is this rank's (``"global"``): its slice of the global batch."""
+        part = self.plan.rank_slice(self.rank)
+        return part.start <= draw % self.plan.step_size < part.stop
+
     def _collate(self, raws: list[dict[str, Any]], epoch: int, step: int) -> dict[str, torch.Tensor]:
         recs = [stream.decode_sample(r) for r in raws]
-        rng = np.random.default_rng([self.seed, epoch, step, self.rank, 0xCA9])
+        if self.sharding == "global":  # the global batch's draws, sliced: the same for any worker count
+            rng = np.random.default_rng([self.seed, epoch, step, 0, 0xCA9])
+            n, part = self.plan.step_size, self.plan.rank_slice(self.rank)
+        else:
+            rng = np.random.default_rng([self.seed, epoch, step, self.rank, 0xCA9])
+            n, part = len(recs), slice(None)
         batch = {"x": from_uint8(np.stack([r["x"] for r in recs])),
                  "y": torch.tensor([r["y"] for r in recs], dtype=torch.int64)}
         if "z" in recs[0]:
             batch["z"] = torch.from_numpy(np.stack([r["z"] for r in recs]))
         if "txt" in recs[0]:  # one phrasing per sample, uniform over that sample's own phrasings
-            u = rng.random(len(recs))
+            u = rng.random(n)[part]
             rows = [r["txt"][int(ui * len(r["txt"]))] if len(r["txt"]) else np.zeros(r["txt"].shape[1], np.float32)
                     for r, ui in zip(recs, u)]
             batch["txt"] = torch.from_numpy(np.stack(rows).astype(np.float32))
         if self.x_b is not None:
-            batch["x_b"] = from_uint8(self.x_b[rng.integers(0, len(self.x_b), len(recs))])
+            batch["x_b"] = from_uint8(self.x_b[rng.integers(0, len(self.x_b), n)[part]])
         return batch
 
     def _produce(self, epoch: int, skip: int, pool: ThreadPoolExecutor, out: queue.Queue, stop: threading.Event
@@ -236,11 +266,12 @@ class StreamData(TrainData):
                     continue
             return False
 
-        start, stop_pos = batching.rank_span(self.plan, self.rank)
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        start, stop_pos, rng = self._span(epoch)
         order = stream.shard_order(len(self.index.names), self.seed, epoch)
+        whole = self.sharding == "global"  # the buffer draws every rank's samples; this rank keeps its own
         raws = stream.shuffled_span(self.index, order, start, stop_pos, self.buffer, rng, self.sidecars,
-                                    skip=skip * self.share, live=self.live)
+                                    skip=skip * (self.plan.step_size if whole else self.share), live=self.live,
+                                    keep=self._keep if whole and self.world > 1 else None)
         try:
             chunk, step = [], skip
             for raw in raws:
@@ -298,9 +329,10 @@ class StreamData(TrainData):
         return out
 
     def summary(self) -> dict[str, Any]:
-        start, stop = batching.rank_span(self.plan, self.rank)
+        start, stop, _ = self._span(0)
         order = stream.shard_order(len(self.index.names), self.seed, 0)
         return {**super().summary(), "shards": len(self.index.names), "index": self.index.source,
+                "stream_sharding": self.sharding,
                 "shards_per_rank": len(stream.shards_overlapping(self.index, order, start, stop)),
                 "stream_buffer": self.buffer, "loader_threads": self.threads, "prefetch_batches": PREFETCH_BATCHES,
                 "max_live_samples": self.max_live}
