@@ -117,7 +117,7 @@ class ControlEncoder(nn.Module):
     def __init__(self, net: UNet):
         super().__init__()
         self.c0, self.context_tokens = net.c0, net.context_tokens
-        for name in ("time_mlp", "conv_in", "down_blocks", "downsamples", "mid1", "to_context", "attn", "mid2"):
+        for name in ("time_mlp", "conv_in", "down_blocks", "downsamples", "mid1", "self_attn", "to_context", "attn", "mid2"):
             setattr(self, name, copy.deepcopy(getattr(net, name)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor, hint: torch.Tensor
@@ -205,12 +205,13 @@ class ControlNet(nn.Module):
         # labels / embeddings / None (null) exactly as the base's denoiser takes them (its own conversion)
         e = self.base._as_embedding(cond, b)
         if control is None:
-            return self.base.net(x, t, e)  # branch off: the locked model itself
-        control = control.to(x.device, x.dtype)
-        if control.shape[0] != b:
-            control = control.repeat(b // control.shape[0], 1, 1, 1)
-        down, mid = self.residuals(x, t, e, control, scale)
-        return self.base.net(x, t, e, down, mid)
+            out = self.base.net(x, t, e)  # branch off: the locked model itself
+        else:
+            control = control.to(x.device, x.dtype)
+            if control.shape[0] != b:
+                control = control.repeat(b // control.shape[0], 1, 1, 1)
+            out = self.base.net(x, t, e, *self.residuals(x, t, e, control, scale))
+        return self.base.to_eps(out, x, t)  # the base's parameterisation (eps or v) to eps
 
     def denoiser(self, control: torch.Tensor | None, scale: float | None = None) -> Denoiser:
         """D(x, t, cond) -> eps with the control image bound: composes with every sampler / guidance wrapper."""

@@ -50,6 +50,12 @@ class DiffusionConfig:
     # low SNR, where an eps error is amplified sqrt((1 - a) / a) times (~157x at t = T-1): docs/results.md,
     # "Deterministic sampling gap". Models that call the U-Net directly (ControlNet) need an "eps" base.
     prediction: str = "eps"
+    # "none": the plain mean squared error; "min_snr": Min-SNR-gamma (Hang et al. 2023, Eq. 10): the x0 error at
+    # timestep t weighted by min(SNR_t, gamma), i.e. min(SNR, gamma) / SNR on the eps error and
+    # min(SNR, gamma) / (SNR + 1) on the v error, so the easy high-SNR steps stop dominating the gradient.
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    attention: bool = False  # self-attention at the lowest resolution (``unet.SelfAttention``)
     sample_steps: int = 50  # DDIM steps used by sample()
     sample_eta: float = 0.0  # DDIM eta used by sample(): 0 deterministic, 1 = DDPM ancestral on the same steps
     guidance_scale: float = 1.0  # CFG w in eps~ = (1 + w) eps(c) - w eps(null); 0 = no guidance
@@ -65,6 +71,10 @@ class ConditionalDiffusion(nn.Module):
         self.config = config
         if config.prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {config.prediction!r}")
+        if config.loss_weighting not in ("none", "min_snr"):
+            raise ValueError(f"loss_weighting must be 'none' or 'min_snr', got {config.loss_weighting!r}")
+        if config.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {config.min_snr_gamma}")
         if config.condition not in ("label", "text"):
             raise ValueError(f"condition must be 'label' or 'text', got {config.condition!r}")
         if not 0.0 <= config.p_uncond < 1.0:
@@ -73,7 +83,7 @@ class ConditionalDiffusion(nn.Module):
         # alpha_bar as a float32 buffer for training (moves with .to(device)); samplers use the float64 schedule.
         self.register_buffer("alpha_bars", self.schedule.alpha_bars.float(), persistent=False)
         self.net = UNet(config.in_channels, config.channels, config.condition, config.num_classes,
-                        config.text_dim, config.context_tokens)
+                        config.text_dim, config.context_tokens, config.attention)
         self.ema: UNet | None = None
         if config.ema_decay > 0:
             self.ema = copy.deepcopy(self.net).requires_grad_(False)
@@ -171,7 +181,8 @@ class ConditionalDiffusion(nn.Module):
              p_uncond: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """L_simple = E_{t, eps} ||eps - eps_theta(sqrt(a_bar) x0 + sqrt(1 - a_bar) eps, t, c~)||^2
         (Ho et al. 2020, Eq. 14), with c~ = null w.p. p_uncond (Ho & Salimans 2022, Algorithm 1);
-        with prediction="v" the same squared error on v instead of eps (``target``).
+        with prediction="v" the same squared error on v instead of eps (``target``); with
+        loss_weighting="min_snr" each sample's error weighted by ``loss_weights``.
 
         ``eps_model(x_t, t, e)`` replaces the U-Net for models that wrap it (ControlNet adds its
         residuals, super-resolution concatenates the upsampled low-resolution image); the
@@ -184,8 +195,21 @@ class ConditionalDiffusion(nn.Module):
         p = self.config.p_uncond if p_uncond is None else p_uncond
         drop = torch.rand(b, device=x0.device) < p
         e = self.net.cond(c, drop=drop)  # (B, E)
-        loss = F.mse_loss((eps_model or self.net)(x_t, t, e), self.target(x0, eps, a_bar))
+        out, target = (eps_model or self.net)(x_t, t, e), self.target(x0, eps, a_bar)
+        if self.config.loss_weighting == "none":
+            loss = F.mse_loss(out, target)
+        else:
+            per_sample = ((out - target) ** 2).flatten(1).mean(1)  # (B,)
+            loss = (self.loss_weights(a_bar.view(b)) * per_sample).mean()
         return loss, {"loss": loss.item()}
+
+    def loss_weights(self, a_bar: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights (Hang et al. 2023) for the regression target, (B,) from alpha_bar (B,):
+        min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v (SNR = a / (1 - a)); each equals
+        min(SNR, gamma) on the x0 error, since ||eps err||^2 = SNR ||x0 err||^2 and ||v err||^2 = (SNR + 1) ||x0 err||^2."""
+        snr = a_bar / (1 - a_bar)
+        clipped = snr.clamp(max=self.config.min_snr_gamma)
+        return clipped / snr if self.config.prediction == "eps" else clipped / (snr + 1)
 
     def optimizer_groups(self):
         return {"main": self.net.parameters()}  # the EMA copy is not optimised

@@ -61,6 +61,30 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class SelfAttention(nn.Module):
+    """h + W_o softmax(Q K^T / sqrt(d)) V over the H*W positions of a feature map (DDPM, Ho et al. 2020,
+    App. B: self-attention at the 16x16 level; ADM, Dhariwal & Nichol 2021, §2: at the low resolutions).
+    The output projection starts at zero, so the block begins as the identity."""
+
+    def __init__(self, channels: int, heads: int = 1):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = h.shape
+        q, k, v = self.qkv(self.norm(h)).view(b, 3, self.heads, c // self.heads, hh * ww).unbind(1)
+        # (B, heads, HW, C / heads) each
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return h + self.out(out.transpose(-1, -2).reshape(b, c, hh, ww))
+
+
 class Downsample(nn.Module):
     def __init__(self, c: int):
         super().__init__()
@@ -85,7 +109,7 @@ class UNet(nn.Module):
 
     ``channels[i]`` is the width at level i; resolution halves between levels
     (28 -> 14 -> 7 for three levels). One residual block per level on the way down
-    and up, a middle block (res, [cross-attention], res) at the lowest resolution.
+    and up, a middle block (res, [self-attention], [cross-attention], res) at the lowest resolution.
     E = 4 * channels[0] is the width of the time (and condition) embedding.
     """
 
@@ -97,6 +121,7 @@ class UNet(nn.Module):
         num_classes: int = 10,
         text_dim: int = 64,
         context_tokens: int = 4,
+        attention: bool = False,
     ):
         super().__init__()
         if not channels:
@@ -116,6 +141,8 @@ class UNet(nn.Module):
             c_prev = c
 
         self.mid1 = ResBlock(c_low, c_low, E)
+        # self-attention between the middle blocks (``attention``), before the text cross-attention
+        self.self_attn = SelfAttention(c_low, heads=c_low // 32 if c_low % 32 == 0 else 1) if attention else None
         self.context_tokens = context_tokens
         if condition == "text":
             # One pooled CLIP vector -> L context tokens, so attention has something to choose between.
@@ -153,6 +180,8 @@ class UNet(nn.Module):
             skips.append(h)
             h = down(h)
         h = self.mid1(h, emb)  # (B, c_low, h, w)
+        if self.self_attn is not None:
+            h = self.self_attn(h)
         if self.attn is not None:
             context = self.to_context(e).view(e.shape[0], self.context_tokens, -1)  # (B, L, E)
             h = self.attn(h, context)

@@ -1,0 +1,162 @@
+"""The diffusion training recipe, chosen by measurement: each change alone on the same budget, then all.
+
+Issue "Diffusion models that are as good as our GANs", item 2. Every variant trains the same U-Net
+(``--channels``) on ``bundled:mnist`` for the same number of Adam steps of the same batches (the data
+order comes from its own seeded generator, so it is identical across variants), with a direct loop over
+``ConditionalDiffusion.loss`` and ``update_ema`` (what ``train_step`` does, without Ray: the budget goes
+to optimisation). The changes, after the papers that define them:
+
+* ``prediction="v"``: the network predicts v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022, §4);
+* ``schedule="cosine"`` (Nichol & Dhariwal 2021, Eq. 17);
+* ``loss_weighting="min_snr"``: Min-SNR-gamma, gamma = 5 (Hang et al. 2023);
+* ``attention=True``: self-attention at the lowest resolution (Ho et al. 2020, App. B);
+* ``ema_decay=0.999``: sampling with an exponential moving average of the weights (Ho et al. 2020, §4).
+
+Each trained model is scored unguided by the pipeline's judge (conditional accuracy, domain FID, KID on
+the judge's features) with 25-step deterministic DDIM, 20-step DPM-Solver++(2M) and 25-step ancestral
+sampling, x0 clipped as ``sample`` does. ``--full`` adds, for the last variant, the 1000-step ancestral
+chain (the reference the few-step samplers are held to) and a CFG sweep.
+
+    .venv/bin/python -m benchmarks.diffusion_recipe --steps 600 --out /tmp/recipe            # the ablation
+    .venv/bin/python -m benchmarks.diffusion_recipe --only recipe --steps 3000 --full --out /tmp/recipe-final
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.diffusion_common import Scorer, balanced_labels, machine, parser, setup, table, write_json
+from benchmarks.diffusion_gap import kid, save_grid
+from condgen.models.diffusion import SAMPLERS, ConditionalDiffusion, DiffusionConfig, cfg, clip_x0
+from condgen.tasks.data.splits import load_split
+from condgen.tasks.io.images import from_uint8
+from condgen.tasks.judging.evaluate import predict
+
+RECIPE = {"prediction": "v", "schedule": "cosine", "loss_weighting": "min_snr", "attention": True, "ema_decay": 0.999}
+VARIANTS: dict[str, dict] = {
+    "baseline": {},
+    "v": {"prediction": "v"},
+    "cosine": {"schedule": "cosine"},
+    "min_snr": {"loss_weighting": "min_snr"},
+    "attention": {"attention": True},
+    "ema": {"ema_decay": 0.999},
+    "recipe": RECIPE,
+}
+SAMPLER_RUNS = [("DDIM 25", "ddim", 25), ("DPM++(2M) 20", "dpmpp_2m", 20), ("ancestral 25", "ddpm", 25)]
+
+
+def train_steps(config: DiffusionConfig, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch: int, seed: int,
+                warmup: int = 100) -> tuple[ConditionalDiffusion, list[float], float]:
+    """``steps`` Adam steps on ``model.loss`` (linear LR warm-up over ``warmup`` steps, then constant), EMA
+    updated after each; the batches come from a generator seeded by ``seed`` alone."""
+    torch.manual_seed(seed)
+    model = ConditionalDiffusion(config).train()
+    opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
+    order = torch.Generator().manual_seed(seed)
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / warmup)
+        idx = torch.randint(0, len(y), (batch,), generator=order)
+        loss, _ = model.loss(x[idx], y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.update_ema()
+        losses.append(loss.item())
+        if (step + 1) % 250 == 0:
+            print(f"  step {step + 1}/{steps}, {time.perf_counter() - t0:.0f}s, loss {np.mean(losses[-250:]):.4f}",
+                  flush=True)
+    return model.eval(), losses, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def generate(model: ConditionalDiffusion, labels: torch.Tensor, sampler: str, steps: int, *, seed: int,
+             guidance: float = 0.0, chunk: int = 250) -> torch.Tensor:
+    """Samples (B, C, H, W) in [-1, 1] with the model's sampling weights (EMA when it has them), x0 clipped
+    as ``sample`` clips, CFG weight ``guidance``; the start noise is seeded per chunk."""
+    out, conf = [], model.config
+    for i in range(0, len(labels), chunk):
+        g = torch.Generator().manual_seed(seed + i)
+        c = labels[i:i + chunk]
+        x_T = torch.randn((len(c), conf.in_channels, conf.image_size, conf.image_size), generator=g)
+        D = clip_x0(cfg(model.denoiser(), guidance, model.null_cond(1)), model.schedule)
+        out.append(SAMPLERS[sampler](D, x_T, model.schedule, cond=c, generator=g, steps=steps).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def score(scorer: Scorer, model: ConditionalDiffusion, labels: torch.Tensor, sampler: str, steps: int, *,
+          seed: int, guidance: float = 0.0) -> tuple[dict[str, float], torch.Tensor]:
+    t0 = time.perf_counter()
+    s = generate(model, labels, sampler, steps, seed=seed, guidance=guidance)
+    sec = time.perf_counter() - t0
+    sc = scorer.score(s, labels.numpy())
+    feats = predict(scorer.judge.model, s)[1].numpy().astype(np.float64)
+    return {**sc, "kid": kid(scorer.real_features, feats), "seconds": sec}, s
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--steps", type=int, default=600, help="Adam steps per variant (the budget)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--channels", default="16,32,32")
+    p.add_argument("--only", default="", help="comma-separated variants (default: all): " + ",".join(VARIANTS))
+    p.add_argument("--n-per-class", type=int, default=30, help="samples per class for each score")
+    p.add_argument("--full", action="store_true", help="also the 1000-step ancestral chain and a CFG sweep")
+    p.add_argument("--full-per-class", type=int, default=30, help="samples per class for the 1000-step chain")
+    p.add_argument("--cfg", default="0.5,1,2,3", help="CFG weights of the sweep (--full)")
+    p.add_argument("--out", default="/tmp/recipe", help="folder for models (safetensors) and grids")
+    args = p.parse_args()
+    shards = setup(args)
+    os.makedirs(args.out, exist_ok=True)
+    print(machine(), flush=True)
+    scorer = Scorer.for_shards(shards)
+    train = load_split(shards, "train")
+    x, y = from_uint8(train["x"]), torch.from_numpy(np.asarray(train["y"])).long()
+    labels = torch.from_numpy(balanced_labels(args.n_per_class)).long()
+    base = {"channels": tuple(int(c) for c in args.channels.split(",")), "lr": args.lr,
+            "in_channels": int(x.shape[1]), "image_size": int(x.shape[-1])}
+    names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+    rows, figures = [], []
+    for name in names:
+        config = DiffusionConfig(**base, **VARIANTS[name])
+        print(f"[{name}] {VARIANTS[name] or 'eps, linear, uniform weights, no attention, no EMA'}", flush=True)
+        model, losses, train_s = train_steps(config, x, y, steps=args.steps, batch=args.batch, seed=args.seed)
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(args.out, f"{name}.safetensors"))
+        for label, sampler, steps in SAMPLER_RUNS:
+            sc, s = score(scorer, model, labels, sampler, steps, seed=args.seed)
+            save_grid(s, args.n_per_class, os.path.join(args.out, f"{name}-{sampler}{steps}.png"))
+            rows.append([name, label, sc["acc"], sc["fid"], sc["kid"], f"{train_s:.0f}s"])
+            figures.append({"variant": name, "sampler": sampler, "steps": steps, "guidance": 0.0, **sc,
+                            "train_seconds": train_s, "final_loss": float(np.mean(losses[-100:]))})
+            print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows[-1:]), flush=True)
+        if args.full and name == names[-1]:
+            full_labels = torch.from_numpy(balanced_labels(args.full_per_class)).long()
+            for label, sampler, steps in [("ancestral 1000", "ddpm", 1000), ("DDIM 25", "ddim", 25),
+                                          ("DPM++(2M) 20", "dpmpp_2m", 20)]:
+                sc, s = score(scorer, model, full_labels, sampler, steps, seed=args.seed + 1)
+                save_grid(s, args.full_per_class, os.path.join(args.out, f"{name}-full-{sampler}{steps}.png"))
+                rows.append([name, f"{label} (n={len(full_labels)})", sc["acc"], sc["fid"], sc["kid"], ""])
+                figures.append({"variant": name, "sampler": sampler, "steps": steps, "guidance": 0.0, "full": True,
+                                **sc})
+                print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows[-1:]), flush=True)
+            for w in (float(v) for v in args.cfg.split(",")):
+                sc, s = score(scorer, model, labels, "ddim", 25, seed=args.seed, guidance=w)
+                save_grid(s, args.n_per_class, os.path.join(args.out, f"{name}-cfg{w:g}.png"))
+                rows.append([name, f"DDIM 25, CFG w={w:g}", sc["acc"], sc["fid"], sc["kid"], ""])
+                figures.append({"variant": name, "sampler": "ddim", "steps": 25, "guidance": w, **sc})
+                print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows[-1:]), flush=True)
+    print(f"\n{machine()}; {args.steps} Adam steps x batch {args.batch}, lr {args.lr} (warm-up 100), "
+          f"channels {base['channels']}; {len(labels)} samples per score\n")
+    print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows))
+    write_json(args.json, {"figures": figures, "base": {k: str(v) for k, v in base.items()}, "steps": args.steps,
+                           "batch": args.batch})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The diffusion training recipe's pieces: Min-SNR-gamma weighting, self-attention at the lowest
+resolution, and models that wrap the U-Net (ControlNet) on a v-prediction base with attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from condgen.models.controlnet import ControlNet, ControlNetConfig, control_image
+from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig
+from condgen.models.diffusion.unet import SelfAttention
+
+TINY = {"channels": (4, 8), "timesteps": 50, "schedule": "cosine"}
+
+
+def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every weight moved off its (often zero) initialisation, so outputs depend on every layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_the_x0_error_by_min_snr_gamma(prediction):
+    """Hang et al. 2023: whatever the network predicts, the weighted loss is min(SNR, gamma) ||x0_hat - x0||^2."""
+    torch.manual_seed(0)
+    model = ConditionalDiffusion(DiffusionConfig(**TINY, prediction=prediction, loss_weighting="min_snr",
+                                                 min_snr_gamma=5.0))
+    x0, eps = torch.rand(6, 1, 8, 8) * 2 - 1, torch.randn(6, 1, 8, 8)
+    t = torch.tensor([0, 5, 15, 25, 40, 49])
+    a = model.alpha_bars[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = torch.randn_like(x0)  # any network output
+    target_err = ((out - model.target(x0, eps, a)) ** 2).flatten(1).mean(1)
+    x0_hat = (x_t - (1 - a).sqrt() * model.to_eps(out, x_t, t)) / a.sqrt()  # Song et al. 2021, Eq. 12
+    x0_err = ((x0_hat - x0) ** 2).flatten(1).mean(1)
+    snr = (a / (1 - a)).flatten()
+    weighted = model.loss_weights(a.flatten()) * target_err
+    assert torch.allclose(weighted, snr.clamp(max=5.0) * x0_err, rtol=1e-4, atol=1e-6)
+    # the weights actually differ from 1 (high-SNR steps are down-weighted)
+    assert model.loss_weights(a.flatten()).min() < 0.5
+
+
+def test_min_snr_loss_trains_and_none_is_the_plain_mse():
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 8, 8) * 2 - 1, torch.arange(64) % 10  # enough t draws to hit SNR > gamma
+    plain = ConditionalDiffusion(DiffusionConfig(**TINY))
+    weighted = ConditionalDiffusion(DiffusionConfig(**TINY, loss_weighting="min_snr"))
+    weighted.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    a, _ = plain.loss(x, y)
+    torch.manual_seed(1)
+    b, _ = weighted.loss(x, y)
+    assert torch.isfinite(b) and not torch.isclose(a, b)  # same draws, another weighting
+    with pytest.raises(ValueError, match="loss_weighting"):
+        ConditionalDiffusion(DiffusionConfig(**TINY, loss_weighting="snr"))
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        ConditionalDiffusion(DiffusionConfig(**TINY, loss_weighting="min_snr", min_snr_gamma=0))
+
+
+def test_self_attention_starts_as_identity_and_is_permutation_equivariant():
+    torch.manual_seed(0)
+    attn = SelfAttention(8, heads=2)
+    h = torch.randn(2, 8, 3, 3)
+    assert torch.equal(attn(h), h)  # zero-initialised output projection
+    _perturbed(attn)
+    out = attn(h)
+    assert not torch.allclose(out, h)
+    # no positional term: permuting the positions permutes the output the same way
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(1))
+    hp = h.flatten(2)[:, :, perm].view_as(h)
+    assert torch.allclose(attn(hp).flatten(2), out.flatten(2)[:, :, perm], atol=1e-6)
+    # and every position sees every other: changing one position changes the output elsewhere
+    h2 = h.clone()
+    h2[:, :, 0, 0] += 1.0
+    assert not torch.allclose(attn(h2)[:, :, 2, 2], out[:, :, 2, 2])
+
+
+def test_attention_is_off_by_default_so_older_checkpoints_keep_their_keys():
+    off = ConditionalDiffusion(DiffusionConfig(**TINY)).state_dict()
+    on = ConditionalDiffusion(DiffusionConfig(**TINY, attention=True)).state_dict()
+    assert not any("self_attn" in k for k in off)
+    assert {k for k in on if "self_attn" in k} and set(off) < set(on)
+
+
+@pytest.mark.parametrize("condition", ["label", "text"])
+def test_controlnet_on_a_v_prediction_base_with_attention_equals_the_base_at_init(condition):
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(channels=(4, 8), timesteps=20, prediction="v", attention=True, condition=condition,
+                          text_dim=12)
+    base = _perturbed(ConditionalDiffusion(cfg)).eval()
+    net = ControlNet(ControlNetConfig(base=cfg), base=base)
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([2, 9, 19])
+    cond = torch.tensor([1, 4, 7]) if condition == "label" else base.embed_condition(torch.randn(3, 12)).detach()
+    c = control_image(torch.rand(3, 1, 28, 28) * 2 - 1)
+    with torch.no_grad():
+        ref = base.eps(x, t, cond)
+        assert torch.equal(net.eps(x, t, cond, c), ref)  # eps, not the raw v output
+        assert torch.equal(net.eps(x, t, cond, None), ref)
+        for z in [*net.zero_convs, net.zero_mid]:
+            z.weight.normal_(0, 0.1)
+        assert not torch.allclose(net.eps(x, t, cond, c), ref)
+    assert any("self_attn" in k for k in net.control.state_dict())  # the trainable copy has the attention too
