@@ -45,6 +45,9 @@ class TrainSpec(BaseModel):
         "buffer (memory bounded by buffers); 'auto': stream when the decoded split is large")
     stream_buffer: int | None = Field(None, ge=1, le=10_000_000, description="shuffle-buffer samples (stream)")
     loader_threads: int | None = Field(None, ge=1, le=64, description="decode threads per worker (stream)")
+    stream_sharding: Literal["global", "span"] = Field(
+        "global", description="'global': a streamed step takes the same samples for any num_workers; 'span': each "
+        "worker reads only its span of shards (less IO; the model changes with num_workers)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="'bf16': autocast; weights stay fp32")
     grad_accumulation: int = Field(1, ge=1, le=1024, description="micro-batches per worker per optimiser step "
                                    "(models with one optimiser)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 import time
 from collections import Counter
@@ -372,3 +373,32 @@ def test_global_sharding_decodes_only_the_ranks_own_samples_and_reads_the_epochs
 def test_a_bad_stream_sharding_is_a_one_line_error(shard_set):
     with pytest.raises(ValueError, match=r"^stream_sharding must be one of \('global', 'span'\), not 'ranks'$"):
         open_train_data(_config(shard_set, stream_sharding="ranks"), 0, 1, labelled_only=False)
+
+
+def test_stream_sharding_travels_from_the_cli_and_a_retrain_spec_to_the_mlflow_params(shard_set, monkeypatch):
+    from pydantic import ValidationError
+    from typer.testing import CliRunner
+
+    from condgen.cli import app
+    from condgen.flows.params import TrainSpec
+    from condgen.tasks.training import driver
+    from condgen.tasks.training.driver import TrainRequest, batch_params
+
+    assert TrainSpec().stream_sharding == TrainRequest(model="cvae", shards_uri="x").stream_sharding == "global"
+    assert batch_params(TrainRequest(model="cvae", shards_uri="x", stream_sharding="span"))["stream_sharding"] == "span"
+    with pytest.raises(ValueError, match="stream_sharding must be one of"):
+        batch_params(TrainRequest(model="cvae", shards_uri="x", stream_sharding="ranks"))
+    with pytest.raises(ValidationError, match="stream_sharding"):
+        TrainSpec(stream_sharding="ranks")
+    bad = CliRunner().invoke(app, ["train", "--stream-sharding", "ranks"])
+    assert bad.exit_code == 2 and "'ranks' is not one of 'global', 'span'" in re.sub(r"[\s│]+", " ", bad.output)
+    seen: list[TrainRequest] = []
+
+    def train(req: TrainRequest):  # the request the command built; stop before Ray
+        seen.append(req)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(driver, "train", train)
+    for args, want in (([], "global"), (["--stream-sharding", "span"], "span")):
+        res = CliRunner().invoke(app, ["train", "--shards", shard_set, *args])
+        assert isinstance(res.exception, RuntimeError) and seen.pop().stream_sharding == want

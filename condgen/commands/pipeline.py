@@ -14,6 +14,7 @@ import typer
 from condgen.commands import checks
 
 DataMode = Literal["auto", "memory", "stream"]
+StreamSharding = Literal["global", "span"]
 Precision = Literal["fp32", "bf16"]
 LrScaling = Literal["none", "linear", "sqrt"]
 
@@ -154,6 +155,9 @@ def train(
     evaluate: Annotated[bool, typer.Option("--evaluate", help="score the result with the judge")] = False,
     data_mode: Annotated[DataMode, typer.Option(help="memory: decode the split into each worker; stream: read "
                                                 "shards through a shuffle buffer; auto: stream large sets")] = "auto",
+    stream_sharding: Annotated[StreamSharding, typer.Option(help="global: a streamed step takes the same samples "
+                                                            "for any --workers; span: each worker reads only its "
+                                                            "shards (less IO; the model changes)")] = "global",
     precision: Annotated[Precision, typer.Option(help="bf16: autocast (weights stay fp32)")] = "fp32",
     grad_accumulation: Annotated[int, typer.Option(min=1, help="micro-batches per worker per optimiser step")] = 1,
     checkpoint_every_steps: Annotated[int, typer.Option(min=0, help="also checkpoint every N steps (exact "
@@ -186,7 +190,7 @@ def train(
         ingest_source(source_b, shards_b)
     res = train_model(TrainRequest(model=model, shards_uri=shards, model_config=config, epochs=epochs,
                                    batch_size=batch_size, num_workers=workers, seed=seed, shards_b_uri=shards_b,
-                                   data_mode=data_mode, precision=precision, grad_accumulation=grad_accumulation,
+                                   data_mode=data_mode, stream_sharding=stream_sharding, precision=precision, grad_accumulation=grad_accumulation,
                                    checkpoint_every_steps=checkpoint_every_steps, lr_scaling=lr_scaling,
                                    lr_reference_batch=lr_reference_batch, lr_warmup_steps=lr_warmup_steps))
     print(json.dumps({"run_id": res.run_id, "checkpoint": res.checkpoint_uri}, indent=2))

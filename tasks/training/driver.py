@@ -8,7 +8,7 @@ split over them: ``tasks/training/batching.py``), copies the final
 checkpoint (``model.safetensors`` + ``config.json``; the adapter files of a LoRA run) to
 storage and the run's artifacts, and returns the per-epoch history the workers logged. The request's
 ``precision``, ``grad_accumulation``, ``checkpoint_every_steps`` and data options (``data_mode``,
-``stream_buffer``, ``loader_threads``) are checked here, before Ray starts, and logged as MLflow params.
+``stream_buffer``, ``loader_threads``, ``stream_sharding``) are checked here, before Ray starts, and logged as MLflow params.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from condgen.tasks.io.shards import read_manifest
 from condgen.tasks.training import batching
 from condgen.tasks.training.adapters import prepare, served_parameters, trained_adapter_parameters
 from condgen.tasks.training.data_config import fit_to_data
-from condgen.tasks.training.loader import MODES
+from condgen.tasks.training.loader import MODES, SHARDINGS
 from condgen.tasks.training.watch import progress_lines
 from condgen.tasks.training.worker import PRECISIONS, check_options, group_lrs, train_loop_per_worker
 
@@ -81,10 +81,13 @@ class TrainRequest:
     grad_accumulation: int = 1
     # Training data (tasks/training/loader.py): "memory" decodes the split into each worker, "stream" reads
     # shards through a shuffle buffer of stream_buffer samples with loader_threads decoders, "auto" picks
-    # by the split's decoded size. None = the loader's default.
+    # by the split's decoded size. None = the loader's default. stream_sharding "global": every streamed step
+    # takes the same samples for any num_workers; "span": each worker reads only its span (less IO, but the
+    # model changes with num_workers).
     data_mode: str = "auto"
     stream_buffer: int | None = None
     loader_threads: int | None = None
+    stream_sharding: str = "global"
     grid_every: int = 1
     use_gpu: bool = False
     # Cluster placement. None = one CPU per worker (plus the GPU when use_gpu). A custom
@@ -151,6 +154,7 @@ def train(req: TrainRequest) -> TrainResult:
             "checkpoint_every_steps": req.checkpoint_every_steps, "precision": req.precision,
             "grad_accumulation": req.grad_accumulation, "data_mode": req.data_mode,
             "stream_buffer": req.stream_buffer, "loader_threads": req.loader_threads,
+            "stream_sharding": req.stream_sharding,
         }
         storage_path, storage_fs = ray_storage(req.storage_path or settings.ray_storage())
         trainer = TorchTrainer(
@@ -208,6 +212,8 @@ def batch_params(req: TrainRequest) -> dict[str, Any]:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {req.precision!r}")
     if req.data_mode not in MODES:
         raise ValueError(f"data_mode must be one of {MODES}, not {req.data_mode!r}")
+    if req.stream_sharding not in SHARDINGS:
+        raise ValueError(f"stream_sharding must be one of {SHARDINGS}, not {req.stream_sharding!r}")
     for name in ("checkpoint_every_steps", "stream_buffer", "loader_threads"):
         value = getattr(req, name)
         if value is not None and value < (0 if name == "checkpoint_every_steps" else 1):
@@ -217,7 +223,7 @@ def batch_params(req: TrainRequest) -> dict[str, Any]:
             "lr_scaling": req.lr_scaling, "lr_reference_batch": req.lr_reference_batch or "",
             "lr_warmup_steps": req.lr_warmup_steps, "checkpoint_every_steps": req.checkpoint_every_steps,
             "data_mode": req.data_mode, "stream_buffer": req.stream_buffer or "",
-            "loader_threads": req.loader_threads or ""}
+            "loader_threads": req.loader_threads or "", "stream_sharding": req.stream_sharding}
 
 
 def _lr_params(req: TrainRequest, model: torch.nn.Module) -> dict[str, float]:
