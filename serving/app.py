@@ -21,7 +21,9 @@ over ``max_body_bytes`` (413, counted while it streams, chunked or not), an unpa
 Every 422 ``detail`` is a list of ``{loc, msg, type[, input, ctx]}``, inputs cut to 64 characters.
 When ``CONDGEN_API_KEY`` is set, ``/v1/*`` and ``/generate`` need it in ``X-API-Key``
 (or ``Authorization: Bearer``); otherwise 401, answered on the headers before any body byte is
-read (``serving/guard.py``). Only its sha256 travels to the replicas; Ray's processes start
+read (``serving/guard.py``). Both checks run first in Ray Serve's HTTP proxy, where the bytes arrive, so
+that a refused body never reaches a replica (``serving/proxy_guard.py``; ``run`` installs it), and again in
+the replica. Only its sha256 travels to the replicas; Ray's processes start
 without it and without credentials (``serving/launch.py``).
 
 A user's pretrained diffusers pipeline with many LoRA adapters on one base is another app:
@@ -52,6 +54,7 @@ from condgen.serving.docs import ASSET_PATH, add_offline_docs
 from condgen.serving.errors import ApiError
 from condgen.serving.guard import RequestGuard, install_error_handlers, key_error, presented_key
 from condgen.serving.launch import API_KEY_ENV, launch_env, refuse_busy_port, replica_env
+from condgen.serving.proxy_guard import Policy, controller_options
 from condgen.serving.service import Service
 from condgen.serving.ui import PAGE
 from condgen.tasks.generation.batching import Cancelled
@@ -62,6 +65,7 @@ from condgen.tasks.io.redact import redact_uri
 MAX_BODY_BYTES = 1024 * 1024  # default of ServeConfig.max_body_bytes
 SMALL_BODY_BYTES = 64 * 1024  # routes without an upload (prompts of <= 200 characters, <= 64 seeds)
 SMALL_BODY_PATHS = ("/v1/generate", "/generate")
+PROTECTED = ("/v1/", "/generate")  # need the API key when one is configured ("/v1/": every path under it)
 KNOWN_PATHS = ("/v1/generate", "/v1/edit", "/v1/interpolate", "/v1/map", "/v1/models", "/generate", "/health",
                "/metrics", "/", "/docs", "/redoc", "/openapi.json")
 
@@ -77,6 +81,8 @@ class Metrics:
 
         r = self.registry = CollectorRegistry()
         self.requests = Counter("condgen_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.body_bytes = Counter("condgen_request_body_bytes", "request body bytes that reached the replica",
+                                  ["endpoint"], registry=r)
         self.latency = Histogram("condgen_request_seconds", "request latency", ["endpoint"], registry=r,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
         self.samples = Counter("condgen_samples", "images returned", ["model"], registry=r)
@@ -139,24 +145,46 @@ def require_key(key: Annotated[str | None, Depends(_key_header)],
         raise error
 
 
-def _authorise(path: str, headers) -> ApiError | None:
-    """The guard's check of the key, before FastAPI reads the body (``require_key`` documents it)."""
-    if not (path.startswith("/v1/") or path == "/generate"):
-        return None
-    return _key_error(presented_key(headers))
-
-
-def _body_limit(path: str) -> int:
-    """``max_body_bytes`` (1 MiB: an upload of ``/v1/edit``), and at most ``SMALL_BODY_BYTES`` on the routes
+def proxy_policy(config: ServeConfig | None = None, route_prefix: str = "/") -> Policy:
+    """The key and the body limits of ``config``, enforced by Serve's proxy and again by the replica's guard:
+    ``max_body_bytes`` (1 MiB: an upload of ``/v1/edit``), and at most ``SMALL_BODY_BYTES`` on the routes
     that take no upload: a valid generate body is ~2 KB, so a bigger one is refused while it streams, before
     the event loop spends time parsing and validating it (six 0.7 MB bodies in flight slowed /health to
     ~0.8 s at p99 in benchmarks/reliability.py)."""
+    limit = config.max_body_bytes if config is not None else MAX_BODY_BYTES
+    return Policy(route_prefix=route_prefix, default_limit=limit, protected=PROTECTED,
+                  limits={p: min(limit, SMALL_BODY_BYTES) for p in SMALL_BODY_PATHS},
+                  api_key_sha256=config.api_key_sha256 if config is not None else None)
+
+
+def _policy() -> Policy:
     svc = _STATE.get("service")
-    limit = svc.config.max_body_bytes if svc is not None else MAX_BODY_BYTES
-    return min(limit, SMALL_BODY_BYTES) if path in SMALL_BODY_PATHS else limit
+    return proxy_policy(svc.config if svc is not None else None)
 
 
-api.add_middleware(RequestGuard, authorise=_authorise, limit=_body_limit)  # inside _observe: 401/413 are counted
+def _authorise(path: str, headers) -> ApiError | None:
+    """The guard's check of the key, before FastAPI reads the body (``require_key`` documents it)."""
+    policy = _policy()
+    return key_error(presented_key(headers), policy.api_key_sha256) if policy.needs_key(path) else None
+
+
+def _body_limit(path: str) -> int:
+    return _policy().limit(path)
+
+
+def _endpoint(path: str) -> str:
+    """The metrics label of a path: a known route, the docs' assets, or "other"."""
+    return path if path in KNOWN_PATHS else "/docs/assets" if path.startswith(ASSET_PATH) else "other"
+
+
+def _count_body(path: str, size: int) -> None:
+    metrics: Metrics | None = _STATE.get("metrics")
+    if metrics is not None:
+        metrics.body_bytes.labels(_endpoint(path)).inc(size)
+
+
+# inside _observe: 401/413 are counted
+api.add_middleware(RequestGuard, authorise=_authorise, limit=_body_limit, on_body=_count_body)
 
 
 # -- errors and metrics -------------------------------------------------------------------------------
@@ -173,8 +201,7 @@ async def _timeout(_: Request, exc: Exception) -> JSONResponse:
 @api.middleware("http")
 async def _observe(request: Request, call_next):
     t0 = time.perf_counter()
-    path = request.url.path
-    endpoint = path if path in KNOWN_PATHS else "/docs/assets" if path.startswith(ASSET_PATH) else "other"
+    endpoint = _endpoint(request.url.path)
     response: Response = await call_next(request)
     metrics: Metrics | None = _STATE.get("metrics")
     if metrics is not None and endpoint != "/metrics":
@@ -314,7 +341,9 @@ def run(model_uri: str | list[str] | None = None, host: str = "127.0.0.1", port:
         *, config: ServeConfig | None = None, deployment: Deployment | None = None, name: str = "condgen",
         route_prefix: str = "/", **options: Any):
     """Start Ray (local unless RAY_ADDRESS; its dashboard only with CONDGEN_RAY_DASHBOARD=1, as every
-    step: ``tasks.io.cluster``), Serve's proxy on host:port, and the app with its replicas.
+    step: ``tasks.io.cluster``), Serve's proxy on host:port with the app's key and body limits
+    (``proxy_guard``: applied when this call starts Serve; a Serve already running keeps its proxy), and
+    the app with its replicas.
 
     PortInUse (one line) when host:port is taken. Ray's processes start without the API key and
     credentials (``serving/launch.py``); the key leaves this process's environment for good.
@@ -325,7 +354,8 @@ def run(model_uri: str | list[str] | None = None, host: str = "127.0.0.1", port:
     refuse_busy_port(host, port)
     with launch_env():
         ensure_ray(log_to_driver=True)
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port},
+                    controller_options=controller_options(proxy_policy(config, route_prefix)))
         handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
     if blocking:
         print(f"serving {[redact_uri(m.uri) for m in config.models]} on http://{host}:{port} with "

@@ -85,10 +85,13 @@ async def send_json(send: Callable[[Message], Awaitable[None]], status: int, det
 class RequestGuard:
     """ASGI middleware: ``authorise(path, headers)`` (an ApiError to refuse, else None) runs on the
     headers alone; ``limit(path)`` is the body limit in bytes of that route, checked on Content-Length and
-    again on every chunk received."""
+    again on every chunk received; ``on_body(path, n)`` (optional) is told of every chunk's size, so that
+    ``/metrics`` shows the body bytes that reached the replica (none of a body the proxy refused:
+    ``serving/proxy_guard.py``)."""
 
-    def __init__(self, app, *, authorise: Callable[[str, Headers], ApiError | None], limit: Callable[[str], int]):
-        self.app, self.authorise, self.limit = app, authorise, limit
+    def __init__(self, app, *, authorise: Callable[[str, Headers], ApiError | None], limit: Callable[[str], int],
+                 on_body: Callable[[str, int], None] | None = None):
+        self.app, self.authorise, self.limit, self.on_body = app, authorise, limit, on_body
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -114,7 +117,10 @@ class RequestGuard:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                received += size
+                if self.on_body is not None and size:
+                    self.on_body(path, size)
                 if received > limit:
                     raise BodyTooLarge(limit)
             return message

@@ -15,7 +15,8 @@ which also lets Ray Serve's proxy route the request to a replica that already ho
 through ``@serve.multiplexed(max_num_models_per_replica=max_adapters)``: Ray keeps the LRU and calls
 the entry's ``__del__`` when it evicts one (``serving/pretrained_service.py``). An unknown adapter is
 404, one of another kind or trained on another base 422, with the reason; bad input 422; overload
-503; timeout 504. ``CONDGEN_API_KEY`` guards ``/v1/*`` as in the model service (``serving/guard.py``).
+503; timeout 504. ``CONDGEN_API_KEY`` guards ``/v1/*`` as in the model service (``serving/guard.py``); the
+key and the body limit are enforced first in Serve's proxy (``serving/proxy_guard.py``; ``run`` installs it).
 
 Start it with ``condgen serve --pretrained-base PATH [--adapter NAME=URI ...]`` or ``run(...)``.
 """
@@ -36,6 +37,7 @@ from condgen.serving.errors import ApiError
 from condgen.serving.guard import RequestGuard, install_error_handlers, key_error, presented_key
 from condgen.serving.launch import API_KEY_ENV, launch_env, refuse_busy_port, replica_env
 from condgen.serving.pretrained_service import PretrainedService
+from condgen.serving.proxy_guard import Policy, controller_options
 from condgen.tasks.io import settings
 from condgen.tasks.io.cluster import ensure_ray
 from condgen.tasks.io.redact import redact_uri
@@ -64,16 +66,25 @@ def _service() -> PretrainedService:
     return svc
 
 
+def proxy_policy(config: PretrainedServeConfig | None = None, route_prefix: str = "/") -> Policy:
+    """The key (``/v1/*``) and one body limit for every route (prompts and uploads), enforced by Serve's
+    proxy and again by the replica's guard."""
+    return Policy(route_prefix=route_prefix, default_limit=config.max_body_bytes if config else 4 * 1024 * 1024,
+                  limits={}, protected=("/v1/",), api_key_sha256=config.api_key_sha256 if config else None)
+
+
+def _policy() -> Policy:
+    svc = _STATE.get("service")
+    return proxy_policy(svc.config if svc is not None else None)
+
+
 def _authorise(path: str, headers) -> ApiError | None:
-    svc = _STATE.get("service")
-    if not path.startswith("/v1/"):
-        return None
-    return key_error(presented_key(headers), svc.config.api_key_sha256 if svc is not None else None)
+    policy = _policy()
+    return key_error(presented_key(headers), policy.api_key_sha256) if policy.needs_key(path) else None
 
 
-def _body_limit(path: str) -> int:  # one limit for every route (prompts and uploads)
-    svc = _STATE.get("service")
-    return svc.config.max_body_bytes if svc is not None else 4 * 1024 * 1024
+def _body_limit(path: str) -> int:
+    return _policy().limit(path)
 
 
 api.add_middleware(RequestGuard, authorise=_authorise, limit=_body_limit)
@@ -177,7 +188,8 @@ def run(config: PretrainedServeConfig, host: str = "127.0.0.1", port: int = 8000
     refuse_busy_port(host, port)
     with launch_env():
         ensure_ray(log_to_driver=True)
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port},
+                    controller_options=controller_options(proxy_policy(config, route_prefix)))
         handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
     if blocking:
         print(f"serving {redact_uri(config.base)} with adapters {sorted(config.adapters)} on http://{host}:{port} "
