@@ -5,11 +5,13 @@ A tiny CVAE with its noise fixed (z = mu) trains a few optimiser steps on a stre
 spawned processes running the worker loop's functions, as ``tests/test_scale_out.py`` does for the in-memory
 path). With ``stream_sharding="global"`` both end with the same weights, with equal shares (24 = 12 + 12) and
 unequal ones (25 = 13 + 12); with ``"span"`` each rank shuffles a span of its own and the weights differ.
+The same check runs as two Ray Train ``TorchTrainer`` fits (the loop's functions as the worker loop).
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import ray.train
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -44,12 +46,10 @@ def write_digits(root: str) -> str:
     return root
 
 
-def _train(rank: int, world: int, uri: str, global_batch: int, sharding: str, out: str, store: str) -> None:
+def _fit(rank: int, world: int, uri: str, global_batch: int, sharding: str, out: str) -> None:
     """The worker loop's functions on rank ``rank`` of ``world`` over the streamed set: a tiny CVAE, z = mu."""
     torch.set_num_threads(1)
-    torch.randn_like = torch.zeros_like  # a spawned process of its own (or under monkeypatch in-process)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.randn_like = torch.zeros_like  # a process of its own (or under monkeypatch in-process)
     model = build_tiny("cvae", seed=SEED)
     broadcast_model(model)
     optimizers = {name: torch.optim.SGD(opt.param_groups[0]["params"], lr=1e-4)
@@ -63,8 +63,21 @@ def _train(rank: int, world: int, uri: str, global_batch: int, sharding: str, ou
         for batch in data.epoch(epoch):
             model.train_step(batch, opt_step)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}.{rank}")
+
+
+def _train(rank: int, world: int, uri: str, global_batch: int, sharding: str, out: str, store: str) -> None:
+    """``_fit`` in a gloo group of spawned processes."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _fit(rank, world, uri, global_batch, sharding, out)
     if world > 1:
         dist.destroy_process_group()
+
+
+def _ray_loop(config: dict) -> None:
+    """``_fit`` as a Ray Train worker loop (TorchTrainer has made the gloo group)."""
+    ctx = ray.train.get_context()
+    _fit(ctx.get_world_rank(), ctx.get_world_size(), config["uri"], config["batch"], "global", config["out"])
 
 
 def _one_and_two(tmp_path, monkeypatch, global_batch: int, sharding: str) -> tuple[dict, dict, dict]:
@@ -101,6 +114,23 @@ def test_span_streaming_changes_the_weights_with_the_worker_count(tmp_path, monk
     diff = _max_diff(one, two0)
     print(f"stream span, batch 24: max |1 worker - 2 workers| = {diff:.3g}")
     assert diff > 1e-5  # measured 1.3e-4: ~700 x the 1.9e-7 of the global order, 10 x its tolerance
+
+
+@pytest.mark.slow
+def test_under_ray_train_one_and_two_workers_reach_the_same_weights(tmp_path, local_ray):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    uri = write_digits(str(tmp_path / "set"))
+    for world in (1, 2):
+        cfg = {"uri": uri, "batch": 25, "out": str(tmp_path / f"ray{world}")}
+        TorchTrainer(_ray_loop, train_loop_config=cfg, scaling_config=ScalingConfig(num_workers=world),
+                     run_config=RunConfig(name=f"stream-{world}", storage_path=str(tmp_path / "ray"))).fit()
+    one, two0, two1 = (load_file(tmp_path / name) for name in ("ray1.0", "ray2.0", "ray2.1"))
+    assert all(torch.equal(two0[k], two1[k]) for k in two0)
+    print(f"Ray Train, stream global, batch 25: max |1 worker - 2 workers| = {_max_diff(one, two0):.3g}")
+    for k in one:
+        torch.testing.assert_close(two0[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_the_digit_set_streams_every_sample_once_per_epoch_on_two_workers(tmp_path):
