@@ -17,7 +17,10 @@
 * intra-class diversity: mean pairwise judge-feature distance between samples of one
   class, next to the same figure for real test images of that class;
 * CLIP score (optional, when a CLIP handle is given): cosine between each sample and
-  its class prompt.
+  its class prompt;
+* on ``bundled:shapes`` with a text-conditioned model, the pixel checker's per-attribute and
+  joint accuracy for test captions, seen and held-out combinations (``eval/shapes/...``,
+  ``tasks.judging.shapes_eval``).
 
 Samples are drawn from a fixed seed set, so two models (a candidate and the
 champion) are scored on exactly the same evaluation.
@@ -48,6 +51,7 @@ from condgen.tasks.io import storage, tracking
 from condgen.tasks.io.images import from_uint8, grid, to_uint8
 from condgen.tasks.io.model_store import apply_adapter, load_model_uri, load_trained
 from condgen.tasks.io.progress import progress
+from condgen.tasks.judging import shapes_eval
 from condgen.tasks.judging.feature_metrics import (
     MIN_SET_SIZE,
     frechet_distance,
@@ -232,6 +236,7 @@ class EvalResult:
     judge_accuracy: float | None = None  # the judge's own test accuracy
     judge_warning: str | None = None  # why the judge is too weak to judge (``judge_warning``), or None
     notes: list[str] = field(default_factory=list)  # why a metric is NaN
+    shapes: dict[str, float] = field(default_factory=dict)  # checker accuracies (shapes_eval.flat_metrics)
 
     EXTRA = ("kid", "kid_std", "precision", "recall", "density", "coverage", "diversity", "diversity_real",
              "clip_score")
@@ -241,6 +246,7 @@ class EvalResult:
                f"{prefix}mean_confidence": self.mean_confidence, f"{prefix}mean_entropy": self.mean_entropy}
         out.update({f"{prefix}acc_class_{c}": a for c, a in enumerate(self.per_class_accuracy) if not math.isnan(a)})
         out.update({f"{prefix}{name}": getattr(self, name) for name in self.EXTRA if getattr(self, name) is not None})
+        out.update({f"{prefix}shapes/{name}": value for name, value in self.shapes.items()})
         return out
 
 
@@ -279,12 +285,14 @@ def eval_classes(model: torch.nn.Module, judge: Judge, test: dict[str, Any]) -> 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *, n_per_class: int = 100,
                    batch_size: int = 250, seed: int = EVAL_SEED, clip: Any = None, knn_k: int = 3,
-                   class_names: list[str] | None = None) -> EvalResult:
+                   class_names: list[str] | None = None,
+                   shapes: shapes_eval.ShapesEvalSets | None = None) -> EvalResult:
     """Score ``model.sample`` on a fixed seed set: accuracy, FID, KID, confidence, grid, k-NN
     precision/recall/density/coverage, intra-class diversity and (``clip``: a
     ``tasks.clip.handle.ClipHandle``) the CLIP score of each sample against its class prompt
     (``class_prompts``, with the manifest's ``class_names`` when it has them).
-    A test split too small for the set statistics gives NaN for them, with the reason in ``notes``."""
+    A test split too small for the set statistics gives NaN for them, with the reason in ``notes``.
+    ``shapes`` (``shapes_eval.load_eval_sets``): a text model is also scored by the shapes checker."""
     model.eval()
     k, classes = judge.num_classes, eval_classes(model, judge, test)
     labels = np.repeat(classes, n_per_class)
@@ -324,6 +332,9 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
 
         clip_value = float(clip_score(clip, samples, class_prompts(labels, class_names)).mean())
     real_labelled = np.asarray(test["y"]) >= 0
+    checked = {}
+    if shapes is not None and getattr(model.config, "condition", "label") == "text":
+        checked = shapes_eval.evaluate_text_model(model, shapes, seed=seed, batch_size=batch_size)
     return EvalResult(
         cond_accuracy=float(hit.mean()) if len(hit) else nan, per_class_accuracy=per_class, fid=fid,
         mean_confidence=float(p_true.mean()), mean_entropy=float(entropy.mean()), n_samples=len(labels),
@@ -333,6 +344,7 @@ def evaluate_model(model: torch.nn.Module, judge: Judge, test: dict[str, Any], *
         diversity_real=intra_class_diversity(real_feats[torch.from_numpy(real_labelled)],
                                              np.asarray(test["y"])[real_labelled]),
         clip_score=clip_value, judge_accuracy=judge.test_accuracy, judge_warning=judge.warning, notes=notes,
+        shapes=checked,
     )
 
 
@@ -350,7 +362,7 @@ def log_eval(run_id: str, result: EvalResult, judge: Judge, class_names: list[st
     client.log_dict(run_id, {"per_class_accuracy": result.per_class_accuracy, "cond_accuracy": result.cond_accuracy,
                              "fid": result.fid, "judge_test_accuracy": judge.test_accuracy,
                              "judge_warning": judge.warning, "notes": result.notes,
-                             "n_samples": result.n_samples,
+                             "n_samples": result.n_samples, "shapes": result.shapes,
                              **{name: getattr(result, name) for name in EvalResult.EXTRA}}, "eval/summary.json")
     client.log_image(run_id, result.grid, "eval/class_grid.png")
     tracking.log_per_class_table(run_id, list(result.per_class_accuracy), class_names)
@@ -375,8 +387,10 @@ def evaluate_run(run_id: str, checkpoint_uri: str, shards_uri: str, *, embedding
         from condgen.tasks.clip.load import load_clip  # heavy (open_clip), see evaluate_model
 
         clip = load_clip(clip, data_uri=shards_uri)
+    text = embeddings and getattr(model.config, "condition", "label") == "text"
     result = evaluate_model(model, judge, load_test(shards_uri, embeddings), n_per_class=n_per_class, clip=clip,
-                            class_names=dataset_info(shards_uri)["class_names"] if clip is not None else None)
+                            class_names=dataset_info(shards_uri)["class_names"] if clip is not None else None,
+                            shapes=shapes_eval.load_eval_sets(shards_uri, embeddings) if text else None)
     log_eval(run_id, result, judge, dataset_info(shards_uri)["class_names"])
     return {**result.metrics(), "eval/judge_test_accuracy": judge.test_accuracy}
 
