@@ -1,0 +1,298 @@
+"""Text-to-image on ``bundled:shapes`` you can measure: prompt following, CFG, negative prompts, edits.
+
+Issue #15. The data set's captions combine colour, shape, size and position, and its ground truth is
+exact, so the pixel checker (``tasks/judging/shapes_checker.py``) turns "the model follows the prompt"
+into numbers (``tasks/judging/shapes_eval.py``). The steps:
+
+1. ingest ``bundled:shapes:size=S,n=N`` (held-out colour x shape combinations in ``test_unseen``);
+2. the embedded CLIP fitted on the train captions (``tasks/clip/fit.py``, cached beside the shards; not
+   registered), every train caption embedded with it, and its zero-shot accuracy per attribute on real
+   test images (each image against its own caption with that one attribute varied);
+3. a text-conditioned pixel diffusion model (pooled CLIP embedding + cross-attention at the lowest
+   resolution; ``--prediction``, ``--schedule``, ``--loss-weighting``, ``--attention``, ``--ema-decay``,
+   or ``--recipe`` for all of benchmarks/diffusion_recipe.py's) trained by a direct loop of ``--steps``
+   Adam steps over ``ConditionalDiffusion.loss``, one random phrasing of each image's captions per step;
+4. tables: per-attribute and joint accuracy (seen = ``test`` captions, unseen = ``test_unseen``) and KID
+   (on the judge's penultimate features, as the pipeline's evaluation computes it for RGB sets) for each
+   CFG weight in ``--cfg``; the checker on real test images (its ceiling); the negative-prompt rate
+   ("a {shape}" with negative "{colour}": share of samples of that colour, with vs without); edit scores
+   (DDIM inversion, null-text inversion, SDEdit: asked attribute changed and the others kept).
+
+    .venv/bin/python -m benchmarks.shapes_text --quick                    # smoke run, ~3 min on one core
+    .venv/bin/python -m benchmarks.shapes_text --recipe --steps 6000 --out /tmp/shapes-text --json /tmp/st.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.diffusion_common import machine, table, write_json
+from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig
+from condgen.tasks.data.splits import load_split
+from condgen.tasks.io.images import from_uint8, grid
+from condgen.tasks.judging import shapes_eval
+from condgen.tasks.judging.feature_metrics import kernel_inception_distance, kid_subset_size, too_few
+from condgen.tasks.judging.shapes_checker import JUDGED, check
+
+RECIPE = {"prediction": "v", "schedule": "cosine", "loss_weighting": "min_snr", "attention": True, "ema_decay": 0.999}
+QUICK = {"n": 600, "clip_steps": 30, "steps": 40, "batch": 32, "channels": "8,16", "sample_steps": 5, "cfg": "0,2",
+         "n_eval": 18, "n_negative": 1, "n_edit": 4, "edit_steps": 4, "inner_steps": 2, "judge_epochs": 1}
+FULL = {"n": 20_000, "clip_steps": 300, "steps": 3000, "batch": 128, "channels": "32,64,64", "sample_steps": 25,
+        "cfg": "0,1,2,3,5", "n_eval": 300, "n_negative": 4, "n_edit": 60, "edit_steps": 25, "inner_steps": 10,
+        "judge_epochs": 4}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 600 shapes, a tiny model, few steps and samples")
+    p.add_argument("--n", type=int, help=f"shapes to generate (default {FULL['n']}; --quick {QUICK['n']})")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--shards", help="an ingested bundled:shapes set (default: ingest under the storage root)")
+    p.add_argument("--clip-config", default="condgen-clip-tiny", help="embedded CLIP architecture")
+    p.add_argument("--clip-steps", type=int, help="CLIP fitting steps (default 300; --quick 30)")
+    p.add_argument("--steps", type=int, help="diffusion Adam steps (default 3000; --quick 40)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--channels", help="U-Net widths per level (default 32,64,64; --quick 8,16)")
+    p.add_argument("--context-tokens", type=int, default=4, help="cross-attention tokens from the text embedding")
+    p.add_argument("--p-uncond", type=float, default=0.1, help="condition dropout (CFG training)")
+    p.add_argument("--prediction", choices=["eps", "v"], default="eps")
+    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    p.add_argument("--loss-weighting", choices=["none", "min_snr"], default="none")
+    p.add_argument("--attention", action="store_true", help="self-attention at the lowest resolution")
+    p.add_argument("--ema-decay", type=float, default=0.0)
+    p.add_argument("--recipe", action="store_true", help="all of: " + ", ".join(f"{k}={v}" for k, v in RECIPE.items()))
+    p.add_argument("--sample-steps", type=int, help="DDIM steps per sample (default 25; --quick 5)")
+    p.add_argument("--cfg", help="CFG weights of the sweep (default 0,1,2,3,5; --quick 0,2)")
+    p.add_argument("--n-eval", type=int, help="prompts per split, seen and unseen (default 300; --quick 18)")
+    p.add_argument("--negative-guidance", type=float, default=3.0, help="CFG weight of the negative-prompt test")
+    p.add_argument("--n-negative", type=int, help="samples per (shape, negated colour) (default 4; --quick 1)")
+    p.add_argument("--n-edit", type=int, help="real test images per edit (default 60; --quick 4)")
+    p.add_argument("--edit-guidance", type=float, default=2.0, help="CFG weight of the edits' regeneration")
+    p.add_argument("--edit-steps", type=int, help="DDIM steps of the edits (default 25; --quick 4)")
+    p.add_argument("--strength", type=float, default=0.6, help="SDEdit strength")
+    p.add_argument("--inner-steps", type=int, help="null-text Adam steps per timestep (default 10; --quick 2)")
+    p.add_argument("--judge-epochs", type=int, help="judge training epochs for KID features (default 4; --quick 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core box)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for the model (safetensors) and sample grids")
+    p.add_argument("--json", help="also write the figures to this file")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def ingest_shapes(args: argparse.Namespace) -> str:
+    if args.shards:
+        return args.shards
+    from condgen.tasks.data.ingest import ingest
+    from condgen.tasks.io import settings, storage
+
+    uri = storage.join(settings.storage_root(), "shards", f"shapes-n{args.n}-s{args.size}-seed{args.seed}")
+    ingest(f"bundled:shapes:size={args.size},n={args.n},seed={args.seed}", uri, shard_size=1000)
+    return uri
+
+
+class Encoder:
+    """Prompts -> CLIP text embeddings, each distinct prompt encoded once."""
+
+    def __init__(self, handle):
+        self.handle, self.cache = handle, {}
+
+    def __call__(self, prompts) -> torch.Tensor:
+        new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if new:
+            self.cache.update(zip(new, self.handle.encode_texts(new)))
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+def caption_embeddings(encode: Encoder, captions) -> torch.Tensor:
+    """(N, n_captions, D): every phrasing of every train image (shorter lists repeat cyclically)."""
+    k = max(len(c) for c in captions)
+    rows = [[c[j % len(c)] for j in range(k)] for c in captions]
+    flat = encode([p for r in rows for p in r])
+    return flat.view(len(rows), k, -1)
+
+
+@torch.no_grad()
+def zero_shot(encode: Encoder, handle, images: np.ndarray, tags) -> dict[str, float]:
+    """Per attribute: the share of real images whose own caption, among the captions that differ from it in
+    that attribute only, is the one CLIP ranks first."""
+    img = handle.encode_images(images)  # (N, D), unit norm
+    out = {}
+    for a in JUDGED:
+        values = shapes_eval.VALUES[a]
+        prompts = [shapes_eval.caption({**t, a: v}) for t in tags for v in values]
+        txt = encode(prompts).view(len(tags), len(values), -1)  # (N, V, D)
+        best = (txt @ img[:, :, None]).squeeze(-1).argmax(1).numpy()
+        out[a] = float(np.mean([values[b] == t[a] for b, t in zip(best, tags)]))
+    return out
+
+
+def train(config: DiffusionConfig, x: torch.Tensor, txt: torch.Tensor, *, steps: int, batch: int, seed: int,
+          warmup: int = 100) -> tuple[ConditionalDiffusion, list[float], float]:
+    """benchmarks/diffusion_recipe.py's ``train_steps`` with text: ``steps`` Adam steps on ``model.loss`` (linear
+    warm-up, then constant LR), EMA after each, one random phrasing per image per step; batches seeded."""
+    torch.manual_seed(seed)
+    model = ConditionalDiffusion(config).train()
+    opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
+    order = torch.Generator().manual_seed(seed)
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / warmup)
+        idx = torch.randint(0, len(x), (batch,), generator=order)
+        phrasing = torch.randint(0, txt.shape[1], (batch,), generator=order)
+        loss, _ = model.loss(x[idx], txt[idx, phrasing])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.update_ema()
+        losses.append(loss.item())
+        if (step + 1) % 250 == 0:
+            print(f"  step {step + 1}/{steps}, {time.perf_counter() - t0:.0f}s, loss {np.mean(losses[-250:]):.4f}",
+                  flush=True)
+    return model.eval(), losses, time.perf_counter() - t0
+
+
+def sample_all(sampler, prompts, batch: int = 100) -> np.ndarray:
+    return np.concatenate([sampler(prompts[i:i + batch], None) for i in range(0, len(prompts), batch)])
+
+
+def kid(judge, real_feats: np.ndarray, images: np.ndarray) -> float:
+    from condgen.tasks.judging.evaluate import predict
+
+    if too_few(len(real_feats), len(images)):
+        return float("nan")
+    feats = predict(judge.model, from_uint8(images))[1].numpy().astype(np.float64)
+    return kernel_inception_distance(real_feats, feats, subset_size=kid_subset_size(len(real_feats), len(feats)))[0]
+
+
+def save_grid(images: np.ndarray, path: str | None) -> None:
+    if path:
+        from PIL import Image
+
+        Image.fromarray(grid(images[:64], nrow=8)).save(path)
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def acc_row(label: str, seen: dict, unseen: dict | None, *extra) -> list:
+    """label, seen accuracies and unseen joint accuracy in %, then ``extra`` as they are."""
+    row = [label, *(pct(seen[a]) for a in (*JUDGED, "joint"))]
+    return row + [pct(unseen["joint"]) if unseen else "—", *extra]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    torch.set_num_threads(args.threads)
+    from condgen.tasks.clip.fit import embedded_clip
+    from condgen.tasks.judging.evaluate import get_judge, predict
+
+    print(machine(), flush=True)
+    t_all = time.perf_counter()
+    shards = ingest_shapes(args)
+    train_split = load_split(shards, "train", keys=("x", "captions"))
+    splits = {s: load_split(shards, s, keys=("x", "tags", "captions")) for s in ("test", "test_unseen")}
+    print(f"[data] {shards}: train {len(train_split['x'])}, test {len(splits['test']['x'])}, "
+          f"test_unseen {len(splits['test_unseen']['x'])}", flush=True)
+
+    t0 = time.perf_counter()
+    handle = embedded_clip(shards, config=args.clip_config, steps=args.clip_steps, seed=args.seed, register_as=None)
+    encode = Encoder(handle)
+    txt = caption_embeddings(encode, train_split["captions"])
+    zs = zero_shot(encode, handle, splits["test"]["x"][:500], list(splits["test"]["tags"][:500]))
+    print(f"[clip] {args.clip_config}, {args.clip_steps} steps, {txt.shape} train caption embeddings, "
+          f"{time.perf_counter() - t0:.0f}s; zero-shot on real test images {zs}", flush=True)
+
+    recipe = RECIPE if args.recipe else {"prediction": args.prediction, "schedule": args.schedule,
+                                         "loss_weighting": args.loss_weighting, "attention": args.attention,
+                                         "ema_decay": args.ema_decay}
+    config = DiffusionConfig(image_size=args.size, in_channels=3, channels=tuple(int(c) for c in args.channels.split(",")),
+                             num_classes=18, condition="text", text_dim=handle.embed_dim,
+                             context_tokens=args.context_tokens, p_uncond=args.p_uncond, lr=args.lr,
+                             sample_steps=args.sample_steps, **recipe)
+    print(f"[train] {config}", flush=True)
+    x = from_uint8(train_split["x"])
+    model, losses, train_s = train(config, x, txt, steps=args.steps, batch=args.batch, seed=args.seed)
+    print(f"[train] {args.steps} steps in {train_s:.0f}s, final loss {np.mean(losses[-50:]):.4f}", flush=True)
+    if args.out:
+        from safetensors.torch import save_file
+
+        os.makedirs(args.out, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(args.out, "model.safetensors"))
+
+    judge = get_judge(shards, epochs=args.judge_epochs, log_to_mlflow=False)
+    sets, real_feats = {}, {}
+    for split, data in splits.items():
+        prompts, requested, _ = shapes_eval.requests_from_split(data, n=args.n_eval, seed=args.seed)
+        sets[split] = (prompts, requested)
+        real_feats[split] = predict(judge.model, from_uint8(data["x"]))[1].numpy().astype(np.float64)
+    print(f"[judge] test accuracy {judge.test_accuracy:.3f} (KID features)", flush=True)
+
+    headers = ["sampling", *(f"{a} %" for a in JUDGED), "joint %", "unseen joint %", "KID seen", "KID unseen",
+               "unseen colour / shape / size / position %"]
+    rows, sweep = [], []
+    real = {s: check(d["x"], list(d["tags"]))[1] for s, d in splits.items()}
+    rows.append(acc_row("real test images (checker ceiling)", real["test"], real["test_unseen"], "—", "—", ""))
+    for w in (float(v) for v in args.cfg.split(",")):
+        t0 = time.perf_counter()
+        sampler = shapes_eval.diffusion_sampler(model, encode, guidance=w, seed=args.seed)
+        result, kids, images = {}, {}, {}
+        for split, (prompts, requested) in sets.items():
+            images[split] = sample_all(sampler, prompts)
+            result[split] = check(images[split], requested)[1]
+            kids[split] = kid(judge, real_feats[split], images[split])
+        save_grid(images["test"], args.out and os.path.join(args.out, f"cfg{w:g}.png"))
+        u = result["test_unseen"]
+        rows.append(acc_row("unguided" if w == 0 else f"CFG w={w:g}", result["test"], u, kids["test"],
+                            kids["test_unseen"], " / ".join(f"{100 * u[a]:.0f}" for a in JUDGED)))
+        sweep.append({"guidance": w, "seen": result["test"], "unseen": u, "kid_seen": kids["test"],
+                      "kid_unseen": kids["test_unseen"], "seconds": time.perf_counter() - t0})
+        print(table(headers, rows[-1:]), flush=True)
+
+    neg = shapes_eval.negative_prompt_rate(
+        shapes_eval.diffusion_sampler(model, encode, guidance=args.negative_guidance, seed=args.seed),
+        n_per_pair=args.n_negative)
+    editors = {m: shapes_eval.diffusion_editor(model, encode, m, guidance=args.edit_guidance, steps=args.edit_steps,
+                                               strength=args.strength, inner_steps=args.inner_steps, seed=args.seed)
+               for m in ("ddim_inversion", "null_text", "sdedit")}
+    t0 = time.perf_counter()
+    n_edit = min(args.n_edit, len(splits["test"]["x"]))
+    edits = shapes_eval.edit_scores(editors, splits["test"]["x"][:n_edit], list(splits["test"]["tags"][:n_edit]),
+                                    seed=args.seed)
+    edit_s = time.perf_counter() - t0
+
+    print(f"\n{machine()}; {time.perf_counter() - t_all:.0f}s in all\n"
+          f"data: {shards} ({len(x)} train images, {args.size}px); CLIP {args.clip_config} ({args.clip_steps} steps), "
+          f"zero-shot on real test images: " + ", ".join(f"{a} {pct(v)} %" for a, v in zs.items()))
+    print(f"model: {args.channels}, {recipe}, {args.steps} Adam steps x batch {args.batch} in {train_s:.0f}s; "
+          f"DDIM {args.sample_steps} steps; {args.n_eval} prompts per split; judge test accuracy "
+          f"{judge.test_accuracy:.3f}\n")
+    print(table(headers, rows))
+    print(f"\nnegative prompts (CFG w={args.negative_guidance:g}, {neg['n']} samples): \"a {{shape}}\" has the "
+          f"negated colour in {pct(neg['rate_without'])} % without the negative, {pct(neg['rate_with'])} % with it; "
+          f"shape kept {pct(neg['shape_acc_without'])} % / {pct(neg['shape_acc_with'])} %\n")
+    print(table(["edit method", *(f"{a}: changed / kept / both %" for a in shapes_eval.EDITABLE)],
+                [[m, *(f"{pct(s[a]['changed'])} / {pct(s[a]['kept'])} / **{pct(s[a]['score'])}**"
+                       for a in shapes_eval.EDITABLE)] for m, s in edits.items()]))
+    print(f"\n{n_edit} real test images per attribute, CFG w={args.edit_guidance:g}, {args.edit_steps} DDIM steps, "
+          f"SDEdit strength {args.strength}, null-text {args.inner_steps} Adam steps/step; {edit_s:.0f}s")
+    payload = {"shards": shards, "config": {k: str(v) for k, v in vars(config).items()}, "args": vars(args),
+               "zero_shot": zs, "train_seconds": train_s, "final_loss": float(np.mean(losses[-50:])),
+               "judge_accuracy": judge.test_accuracy, "real": real, "sweep": sweep, "negative": neg, "edits": edits}
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
