@@ -387,7 +387,7 @@ def evaluate_run(run_id: str, checkpoint_uri: str, shards_uri: str, *, embedding
         from condgen.tasks.clip.load import load_clip  # heavy (open_clip), see evaluate_model
 
         clip = load_clip(clip, data_uri=shards_uri)
-    text = embeddings and getattr(model.config, "condition", "label") == "text"
+    text = bool(embeddings) and getattr(model.config, "condition", "label") == "text"
     result = evaluate_model(model, judge, load_test(shards_uri, embeddings), n_per_class=n_per_class, clip=clip,
                             class_names=dataset_info(shards_uri)["class_names"] if clip is not None else None,
                             shapes=shapes_eval.load_eval_sets(shards_uri, embeddings) if text else None)
