@@ -85,8 +85,8 @@ async def send_json(send: Callable[[Message], Awaitable[None]], status: int, det
 class RequestGuard:
     """ASGI middleware: ``authorise(path, headers)`` (an ApiError to refuse, else None) runs on the
     headers alone; ``limit(path)`` is the body limit in bytes of that route, checked on Content-Length and
-    again on every chunk received; ``on_body(path, n)`` (optional) is told of every chunk's size, so that
-    ``/metrics`` shows the body bytes that reached the replica (none of a body the proxy refused:
+    again on every chunk received; ``on_body(path, n)`` (optional) is told once per request how many body
+    bytes it received, so that ``/metrics`` shows the body bytes that reached the replica (none of a body the proxy refused:
     ``serving/proxy_guard.py``)."""
 
     def __init__(self, app, *, authorise: Callable[[str, Headers], ApiError | None], limit: Callable[[str], int],
@@ -117,10 +117,7 @@ class RequestGuard:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                size = len(message.get("body", b""))
-                received += size
-                if self.on_body is not None and size:
-                    self.on_body(path, size)
+                received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
             return message
@@ -136,6 +133,9 @@ class RequestGuard:
             if started:
                 raise
             await send_json(send, 413, exc.detail)  # send_json closes the connection too
+        finally:
+            if self.on_body is not None and received:
+                self.on_body(path, received)
 
 
 # -- shared by the service's apps (serving/app.py, serving/pretrained_app.py) ----------------------------------

@@ -37,7 +37,7 @@ from condgen.serving.errors import ApiError
 from condgen.serving.guard import RequestGuard, install_error_handlers, key_error, presented_key
 from condgen.serving.launch import API_KEY_ENV, launch_env, refuse_busy_port, replica_env
 from condgen.serving.pretrained_service import PretrainedService
-from condgen.serving.proxy_guard import Policy, controller_options
+from condgen.serving.proxy_guard import Policy, proxy_env
 from condgen.tasks.io import settings
 from condgen.tasks.io.cluster import ensure_ray
 from condgen.tasks.io.redact import redact_uri
@@ -186,10 +186,9 @@ def run(config: PretrainedServeConfig, host: str = "127.0.0.1", port: int = 8000
     """Start Ray (local unless RAY_ADDRESS), Serve's proxy on host:port and the app (as ``app.run``)."""
     application = build_app(config, deployment)
     refuse_busy_port(host, port)
-    with launch_env():
+    with launch_env(), proxy_env(proxy_policy(config, route_prefix)):
         ensure_ray(log_to_driver=True)
-        serve.start(http_options={"host": host, "port": port},
-                    controller_options=controller_options(proxy_policy(config, route_prefix)))
+        serve.start(http_options={"host": host, "port": port})
         handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
     if blocking:
         print(f"serving {redact_uri(config.base)} with adapters {sorted(config.adapters)} on http://{host}:{port} "

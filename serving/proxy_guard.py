@@ -13,15 +13,19 @@ The hook: Serve 2.60 removed ``HTTPOptions.middlewares``; what is left is the ca
 environment variable ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` names (``constants.py``). The proxy
 calls it once when it starts (``http_util.configure_http_middlewares``) and wraps its ASGI app in the
 starlette ``Middleware`` list it returns, outermost (``http_util._apply_middlewares``): the middleware
-sees uvicorn's own ``receive``, before Serve's queue. The variable reaches the proxy through
-``serve.start(controller_options={"runtime_env": {"env_vars": ...}})`` (``ray.serve.config.
-ControllerOptions``): the proxies are actors the controller creates, and inherit its runtime_env.
-``controller_options(policy)`` builds that argument; the policy travels as JSON in ``POLICY_ENV``.
+sees uvicorn's own ``receive``, before Serve's queue. The policy travels as JSON in ``POLICY_ENV``.
+Two ways get both variables (``env_vars(policy)``) into the proxy's process:
 
-Trade-offs, said once: (1) options of ``serve.start`` apply only when it starts Serve's controller; a
-Serve already running keeps its proxy as it is (Serve logs that it ignored them), and a
-``serve deploy`` config file carries the same two variables in its top-level ``controller_options``
-(``env_vars(policy)`` gives them). (2) One proxy serves every app of the cluster; the policy names
+* ``proxy_env(policy)``: set in the driver's environment while it starts a local Ray; the raylet and
+  every Ray process it starts inherit it (as ``serving/launch.py`` relies on). ``app.run`` does this.
+* ``controller_options(policy)``: ``serve.start(controller_options=...)`` (``ray.serve.config.
+  ControllerOptions``) when Ray is already running: the proxies are actors the Serve controller
+  creates, and inherit its runtime_env. A ``serve deploy`` file's top-level ``controller_options`` and
+  a cluster's own environment (KubeRay pod spec) carry the same two variables.
+
+Trade-offs, said once: (1) both apply only when the proxy starts: a Ray that ``app.run`` did not start
+(``RAY_ADDRESS``) or a Serve already running keeps its proxy as it is, and the replica's guard is then
+the only one. (2) One proxy serves every app of the cluster; the policy names
 the route prefix it guards and leaves other paths alone. (3) A chunked body on a guarded path is
 held in the proxy up to the limit (64 KiB on generate routes, ``max_body_bytes`` elsewhere) before
 it is forwarded, since a body already on its way to the replica cannot be taken back; a body with
@@ -33,7 +37,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -105,6 +110,22 @@ def env_vars(policy: Policy) -> dict[str, str]:
 def controller_options(policy: Policy) -> dict[str, Any]:
     """``serve.start(controller_options=...)``: the controller's runtime_env, inherited by its proxies."""
     return {"runtime_env": {"env_vars": env_vars(policy)}}
+
+
+@contextmanager
+def proxy_env(policy: Policy) -> Iterator[None]:
+    """``env_vars(policy)`` in this process's environment while a local Ray starts (its processes inherit
+    them), then the environment as it was."""
+    saved = {k: os.environ.get(k) for k in (CALLBACK_ENV, POLICY_ENV)}
+    os.environ.update(env_vars(policy))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def middlewares() -> list[Middleware]:

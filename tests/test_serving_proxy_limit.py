@@ -142,18 +142,21 @@ def test_apps_give_the_proxy_the_limits_their_replicas_enforce():
     assert pretrained_policy().limit("/v1/generate") == 4 * 1024 * 1024 and pretrained_policy().protected == ("/v1/",)
 
 
-def test_run_starts_serve_with_the_guard_in_its_proxy(monkeypatch):
-    starts: list[dict] = []
-    monkeypatch.setattr(app_module, "ensure_ray", lambda **kw: None)
-    monkeypatch.setattr(app_module.serve, "start", lambda **kw: starts.append(kw))
+def test_run_starts_ray_with_the_guard_for_its_proxy(monkeypatch):
+    """``run`` puts the callback and its policy in the environment of the Ray it starts, and takes them out after."""
+    seen: list[dict] = []
+    monkeypatch.setattr(app_module, "ensure_ray", lambda **kw: seen.append(dict(app_module.os.environ)))
+    monkeypatch.setattr(app_module.serve, "start", lambda **kw: None)
     monkeypatch.setattr(app_module.serve, "run", lambda application, **kw: None)
     monkeypatch.setenv("CONDGEN_API_KEY", "s3cret")
+    monkeypatch.delenv(proxy_guard.POLICY_ENV, raising=False)
     app_module.run("models:/m@champion", port=free_port(), blocking=False, route_prefix="/cg")
-    env = starts[0]["controller_options"]["runtime_env"]["env_vars"]
+    env = seen[0]
     assert env[proxy_guard.CALLBACK_ENV] == proxy_guard.CALLBACK
     policy = Policy.from_json(env[proxy_guard.POLICY_ENV])
     assert policy.route_prefix == "/cg" and policy.api_key_sha256 == api_key_digest("s3cret")
-    assert "s3cret" not in json.dumps(env).replace(api_key_digest("s3cret"), "")  # only the digest travels
+    assert "s3cret" not in env[proxy_guard.POLICY_ENV].replace(api_key_digest("s3cret"), "")  # only the digest
+    assert proxy_guard.POLICY_ENV not in app_module.os.environ  # the driver's environment as it was
 
 
 # -- the real service: Serve's proxy, a replica ----------------------------------------------------------------
@@ -169,11 +172,14 @@ def served(local_ray, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("diffusion", {"channels": (8, 16), "timesteps": 20, "sample_steps": 4})
     ckpt_io.save_checkpoint(folder, perturb(model, seed=0).eval())
-    serve.shutdown()  # the guard is installed when Serve starts
+    serve.shutdown()  # the guard is installed when Serve starts its proxy
     port = free_port()
     config = ServeConfig(models=[ModelSpec(uri=folder.as_uri(), name="pl-diff")], poll_s=0, deny_list=[],
                          torch_threads=1)
-    app_module.run(port=port, blocking=False, config=config, name="proxy-limit")
+    # Ray is already running (the session's), so the guard comes with Serve's controller, not Ray's environment
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                controller_options=proxy_guard.controller_options(app_module.proxy_policy(config)))
+    serve.run(app_module.build_app(config=config), name="proxy-limit", route_prefix="/", blocking=False)
     wait_http(f"http://127.0.0.1:{port}/health", timeout=180)
     yield port
     serve.delete("proxy-limit")
