@@ -24,9 +24,11 @@ import base64
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
+import urllib.request
 from asyncio.subprocess import PIPE
 from collections import Counter
 from pathlib import Path
@@ -39,13 +41,11 @@ from benchmarks.serve import body, free_port, pct
 
 MODEL = "rel-diffusion"
 DOCUMENTED_5XX = {503, 504}
-
-
-_REPLICAS: list = []
+_REPLICAS: list = []  # the Serve replica processes, found once
 
 
 def replica_rss_mb() -> float:
-    """RSS of this process tree's Serve replica(s), MB (nan when none is found); found once."""
+    """RSS of this process tree's Serve replica(s), MB (nan when none is found)."""
     import psutil
 
     if not _REPLICAS:
@@ -59,6 +59,13 @@ def replica_rss_mb() -> float:
         return sum(p.memory_info().rss for p in _REPLICAS) / 2**20 if _REPLICAS else float("nan")
     except psutil.Error:
         return float("nan")
+
+
+def replica_body_bytes(url: str) -> dict[str, float]:
+    """Request body bytes that reached the replica, per endpoint (``condgen_request_body_bytes`` in /metrics)."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    found = re.finditer(r'^condgen_request_body_bytes_total\{endpoint="([^"]+)"\} (\S+)$', text, re.MULTILINE)
+    return {m[1]: float(m[2]) for m in found}
 
 
 # -- (a) a request generator from the OpenAPI schema --------------------------------------------------------
@@ -319,15 +326,17 @@ def main() -> int:
         import torch
         from ray import serve
 
-        from condgen.serving.app import make_config, run
+        from condgen.serving.app import make_config, proxy_policy, run
+        from condgen.serving.proxy_guard import proxy_env
         from tests.registry_helpers import register_tiny
 
         torch.set_num_threads(1)
         register_tiny(MODEL, "diffusion", {"channels": (8, 16), "timesteps": 100}, seed=0)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        config = make_config([f"models:/{MODEL}@champion"], poll_s=0, torch_threads=1, request_timeout_s=60, deny_list=[])
+        with proxy_env(proxy_policy(config)):  # Serve's proxy enforces the limits, as when ``run`` starts Ray
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         url = f"http://127.0.0.1:{(port := free_port())}"
-        run(port=port, blocking=False, name="reliability", config=make_config(
-            [f"models:/{MODEL}@champion"], poll_s=0, torch_threads=1, request_timeout_s=60, deny_list=[]))
+        run(port=port, blocking=False, name="reliability", config=config)
         asyncio.run(load(url, 2, 2.0, args.steps))  # warm-up
         res["rss_start"] = replica_rss_mb()
         if "fuzz" in parts:
@@ -338,7 +347,8 @@ def main() -> int:
             res["load"] = {**lt, "rss_before": before, "rss_after": replica_rss_mb()}
             print(f"  load: {res['load']}", flush=True)
         if "hostile" in parts:
-            res["hostile"] = asyncio.run(hostile(url, args.hostile_seconds))
+            before, res["hostile"] = replica_body_bytes(url), asyncio.run(hostile(url, args.hostile_seconds))
+            res["hostile"]["body_bytes"] = {k: v - before.get(k, 0.0) for k, v in replica_body_bytes(url).items()}
         res["errors_after"] = asyncio.run(load(url, 1, 1.0, args.steps))["errors"]
         serve.shutdown()
         ray.shutdown()
@@ -385,6 +395,8 @@ def report(res: dict, args) -> None:
         print("\n| hostile request | answers (all phases) |\n|---|---|")
         for kind, codes in h["outcomes"].items():
             print(f"| {kind} | {_codes(codes)} |")
+        got = ", ".join(f"{k}: {v / 2**20:.2f} MiB" for k, v in sorted(h.get("body_bytes", {}).items()) if v)
+        print(f"\nbody bytes that reached the replica in (c): {got or 'none'} (refused in the proxy: proxy_guard.py)")
     if "ingest" in res:
         print("\n### (d) hostile ingestion (one subprocess per case; RSS sampled every 5 ms during ingest)\n\n"
               "| case | hostile input | accepted | rejected (reasons) | RSS before -> peak MB | s |\n"
