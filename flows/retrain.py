@@ -229,6 +229,7 @@ def _train(spec: TrainSpec, params: RetrainParams, shards_uri: str, emb: dict[st
                        grid_every=spec.grid_every, lr_scaling=spec.lr_scaling,
                        lr_reference_batch=spec.lr_reference_batch, lr_warmup_steps=spec.lr_warmup_steps,
                        data_mode=spec.data_mode, stream_buffer=spec.stream_buffer, loader_threads=spec.loader_threads,
+                       stream_sharding=spec.stream_sharding,
                        precision=spec.precision, grad_accumulation=spec.grad_accumulation,
                        checkpoint_every_steps=spec.checkpoint_every_steps)
     trained = train_task(req)

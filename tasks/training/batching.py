@@ -13,13 +13,14 @@ worker count changes only how that batch is split:
   count: the same steps over the same sets of samples.
 * **Streamed epoch** (``data_mode="stream"``, ``tasks/training/loader.py``). The split is read from its
   shards, never held whole: epoch ``e`` orders the shards by a permutation of ``(seed, e)`` and concatenates
-  their samples of the split into one stream of ``n`` positions. The same ``n // G`` steps are taken; rank
-  ``r`` reads the contiguous span ``rank_span`` of ``steps x share_r`` positions (spans in rank order), passes
-  it through a shuffle buffer seeded by ``(seed, e, r)`` and takes ``share_r`` samples per step. Every rank
-  takes the same number of steps (equal work, whatever the shard sizes), a rank opens only the shards its
-  span overlaps, and the ``n % G`` positions at the end of the stream are the epoch's unused samples
-  (``unused_per_epoch``; a new shard order next epoch). A step's global batch then depends on the worker
-  count (each rank shuffles its own span), unlike the in-memory epoch above.
+  their samples of the split into one stream of ``n`` positions; the same ``n // G`` steps are taken, and the
+  ``n % G`` positions at the end are the epoch's unused samples (``unused_per_epoch``; a new shard order next
+  epoch). By default (``stream_sharding="global"``) every rank runs one shuffle buffer seeded by ``(seed, e)``
+  over the whole epoch ``[0, steps x G)``: step ``k`` is draws ``k G .. k G + G - 1`` and rank ``r`` keeps
+  ``rank_slice(r)`` of them, decoding only those, so a step's global batch is the same for any worker count,
+  as in memory. ``stream_sharding="span"`` instead gives rank ``r`` the contiguous span ``rank_span`` of
+  ``steps x share_r`` positions through a buffer seeded by ``(seed, e, r)``: a rank opens only the shards its
+  span overlaps (for IO-bound clusters), and a step's global batch then changes with the worker count.
 * **Split.** Rank ``r`` takes a contiguous slice of step ``k``'s samples; the shares differ by at most
   one sample (the first ``G % W`` ranks take one more: 64 on 3 workers is 22 + 21 + 21). With equal
   shares each rank's gradient (a mean over its share) is averaged over the ranks, as before. With
