@@ -21,7 +21,7 @@ Replicas and autoscaling are Serve's own deployment options in the config file
 The body limits and the API key are enforced in Serve's HTTP proxy only when the proxy starts with
 ``serving/proxy_guard.py``'s callback: a config file gives it in its top-level ``controller_options:
 {runtime_env: {env_vars: {RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH: "condgen.serving.proxy_guard:middlewares",
-CONDGEN_PROXY_GUARD: ...}}}`` (``proxy_guard.env_vars(app.proxy_policy(config))`` prints both; without
+CONDGEN_PROXY_GUARD: ...}}}`` (``proxy_guard.env_vars(app.proxy_policy(config))`` gives both; without
 ``CONDGEN_PROXY_GUARD``, the model app's default limits and no key). Without it the replica's guard is
 the only one, as before.
 """

@@ -10,6 +10,7 @@ and measure what the socket accepted and what ``/metrics`` says reached the repl
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import re
 import socket
@@ -228,8 +229,13 @@ def test_oversize_chunked_body_is_cut_off_in_the_proxy_and_never_reaches_the_rep
                                   headers={"content-type": "application/json"})
     with pytest.raises(urllib.error.HTTPError, match="422"):
         urllib.request.urlopen(junk, timeout=60)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # a chunked body under the limit
+    conn.request("POST", "/v1/generate", body=iter([b"{" * 100] * 5), encode_chunked=True,
+                 headers={"content-type": "application/json"})
+    assert conn.getresponse().status == 422  # read whole by the proxy, handed on, refused by the replica's parser
+    conn.close()
     seen = _metric(port, "condgen_request_body_bytes_total", endpoint="/v1/generate")
-    assert seen == 1000  # the replica counts what reaches it
+    assert seen == 1500  # the replica counts what reaches it
     for total, pause in ((8 << 20, 0.005), (16 << 20, 0.0)):  # sent slowly, then as fast as the socket takes it
         accepted, answer = upload(port, total, pause)
         print(f"{total >> 20} MiB chunked body (pause {pause} s): the server side accepted {accepted} bytes")
