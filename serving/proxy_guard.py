@@ -25,8 +25,11 @@ Two ways get both variables (``env_vars(policy)``) into the proxy's process:
 
 Trade-offs, said once: (1) both apply only when the proxy starts: a Ray that ``app.run`` did not start
 (``RAY_ADDRESS``) or a Serve already running keeps its proxy as it is, and the replica's guard is then
-the only one. (2) One proxy serves every app of the cluster; the policy names
-the route prefix it guards and leaves other paths alone. (3) A chunked body on a guarded path is
+the only one. (2) One proxy serves every app of the cluster; the policy names the route prefix it
+guards and leaves other paths alone. (3) The variable is Serve's own (``constants.py``, read in
+``http_util.py``) but not in its API reference: a Serve upgrade must re-check it (the tests fail if
+it goes), and Serve's optional HAProxy or direct-ingress modes (``RAY_SERVE_ENABLE_HA_PROXY``,
+``RAY_SERVE_ENABLE_DIRECT_INGRESS``) bypass this proxy. (4) A chunked body on a guarded path is
 held in the proxy up to the limit (64 KiB on generate routes, ``max_body_bytes`` elsewhere) before
 it is forwarded, since a body already on its way to the replica cannot be taken back; a body with
 Content-Length streams through, as the server delivers no more bytes than it announces. The replica
