@@ -90,7 +90,9 @@ def trained(name: str, config: dict[str, Any], shards_uri: str, *, epochs: int, 
         print(f"[{name}] loaded {checkpoint}", flush=True)
         return model.eval(), checkpoint
     manifest = storage.read_json(storage.join(shards_uri, "manifest.json"))
-    key = hashlib.sha256(json.dumps({"name": name, "config": config, "epochs": epochs, "batch_size": batch_size,
+    from condgen.models.registry import recipe_config
+
+    key = hashlib.sha256(json.dumps({"name": name, "config": recipe_config(name, config), "epochs": epochs, "batch_size": batch_size,
                                      "workers": workers, "seed": seed, "data": manifest.get("source_fingerprint"),
                                      "shards": manifest.get("shards")}, sort_keys=True).encode()).hexdigest()[:16]
     cache = storage.join(settings.storage_root(), "bench", f"{name}-{key}.json")

@@ -136,7 +136,7 @@ class ControlNet(nn.Module):
         self.config = c = config
         self.base = freeze(base if base is not None else ConditionalDiffusion(c.base))
         self.register_buffer("base_ready", torch.tensor(int(base is not None)))  # int: gloo broadcasts it
-        net = self.base.net
+        net = self.locked
         widths = c.base.channels
         self.control = ControlEncoder(net).requires_grad_(True)  # theta_c = theta, trainable (the base is frozen)
         self.hint = nn.Sequential(  # c -> features at the input conv's width, ending in Z(.; theta_z1)
@@ -149,6 +149,12 @@ class ControlNet(nn.Module):
         if c.lora_rank > 0:
             inject_lora(self.control, [nn.Conv2d, nn.Linear], rank=c.lora_rank, alpha=c.lora_alpha)
             freeze_base(self.control)  # only lora_A / lora_B of the copy train
+
+    @property
+    def locked(self) -> nn.Module:
+        """The locked U-Net: the base's sampling weights, i.e. its EMA copy when it keeps one (what the base
+        itself samples with), else its trained weights."""
+        return self.base.ema if self.base.ema is not None else self.base.net
 
     def train(self, mode: bool = True) -> "ControlNet":
         super().train(mode)
@@ -170,7 +176,7 @@ class ControlNet(nn.Module):
         self.base.load_state_dict(base.state_dict())
         # theta_c = theta again, in place (an optimiser may already hold these parameters). A LoRA-wrapped
         # layer keeps its weight under ".base."; its adapter (B = 0) keeps its fresh initialisation.
-        src = self.base.net.state_dict()
+        src = self.locked.state_dict()
         for name, tensor in self.control.state_dict().items():
             if not name.endswith(("lora_A", "lora_B")):
                 tensor.copy_(src[name.replace(".base.", ".")])
@@ -205,12 +211,12 @@ class ControlNet(nn.Module):
         # labels / embeddings / None (null) exactly as the base's denoiser takes them (its own conversion)
         e = self.base._as_embedding(cond, b)
         if control is None:
-            out = self.base.net(x, t, e)  # branch off: the locked model itself
+            out = self.locked(x, t, e)  # branch off: the locked model itself
         else:
             control = control.to(x.device, x.dtype)
             if control.shape[0] != b:
                 control = control.repeat(b // control.shape[0], 1, 1, 1)
-            out = self.base.net(x, t, e, *self.residuals(x, t, e, control, scale))
+            out = self.locked(x, t, e, *self.residuals(x, t, e, control, scale))
         return self.base.to_eps(out, x, t)  # the base's parameterisation (eps or v) to eps
 
     def denoiser(self, control: torch.Tensor | None, scale: float | None = None) -> Denoiser:
@@ -233,7 +239,7 @@ class ControlNet(nn.Module):
 
         def eps_model(x_t: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
             # e: the base's frozen condition table, so no gradient reaches it
-            return self.base.net(x_t, t, e, *self.residuals(x_t, t, e, c))
+            return self.locked(x_t, t, e, *self.residuals(x_t, t, e, c))
 
         loss, logs = self.base.loss(x0, y, eps_model=eps_model, p_uncond=self.config.p_uncond)
         opt_step("main", loss)

@@ -43,6 +43,24 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 
+# What a NEW training run of a family starts from, under the fields its spec sets (``recipe_config``). The
+# config dataclasses' own defaults stay what stored checkpoints were written against: an older checkpoint's
+# JSON lacks the fields added since, and must keep meaning what it meant, so a better recipe is never a
+# changed dataclass default. The diffusion recipe was chosen by ``benchmarks/diffusion_recipe.py``
+# (docs/results.md, "Diffusion training recipe"): v-prediction (Salimans & Ho 2022), the cosine schedule
+# (Nichol & Dhariwal 2021), Min-SNR-5 weighting (Hang et al. 2023), self-attention at the lowest
+# resolution, and EMA weights for sampling.
+RECIPES: dict[str, dict[str, Any]] = {
+    "diffusion": {"prediction": "v", "schedule": "cosine", "loss_weighting": "min_snr", "attention": True,
+                  "ema_decay": 0.999},
+}
+
+
+def recipe_config(name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A new run's config for family ``name``: its recipe (``RECIPES``), then the spec's own fields on top."""
+    return {**RECIPES.get(_known(name), {}), **(config or {})}
+
+
 def build_model(name: str, config: dict[str, Any] | Any | None = None, **frozen: nn.Module) -> nn.Module:
     """Instantiate a registered model from a config dataclass or dict. ``frozen``: trained components
     handed in (``autoencoder=`` for latent diffusion, ``base=`` for a ControlNet or a super-resolution

@@ -102,3 +102,34 @@ def test_controlnet_on_a_v_prediction_base_with_attention_equals_the_base_at_ini
             z.weight.normal_(0, 0.1)
         assert not torch.allclose(net.eps(x, t, cond, c), ref)
     assert any("self_attn" in k for k in net.control.state_dict())  # the trainable copy has the attention too
+
+
+def test_new_diffusion_runs_start_from_the_recipe_and_stored_configs_load_as_written():
+    from condgen.models.base import config_to_dict
+    from condgen.models.registry import RECIPES, build_model, recipe_config
+
+    fresh = build_model("diffusion", recipe_config("diffusion", {"channels": [4, 8], "attention": False}))
+    c = fresh.config
+    assert (c.prediction, c.schedule, c.loss_weighting, c.ema_decay) == ("v", "cosine", "min_snr", 0.999)
+    assert c.attention is False and c.channels == (4, 8)  # the spec's own fields win
+    assert recipe_config("cvae", {"latent_dim": 2}) == {"latent_dim": 2} and "cvae" not in RECIPES
+    # a checkpoint's JSON written before the recipe (or before these fields existed) keeps its meaning
+    old = config_to_dict(DiffusionConfig(channels=(4, 8)))
+    for added in ("loss_weighting", "min_snr_gamma", "attention"):
+        old.pop(added)
+    loaded = build_model("diffusion", old).config
+    assert (loaded.prediction, loaded.loss_weighting, loaded.attention, loaded.ema_decay) == ("eps", "none", False, 0.0)
+
+
+def test_controlnet_locks_the_base_s_ema_weights():
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(channels=(4, 8), timesteps=20, prediction="v", ema_decay=0.9)
+    base = _perturbed(ConditionalDiffusion(cfg))
+    base.ema.load_state_dict(_perturbed(ConditionalDiffusion(cfg), seed=3).net.state_dict())  # EMA != trained
+    base.eval()
+    net = ControlNet(ControlNetConfig(base=cfg), base=base)
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 15]), torch.tensor([2, 5])
+    with torch.no_grad():
+        assert torch.equal(net.eps(x, t, y, control_image(torch.rand(2, 1, 28, 28))), base.eps(x, t, y))
+    ema = base.ema.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in net.control.state_dict().items())  # theta_c = the EMA weights

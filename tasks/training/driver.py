@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import save as st_save
 
 from condgen.models.base import config_to_dict, flatten_params, json_normalised
-from condgen.models.registry import build_model
+from condgen.models.registry import build_model, recipe_config
 from condgen.tasks.data.splits import dataset_info
 from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io import cluster, settings, storage, tracking
@@ -247,7 +247,8 @@ def _model_for_data(req: TrainRequest) -> tuple[torch.nn.Module, dict[str, Any] 
                 raise ValueError(f"the two domains differ in {key}: {req.shards_uri} has {info[key]}, "
                                  f"{req.shards_b_uri} has {info_b[key]}")
     if req.adapter is None:
-        model = build_model(req.model, fit_to_data(req.model, req.model_config, info, where=req.shards_uri))
+        model = build_model(req.model, fit_to_data(req.model, recipe_config(req.model, req.model_config), info,
+                                                   where=req.shards_uri))
         check_options(model, req.precision, req.grad_accumulation)  # a GAN refuses accumulation here
         ensure_ray()
         return model, None
