@@ -2,7 +2,8 @@
 
     python -m benchmarks.scale_out                          # 3 models x (1, 2, 4) workers x 3 seeds
     python -m benchmarks.scale_out --quick                  # 1 seed, 1 epoch each: checks that it runs
-    python -m benchmarks.scale_out --models cvae --workers 1 2 --seeds 0 1 2
+    python -m benchmarks.scale_out --models cvae --workers 1 2 --seeds 0 1 2 --json rows.jsonl
+    python -m benchmarks.scale_out --table-from rows.jsonl other.jsonl   # one table from saved rows
 
 Every row trains the same global batch (``TrainRequest.batch_size``, see
 ``condgen.tasks.training.batching``) for the same number of epochs; only the worker count changes.
@@ -110,7 +111,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs-scale", type=float, default=1.0)
     p.add_argument("--per-class", type=int, default=100, help="samples per class for the scores")
     p.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, 20 samples per class")
+    p.add_argument("--json", help="append each row to this JSON-lines file as it is measured")
+    p.add_argument("--table-from", nargs="*", help="print the table of rows saved by --json runs, train nothing")
     args = p.parse_args(argv)
+    if args.table_from:
+        import json
+
+        saved: dict[tuple[str, int], list[dict[str, float]]] = {}
+        for path in args.table_from:
+            with open(path) as f:
+                for line in f:
+                    r = json.loads(line)
+                    saved.setdefault((r["model"], r["workers"]), []).append(r)
+        print(table(saved))
+        return
     if args.quick:
         args.seeds, args.epochs_scale, args.per_class = args.seeds[:1], 0.0, 20
 
@@ -129,6 +143,12 @@ def main(argv: list[str] | None = None) -> None:
                 for seed in args.seeds:
                     row = run_row(model, workers, seed, shards, args.epochs_scale, args.per_class)
                     results.setdefault((model, workers), []).append(row)
+                    if args.json:
+                        import json
+
+                        with open(args.json, "a") as f:
+                            f.write(json.dumps({"model": model, "workers": workers, "seed": seed,
+                                                "load": os.getloadavg()[0], **row}) + "\n")
                     print(f"[{model} x{workers} seed {seed}] {row}", flush=True)
         finally:
             import ray
