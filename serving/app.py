@@ -54,7 +54,7 @@ from condgen.serving.docs import ASSET_PATH, add_offline_docs
 from condgen.serving.errors import ApiError
 from condgen.serving.guard import RequestGuard, install_error_handlers, key_error, presented_key
 from condgen.serving.launch import API_KEY_ENV, launch_env, refuse_busy_port, replica_env
-from condgen.serving.proxy_guard import Policy, proxy_env
+from condgen.serving.proxy_guard import Policy, controller_options, proxy_env
 from condgen.serving.service import Service
 from condgen.serving.ui import PAGE
 from condgen.tasks.generation.batching import Cancelled
@@ -342,8 +342,8 @@ def run(model_uri: str | list[str] | None = None, host: str = "127.0.0.1", port:
         route_prefix: str = "/", **options: Any):
     """Start Ray (local unless RAY_ADDRESS; its dashboard only with CONDGEN_RAY_DASHBOARD=1, as every
     step: ``tasks.io.cluster``), Serve's proxy on host:port with the app's key and body limits
-    (``proxy_guard.proxy_env``: in the environment of the Ray this call starts; a Ray already running keeps
-    its proxy as it is, see ``proxy_guard.controller_options``), and
+    (``proxy_guard``: in the environment of the Ray this call starts, and in the Serve controller's
+    runtime_env, which its proxies inherit, for a Ray that was already running), and
     the app with its replicas.
 
     PortInUse (one line) when host:port is taken. Ray's processes start without the API key and
@@ -353,9 +353,11 @@ def run(model_uri: str | list[str] | None = None, host: str = "127.0.0.1", port:
     deployment = deployment or Deployment()
     application = build_app(config=config, deployment=deployment)  # reads the key and the replica's credentials
     refuse_busy_port(host, port)
-    with launch_env(), proxy_env(proxy_policy(config, route_prefix)):
+    policy = proxy_policy(config, route_prefix)
+    with launch_env(), proxy_env(policy):
         ensure_ray(log_to_driver=True)
-        serve.start(http_options={"host": host, "port": port})
+        # the controller's runtime_env carries the guard to its proxies on a Ray that was already running too
+        serve.start(http_options={"host": host, "port": port}, controller_options=controller_options(policy))
         handle = serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
     if blocking:
         print(f"serving {[redact_uri(m.uri) for m in config.models]} on http://{host}:{port} with "

@@ -147,7 +147,10 @@ def test_autoscaling_flags_reach_the_deployment_options(checkpoint, started, cap
     assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (2, 5)
     assert config.autoscaling_config.target_ongoing_requests == 16
     assert served.models[0].uri == checkpoint and kw["name"] == "condgen"
-    assert ("start", {"http_options": {"host": "127.0.0.1", "port": port}}) in started
+    assert {"host": "127.0.0.1", "port": port} in [c[1]["http_options"] for c in started if c[0] == "start"]
+    # the proxy guard travels in the controller's runtime_env (a Ray already running gets it too)
+    env = [c[1] for c in started if c[0] == "start"][0]["controller_options"]["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "condgen.serving.proxy_guard:middlewares"
     assert "autoscaling 2-5 replicas" in capsys.readouterr().out
     started.clear()
     assert main(["serve", "--model", checkpoint, "--port", str(port), "--replicas", "3"]) == 0
@@ -168,7 +171,7 @@ def test_condgen_serve_applies_the_serve_config_file(checkpoint, started, tmp_pa
     assert (kw["name"], kw["route_prefix"]) == ("condgen", "/")
     assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (1, 7)
     assert actor["num_cpus"] == 0.5 and served.max_batch == 8 and served.models[0].name == "tiny"
-    assert ("start", {"http_options": {"host": "127.0.0.1", "port": port}}) in started
+    assert {"host": "127.0.0.1", "port": port} in [c[1]["http_options"] for c in started if c[0] == "start"]
 
 
 @pytest.mark.parametrize("argv,expected", [
