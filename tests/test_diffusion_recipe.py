@@ -110,7 +110,7 @@ def test_new_diffusion_runs_start_from_the_recipe_and_stored_configs_load_as_wri
 
     fresh = build_model("diffusion", recipe_config("diffusion", {"channels": [4, 8], "attention": False}))
     c = fresh.config
-    assert (c.prediction, c.schedule, c.loss_weighting, c.ema_decay) == ("v", "cosine", "min_snr", 0.999)
+    assert (c.prediction, c.schedule, c.loss_weighting, c.ema_decay) == ("v", "linear", "min_snr", 0.999)
     assert c.attention is False and c.channels == (4, 8)  # the spec's own fields win
     assert recipe_config("cvae", {"latent_dim": 2}) == {"latent_dim": 2} and "cvae" not in RECIPES
     # a checkpoint's JSON written before the recipe (or before these fields existed) keeps its meaning
