@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -52,9 +53,11 @@ SAMPLER_RUNS = [("DDIM 25", "ddim", 25), ("DPM++(2M) 20", "dpmpp_2m", 20), ("anc
 
 
 def train_steps(config: DiffusionConfig, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch: int, seed: int,
-                warmup: int = 100) -> tuple[ConditionalDiffusion, list[float], float]:
+                warmup: int = 100, pick: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None
+                ) -> tuple[ConditionalDiffusion, list[float], float]:
     """``steps`` Adam steps on ``model.loss`` (linear LR warm-up over ``warmup`` steps, then constant), EMA
-    updated after each; the batches come from a generator seeded by ``seed`` alone."""
+    updated after each; the batches come from a generator seeded by ``seed`` alone. ``pick(y, idx, generator)``
+    gives a batch's conditions (default ``y[idx]``; text: one phrasing per image, ``benchmarks/shapes_text.py``)."""
     torch.manual_seed(seed)
     model = ConditionalDiffusion(config).train()
     opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
@@ -64,7 +67,7 @@ def train_steps(config: DiffusionConfig, x: torch.Tensor, y: torch.Tensor, *, st
         for group in opt.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / warmup)
         idx = torch.randint(0, len(y), (batch,), generator=order)
-        loss, _ = model.loss(x[idx], y[idx])
+        loss, _ = model.loss(x[idx], y[idx] if pick is None else pick(y, idx, order))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

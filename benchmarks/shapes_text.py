@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.diffusion_common import machine, table, write_json
+from benchmarks.diffusion_recipe import train_steps
 from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig
 from condgen.tasks.data.splits import load_split
 from condgen.tasks.io.images import from_uint8, grid
@@ -137,28 +138,11 @@ def zero_shot(encode: Encoder, handle, images: np.ndarray, tags) -> dict[str, fl
 
 def train(config: DiffusionConfig, x: torch.Tensor, txt: torch.Tensor, *, steps: int, batch: int, seed: int,
           warmup: int = 100) -> tuple[ConditionalDiffusion, list[float], float]:
-    """benchmarks/diffusion_recipe.py's ``train_steps`` with text: ``steps`` Adam steps on ``model.loss`` (linear
-    warm-up, then constant LR), EMA after each, one random phrasing per image per step; batches seeded."""
-    torch.manual_seed(seed)
-    model = ConditionalDiffusion(config).train()
-    opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
-    order = torch.Generator().manual_seed(seed)
-    losses, t0 = [], time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / warmup)
-        idx = torch.randint(0, len(x), (batch,), generator=order)
-        phrasing = torch.randint(0, txt.shape[1], (batch,), generator=order)
-        loss, _ = model.loss(x[idx], txt[idx, phrasing])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.update_ema()
-        losses.append(loss.item())
-        if (step + 1) % 250 == 0:
-            print(f"  step {step + 1}/{steps}, {time.perf_counter() - t0:.0f}s, loss {np.mean(losses[-250:]):.4f}",
-                  flush=True)
-    return model.eval(), losses, time.perf_counter() - t0
+    """benchmarks/diffusion_recipe.py's ``train_steps`` with text: one random phrasing per image per step."""
+    def phrasing(t: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return t[idx, torch.randint(0, t.shape[1], (len(idx),), generator=g)]
+
+    return train_steps(config, x, txt, steps=steps, batch=batch, seed=seed, warmup=warmup, pick=phrasing)
 
 
 def sample_all(sampler, prompts, batch: int = 100) -> np.ndarray:

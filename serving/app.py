@@ -52,9 +52,9 @@ from condgen.serving import schema
 from condgen.serving.config import Deployment, ModelSpec, ServeConfig, api_key_digest, config_error
 from condgen.serving.docs import ASSET_PATH, add_offline_docs
 from condgen.serving.errors import ApiError
-from condgen.serving.guard import RequestGuard, install_error_handlers, key_error, presented_key
+from condgen.serving.guard import RequestGuard, install_error_handlers, key_error
 from condgen.serving.launch import API_KEY_ENV, launch_env, refuse_busy_port, replica_env
-from condgen.serving.proxy_guard import Policy, controller_options, proxy_env
+from condgen.serving.proxy_guard import Policy, controller_options, proxy_env, replica_hooks
 from condgen.serving.service import Service
 from condgen.serving.ui import PAGE
 from condgen.tasks.generation.batching import Cancelled
@@ -162,15 +162,6 @@ def _policy() -> Policy:
     return proxy_policy(svc.config if svc is not None else None)
 
 
-def _authorise(path: str, headers) -> ApiError | None:
-    """The guard's check of the key, before FastAPI reads the body (``require_key`` documents it)."""
-    policy = _policy()
-    return key_error(presented_key(headers), policy.api_key_sha256) if policy.needs_key(path) else None
-
-
-def _body_limit(path: str) -> int:
-    return _policy().limit(path)
-
 
 def _endpoint(path: str) -> str:
     """The metrics label of a path: a known route, the docs' assets, or "other"."""
@@ -184,7 +175,7 @@ def _count_body(path: str, size: int) -> None:
 
 
 # inside _observe: 401/413 are counted
-api.add_middleware(RequestGuard, authorise=_authorise, limit=_body_limit, on_body=_count_body)
+api.add_middleware(RequestGuard, **replica_hooks(_policy), on_body=_count_body)
 
 
 # -- errors and metrics -------------------------------------------------------------------------------

@@ -34,10 +34,10 @@ from condgen.serving import pretrained_schema as ps
 from condgen.serving.config import Deployment, PretrainedServeConfig, api_key_digest, config_error
 from condgen.serving.docs import add_offline_docs
 from condgen.serving.errors import ApiError
-from condgen.serving.guard import RequestGuard, install_error_handlers, key_error, presented_key
+from condgen.serving.guard import RequestGuard, install_error_handlers
 from condgen.serving.launch import API_KEY_ENV, launch_env, refuse_busy_port, replica_env
 from condgen.serving.pretrained_service import PretrainedService
-from condgen.serving.proxy_guard import Policy, proxy_env
+from condgen.serving.proxy_guard import Policy, proxy_env, replica_hooks
 from condgen.tasks.io import settings
 from condgen.tasks.io.cluster import ensure_ray
 from condgen.tasks.io.redact import redact_uri
@@ -78,16 +78,8 @@ def _policy() -> Policy:
     return proxy_policy(svc.config if svc is not None else None)
 
 
-def _authorise(path: str, headers) -> ApiError | None:
-    policy = _policy()
-    return key_error(presented_key(headers), policy.api_key_sha256) if policy.needs_key(path) else None
 
-
-def _body_limit(path: str) -> int:
-    return _policy().limit(path)
-
-
-api.add_middleware(RequestGuard, authorise=_authorise, limit=_body_limit)
+api.add_middleware(RequestGuard, **replica_hooks(_policy))
 
 
 install_error_handlers(api)  # ApiError, validation, and ValueError from the pipeline: 4xx with a reason

@@ -105,6 +105,19 @@ class Policy:
                                                   for p in self.protected)
 
 
+def replica_hooks(policy: Callable[[], Policy]) -> dict[str, Callable[..., Any]]:
+    """``RequestGuard``'s ``authorise`` and ``limit`` from an app's current ``policy()``: the replica applies the
+    proxy's rules again (defence in depth), before FastAPI reads the body."""
+    def authorise(path: str, headers: Any) -> Any:
+        p = policy()
+        return key_error(presented_key(headers), p.api_key_sha256) if p.needs_key(path) else None
+
+    def limit(path: str) -> int:
+        return policy().limit(path)
+
+    return {"authorise": authorise, "limit": limit}
+
+
 def env_vars(policy: Policy) -> dict[str, str]:
     """The variables Ray Serve's proxy needs to run ``ProxyGuard`` with ``policy``."""
     return {CALLBACK_ENV: CALLBACK, POLICY_ENV: policy.to_json()}
