@@ -10,7 +10,7 @@ into numbers (``tasks/judging/shapes_eval.py``). The steps:
    test images (each image against its own caption with that one attribute varied);
 3. a text-conditioned pixel diffusion model (pooled CLIP embedding + cross-attention at the lowest
    resolution; ``--prediction``, ``--schedule``, ``--loss-weighting``, ``--attention``, ``--ema-decay``,
-   or ``--recipe`` for all of benchmarks/diffusion_recipe.py's) trained by a direct loop of ``--steps``
+   or ``--recipe`` for the registry's diffusion recipe, chosen by benchmarks/diffusion_recipe.py) trained by a direct loop of ``--steps``
    Adam steps over ``ConditionalDiffusion.loss``, one random phrasing of each image's captions per step;
 4. tables: per-attribute and joint accuracy (seen = ``test`` captions, unseen = ``test_unseen``) and KID
    (on the judge's penultimate features, as the pipeline's evaluation computes it for RGB sets) for each
@@ -33,13 +33,14 @@ import torch
 from benchmarks.diffusion_common import machine, table, write_json
 from benchmarks.diffusion_recipe import train_steps
 from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig
+from condgen.models.registry import RECIPES
 from condgen.tasks.data.splits import load_split
 from condgen.tasks.io.images import from_uint8, grid
 from condgen.tasks.judging import shapes_eval
 from condgen.tasks.judging.feature_metrics import kernel_inception_distance, kid_subset_size, too_few
 from condgen.tasks.judging.shapes_checker import JUDGED, check
 
-RECIPE = {"prediction": "v", "schedule": "cosine", "loss_weighting": "min_snr", "attention": True, "ema_decay": 0.999}
+RECIPE = RECIPES["diffusion"]  # what a new ``diffusion`` run trains with (models/registry.py)
 QUICK = {"n": 600, "clip_steps": 30, "steps": 40, "batch": 32, "channels": "8,16", "sample_steps": 5, "cfg": "0,2",
          "n_eval": 18, "n_negative": 1, "n_edit": 4, "edit_steps": 4, "inner_steps": 2, "judge_epochs": 1}
 FULL = {"n": 20_000, "clip_steps": 300, "steps": 3000, "batch": 128, "channels": "32,64,64", "sample_steps": 25,
