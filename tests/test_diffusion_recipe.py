@@ -8,17 +8,9 @@ import torch
 from condgen.models.controlnet import ControlNet, ControlNetConfig, control_image
 from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig
 from condgen.models.diffusion.unet import SelfAttention
+from tests.tiny import perturb
 
 TINY = {"channels": (4, 8), "timesteps": 50, "schedule": "cosine"}
-
-
-def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every weight moved off its (often zero) initialisation, so outputs depend on every layer."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -64,7 +56,7 @@ def test_self_attention_starts_as_identity_and_is_permutation_equivariant():
     attn = SelfAttention(8, heads=2)
     h = torch.randn(2, 8, 3, 3)
     assert torch.equal(attn(h), h)  # zero-initialised output projection
-    _perturbed(attn)
+    perturb(attn)
     out = attn(h)
     assert not torch.allclose(out, h)
     # no positional term: permuting the positions permutes the output the same way
@@ -89,7 +81,7 @@ def test_controlnet_on_a_v_prediction_base_with_attention_equals_the_base_at_ini
     torch.manual_seed(0)
     cfg = DiffusionConfig(channels=(4, 8), timesteps=20, prediction="v", attention=True, condition=condition,
                           text_dim=12)
-    base = _perturbed(ConditionalDiffusion(cfg)).eval()
+    base = perturb(ConditionalDiffusion(cfg)).eval()
     net = ControlNet(ControlNetConfig(base=cfg), base=base)
     x, t = torch.randn(3, 1, 28, 28), torch.tensor([2, 9, 19])
     cond = torch.tensor([1, 4, 7]) if condition == "label" else base.embed_condition(torch.randn(3, 12)).detach()
@@ -124,8 +116,8 @@ def test_new_diffusion_runs_start_from_the_recipe_and_stored_configs_load_as_wri
 def test_controlnet_locks_the_base_s_ema_weights():
     torch.manual_seed(0)
     cfg = DiffusionConfig(channels=(4, 8), timesteps=20, prediction="v", ema_decay=0.9)
-    base = _perturbed(ConditionalDiffusion(cfg))
-    base.ema.load_state_dict(_perturbed(ConditionalDiffusion(cfg), seed=3).net.state_dict())  # EMA != trained
+    base = perturb(ConditionalDiffusion(cfg))
+    base.ema.load_state_dict(perturb(ConditionalDiffusion(cfg), seed=3).net.state_dict())  # EMA != trained
     base.eval()
     net = ControlNet(ControlNetConfig(base=cfg), base=base)
     x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 15]), torch.tensor([2, 5])
