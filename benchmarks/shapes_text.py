@@ -8,18 +8,22 @@ into numbers (``tasks/judging/shapes_eval.py``). The steps:
 2. the embedded CLIP fitted on the train captions (``tasks/clip/fit.py``, cached beside the shards; not
    registered), every train caption embedded with it, and its zero-shot accuracy per attribute on real
    test images (each image against its own caption with that one attribute varied);
-3. a text-conditioned pixel diffusion model (pooled CLIP embedding + cross-attention at the lowest
+3. the ``--models`` (default ``diffusion``): a text-conditioned pixel diffusion model (pooled CLIP embedding + cross-attention at the lowest
    resolution; ``--prediction``, ``--schedule``, ``--loss-weighting``, ``--attention``, ``--ema-decay``,
    or ``--recipe`` for the registry's diffusion recipe, chosen by benchmarks/diffusion_recipe.py) trained by a direct loop of ``--steps``
-   Adam steps over ``ConditionalDiffusion.loss``, one random phrasing of each image's captions per step;
+   Adam steps over ``ConditionalDiffusion.loss``, one random phrasing of each image's captions per step; and on
+   the same embeddings a text-conditioned ``cvae``, ``cgan`` and latent diffusion ``ldm``, each trained by a direct
+   loop over its own ``train_step`` (``benchmarks/shapes_text_models.py``; a cGAN step is a D and a G step);
 4. tables: per-attribute and joint accuracy (seen = ``test`` captions, unseen = ``test_unseen``) and KID
    (on the judge's penultimate features, as the pipeline's evaluation computes it for RGB sets) for each
-   CFG weight in ``--cfg``; the checker on real test images (its ceiling); the negative-prompt rate
+   CFG weight in ``--cfg`` (one unguided row for the CVAE and the cGAN, which have no CFG); the checker on real test images (its ceiling); the negative-prompt rate
    ("a {shape}" with negative "{colour}": share of samples of that colour, with vs without); edit scores
-   (DDIM inversion, null-text inversion, SDEdit: asked attribute changed and the others kept).
+   (DDIM inversion, null-text inversion, SDEdit: asked attribute changed and the others kept; pixel diffusion only).
 
     .venv/bin/python -m benchmarks.shapes_text --quick                    # smoke run, ~3 min on one core
     .venv/bin/python -m benchmarks.shapes_text --recipe --steps 6000 --out /tmp/shapes-text --json /tmp/st.json
+    .venv/bin/python -m benchmarks.shapes_text --quick --models diffusion cvae cgan ldm    # every model, smoke run
+    .venv/bin/python -m benchmarks.shapes_text --models cvae cgan --steps cvae=3000,cgan=6000
 """
 from __future__ import annotations
 
@@ -32,6 +36,16 @@ import torch
 
 from benchmarks.diffusion_common import machine, table, write_json
 from benchmarks.diffusion_recipe import train_steps
+from benchmarks.shapes_text_models import (
+    AE_STEPS,
+    EDITABLE,
+    GUIDED,
+    MODELS,
+    STEPS,
+    parse_steps,
+    plain_sampler,
+    train_model,
+)
 from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig
 from condgen.models.registry import RECIPES
 from condgen.tasks.data.splits import load_split
@@ -41,9 +55,9 @@ from condgen.tasks.judging.feature_metrics import kernel_inception_distance, kid
 from condgen.tasks.judging.shapes_checker import JUDGED, check
 
 RECIPE = RECIPES["diffusion"]  # what a new ``diffusion`` run trains with (models/registry.py)
-QUICK = {"n": 600, "clip_steps": 30, "steps": 40, "batch": 32, "channels": "8,16", "sample_steps": 5, "cfg": "0,2",
+QUICK = {"n": 600, "clip_steps": 30, "batch": 32, "channels": "8,16", "sample_steps": 5, "cfg": "0,2",
          "n_eval": 18, "n_negative": 1, "n_edit": 4, "edit_steps": 4, "inner_steps": 2, "judge_epochs": 1}
-FULL = {"n": 20_000, "clip_steps": 300, "steps": 3000, "batch": 128, "channels": "32,64,64", "sample_steps": 25,
+FULL = {"n": 20_000, "clip_steps": 300, "batch": 128, "channels": "32,64,64", "sample_steps": 25,
         "cfg": "0,1,2,3,5", "n_eval": 300, "n_negative": 4, "n_edit": 60, "edit_steps": 25, "inner_steps": 10,
         "judge_epochs": 4}
 
@@ -56,7 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", help="an ingested bundled:shapes set (default: ingest under the storage root)")
     p.add_argument("--clip-config", default="condgen-clip-tiny", help="embedded CLIP architecture")
     p.add_argument("--clip-steps", type=int, help="CLIP fitting steps (default 300; --quick 30)")
-    p.add_argument("--steps", type=int, help="diffusion Adam steps (default 3000; --quick 40)")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=["diffusion"], help="text-conditioned models to train")
+    p.add_argument("--steps", help="Adam steps, N for every model or per model as cvae=2000,cgan=4000 (default "
+                   f"{STEPS['full']}; --quick {STEPS['quick']})")
+    p.add_argument("--ae-steps", type=int, help=f"ldm autoencoder steps (default {AE_STEPS['full']}; --quick "
+                   f"{AE_STEPS['quick']})")
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--channels", help="U-Net widths per level (default 32,64,64; --quick 8,16)")
@@ -84,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="folder for the model (safetensors) and sample grids")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
+    budget, args.models = "quick" if args.quick else "full", list(dict.fromkeys(args.models))
+    try:
+        args.steps = parse_steps(args.steps, args.models, STEPS[budget])
+    except ValueError as e:
+        p.error(str(e))
+    args.ae_steps = args.ae_steps or AE_STEPS[budget]
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -170,10 +194,47 @@ def pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
-def acc_row(label: str, seen: dict, unseen: dict | None, *extra) -> list:
-    """label, seen accuracies and unseen joint accuracy in %, then ``extra`` as they are."""
-    row = [label, *(pct(seen[a]) for a in (*JUDGED, "joint"))]
+def acc_row(model: str, label: str, seen: dict, unseen: dict | None, *extra) -> list:
+    """model, label, seen accuracies and unseen joint accuracy in %, then ``extra`` as they are."""
+    row = [model, label, *(pct(seen[a]) for a in (*JUDGED, "joint"))]
     return row + [pct(unseen["joint"]) if unseen else "—", *extra]
+
+
+def score(sampler, sets: dict, judge, real_feats: dict) -> tuple[dict, dict, dict]:
+    """Checker accuracies, KID and the samples of one prompt per row of each split's prompt set."""
+    result, kids, images = {}, {}, {}
+    for split, (prompts, requested) in sets.items():
+        images[split] = sample_all(sampler, prompts)
+        result[split] = check(images[split], requested)[1]
+        kids[split] = kid(judge, real_feats[split], images[split])
+    return result, kids, images
+
+
+def train_diffusion(args: argparse.Namespace, text_dim: int, x: torch.Tensor, txt: torch.Tensor):
+    """The pixel diffusion model of step 3 and its record (config, seconds, final loss)."""
+    recipe = RECIPE if args.recipe else {"prediction": args.prediction, "schedule": args.schedule,
+                                         "loss_weighting": args.loss_weighting, "attention": args.attention,
+                                         "ema_decay": args.ema_decay}
+    config = DiffusionConfig(image_size=args.size, in_channels=3, channels=tuple(int(c) for c in args.channels.split(",")),
+                             num_classes=18, condition="text", text_dim=text_dim,
+                             context_tokens=args.context_tokens, p_uncond=args.p_uncond, lr=args.lr,
+                             sample_steps=args.sample_steps, **recipe)
+    print(f"[train] {config}", flush=True)
+    steps = args.steps["diffusion"]
+    model, losses, train_s = train(config, x, txt, steps=steps, batch=args.batch, seed=args.seed)
+    loss = float(np.mean(losses[-50:]))
+    print(f"[train] diffusion: {steps} steps in {train_s:.0f}s, final loss {loss:.4f}", flush=True)
+    return model, {"seconds": train_s, "final_loss": loss, "recipe": recipe,
+                   "config": {k: str(v) for k, v in vars(config).items()}}
+
+
+def budget_line(name: str, args: argparse.Namespace, record: dict) -> str:
+    steps = f"{args.steps[name]} steps x batch {args.batch} in {record['seconds']:.0f}s"
+    if name == "diffusion":
+        return f"diffusion: U-Net {args.channels}, {record['recipe']}, {steps}, final loss {record['final_loss']:.4f}"
+    last = ", ".join(f"{k} {v:.4g}" for k, v in record["last"].items())
+    ae = f"; autoencoder {args.ae_steps} steps in {record['autoencoder']['seconds']:.0f}s" if "autoencoder" in record else ""
+    return f"{name}: channels {record['config']['channels']}, {steps} (last: {last}){ae}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -199,23 +260,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[clip] {args.clip_config}, {args.clip_steps} steps, {txt.shape} train caption embeddings, "
           f"{time.perf_counter() - t0:.0f}s; zero-shot on real test images {zs}", flush=True)
 
-    recipe = RECIPE if args.recipe else {"prediction": args.prediction, "schedule": args.schedule,
-                                         "loss_weighting": args.loss_weighting, "attention": args.attention,
-                                         "ema_decay": args.ema_decay}
-    config = DiffusionConfig(image_size=args.size, in_channels=3, channels=tuple(int(c) for c in args.channels.split(",")),
-                             num_classes=18, condition="text", text_dim=handle.embed_dim,
-                             context_tokens=args.context_tokens, p_uncond=args.p_uncond, lr=args.lr,
-                             sample_steps=args.sample_steps, **recipe)
-    print(f"[train] {config}", flush=True)
-    x = from_uint8(train_split["x"])
-    model, losses, train_s = train(config, x, txt, steps=args.steps, batch=args.batch, seed=args.seed)
-    print(f"[train] {args.steps} steps in {train_s:.0f}s, final loss {np.mean(losses[-50:]):.4f}", flush=True)
-    if args.out:
-        from safetensors.torch import save_file
-
-        os.makedirs(args.out, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(args.out, "model.safetensors"))
-
     judge = get_judge(shards, epochs=args.judge_epochs, log_to_mlflow=False)
     sets, real_feats = {}, {}
     for split, data in splits.items():
@@ -224,57 +268,94 @@ def main(argv: list[str] | None = None) -> dict:
         real_feats[split] = predict(judge.model, from_uint8(data["x"]))[1].numpy().astype(np.float64)
     print(f"[judge] test accuracy {judge.test_accuracy:.3f} (KID features)", flush=True)
 
-    headers = ["sampling", *(f"{a} %" for a in JUDGED), "joint %", "unseen joint %", "KID seen", "KID unseen",
-               "unseen colour / shape / size / position %"]
-    rows, sweep = [], []
+    headers = ["model", "sampling", *(f"{a} %" for a in JUDGED), "joint %", "unseen joint %", "KID seen",
+               "KID unseen", "unseen colour / shape / size / position %"]
     real = {s: check(d["x"], list(d["tags"]))[1] for s, d in splits.items()}
-    rows.append(acc_row("real test images (checker ceiling)", real["test"], real["test_unseen"], "—", "—", ""))
-    for w in (float(v) for v in args.cfg.split(",")):
-        t0 = time.perf_counter()
-        sampler = shapes_eval.diffusion_sampler(model, encode, guidance=w, seed=args.seed)
-        result, kids, images = {}, {}, {}
-        for split, (prompts, requested) in sets.items():
-            images[split] = sample_all(sampler, prompts)
-            result[split] = check(images[split], requested)[1]
-            kids[split] = kid(judge, real_feats[split], images[split])
-        save_grid(images["test"], args.out and os.path.join(args.out, f"cfg{w:g}.png"))
-        u = result["test_unseen"]
-        rows.append(acc_row("unguided" if w == 0 else f"CFG w={w:g}", result["test"], u, kids["test"],
-                            kids["test_unseen"], " / ".join(f"{100 * u[a]:.0f}" for a in JUDGED)))
-        sweep.append({"guidance": w, "seen": result["test"], "unseen": u, "kid_seen": kids["test"],
-                      "kid_unseen": kids["test_unseen"], "seconds": time.perf_counter() - t0})
-        print(table(headers, rows[-1:]), flush=True)
-
-    neg = shapes_eval.negative_prompt_rate(
-        shapes_eval.diffusion_sampler(model, encode, guidance=args.negative_guidance, seed=args.seed),
-        n_per_pair=args.n_negative)
-    editors = {m: shapes_eval.diffusion_editor(model, encode, m, guidance=args.edit_guidance, steps=args.edit_steps,
-                                               strength=args.strength, inner_steps=args.inner_steps, seed=args.seed)
-               for m in ("ddim_inversion", "null_text", "sdedit")}
-    t0 = time.perf_counter()
+    rows = [acc_row("—", "real test images (checker ceiling)", real["test"], real["test_unseen"], "—", "—", "")]
+    x = from_uint8(train_split["x"])
     n_edit = min(args.n_edit, len(splits["test"]["x"]))
-    edits = shapes_eval.edit_scores(editors, splits["test"]["x"][:n_edit], list(splits["test"]["tags"][:n_edit]),
-                                    seed=args.seed)
-    edit_s = time.perf_counter() - t0
+    results: dict[str, dict] = {}
+    for name in args.models:
+        if name == "diffusion":
+            model, record = train_diffusion(args, handle.embed_dim, x, txt)
+        else:
+            model, record = train_model(name, train_split["x"], x, txt, args=args, quick=args.quick,
+                                        steps=args.steps[name], ae_steps=args.ae_steps)
+        print(f"[train] {budget_line(name, args, record)}", flush=True)
+        if args.out:
+            from safetensors.torch import save_file
+
+            os.makedirs(args.out, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      os.path.join(args.out, "model.safetensors" if name == "diffusion" else f"{name}.safetensors"))
+        guided = name in GUIDED
+        res = results[name] = {"train": record, "sweep": [], "negative": None, "edits": None}
+        for w in (float(v) for v in args.cfg.split(",")) if guided else [0.0]:
+            t0 = time.perf_counter()
+            sampler = (shapes_eval.diffusion_sampler(model, encode, guidance=w, seed=args.seed) if guided
+                       else plain_sampler(model, encode, seed=args.seed))
+            result, kids, images = score(sampler, sets, judge, real_feats)
+            prefix = "" if name == "diffusion" else f"{name}-"
+            save_grid(images["test"], args.out and os.path.join(args.out, f"{prefix}cfg{w:g}.png"))
+            u = result["test_unseen"]
+            label = ("unguided" if w == 0 else f"CFG w={w:g}") if guided else "unguided (no CFG: no sweep)"
+            rows.append(acc_row(name, label, result["test"], u, kids["test"], kids["test_unseen"],
+                                " / ".join(f"{100 * u[a]:.0f}" for a in JUDGED)))
+            res["sweep"].append({"guidance": w if guided else None, "seen": result["test"], "unseen": u,
+                                 "kid_seen": kids["test"], "kid_unseen": kids["test_unseen"],
+                                 "seconds": time.perf_counter() - t0})
+            print(table(headers, rows[-1:]), flush=True)
+        if guided:
+            res["negative"] = shapes_eval.negative_prompt_rate(
+                shapes_eval.diffusion_sampler(model, encode, guidance=args.negative_guidance, seed=args.seed),
+                n_per_pair=args.n_negative)
+        if name in EDITABLE:
+            editors = {m: shapes_eval.diffusion_editor(model, encode, m, guidance=args.edit_guidance,
+                                                       steps=args.edit_steps, strength=args.strength,
+                                                       inner_steps=args.inner_steps, seed=args.seed)
+                       for m in ("ddim_inversion", "null_text", "sdedit")}
+            t0 = time.perf_counter()
+            res["edits"] = shapes_eval.edit_scores(editors, splits["test"]["x"][:n_edit],
+                                                   list(splits["test"]["tags"][:n_edit]), seed=args.seed)
+            res["edit_seconds"] = time.perf_counter() - t0
+        del model
 
     print(f"\n{machine()}; {time.perf_counter() - t_all:.0f}s in all\n"
           f"data: {shards} ({len(x)} train images, {args.size}px); CLIP {args.clip_config} ({args.clip_steps} steps), "
           f"zero-shot on real test images: " + ", ".join(f"{a} {pct(v)} %" for a, v in zs.items()))
-    print(f"model: {args.channels}, {recipe}, {args.steps} Adam steps x batch {args.batch} in {train_s:.0f}s; "
-          f"DDIM {args.sample_steps} steps; {args.n_eval} prompts per split; judge test accuracy "
-          f"{judge.test_accuracy:.3f}\n")
+    print(f"DDIM {args.sample_steps} steps (diffusion, ldm); {args.n_eval} prompts per split; judge test accuracy "
+          f"{judge.test_accuracy:.3f}; models:")
+    for name, res in results.items():
+        print(f"  {budget_line(name, args, res['train'])}")
+    print()
     print(table(headers, rows))
-    print(f"\nnegative prompts (CFG w={args.negative_guidance:g}, {neg['n']} samples): \"a {{shape}}\" has the "
-          f"negated colour in {pct(neg['rate_without'])} % without the negative, {pct(neg['rate_with'])} % with it; "
-          f"shape kept {pct(neg['shape_acc_without'])} % / {pct(neg['shape_acc_with'])} %\n")
-    print(table(["edit method", *(f"{a}: changed / kept / both %" for a in shapes_eval.EDITABLE)],
-                [[m, *(f"{pct(s[a]['changed'])} / {pct(s[a]['kept'])} / **{pct(s[a]['score'])}**"
-                       for a in shapes_eval.EDITABLE)] for m, s in edits.items()]))
-    print(f"\n{n_edit} real test images per attribute, CFG w={args.edit_guidance:g}, {args.edit_steps} DDIM steps, "
-          f"SDEdit strength {args.strength}, null-text {args.inner_steps} Adam steps/step; {edit_s:.0f}s")
-    payload = {"shards": shards, "config": {k: str(v) for k, v in vars(config).items()}, "args": vars(args),
-               "zero_shot": zs, "train_seconds": train_s, "final_loss": float(np.mean(losses[-50:])),
-               "judge_accuracy": judge.test_accuracy, "real": real, "sweep": sweep, "negative": neg, "edits": edits}
+    print(f"\nnegative prompts (CFG w={args.negative_guidance:g}): \"a {{shape}}\" has the negated colour in")
+    for name, res in results.items():
+        neg = res["negative"]
+        print(f"  {name}: " + (f"{pct(neg['rate_without'])} % without the negative, {pct(neg['rate_with'])} % with it "
+                               f"({neg['n']} samples); shape kept {pct(neg['shape_acc_without'])} % / "
+                               f"{pct(neg['shape_acc_with'])} %" if neg else
+                               "not applicable (no classifier-free guidance, so no negative prompt)"))
+    edited = {f"{name} {m}": s for name, res in results.items() if res["edits"] for m, s in res["edits"].items()}
+    if edited:
+        print()
+        print(table(["edit method", *(f"{a}: changed / kept / both %" for a in shapes_eval.EDITABLE)],
+                    [[m, *(f"{pct(s[a]['changed'])} / {pct(s[a]['kept'])} / **{pct(s[a]['score'])}**"
+                           for a in shapes_eval.EDITABLE)] for m, s in edited.items()]))
+        print(f"\n{n_edit} real test images per attribute, CFG w={args.edit_guidance:g}, {args.edit_steps} DDIM steps, "
+              f"SDEdit strength {args.strength}, null-text {args.inner_steps} Adam steps/step; "
+              + ", ".join(f"{n} {r['edit_seconds']:.0f}s" for n, r in results.items() if r["edits"]))
+    others = [n for n in results if n not in EDITABLE]
+    if others:
+        print(f"edits (DDIM / null-text inversion, SDEdit): not applicable to {', '.join(others)} "
+              "(edit_images inverts a pixel diffusion model)")
+    payload = {"shards": shards, "args": vars(args), "zero_shot": zs, "judge_accuracy": judge.test_accuracy,
+               "real": real, "models": results}
+    if "diffusion" in results:  # the single-model layout of earlier runs (docs/results.md)
+        d = results["diffusion"]
+        payload.update(config=d["train"]["config"], train_seconds=d["train"]["seconds"],
+                       final_loss=d["train"]["final_loss"], sweep=d["sweep"], negative=d["negative"],
+                       edits=d["edits"])
     write_json(args.json, payload)
     return payload
 
