@@ -1,0 +1,238 @@
+"""Latent directions for size, position and hue on ``bundled:shapes``, and how much each edit leaks.
+
+Issue #15, item 4. The technique is InterFaceGAN (Shen et al. 2020, "Interpreting the Latent
+Space of GANs for Semantic Face Editing", seed 000): regress an attribute on the latent z; the
+coefficient vector is the direction along which it grows; project each direction off the
+others' normals so that an edit leaves their linear predictions unchanged
+(``models/latent_map.py``: ``attribute_directions``, ``orthogonalize``, ``calibrate``).
+
+Attributes are measured from pixels by the shapes checker (``tasks/judging/shapes_checker.py``)
+on the images the latents *decode to*, never taken from the data set's labels:
+
+* ``side``: bounding-box side / canvas (the checker's side, from the coverage area);
+* ``cx``, ``cy``: bounding-box centre / canvas (y grows downwards);
+* ``hue``: the hue of the object's colour (mean RGB of its bright pixels, the pixels the
+  checker names the colour from) **relative to the hue of the palette colour of its label**,
+  in degrees wrapped to (-180, 180]. Why relative and not cos/sin of the absolute hue: the
+  models are label-conditioned and the label fixes the colour class, so across classes the
+  absolute hue is a function of c, not of z; a regression of cos/sin hue on z would spend its
+  fit on class differences z does not carry (and needs two directions for one attribute). The
+  offset from the label's palette hue is the part z controls: one number, continuous across
+  the 0/360 seam, zero for a perfect sample. It varies only through the decoder (every data
+  image has its palette colour exactly), which is why attributes are measured on decodes.
+
+Latents: a CVAE's posterior means mu(x, c) of real images (``space.embed``); a GAN's prior
+draws (sample z, generate, measure, regress: the InterFaceGAN way, no inversion needed).
+
+The study edits ``n_edit`` latents along each direction (raw and orthogonalised, both
+calibrated so that a unit strength predicts +1 std of the asked attribute) at a few
+strengths, measures the decodes again and reports the **leakage table**: the change of every
+measured attribute per unit strength, in std units of the regression set (diagonal ideal 1,
+off-diagonal ideal 0), and the share of edited images whose *discrete* checker attributes
+other than the asked one's counterpart (size for side, position for cx/cy, colour for hue)
+stay what they were on the unedited decode: shape and colour class must not change.
+"""
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from condgen.models import latent_map as lm
+from condgen.tasks.data.shapes import COLOUR_NAMES, COLOURS, SHAPES
+from condgen.tasks.io.images import grid, to_uint8
+from condgen.tasks.judging import shapes_checker as sc
+from condgen.tasks.judging.latent_studies import AttributeStudy, _spearman
+
+CONTINUOUS = ("side", "cx", "cy", "hue")
+DISCRETE = sc.JUDGED  # colour, shape, size, position
+COUNTERPART = {"side": "size", "cx": "position", "cy": "position", "hue": "colour"}
+STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0)
+MIN_CHROMA = 0.05  # below this (max - min of the mean RGB in [0, 1]) the hue is undefined
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def hue_degrees(rgb: Sequence[float]) -> float:
+    """Hexagonal hue (HSV) of an RGB triple in [0, 1], degrees in [0, 360); NaN for greys."""
+    r, g, b = (float(v) for v in rgb)
+    if max(r, g, b) - min(r, g, b) < MIN_CHROMA:
+        return float("nan")
+    return colorsys.rgb_to_hsv(r, g, b)[0] * 360.0
+
+
+def wrap_degrees(a: float | np.ndarray) -> float | np.ndarray:
+    """Angles to (-180, 180]."""
+    return 180.0 - np.mod(180.0 - np.asarray(a, dtype=np.float64), 360.0)
+
+
+PALETTE_HUE = {name: hue_degrees(np.asarray(rgb) / 255.0) for name, rgb in COLOURS.items()}
+
+
+def label_colour(c: int) -> str:
+    """The colour name of class ``c`` (cls = colour index * 3 + shape index)."""
+    return COLOUR_NAMES[int(c) // len(SHAPES)]
+
+
+def object_rgb(img: np.ndarray) -> np.ndarray | None:
+    """Mean RGB in [0, 1] of the object's bright pixels (the checker's rule), None if no object."""
+    x = img.astype(np.float64) / 255.0
+    brightness = x.max(axis=2)
+    comp = sc._object_mask(brightness)
+    if comp is None:
+        return None
+    bright = comp & (brightness >= sc.BRIGHT_FRACTION * brightness[comp].max())
+    return x[bright].mean(axis=0)
+
+
+def measure_shape(img: np.ndarray, colour: str | None = None) -> dict[str, Any]:
+    """The checker's reading of one RGB uint8 image plus ``hue``: the object's hue minus the
+    palette hue of ``colour`` (default: the colour the checker reads), degrees in (-180, 180]."""
+    out = dict(sc.measure(img))
+    rgb = object_rgb(img)
+    ref = colour or out["colour"]
+    hue = float("nan") if rgb is None or ref == sc.NONE else hue_degrees(rgb)
+    out["hue"] = float(wrap_degrees(hue - PALETTE_HUE[ref])) if np.isfinite(hue) else float("nan")
+    return out
+
+
+def measure_images(images: np.ndarray, labels: Sequence[int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """uint8 (N, H, W, 3) and their labels -> (continuous (N, 4) in ``CONTINUOUS`` order, NaN
+    where unmeasurable; the checker's readings per image)."""
+    readings = [measure_shape(im, label_colour(c)) for im, c in zip(images, labels)]
+    values = np.asarray([[r[k] for k in CONTINUOUS] for r in readings], dtype=np.float64).reshape(-1, len(CONTINUOUS))
+    return values, readings
+
+
+# -- latents ---------------------------------------------------------------------------------------
+def study_latents(space, *, x: torch.Tensor | None = None, y: torch.Tensor | None = None, n: int = 1000,
+                  classes: Sequence[int] = tuple(range(18)), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (N, d), c (N,)): a CVAE's posterior means of real images ``x`` with labels ``y``; for a
+    GAN, ``n`` prior draws under labels drawn uniformly from ``classes``."""
+    if space.kind == "cvae":
+        if x is None or y is None:
+            raise ValueError("a CVAE's directions are regressed on posterior means: pass real images x and labels y")
+        return space.embed(x, y)[0], y
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.as_tensor(list(classes), dtype=torch.long)
+    c = cls[torch.randint(len(cls), (n,), generator=g)]
+    return space.prior_sample(c, generator=g), c
+
+
+# -- the study -------------------------------------------------------------------------------------
+@dataclass
+class ShapesDirectionStudy(AttributeStudy):
+    """:class:`AttributeStudy` (its leakage table and summary) plus the discrete checks."""
+
+    space: str = ""
+    n_regression: int = 0
+    n_edited: int = 0
+    std: dict[str, float] = field(default_factory=dict)  # native units per std (side, cx, cy: canvas; hue: deg)
+    # kept[variant][edited][discrete]: share of edits (non-zero strengths) whose checker class equals the
+    # unedited decode's
+    kept: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    others_kept: dict[str, dict[str, float]] = field(default_factory=dict)  # all discrete but the counterpart kept
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("strips")
+        d.pop("directions")
+        d["summary"] = self.summary()
+        return d
+
+    def kept_markdown(self) -> str:
+        lines = ["| variant | edited | " + " | ".join(f"{a} kept" for a in DISCRETE) + " | others kept |",
+                 "|" + "---|" * (len(DISCRETE) + 3)]
+        for v, rows in self.kept.items():
+            for n, row in rows.items():
+                cells = [f"{row[a]:.3f}" + ("*" if COUNTERPART[n] == a else "") for a in DISCRETE]
+                lines.append(f"| {v} | {n} | " + " | ".join(cells) + f" | {self.others_kept[v][n]:.3f} |")
+        return "\n".join(lines) + "\n(* the asked attribute's own class: it may change)"
+
+    def markdown(self) -> str:
+        units = ", ".join(f"{k} {v:.4g}" for k, v in self.std.items())
+        return (f"### {self.space}: {self.n_regression} latents regressed, {self.n_edited} edited; "
+                f"1 std = {units} (hue in degrees, the others in canvas fractions)\n\n"
+                f"R² of each attribute from z: " + ", ".join(f"{k} {v:.3f}" for k, v in self.r2.items()) + "\n\n"
+                + self.leakage_markdown() + "\n" + self.kept_markdown() + "\n")
+
+
+def _valid(values: np.ndarray) -> np.ndarray:
+    return np.isfinite(values).all(axis=1)
+
+
+def direction_study(space, z: torch.Tensor, c: torch.Tensor, *, names: Sequence[str] = CONTINUOUS,
+                    strengths: Sequence[float] = STRENGTHS, n_edit: int = 100, strip_rows: int = 3, seed: int = 0,
+                    method: str = "projection") -> ShapesDirectionStudy:
+    """Regress ``names`` (of ``CONTINUOUS``) on z, measured on decode(z, c); edit, measure, tabulate.
+
+    ``space``: a ``LatentSpace`` (or anything with ``kind``, ``name`` and ``decode_all(z, c)``
+    returning (B, 3, H, W) in [-1, 1]). Rows where an edited attribute is unmeasurable are left out.
+    """
+    if 0.0 not in [float(s) for s in strengths]:
+        raise ValueError("strengths must include 0 (the unedited decode every edit is compared with)")
+    col = [CONTINUOUS.index(n) for n in names]  # the measured attributes: the edited ones
+    values = measure_images(to_uint8(space.decode_all(z.float(), c)), c.tolist())[0][:, col]
+    ok = _valid(values)
+    if ok.sum() < z.shape[1] + 2:
+        raise ValueError(f"only {int(ok.sum())} of {len(ok)} decodes are measurable shapes; train the model longer")
+    z_ok, c_ok, v_ok = z[torch.from_numpy(ok)], c[torch.from_numpy(ok)], values[ok]
+    std = v_ok.std(0)
+    normals = lm.attribute_directions(z_ok, v_ok)  # (K, d)
+    a_std = (v_ok - v_ok.mean(0)) / np.maximum(std, 1e-12)
+    pred = ((z_ok - z_ok.mean(0)).double() @ normals.double().T).numpy()
+    r2 = {n: float(1 - ((a_std[:, i] - pred[:, i]) ** 2).mean() / max(a_std[:, i].var(), 1e-12))
+          for i, n in enumerate(names)}
+    unit = F.normalize(normals.double(), dim=-1)
+    variants = {"raw": lm.calibrate(normals, normals),
+                "orthogonal": lm.calibrate(lm.orthogonalize(normals, method=method), normals)}
+    s = torch.tensor([float(v) for v in strengths], dtype=torch.float32)
+    sv, i0 = s.numpy().astype(np.float64), [float(v) for v in strengths].index(0.0)
+    pick = torch.from_numpy(np.random.default_rng(seed).permutation(len(z_ok))[:n_edit])
+    z_e, c_e = z_ok[pick], c_ok[pick]
+    out: dict[str, dict] = {k: {} for k in ("slopes", "leakage", "mono", "curves", "kept", "others")}
+    strips: dict[str, np.ndarray] = {}
+    for v, d in variants.items():
+        for key, per_variant in out.items():
+            per_variant[v] = [] if key in ("slopes", "leakage") else {}
+        for k, n in enumerate(names):
+            zz = (z_e[None] + s[:, None, None] * d[k]).reshape(-1, z.shape[1])  # (S*B, d), strength-major
+            cc = c_e.repeat(len(s))
+            imgs = to_uint8(space.decode_all(zz.float(), cc))
+            vals, readings = measure_images(imgs, cc.tolist())
+            m = vals[:, col].reshape(len(s), len(z_e), -1) / np.maximum(std, 1e-12)  # (S, B, K) std units
+            good = np.isfinite(m).all(axis=(0, 2))  # measurable at every strength
+            delta = m[:, good] - m[i0, good]
+            slope = [float((sv[:, None] * delta[:, :, j]).sum() / ((sv ** 2).sum() * max(int(good.sum()), 1)))
+                     for j in range(len(names))]
+            diag = slope[k]
+            out["slopes"][v].append(slope)
+            out["leakage"][v].append([x / diag if abs(diag) > 1e-12 else float("nan") for x in slope])
+            out["mono"][v][n] = float(np.mean([_spearman(sv, m[:, i, k]) for i in np.flatnonzero(good)])) \
+                if good.any() else 0.0
+            out["curves"][v][n] = np.nanmean(m * std, axis=1).tolist()
+            out["kept"][v][n], out["others"][v][n] = _kept(readings, len(s), len(z_e), i0, COUNTERPART[n])
+            rows = imgs.reshape(len(s), len(z_e), *imgs.shape[1:])[:, :strip_rows]  # (S, R, H, W, 3)
+            strips[f"{v}/{n}"] = grid(rows.transpose(1, 0, 2, 3, 4).reshape(-1, *imgs.shape[1:]), nrow=len(s))
+    return ShapesDirectionStudy(
+        list(names), list(names), r2, (unit @ unit.T).tolist(), [float(x) for x in strengths], out["slopes"],
+        out["leakage"], out["mono"], out["curves"], strips, variants, space=space.name, n_regression=int(ok.sum()),
+        n_edited=len(z_e), std={k: float(x) for k, x in zip(names, std)}, kept=out["kept"],
+        others_kept=out["others"])
+
+
+def _kept(readings: list[dict[str, Any]], n_s: int, n_b: int, i0: int, counterpart: str) -> tuple[dict, float]:
+    """Share of edited readings (strengths other than index ``i0``) whose discrete attributes equal
+    the unedited one's, per attribute, and with every attribute but ``counterpart`` kept at once."""
+    grid_r = [readings[i * n_b:(i + 1) * n_b] for i in range(n_s)]
+    base = grid_r[i0]
+    hits = np.asarray([[[r[a] != sc.NONE and r[a] == b[a] for a in DISCRETE] for r, b in zip(grid_r[i], base)]
+                       for i in range(n_s) if i != i0], dtype=bool).reshape(-1, len(DISCRETE))
+    if not len(hits):
+        return {a: float("nan") for a in DISCRETE}, float("nan")
+    others = [i for i, a in enumerate(DISCRETE) if a != counterpart]
+    return {a: float(hits[:, i].mean()) for i, a in enumerate(DISCRETE)}, float(hits[:, others].all(axis=1).mean())
