@@ -8,17 +8,19 @@ into numbers (``tasks/judging/shapes_eval.py``). The steps:
 2. the embedded CLIP fitted on the train captions (``tasks/clip/fit.py``, cached beside the shards; not
    registered), every train caption embedded with it, and its zero-shot accuracy per attribute on real
    test images (each image against its own caption with that one attribute varied);
-3. the ``--models`` (default ``diffusion``): a text-conditioned pixel diffusion model (pooled CLIP embedding + cross-attention at the lowest
-   resolution; ``--prediction``, ``--schedule``, ``--loss-weighting``, ``--attention``, ``--ema-decay``,
-   or ``--recipe`` for the registry's diffusion recipe, chosen by benchmarks/diffusion_recipe.py) trained by a direct loop of ``--steps``
-   Adam steps over ``ConditionalDiffusion.loss``, one random phrasing of each image's captions per step; and on
-   the same embeddings a text-conditioned ``cvae``, ``cgan`` and latent diffusion ``ldm``, each trained by a direct
-   loop over its own ``train_step`` (``benchmarks/shapes_text_models.py``; a cGAN step is a D and a G step);
+3. the ``--models`` (default ``diffusion``): a text-conditioned pixel diffusion model (pooled CLIP embedding
+   + cross-attention at the lowest resolution; ``--prediction``, ``--schedule``, ``--loss-weighting``,
+   ``--attention``, ``--ema-decay``, or ``--recipe`` for the registry's diffusion recipe, chosen by
+   benchmarks/diffusion_recipe.py) trained by a direct loop of ``--steps`` Adam steps over
+   ``ConditionalDiffusion.loss``, one random phrasing of each image's captions per step; and on the same
+   embeddings a text-conditioned ``cvae``, ``cgan`` and latent diffusion ``ldm``, each trained by a direct loop
+   over its own ``train_step`` (``benchmarks/shapes_text_models.py``; a cGAN step is a D and a G step);
 4. tables: per-attribute and joint accuracy (seen = ``test`` captions, unseen = ``test_unseen``) and KID
    (on the judge's penultimate features, as the pipeline's evaluation computes it for RGB sets) for each
-   CFG weight in ``--cfg`` (one unguided row for the CVAE and the cGAN, which have no CFG); the checker on real test images (its ceiling); the negative-prompt rate
-   ("a {shape}" with negative "{colour}": share of samples of that colour, with vs without); edit scores
-   (DDIM inversion, null-text inversion, SDEdit: asked attribute changed and the others kept; pixel diffusion only).
+   CFG weight in ``--cfg`` (the CVAE and the cGAN have no CFG: one unguided row each); the checker on real
+   test images (its ceiling); the negative-prompt rate ("a {shape}" with negative "{colour}": share of
+   samples of that colour, with vs without; CFG models only); edit scores (DDIM inversion, null-text
+   inversion, SDEdit: asked attribute changed and the others kept; pixel diffusion only).
 
     .venv/bin/python -m benchmarks.shapes_text --quick                    # smoke run, ~3 min on one core
     .venv/bin/python -m benchmarks.shapes_text --recipe --steps 6000 --out /tmp/shapes-text --json /tmp/st.json
