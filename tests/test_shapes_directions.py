@@ -4,6 +4,7 @@ directions leak, orthogonalised ones do not), and one tiny end-to-end run on a t
 from __future__ import annotations
 
 import colorsys
+import json
 
 import numpy as np
 import pytest
@@ -97,7 +98,10 @@ def test_study_on_known_linear_latents_orthogonal_directions_do_not_leak():
     for i, n in enumerate(sd.CONTINUOUS):
         assert st.slopes["orthogonal"][i][i] == pytest.approx(1.0, abs=0.2)  # calibrated: +1 std per unit
         assert st.monotonicity["orthogonal"][n] > 0.9
-    assert st.summary()["orthogonal/mean_abs_leakage"] < st.summary()["raw/mean_abs_leakage"]
+    summary = st.summary()
+    assert summary["orthogonal/mean_abs_leakage"] < summary["raw/mean_abs_leakage"]
+    assert summary["orthogonal/mean_abs_offdiag_slope"] < 0.1 < summary["raw/mean_abs_offdiag_slope"]
+    assert summary["orthogonal/mean_asked_slope"] == pytest.approx(1.0, abs=0.2)
     # shape and colour class never change on these edits; the table renders every row
     for v in ("raw", "orthogonal"):
         for n in sd.CONTINUOUS:
@@ -150,3 +154,19 @@ def test_tiny_cvae_end_to_end(one_thread):
 def test_shapespec_is_used_as_documented():  # guards the renderer contract this module relies on
     img = render(ShapeSpec("blue", "circle", "large", "centre", 0.5, 0.5, 0.42))
     assert sd.measure_shape(img)["colour"] == "blue"
+
+
+def test_benchmark_quick_settings_and_a_tiny_run(tmp_path, one_thread):
+    from benchmarks import shapes_directions as bench
+
+    args = bench.parse_args(["--quick"])
+    assert args.n == bench.QUICK["n"] and args.n_edit == bench.QUICK["n_edit"] and args.strengths == "-2,-1,0,1,2"
+    assert bench.parse_args([]).n == bench.FULL["n"]
+    out, js = tmp_path / "strips", tmp_path / "figures.json"
+    bench.main(["--n", "300", "--size", "16", "--models", "cvae", "--cvae-epochs", "6", "--cvae-channels", "4,8",
+                "--cvae-latent", "4", "--batch-size", "32", "--n-regress", "120", "--n-edit", "8",
+                "--strengths=-1,0,1", "--out", str(out), "--json", str(js)])
+    figures = json.loads(js.read_text())
+    study = figures["results"]["cvae"]["study"]
+    assert study["names"] == list(sd.CONTINUOUS) and set(study["slopes"]) == {"raw", "orthogonal"}
+    assert len(list(out.glob("cvae-*.png"))) == 8  # 2 variants x 4 directions

@@ -144,6 +144,34 @@ class ShapesDirectionStudy(AttributeStudy):
         d["summary"] = self.summary()
         return d
 
+    def summary(self) -> dict[str, float]:
+        """Per variant: the mean asked-attribute slope (ideal 1), the mean |off-diagonal slope| (std of
+        another attribute per unit strength, ideal 0), the mean |leakage ratio| and the mean share of
+        edits keeping the other discrete classes."""
+        out = super().summary()
+        k = len(self.names)
+        for v, mat in self.slopes.items():
+            out[f"{v}/mean_asked_slope"] = float(np.nanmean([mat[i][i] for i in range(k)]))
+            off = [abs(mat[i][j]) for i in range(k) for j in range(k) if i != j]
+            out[f"{v}/mean_abs_offdiag_slope"] = float(np.nanmean(off)) if off else 0.0
+            out[f"{v}/mean_others_kept"] = float(np.nanmean(list(self.others_kept.get(v, {}).values()) or [np.nan]))
+        return out
+
+    def slopes_markdown(self) -> str:
+        """The leakage table: change of each measured attribute per unit edit strength, std units."""
+        lines = []
+        for v, mat in self.slopes.items():
+            lines += [(f"**{v}** directions: change of each measured attribute (std units) per unit strength "
+                       "(rows: edited; a unit strength predicts +1 std of the asked one: diagonal ideal 1, "
+                       "the rest 0)"),
+                      "| edited \\ measured | " + " | ".join(self.measured) + " | monotonicity (rho) |",
+                      "|" + "---|" * (len(self.measured) + 2)]
+            for i, n in enumerate(self.names):
+                lines.append(f"| {n} | " + " | ".join(f"{x:+.3f}" for x in mat[i]) +
+                             f" | {self.monotonicity[v][n]:.3f} |")
+            lines.append("")
+        return "\n".join(lines)
+
     def kept_markdown(self) -> str:
         lines = ["| variant | edited | " + " | ".join(f"{a} kept" for a in DISCRETE) + " | others kept |",
                  "|" + "---|" * (len(DISCRETE) + 3)]
@@ -158,7 +186,7 @@ class ShapesDirectionStudy(AttributeStudy):
         return (f"### {self.space}: {self.n_regression} latents regressed, {self.n_edited} edited; "
                 f"1 std = {units} (hue in degrees, the others in canvas fractions)\n\n"
                 f"R² of each attribute from z: " + ", ".join(f"{k} {v:.3f}" for k, v in self.r2.items()) + "\n\n"
-                + self.leakage_markdown() + "\n" + self.kept_markdown() + "\n")
+                + self.slopes_markdown() + "\n" + self.kept_markdown() + "\n")
 
 
 def _valid(values: np.ndarray) -> np.ndarray:
@@ -178,7 +206,7 @@ def direction_study(space, z: torch.Tensor, c: torch.Tensor, *, names: Sequence[
     col = [CONTINUOUS.index(n) for n in names]  # the measured attributes: the edited ones
     values = measure_images(to_uint8(space.decode_all(z.float(), c)), c.tolist())[0][:, col]
     ok = _valid(values)
-    if ok.sum() < z.shape[1] + 2:
+    if ok.sum() < 2 * z.shape[1] + 2:
         raise ValueError(f"only {int(ok.sum())} of {len(ok)} decodes are measurable shapes; train the model longer")
     z_ok, c_ok, v_ok = z[torch.from_numpy(ok)], c[torch.from_numpy(ok)], values[ok]
     std = v_ok.std(0)
@@ -205,10 +233,8 @@ def direction_study(space, z: torch.Tensor, c: torch.Tensor, *, names: Sequence[
             imgs = to_uint8(space.decode_all(zz.float(), cc))
             vals, readings = measure_images(imgs, cc.tolist())
             m = vals[:, col].reshape(len(s), len(z_e), -1) / np.maximum(std, 1e-12)  # (S, B, K) std units
-            good = np.isfinite(m).all(axis=(0, 2))  # measurable at every strength
-            delta = m[:, good] - m[i0, good]
-            slope = [float((sv[:, None] * delta[:, :, j]).sum() / ((sv ** 2).sum() * max(int(good.sum()), 1)))
-                     for j in range(len(names))]
+            slope = [_slope(sv, m[:, :, j], i0) for j in range(len(names))]
+            good = np.isfinite(m[:, :, k]).all(axis=0)  # the asked attribute measurable at every strength
             diag = slope[k]
             out["slopes"][v].append(slope)
             out["leakage"][v].append([x / diag if abs(diag) > 1e-12 else float("nan") for x in slope])
@@ -223,6 +249,16 @@ def direction_study(space, z: torch.Tensor, c: torch.Tensor, *, names: Sequence[
         out["leakage"], out["mono"], out["curves"], strips, variants, space=space.name, n_regression=int(ok.sum()),
         n_edited=len(z_e), std={k: float(x) for k, x in zip(names, std)}, kept=out["kept"],
         others_kept=out["others"])
+
+
+def _slope(sv: np.ndarray, m: np.ndarray, i0: int) -> float:
+    """Least-squares slope through the origin of (value - value at strength 0) on the strength,
+    over the images measurable at every strength; m (S, B). NaN when none is."""
+    good = np.isfinite(m).all(axis=0)
+    if not good.any():
+        return float("nan")
+    delta = m[:, good] - m[i0, good]
+    return float((sv[:, None] * delta).sum() / ((sv ** 2).sum() * int(good.sum())))
 
 
 def _kept(readings: list[dict[str, Any]], n_s: int, n_b: int, i0: int, counterpart: str) -> tuple[dict, float]:
