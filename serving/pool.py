@@ -2,12 +2,17 @@
 optional LoRA adapters (one merged copy per adapter, so requests never toggle shared weights) and
 a noise-aware classifier for classifier guidance.
 
+A text-conditioned model's ``info`` also carries ``example_prompts``: captions of the shard set it
+was trained on (``example_prompts()``), which the web page shows in its prompt box.
+
 ``refresh()`` re-resolves aliases and swaps in a new version when ``champion`` moved (the
 service's background thread calls it every ``poll_s`` seconds). Entries are immutable: a swap
 replaces the dict entry, and requests already holding the old entry finish on it.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import threading
 import time
@@ -21,8 +26,39 @@ from condgen.serving.config import ModelSpec
 from condgen.serving.errors import ApiError
 from condgen.tasks.generation.batching import describe, model_kind
 from condgen.tasks.io.model_store import apply_adapter, load_model_uri, parse_model_uri
+from condgen.tasks.io.shards import iter_samples, shard_uris
 
 log = logging.getLogger(__name__)
+
+EXAMPLE_PROMPTS = 4  # captions a text model's info carries (the web page's placeholder and suggestions)
+EXAMPLE_SCAN = 256  # samples of the first shard read at most to find them
+
+
+def example_prompts(run_id: str, k: int = EXAMPLE_PROMPTS) -> list[str]:
+    """Up to ``k`` distinct captions of the train split a model was trained on: the run's ``condgen.shards``
+    tag names the shard set, whose first shard is streamed until ``k`` are found (a few samples). So a
+    ``bundled:shapes`` model suggests "a small red circle in the top left", not a digit sentence, and
+    never a held-out combination. [] without a run, or when the run or its shards cannot be read:
+    examples are a hint, never a reason not to serve."""
+    if not run_id:
+        return []
+    try:
+        shards = MlflowClient().get_run(run_id).data.tags.get("condgen.shards")
+        if not shards:
+            return []
+        out: list[str] = []
+        with contextlib.closing(iter_samples(shard_uris(shards)[0])) as samples:
+            for _, sample in zip(range(EXAMPLE_SCAN), samples):
+                meta = json.loads(sample.get("json") or b"{}")
+                caption = str(meta.get("caption") or "").strip()
+                if meta.get("split", "train") == "train" and caption and caption not in out:
+                    out.append(caption)
+                if len(out) >= k:
+                    break
+        return out
+    except Exception as exc:  # noqa: BLE001 - a missing run, tag or shard only loses the hint
+        log.warning("no example prompts for run %s: %s", run_id, type(exc).__name__)
+        return []
 
 
 @dataclass(frozen=True)
@@ -69,10 +105,13 @@ class ModelPool:
             raise ValueError(f"{spec.uri} is a {type(model).__name__}; the service serves cvae, gan and diffusion")
         classifier = load_model_uri(spec.classifier)[0].eval() if spec.classifier else None
         key = spec.name or str(meta["name"])
+        info = describe(model)
+        if info["condition"] == "text":
+            info["example_prompts"] = example_prompts(str(meta.get("run_id") or ""))
         now = time.time()
         common = {"key": key, "spec": spec, "registered_name": str(meta["name"]), "version": str(meta["version"]),
                   "run_id": str(meta.get("run_id", "")), "kind": kind, "classifier": classifier, "loaded_at": now,
-                  "info": describe(model)}
+                  "info": info}
         out: dict[str | None, Loaded] = {None: Loaded(model=model.eval(), adapter=None, **common)}
         for name, uri in spec.adapters.items():
             out[name] = Loaded(model=apply_adapter(model, uri), adapter=name, **common)

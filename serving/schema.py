@@ -6,9 +6,9 @@ length limit, floats must be finite, unknown fields are refused (``extra="forbid
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
 MAX_N = 64
 MAX_SEED = 2**31 - 1
@@ -32,6 +32,18 @@ UPLOAD_POLICY = (
     "for a 1-channel model a colour image becomes luma (PIL 'L', alpha ignored); for a 3-channel model a "
     "greyscale image is replicated to RGB and transparency is composited onto white. Any other size is "
     "resized (stretched, bilinear) to image_size x image_size: send a square image to avoid distortion.")
+
+
+def _not_blank(text: str) -> str:
+    """A prompt of whitespace only is refused: CLIP would encode it as an empty caption, an image of nothing
+    in particular, and a label model finds no class in it."""
+    if not text.strip():
+        raise ValueError("the prompt is blank: describe the image in words, e.g. 'a small red circle'")
+    return text
+
+
+# every prompt field: 1..MAX_PROMPT characters, then not blank
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT), AfterValidator(_not_blank)]
 
 
 class _Strict(BaseModel):
@@ -82,8 +94,8 @@ class Health(BaseModel):
 # -- /v1 -------------------------------------------------------------------------------------
 class _Condition(_Strict):
     label: StrictInt | None = Field(None, ge=0, le=1_000_000, description="class label (label-conditioned models)")
-    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT,
-                               description="text prompt (text models; label models accept a prompt naming a digit)")
+    prompt: Prompt | None = Field(None, description="text prompt (text models; label models accept a prompt naming a "
+                                                 "digit)")
 
     @model_validator(mode="after")
     def _one_condition(self):
@@ -98,8 +110,7 @@ class GenerateV1(_Condition):
     adapter: str | None = Field(None, min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9._-]+$",
                                 description="a LoRA adapter of that model (GET /v1/models lists them)")
     negative_label: StrictInt | None = Field(None, ge=0, le=1_000_000, description="CFG: guide away from this class")
-    negative_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT,
-                                        description="CFG: guide away from this text")
+    negative_prompt: Prompt | None = Field(None, description="CFG: guide away from this text")
     guidance: Literal["none", "cfg", "classifier", "clip"] = "none"
     scale: float = Field(0.0, ge=0.0, le=MAX_SCALE, description="guidance weight w (CFG: (1+w) eps_c - w eps_u)")
     sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
@@ -152,9 +163,9 @@ class EditV1(_Strict):
     model: str | None = Field(None, min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9._@/:-]+$")
     image: str = Field(..., min_length=8, max_length=MAX_IMAGE_B64, description=UPLOAD_POLICY)
     source_label: StrictInt | None = Field(None, ge=0, le=1_000_000)
-    source_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT)
+    source_prompt: Prompt | None = None
     target_label: StrictInt | None = Field(None, ge=0, le=1_000_000)
-    target_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT)
+    target_prompt: Prompt | None = None
     method: Literal["ddim_inversion", "null_text", "sdedit"] = "sdedit"
     strength: float = Field(0.6, ge=0.0, le=1.0, description="sdedit: noise level t0 = strength * T")
     scale: float = Field(0.0, ge=0.0, le=20.0, description="CFG weight while re-generating (null_text needs > 0)")

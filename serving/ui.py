@@ -3,7 +3,10 @@
 Pick a model (from ``GET /v1/models``), a label or a prompt, guidance, scale, sampler (``SAMPLERS``:
 those of ``schema.GenerateV1.sampler``) and steps; ``POST /v1/generate`` and show the grid: greyscale or
 colour PNGs, as the model makes them (the model list says ``L`` or ``RGB`` and the size; ``#grid`` gets
-``data-mode``). ``?autorun=1&label=3&n=8``
+``data-mode``). For a text-conditioned model the label input is hidden, the prompt box shows one of the
+captions the model was trained on (``info.example_prompts``, ``serving/pool.py``) as its placeholder and
+offers the others as suggestions, an empty box generates that placeholder, and guidance starts at the
+model's own CFG weight. ``?autorun=1&label=3&n=8``
 fills the form from the query string and generates at once (the headless-browser test uses it). When
 every image has loaded, ``#status`` gets ``data-loaded="<count>"``.
 """
@@ -37,8 +40,10 @@ PAGE = """<!doctype html>
 <form id="form" onsubmit="return false">
   <label for="model">model</label><select id="model"></select>
   <label for="adapter">adapter</label><select id="adapter"><option value="">(none)</option></select>
-  <label for="label">label</label><input id="label" type="number" min="0" value="3">
-  <label for="prompt">or prompt</label><input id="prompt" type="text" maxlength="200" placeholder="a handwritten digit 3">
+  <label for="label" id="label-name">label</label><input id="label" type="number" min="0" value="3">
+  <label for="prompt" id="prompt-name">or prompt</label>
+  <input id="prompt" type="text" maxlength="200" list="examples" placeholder="a handwritten digit 3">
+  <datalist id="examples"></datalist>
   <label for="guidance">guidance</label>
   <select id="guidance"><option>none</option><option>cfg</option><option>classifier</option><option>clip</option></select>
   <label for="scale">scale</label><input id="scale" type="number" min="0" max="50" step="0.5" value="0">
@@ -72,6 +77,17 @@ function onModel() {
   for (const id of ["guidance", "scale", "sampler", "steps"]) $(id).disabled = !diffusion;
   if (!diffusion) $("guidance").value = "none";
   $("label").max = m.info.num_classes - 1;
+  // a text model takes prompts: its own captions as the placeholder and suggestions, no label input
+  const text = m.info.condition === "text", examples = m.info.example_prompts || [];
+  $("label").hidden = $("label-name").hidden = text;
+  $("prompt-name").textContent = text ? "prompt" : "or prompt";
+  $("prompt").placeholder = text ? (examples[0] || "describe the image") : "a handwritten digit 3";
+  $("examples").innerHTML = "";
+  for (const e of text ? examples : []) { const o = document.createElement("option"); o.value = e; $("examples").appendChild(o); }
+  if (text && diffusion && m.info.default_guidance_scale > 0) {
+    $("guidance").value = "cfg"; $("scale").value = String(m.info.default_guidance_scale);
+  }
+  $("form").dataset.condition = m.info.condition;
 }
 async function loadModels() {
   const r = await fetch("v1/models", {headers: headers()});
@@ -97,7 +113,8 @@ async function generate() {
     if ($("steps").value) body.steps = parseInt($("steps").value);
   }
   if ($("adapter").value) body.adapter = $("adapter").value;
-  if ($("prompt").value.trim()) body.prompt = $("prompt").value.trim(); else body.label = parseInt($("label").value || "0");
+  const prompt = $("prompt").value.trim() || (m && m.info.condition === "text" ? $("prompt").placeholder : "");
+  if (prompt) body.prompt = prompt; else body.label = parseInt($("label").value || "0");
   setStatus("generating...");
   $("grid").innerHTML = "";
   $("grid").dataset.mode = m && m.channels === 3 ? "RGB" : "L";
