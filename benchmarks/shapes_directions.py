@@ -34,9 +34,9 @@ from condgen.tasks.judging import shapes_checker as sc
 from condgen.tasks.judging import shapes_directions as sd
 from condgen.tasks.judging.latent_maps import latent_space
 
-QUICK = {"n": 1200, "cvae_epochs": 12, "gan_epochs": 10, "cvae_channels": "16,32", "gan_channels": "32,64",
+QUICK = {"n": 1200, "cvae_epochs": 30, "gan_epochs": 10, "cvae_channels": "16,32", "gan_channels": "32,64",
          "n_regress": 400, "n_edit": 40}
-FULL = {"n": 20_000, "cvae_epochs": 15, "gan_epochs": 20, "cvae_channels": "32,64", "gan_channels": "64,128",
+FULL = {"n": 10_000, "cvae_epochs": 30, "gan_epochs": 15, "cvae_channels": "32,64", "gan_channels": "64,128",
         "n_regress": 3000, "n_edit": 200}
 
 

@@ -55,7 +55,8 @@ class LinearShapeSpace:
 
     kind, name, latent_dim = "gan", "linear", 6
 
-    def __init__(self):
+    def __init__(self, class_hue: dict[int, float] | None = None):
+        self.class_hue = class_hue or {}  # a per-label hue bias (degrees) the label, not z, sets
         b = torch.zeros(4, 6, dtype=torch.float64)
         b[0, 0] = 1.0
         b[1, 0], b[1, 1] = 0.7, 0.7  # cx shares z0 with side
@@ -76,7 +77,8 @@ class LinearShapeSpace:
     def decode_all(self, z, c):
         h0, s0, v0 = colorsys.rgb_to_hsv(*(np.asarray(COLOURS["red"]) / 255))
         imgs = []
-        for side, cx, cy, hue in zip(*self.attributes(z)):
+        for side, cx, cy, hue, k in zip(*self.attributes(z), c.tolist()):
+            hue = hue + self.class_hue.get(k, 0.0)
             rgb = colorsys.hsv_to_rgb((h0 + hue / 360) % 1.0, s0, v0)
             imgs.append(_render_rgb("square", cx, cy, side, rgb))
         return from_uint8(np.stack(imgs))
@@ -110,6 +112,17 @@ def test_study_on_known_linear_latents_orthogonal_directions_do_not_leak():
     assert "| orthogonal | hue |" in md and "**raw**" in md
     assert st.strips["orthogonal/side"].ndim == 3
     assert st.to_json()["summary"]
+
+
+def test_class_centred_and_the_within_class_fit():
+    a = np.array([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0]])
+    np.testing.assert_allclose(sd.class_centred(a, torch.tensor([0, 0, 1])), [[-1, -1], [1, 1], [0, 0]])
+    # red circle/square/triangle labels with hue biases of +-20 degrees: noise for a pooled fit on z
+    space = LinearShapeSpace(class_hue={0: -20.0, 2: 20.0})
+    z, c = sd.study_latents(space, n=300, classes=[0, 1, 2], seed=1)
+    kw = {"names": ("side", "hue"), "n_edit": 10, "strengths": (-1.0, 0.0, 1.0)}
+    assert sd.direction_study(space, z, c, **kw).r2["hue"] > 0.95
+    assert sd.direction_study(space, z, c, within_class=False, **kw).r2["hue"] < 0.5
 
 
 def test_direction_study_refuses_strengths_without_zero():

@@ -22,7 +22,8 @@ on the images the latents *decode to*, never taken from the data set's labels:
   image has its palette colour exactly), which is why attributes are measured on decodes.
 
 Latents: a CVAE's posterior means mu(x, c) of real images (``space.embed``); a GAN's prior
-draws (sample z, generate, measure, regress: the InterFaceGAN way, no inversion needed).
+draws (sample z, generate, measure, regress: the InterFaceGAN way, no inversion needed). The fit
+is within class (z and attributes centred per label): the label sets each class's mean.
 
 The study edits ``n_edit`` latents along each direction (raw and orthogonalised, both
 calibrated so that a unit strength predicts +1 std of the asked attribute) at a few
@@ -189,17 +190,31 @@ class ShapesDirectionStudy(AttributeStudy):
                 + self.slopes_markdown() + "\n" + self.kept_markdown() + "\n")
 
 
+def class_centred(a: torch.Tensor | np.ndarray, c: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """``a`` (N, K) minus the mean of its label's rows: the within-class part (fixed effects)."""
+    arr = a.double().numpy() if torch.is_tensor(a) else np.asarray(a, dtype=np.float64)
+    labels = np.asarray(c)
+    out = arr.copy()
+    for k in np.unique(labels):
+        out[labels == k] -= arr[labels == k].mean(0)
+    return torch.from_numpy(out) if torch.is_tensor(a) else out
+
+
 def _valid(values: np.ndarray) -> np.ndarray:
     return np.isfinite(values).all(axis=1)
 
 
 def direction_study(space, z: torch.Tensor, c: torch.Tensor, *, names: Sequence[str] = CONTINUOUS,
                     strengths: Sequence[float] = STRENGTHS, n_edit: int = 100, strip_rows: int = 3, seed: int = 0,
-                    method: str = "projection") -> ShapesDirectionStudy:
+                    method: str = "projection", within_class: bool = True) -> ShapesDirectionStudy:
     """Regress ``names`` (of ``CONTINUOUS``) on z, measured on decode(z, c); edit, measure, tabulate.
 
-    ``space``: a ``LatentSpace`` (or anything with ``kind``, ``name`` and ``decode_all(z, c)``
-    returning (B, 3, H, W) in [-1, 1]). Rows where an edited attribute is unmeasurable are left out.
+    ``within_class`` (default): z and the attributes are centred per label before the regression
+    (a fixed-effects fit): the label, not z, sets each class's mean (a decoder may, say, draw every
+    yellow a little orange), so only the within-class variation is z's to explain; std units are
+    within-class stds too. ``space``: a ``LatentSpace`` (or anything with ``kind``, ``name`` and
+    ``decode_all(z, c)`` returning (B, 3, H, W) in [-1, 1]). Rows where an edited attribute is
+    unmeasurable are left out.
     """
     if 0.0 not in [float(s) for s in strengths]:
         raise ValueError("strengths must include 0 (the unedited decode every edit is compared with)")
@@ -209,10 +224,11 @@ def direction_study(space, z: torch.Tensor, c: torch.Tensor, *, names: Sequence[
     if ok.sum() < 2 * z.shape[1] + 2:
         raise ValueError(f"only {int(ok.sum())} of {len(ok)} decodes are measurable shapes; train the model longer")
     z_ok, c_ok, v_ok = z[torch.from_numpy(ok)], c[torch.from_numpy(ok)], values[ok]
-    std = v_ok.std(0)
-    normals = lm.attribute_directions(z_ok, v_ok)  # (K, d)
-    a_std = (v_ok - v_ok.mean(0)) / np.maximum(std, 1e-12)
-    pred = ((z_ok - z_ok.mean(0)).double() @ normals.double().T).numpy()
+    z_fit, v_fit = (class_centred(z_ok, c_ok), class_centred(v_ok, c_ok)) if within_class else (z_ok, v_ok)
+    std = v_fit.std(0)
+    normals = lm.attribute_directions(z_fit, v_fit)  # (K, d)
+    a_std = (v_fit - v_fit.mean(0)) / np.maximum(std, 1e-12)
+    pred = ((z_fit - z_fit.mean(0)).double() @ normals.double().T).numpy()
     r2 = {n: float(1 - ((a_std[:, i] - pred[:, i]) ** 2).mean() / max(a_std[:, i].var(), 1e-12))
           for i, n in enumerate(names)}
     unit = F.normalize(normals.double(), dim=-1)
