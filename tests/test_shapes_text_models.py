@@ -95,3 +95,17 @@ def test_plain_sampler_is_seeded_rgb_uint8_and_refuses_negative_prompts():
         plain_sampler(model, encode)(prompts, ["red"] * 4)
     with pytest.raises(ValueError, match="one of cvae, cgan, ldm"):
         build("diffusion", size=SIZE, text_dim=D, args=bench_args(), quick=True)
+
+
+def test_shapes_text_cli_resolves_models_and_budgets(capsys):
+    from benchmarks.shapes_text import parse_args
+
+    args = parse_args(["--quick", "--models", "cvae", "cgan", "cvae", "--steps", "cgan=7"])
+    assert args.models == ["cvae", "cgan"]  # a repeated model is trained once
+    assert args.steps == {"cvae": STEPS["quick"]["cvae"], "cgan": 7} and args.ae_steps == 40
+    default = parse_args([])
+    assert default.models == ["diffusion"] and default.steps == {"diffusion": STEPS["full"]["diffusion"]}
+    assert parse_args(["--steps", "6000"]).steps == {"diffusion": 6000}  # the single-model form of earlier runs
+    with pytest.raises(SystemExit):
+        parse_args(["--models", "cvae", "--steps", "gan=10"])
+    assert "--steps names 'gan'" in capsys.readouterr().err
