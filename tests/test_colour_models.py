@@ -37,12 +37,7 @@ GEOMETRIES = [(3, 32), (3, 64)]
 B = 2  # rows per batch: train_step and sample only need to run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def colour_config(name: str, channels: int, size: int) -> dict[str, Any]:

@@ -29,14 +29,7 @@ from condgen.tasks.io import checkpoint as ckpt_io
 TINY = dict(channels=(4, 8), timesteps=20, text_dim=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the
-    threads' spin-waits made this file ~10x slower (7 s vs 70 s measured under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _model(condition="label", seed=0, **kw) -> ConditionalDiffusion:

@@ -33,13 +33,7 @@ S = 0.5  # std of the toy data
 ATOL, RTOL = 5e-6, 1e-5  # diffusers rounds the sample to float32 inside step(): see the module docstring
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _gaussian(schedule, mu, s=S):

@@ -37,13 +37,7 @@ SIZE = 16
 JUDGE = {"channels": (8, 16), "feature_dim": 32, "dropout": 0.0, "lr": 3e-3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Module scope: before the module-scoped judge is trained (on a shared 2-core machine threads thrash)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def squares(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:

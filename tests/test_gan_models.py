@@ -13,16 +13,12 @@ from condgen.models.paired import edge_map
 from condgen.models.registry import MODELS, build_model
 from tests.tiny import LOSS_KEY, TEXT_DIM, opt_step_for, tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny convolutions gain nothing from intra-op threads, and on a shared 2-core machine
-    # two threads per process make these tests ~10x slower; restore the setting after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=1)

@@ -18,13 +18,7 @@ AE = dict(channels=(4, 8), latent_channels=4)  # 28 x 28 x 1 -> 7 x 7 x 4
 DIFF = dict(channels=(4, 8), timesteps=20, text_dim=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads on a shared 2-core machine (see test_diffusion.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,13 +21,7 @@ from tests.tiny import FROZEN, LOSS_KEY, TINY, build_tiny, opt_step_for, outputs
 NAMES = sorted(MODELS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine threads slow them down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -50,15 +50,9 @@ MODELS = {"rgb-diff": ("diffusion", RGB_DIFF), "rgb-cvae": ("cvae", RGB_CVAE), "
           "grey-diff": ("diffusion", GREY_DIFF), "grey-judge": ("classifier", {"channels": (4, 8)})}
 
 
-pytestmark = pytest.mark.usefixtures("watermark_key")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "watermark_key")  # tests/conftest.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
