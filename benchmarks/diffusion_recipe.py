@@ -23,6 +23,7 @@ chain (the reference the few-step samplers are held to) and a CFG sweep.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from benchmarks.diffusion_common import Scorer, balanced_labels, machine, parser
 from benchmarks.diffusion_gap import kid, save_grid
 from condgen.models.diffusion import SAMPLERS, ConditionalDiffusion, DiffusionConfig, cfg, clip_x0
 from condgen.tasks.data.splits import load_split
+from condgen.tasks.io.checkpoint import save_checkpoint
 from condgen.tasks.io.images import from_uint8
 from condgen.tasks.judging.evaluate import predict
 
@@ -53,9 +55,10 @@ SAMPLER_RUNS = [("DDIM 25", "ddim", 25), ("DPM++(2M) 20", "dpmpp_2m", 20), ("anc
 
 
 def train_steps(config: DiffusionConfig, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch: int, seed: int,
-                warmup: int = 100, pick: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None
-                ) -> tuple[ConditionalDiffusion, list[float], float]:
-    """``steps`` Adam steps on ``model.loss`` (linear LR warm-up over ``warmup`` steps, then constant), EMA
+                warmup: int = 100, pick: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                lr_decay: str = "none") -> tuple[ConditionalDiffusion, list[float], float]:
+    """``steps`` Adam steps on ``model.loss`` (linear LR warm-up over ``warmup`` steps, then constant, or with
+    ``lr_decay="cosine"`` a half cosine to 0 at the last step, Loshchilov & Hutter 2017), EMA
     updated after each; the batches come from a generator seeded by ``seed`` alone. ``pick(y, idx, generator)``
     gives a batch's conditions (default ``y[idx]``; text: one phrasing per image, ``benchmarks/shapes_text.py``)."""
     torch.manual_seed(seed)
@@ -65,7 +68,7 @@ def train_steps(config: DiffusionConfig, x: torch.Tensor, y: torch.Tensor, *, st
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / warmup)
+            group["lr"] = config.lr * lr_factor(step, steps, warmup, lr_decay)
         idx = torch.randint(0, len(y), (batch,), generator=order)
         loss, _ = model.loss(x[idx], y[idx] if pick is None else pick(y, idx, order))
         opt.zero_grad(set_to_none=True)
@@ -77,6 +80,18 @@ def train_steps(config: DiffusionConfig, x: torch.Tensor, y: torch.Tensor, *, st
             print(f"  step {step + 1}/{steps}, {time.perf_counter() - t0:.0f}s, loss {np.mean(losses[-250:]):.4f}",
                   flush=True)
     return model.eval(), losses, time.perf_counter() - t0
+
+
+def lr_factor(step: int, steps: int, warmup: int, decay: str) -> float:
+    """The learning-rate multiplier at ``step``: linear warm-up, then 1 (``"none"``) or a half cosine from 1 to 0
+    over the remaining steps (``"cosine"``)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "none":
+        return 1.0
+    if decay != "cosine":
+        raise ValueError(f"lr_decay must be 'none' or 'cosine', not {decay!r}")
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 @torch.no_grad()
@@ -109,6 +124,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600, help="Adam steps per variant (the budget)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-decay", default="none", choices=["none", "cosine"], help="after the warm-up")
     p.add_argument("--channels", default="16,32,32")
     p.add_argument("--only", default="", help="comma-separated variants (default: all): " + ",".join(VARIANTS))
     p.add_argument("--n-per-class", type=int, default=30, help="samples per class for each score")
@@ -131,9 +147,11 @@ def main() -> None:
     for name in names:
         config = DiffusionConfig(**base, **VARIANTS[name])
         print(f"[{name}] {VARIANTS[name] or 'eps, linear, uniform weights, no attention, no EMA'}", flush=True)
-        model, losses, train_s = train_steps(config, x, y, steps=args.steps, batch=args.batch, seed=args.seed)
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(args.out, f"{name}.safetensors"))
+        model, losses, train_s = train_steps(config, x, y, steps=args.steps, batch=args.batch, seed=args.seed,
+                                             lr_decay=args.lr_decay)
+        # a checkpoint folder the pipeline reads (``--checkpoint file://...`` of diffusion_guidance/steps/inversion)
+        save_checkpoint(os.path.join(args.out, name), model, {"train_seconds": train_s, "adam_steps": args.steps,
+                                                               "batch": args.batch, "lr_decay": args.lr_decay})
         for label, sampler, steps in SAMPLER_RUNS:
             sc, s = score(scorer, model, labels, sampler, steps, seed=args.seed)
             save_grid(s, args.n_per_class, os.path.join(args.out, f"{name}-{sampler}{steps}.png"))
@@ -157,7 +175,7 @@ def main() -> None:
                 rows.append([name, f"DDIM 25, CFG w={w:g}", sc["acc"], sc["fid"], sc["kid"], ""])
                 figures.append({"variant": name, "sampler": "ddim", "steps": 25, "guidance": w, **sc})
                 print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows[-1:]), flush=True)
-    print(f"\n{machine()}; {args.steps} Adam steps x batch {args.batch}, lr {args.lr} (warm-up 100), "
+    print(f"\n{machine()}; {args.steps} Adam steps x batch {args.batch}, lr {args.lr} (warm-up 100, decay {args.lr_decay}), "
           f"channels {base['channels']}; {len(labels)} samples per score\n")
     print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows))
     write_json(args.json, {"figures": figures, "base": {k: str(v) for k, v in base.items()}, "steps": args.steps,
