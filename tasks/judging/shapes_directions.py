@@ -54,6 +54,7 @@ CONTINUOUS = ("side", "cx", "cy", "hue")
 DISCRETE = sc.JUDGED  # colour, shape, size, position
 COUNTERPART = {"side": "size", "cx": "position", "cy": "position", "hue": "colour"}
 STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0)
+WEAK_R2 = 0.2  # below this a direction explains too little to edit along (its calibrated step is long)
 MIN_CHROMA = 0.05  # below this (max - min of the mean RGB in [0, 1]) the hue is undefined
 
 
@@ -186,7 +187,9 @@ class ShapesDirectionStudy(AttributeStudy):
         units = ", ".join(f"{k} {v:.4g}" for k, v in self.std.items())
         return (f"### {self.space}: {self.n_regression} latents regressed, {self.n_edited} edited; "
                 f"1 std = {units} (hue in degrees, the others in canvas fractions)\n\n"
-                f"R² of each attribute from z: " + ", ".join(f"{k} {v:.3f}" for k, v in self.r2.items()) + "\n\n"
+                f"R² of each attribute from z (within class): "
+                + ", ".join(f"{k} {v:.3f}" + (" (weak: no reliable direction)" if v < WEAK_R2 else "")
+                            for k, v in self.r2.items()) + "\n\n"
                 + self.slopes_markdown() + "\n" + self.kept_markdown() + "\n")
 
 
