@@ -16,6 +16,8 @@ from condgen.tasks.judging import shapes_directions as sd
 from condgen.tasks.judging.latent_maps import latent_space
 from tests.tiny import build_tiny, opt_step_for
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 
 def _render_rgb(shape: str, cx: float, cy: float, side: float, rgb: tuple[float, float, float]) -> np.ndarray:
     cov = coverage(shape, cx, cy, side, 32)
@@ -132,15 +134,7 @@ def test_direction_study_refuses_strengths_without_zero():
         sd.direction_study(space, z, c, strengths=(-1.0, 1.0))
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: a second thread only waits on a shared box
-    yield
-    torch.set_num_threads(before)
-
-
-def test_tiny_cvae_end_to_end(one_thread):
+def test_tiny_cvae_end_to_end():
     specs = [sample_spec(i, seed=1) for i in range(96)]
     x = from_uint8(np.stack([render(s) for s in specs]))
     y = torch.tensor([s.label for s in specs])
@@ -169,7 +163,7 @@ def test_shapespec_is_used_as_documented():  # guards the renderer contract this
     assert sd.measure_shape(img)["colour"] == "blue"
 
 
-def test_benchmark_quick_settings_and_a_tiny_run(tmp_path, one_thread):
+def test_benchmark_quick_settings_and_a_tiny_run(tmp_path):
     from benchmarks import shapes_directions as bench
 
     args = bench.parse_args(["--quick"])
