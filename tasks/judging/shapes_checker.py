@@ -52,7 +52,7 @@ def _empty() -> dict[str, float | str]:
             "fill": nan, "skew": nan}
 
 
-def _object_mask(brightness: np.ndarray) -> np.ndarray | None:
+def object_mask(brightness: np.ndarray) -> np.ndarray | None:
     mask = brightness >= INK_LEVEL
     if not mask.any():
         return None
@@ -79,7 +79,7 @@ def measure(img: np.ndarray) -> dict[str, float | str]:
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {img.shape}")
     x = img.astype(np.float64) / 255.0
     brightness = x.max(axis=2)
-    comp = _object_mask(brightness)
+    comp = object_mask(brightness)
     if comp is None:
         return _empty()
     bright = comp & (brightness >= BRIGHT_FRACTION * brightness[comp].max())

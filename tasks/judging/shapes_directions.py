@@ -84,7 +84,7 @@ def object_rgb(img: np.ndarray) -> np.ndarray | None:
     """Mean RGB in [0, 1] of the object's bright pixels (the checker's rule), None if no object."""
     x = img.astype(np.float64) / 255.0
     brightness = x.max(axis=2)
-    comp = sc._object_mask(brightness)
+    comp = sc.object_mask(brightness)
     if comp is None:
         return None
     bright = comp & (brightness >= sc.BRIGHT_FRACTION * brightness[comp].max())
