@@ -53,6 +53,8 @@ def _empty() -> dict[str, float | str]:
 
 
 def object_mask(brightness: np.ndarray) -> np.ndarray | None:
+    """The object's pixels: the largest 8-connected component of pixels at or above ``INK_LEVEL``
+    (None on a blank canvas); stray specks of a generated image are not the object."""
     mask = brightness >= INK_LEVEL
     if not mask.any():
         return None
