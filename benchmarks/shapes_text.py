@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-weighting", choices=["none", "min_snr"], default="none")
     p.add_argument("--attention", action="store_true", help="self-attention at the lowest resolution")
     p.add_argument("--ema-decay", type=float, default=0.0)
+    p.add_argument("--coords", action="store_true", help="pixel coordinates in the U-Net (CoordConv; with or without --recipe)")
     p.add_argument("--recipe", action="store_true", help="all of: " + ", ".join(f"{k}={v}" for k, v in RECIPE.items()))
     p.add_argument("--sample-steps", type=int, help="DDIM steps per sample (default 25; --quick 5)")
     p.add_argument("--cfg", help="CFG weights of the sweep (default 0,1,2,3,5; --quick 0,2)")
@@ -220,13 +221,13 @@ def train_diffusion(args: argparse.Namespace, text_dim: int, x: torch.Tensor, tx
     config = DiffusionConfig(image_size=args.size, in_channels=3, channels=tuple(int(c) for c in args.channels.split(",")),
                              num_classes=18, condition="text", text_dim=text_dim,
                              context_tokens=args.context_tokens, p_uncond=args.p_uncond, lr=args.lr,
-                             sample_steps=args.sample_steps, **recipe)
+                             sample_steps=args.sample_steps, coords=args.coords, **recipe)
     print(f"[train] {config}", flush=True)
     steps = args.steps["diffusion"]
     model, losses, train_s = train(config, x, txt, steps=steps, batch=args.batch, seed=args.seed)
     loss = float(np.mean(losses[-50:]))
     print(f"[train] diffusion: {steps} steps in {train_s:.0f}s, final loss {loss:.4f}", flush=True)
-    return model, {"seconds": train_s, "final_loss": loss, "recipe": recipe,
+    return model, {"seconds": train_s, "final_loss": loss, "recipe": {**recipe, "coords": args.coords},
                    "config": {k: str(v) for k, v in vars(config).items()}}
 
 

@@ -117,7 +117,7 @@ class ControlEncoder(nn.Module):
     def __init__(self, net: UNet):
         super().__init__()
         self.c0, self.context_tokens = net.c0, net.context_tokens
-        for name in ("time_mlp", "conv_in", "down_blocks", "downsamples", "mid1", "self_attn", "to_context", "attn", "mid2"):
+        for name in ("time_mlp", "conv_in", "coords", "down_blocks", "downsamples", "mid1", "self_attn", "to_context", "attn", "mid2"):
             setattr(self, name, copy.deepcopy(getattr(net, name)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor, hint: torch.Tensor

@@ -104,6 +104,15 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
+def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
+    """(1, 2, H, W): the x and y coordinate of each pixel of ``x`` (B, C, H, W), from -1 to 1."""
+    h, w = x.shape[-2:]
+    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy])[None]
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t, e): (B, C, H, W), (B,) int64, (B, E) -> (B, C, H, W).
 
@@ -122,6 +131,7 @@ class UNet(nn.Module):
         text_dim: int = 64,
         context_tokens: int = 4,
         attention: bool = False,
+        coords: bool = False,
     ):
         super().__init__()
         if not channels:
@@ -132,6 +142,14 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(c0, E), nn.SiLU(), nn.Linear(E, E))
         self.cond = ConditionEmbedding(condition, num_classes, text_dim, E)
         self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)
+        # CoordConv (Liu et al. 2018): convolutions are translation-equivariant, so a U-Net with only
+        # global conditions (time, label, pooled text) learns "in the top left" only from padding
+        # effects. A 1x1 projection of the (x, y) pixel coordinates, added after the input conv, tells
+        # every position where it is. Zero-initialised: the network starts as it would without it.
+        self.coords = nn.Conv2d(2, c0, 1) if coords else None
+        if self.coords is not None:
+            nn.init.zeros_(self.coords.weight)
+            nn.init.zeros_(self.coords.bias)
 
         self.down_blocks, self.downsamples = nn.ModuleList(), nn.ModuleList()
         c_prev = c0
@@ -172,6 +190,8 @@ class UNet(nn.Module):
         trainable copy runs this same code on its own copies of these layers."""
         emb = self.time_mlp(timestep_embedding(t, self.c0)) + e  # (B, E)
         h = self.conv_in(x)  # (B, c0, H, W)
+        if getattr(self, "coords", None) is not None:
+            h = h + self.coords(coordinate_grid(x))
         if hint is not None:
             h = h + hint
         skips = []
