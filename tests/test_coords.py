@@ -78,3 +78,12 @@ def test_controlnet_copies_the_base_coords():
     net = ControlNet(ControlNetConfig(base=base.config, control_channels=3), base=base)
     torch.testing.assert_close(net.control.coords.weight, base.net.coords.weight)
     assert net.control.coords.weight.requires_grad
+
+
+def test_a_new_text_diffusion_run_gets_coords_a_label_run_does_not_and_a_spec_can_say_no():
+    from condgen.models.registry import recipe_config
+
+    assert recipe_config("diffusion", {"condition": "text"})["coords"] is True
+    assert "coords" not in recipe_config("diffusion", {"condition": "label"})
+    assert "coords" not in recipe_config("diffusion", {})
+    assert recipe_config("diffusion", {"condition": "text", "coords": False})["coords"] is False
