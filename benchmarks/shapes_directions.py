@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks.latent_map import train_in_process
+from benchmarks.shapes_text import ingest_shapes  # the same cached shard set per (n, size, seed)
 from condgen.tasks.data.splits import load_arrays, load_split
 from condgen.tasks.io.images import from_uint8, png_bytes, to_uint8
 from condgen.tasks.judging import shapes_checker as sc
@@ -74,17 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
-
-
-def ingest_shapes(args: argparse.Namespace) -> str:
-    if args.shards:
-        return args.shards
-    from condgen.tasks.data.ingest import ingest
-    from condgen.tasks.io import settings, storage
-
-    uri = storage.join(settings.storage_root(), "shards", f"shapes-n{args.n}-s{args.size}-seed{args.seed}")
-    ingest(f"bundled:shapes:size={args.size},n={args.n},seed={args.seed}", uri, shard_size=1000)
-    return uri
 
 
 def widths(text: str) -> list[int]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -138,13 +138,6 @@ class ShapesDirectionStudy(AttributeStudy):
     # unedited decode's
     kept: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     others_kept: dict[str, dict[str, float]] = field(default_factory=dict)  # all discrete but the counterpart kept
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("strips")
-        d.pop("directions")
-        d["summary"] = self.summary()
-        return d
 
     def summary(self) -> dict[str, float]:
         """Per variant: the mean asked-attribute slope (ideal 1), the mean |off-diagonal slope| (std of
