@@ -39,7 +39,7 @@ from condgen.tasks.io.images import from_uint8, to_uint8
 from condgen.tasks.io.model_store import load_model_uri
 from condgen.tasks.judging import latent_maps as ml
 from tests.conftest import free_port, wait_http
-from tests.tiny import perturb
+from tests.tiny import decode_png, perturb
 
 # channels (8, 16): see tests/test_sampling_parity.py (with 4 or 8 channels the label has ~no effect)
 RGB_DIFF = {"channels": (8, 16), "timesteps": 20, "sample_steps": 4, "in_channels": 3, "image_size": 32}
@@ -83,12 +83,6 @@ def client(service):
         yield c
 
 
-def _decode(b64: str) -> Image.Image:
-    im = Image.open(io.BytesIO(base64.b64decode(b64)))
-    im.load()
-    return im
-
-
 def _b64_png(arr: np.ndarray, mode: str) -> str:
     buf = io.BytesIO()
     Image.fromarray(arr, mode=mode).save(buf, format="PNG")
@@ -125,7 +119,7 @@ def test_generate_returns_the_models_rgb_pixels(client, service, name):
         body.update(guidance="cfg", scale=2.0, steps=4)
     r = client.post("/v1/generate", json=body)
     assert r.status_code == 200, r.text
-    got = np.stack([_assert_colour(_decode(b), 32) for b in r.json()["images"]])
+    got = np.stack([_assert_colour(decode_png(b), 32) for b in r.json()["images"]])
     model = service.pool.get(name).model
     labels, g = torch.full((3,), 3), torch.Generator().manual_seed(5)
     ref = model.sample(labels, g, steps=4, guidance_scale=2.0) if name == "rgb-diff" else model.sample(labels, g)
@@ -135,7 +129,7 @@ def test_generate_returns_the_models_rgb_pixels(client, service, name):
 def test_greyscale_model_still_answers_with_the_same_l_pngs(client, service):
     r = client.post("/v1/generate", json={"model": "grey-diff", "label": 2, "n": 2, "seed": 1, "guidance": "cfg",
                                           "scale": 1.0, "steps": 4}).json()
-    ims = [_decode(b) for b in r["images"]]
+    ims = [decode_png(b) for b in r["images"]]
     assert all(im.mode == "L" and im.size == (28, 28) for im in ims)
     ref = service.pool.get("grey-diff").model.sample(torch.full((2,), 2), torch.Generator().manual_seed(1), steps=4,
                                                       guidance_scale=1.0)
@@ -154,7 +148,7 @@ def test_edit_decodes_the_upload_to_the_models_channels(client, upload, model, m
         r = client.post("/v1/edit", json={"model": model, "image": image, "source_label": 7, "target_label": 1,
                                           "method": method, "scale": 1.0, "steps": 3})
         assert r.status_code == 200, r.text
-        im = _decode(r.json()["image"])
+        im = decode_png(r.json()["image"])
         assert im.mode == mode and im.size == (side, side)
     big = _b64_png(np.zeros((300, 300, 3), np.uint8), "RGB")
     r = client.post("/v1/edit", json={"model": model, "image": big, "source_label": 1, "target_label": 2})
@@ -166,12 +160,12 @@ def test_interpolate_and_map_return_colour(client):
         r = client.post("/v1/interpolate", json={"model": name, "label": 2, "frames": 3, "steps": 3})
         assert r.status_code == 200, r.text
         for b in r.json()["images"]:
-            _assert_colour(_decode(b), 32)
+            _assert_colour(decode_png(b), 32)
     r = client.post("/v1/map", json={"source_model": "rgb-cvae", "target_model": "rgb-cvae-b", "label": 4, "seed": 3})
     assert r.status_code == 200, r.text
     assert len(r.json()["latent_target"]) == 6
     for side in ("source", "target"):
-        _assert_colour(_decode(r.json()["images"][side]), 32)
+        _assert_colour(decode_png(r.json()["images"][side]), 32)
 
 
 # -- the upload policy, the judge and the watermark on RGB ------------------------------------------------------
@@ -248,7 +242,7 @@ def test_condgen_sample_and_edit_write_colour_like_the_service(folders, service,
     cli = np.stack([grid[2:34, 2 + 34 * i: 34 + 34 * i] for i in range(3)])
     served = asyncio.run(service.generate(schema.GenerateV1(model="rgb-diff", label=3, n=3, seed=7, guidance="cfg",
                                                             scale=2.0, steps=4)))
-    assert np.abs(cli - np.stack([np.asarray(_decode(b)) for b in served["images"]])).max() <= 1
+    assert np.abs(cli - np.stack([np.asarray(decode_png(b)) for b in served["images"]])).max() <= 1
     src = tmp_path / "in.png"
     src.write_bytes(base64.b64decode(_b64_png(_colourful(), "RGB")))
     out = tmp_path / "edited.png"
@@ -259,7 +253,7 @@ def test_condgen_sample_and_edit_write_colour_like_the_service(folders, service,
     answer = asyncio.run(service.edit(schema.EditV1(model="rgb-diff", image=_b64_png(_colourful(), "RGB"),
                                                     source_label=7, target_label=1, strength=0.5, steps=6, scale=2.0,
                                                     seed=3)))
-    assert np.abs(edited - np.asarray(_decode(answer["image"]))).max() <= 1
+    assert np.abs(edited - np.asarray(decode_png(answer["image"]))).max() <= 1
 
 
 # -- the web page -----------------------------------------------------------------------------------------------

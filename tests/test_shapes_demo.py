@@ -15,8 +15,6 @@ Chromium, shows one of them in its prompt box with the label input hidden.
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 import subprocess
@@ -24,9 +22,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from tests.tiny import TINY
+from tests.tiny import TINY, decode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "shapes-demo-test"
@@ -119,12 +116,6 @@ def client(service):
         yield c
 
 
-def _png(b64: str) -> Image.Image:
-    im = Image.open(io.BytesIO(base64.b64decode(b64)))
-    im.load()
-    return im
-
-
 @pytest.mark.slow
 def test_flow_evaluates_with_the_shapes_checker_and_promotes(flow_run):
     (r,) = flow_run["results"]
@@ -141,7 +132,7 @@ def test_a_prompt_gives_rgb_pngs_of_the_models_size(client):
     out = r.json()
     assert out["parameters"]["prompt"] == PROMPT and len(out["images"]) == 2
     for b64 in out["images"]:
-        im = _png(b64)
+        im = decode_png(b64)
         assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
     assert client.post("/v1/generate", json=body).json()["images"] == out["images"]  # seeded
     other = client.post("/v1/generate", json={**body, "prompt": "a large cyan square in the centre"}).json()

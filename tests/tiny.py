@@ -195,3 +195,15 @@ def opt_step_for(model: nn.Module, optimizers: dict[str, torch.optim.Optimizer] 
         opts[name].step()
 
     return opt_step
+
+
+def decode_png(b64: str):
+    """A base64 PNG from the service as a loaded PIL image (mode and size as sent)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(base64.b64decode(b64)))
+    im.load()
+    return im
