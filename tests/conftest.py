@@ -5,6 +5,7 @@ session, with fake credentials and ``CONDGEN_S3_ENDPOINT_URL`` pointing at it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -411,3 +412,23 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def served_in_thread(app) -> Iterator[int]:
+    """An ASGI ``app`` served by uvicorn on a free 127.0.0.1 port in a daemon thread (a browser can load
+    it); yields the port once ``/health`` answers, and stops the server on exit."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -14,13 +14,11 @@ import asyncio
 import base64
 import io
 import subprocess
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -38,7 +36,7 @@ from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io.images import from_uint8, to_uint8
 from condgen.tasks.io.model_store import load_model_uri
 from condgen.tasks.judging import latent_maps as ml
-from tests.conftest import free_port, wait_http
+from tests.conftest import served_in_thread
 from tests.tiny import decode_png, perturb
 
 # channels (8, 16): see tests/test_sampling_parity.py (with 4 or 8 channels the label has ~no effect)
@@ -264,12 +262,7 @@ def test_web_page_shows_colour_images_in_headless_chromium(service, tmp_path):
     if proc.returncode != 0:
         pytest.skip(f"no headless Chromium: {proc.stderr.strip()[-300:]}")
     browser = proc.stdout.strip().splitlines()[-1]
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(bind_service(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+    with served_in_thread(bind_service(service)) as port:
         url = f"http://127.0.0.1:{port}/?autorun=1&model=rgb-diff&label=4&n=8&seed=3&guidance=cfg&scale=1.5&steps=4"
         flags = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--no-first-run", "--window-size=900,700", f"--user-data-dir={tmp_path / 'profile'}",
@@ -277,9 +270,6 @@ def test_web_page_shows_colour_images_in_headless_chromium(service, tmp_path):
         shot = tmp_path / "page.png"
         dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False)
         subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120, check=False)
-    finally:
-        server.should_exit = True
-        thread.join(10)
     assert 'data-loaded="8"' in dom.stdout and 'data-mode="RGB"' in dom.stdout, dom.stdout[-2000:]
     assert "RGB 32\u00d732" in dom.stdout  # the model list names the colour mode and size
     page = np.asarray(Image.open(shot).convert("RGB")).astype(int)

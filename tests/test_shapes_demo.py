@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -160,30 +159,21 @@ def test_models_offer_training_captions_as_example_prompts(client):
 
 @pytest.mark.slow
 def test_web_page_offers_a_caption_in_its_prompt_box(service, client, tmp_path):
-    import uvicorn
 
     from condgen.serving.app import bind_service
-    from tests.conftest import free_port, wait_http
+    from tests.conftest import served_in_thread
 
     proc = subprocess.run(["bash", str(ROOT / "infra" / "scripts" / "ensure_chromium.sh")], capture_output=True,
                           text=True, timeout=600, check=False)
     if proc.returncode != 0:
         pytest.skip(f"no headless Chromium: {proc.stderr.strip()[-300:]}")
     example = client.get("/v1/models").json()["models"][0]["info"]["example_prompts"][0]
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(bind_service(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+    with served_in_thread(bind_service(service)) as port:
         flags = [proc.stdout.strip().splitlines()[-1], "--headless=new", "--no-sandbox", "--disable-gpu",
                  "--disable-dev-shm-usage", "--no-first-run", "--window-size=900,700",
                  f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000", "--dump-dom",
                  f"http://127.0.0.1:{port}/?autorun=1&n=4&seed=1"]
         dom = subprocess.run(flags, capture_output=True, text=True, timeout=120, check=False).stdout
-    finally:
-        server.should_exit = True
-        thread.join(10)
     prompt_box = re.search(r'<input id="prompt"[^>]*>', dom)
     assert prompt_box and f'placeholder="{example}"' in prompt_box.group(0), dom[-2000:]
     assert re.search(r'<input id="label"[^>]*hidden', dom), dom[-2000:]  # a text model takes no label
