@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks.latent_map import train_in_process
-from benchmarks.shapes_text import ingest_shapes  # the same cached shard set per (n, size, seed)
+from benchmarks.shapes_text import add_shard_args, fill_budget, ingest_shapes  # one cached set per (n, size, seed)
 from condgen.tasks.data.splits import load_arrays, load_split
 from condgen.tasks.io.images import from_uint8, png_bytes, to_uint8
 from condgen.tasks.judging import shapes_checker as sc
@@ -51,9 +51,7 @@ FULL = {"n": 10_000, "cvae_epochs": 30, "gan_epochs": 15, "cvae_channels": "32,6
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 1200 shapes, small models, few epochs and edits")
-    p.add_argument("--n", type=int, help=f"shapes to generate (default {FULL['n']}; --quick {QUICK['n']})")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
-    p.add_argument("--shards", help="an ingested bundled:shapes set (default: ingest under the storage root)")
+    add_shard_args(p, QUICK, FULL)
     p.add_argument("--models", default="cvae,cgan", help="which of cvae, cgan to study")
     p.add_argument("--cvae-epochs", type=int)
     p.add_argument("--gan-epochs", type=int)
@@ -71,10 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="/tmp/shapes-directions", help="folder for the edit strips (PNG)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_budget(args, QUICK, FULL)
 
 
 def widths(text: str) -> list[int]:

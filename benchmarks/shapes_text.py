@@ -67,9 +67,7 @@ FULL = {"n": 20_000, "clip_steps": 300, "batch": 128, "channels": "32,64,64", "s
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 600 shapes, a tiny model, few steps and samples")
-    p.add_argument("--n", type=int, help=f"shapes to generate (default {FULL['n']}; --quick {QUICK['n']})")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
-    p.add_argument("--shards", help="an ingested bundled:shapes set (default: ingest under the storage root)")
+    add_shard_args(p, QUICK, FULL)
     p.add_argument("--clip-config", default="condgen-clip-tiny", help="embedded CLIP architecture")
     p.add_argument("--clip-steps", type=int, help="CLIP fitting steps (default 300; --quick 30)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=["diffusion"], help="text-conditioned models to train")
@@ -111,7 +109,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     args.ae_steps = args.ae_steps or AE_STEPS[budget]
-    for key, value in (QUICK if args.quick else FULL).items():
+    return fill_budget(args, QUICK, FULL)
+
+
+def add_shard_args(p: argparse.ArgumentParser, quick: dict, full: dict) -> None:
+    """The options ``ingest_shapes`` reads (with ``--seed``): the set's size, image side, or a set already ingested."""
+    p.add_argument("--n", type=int, help=f"shapes to generate (default {full['n']}; --quick {quick['n']})")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--shards", help="an ingested bundled:shapes set (default: ingest under the storage root)")
+
+
+def fill_budget(args: argparse.Namespace, quick: dict, full: dict) -> argparse.Namespace:
+    """Every option left unset takes its value from the ``--quick`` or the full budget table."""
+    for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
