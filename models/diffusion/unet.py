@@ -190,7 +190,7 @@ class UNet(nn.Module):
         trainable copy runs this same code on its own copies of these layers."""
         emb = self.time_mlp(timestep_embedding(t, self.c0)) + e  # (B, E)
         h = self.conv_in(x)  # (B, c0, H, W)
-        if getattr(self, "coords", None) is not None:
+        if self.coords is not None:
             h = h + self.coords(coordinate_grid(x))
         if hint is not None:
             h = h + hint
