@@ -59,6 +59,7 @@ from condgen.tasks.judging.shapes_checker import JUDGED, check
 RECIPE = RECIPES["diffusion"]  # what a new ``diffusion`` run trains with (models/registry.py)
 QUICK = {"n": 600, "clip_steps": 30, "batch": 32, "channels": "8,16", "sample_steps": 5, "cfg": "0,2",
          "n_eval": 18, "n_negative": 1, "n_edit": 4, "edit_steps": 4, "inner_steps": 2, "judge_epochs": 1}
+EDIT_METHODS = ("ddim_inversion", "null_text", "sdedit")
 FULL = {"n": 20_000, "clip_steps": 300, "batch": 128, "channels": "32,64,64", "sample_steps": 25,
         "cfg": "0,1,2,3,5", "n_eval": 300, "n_negative": 4, "n_edit": 60, "edit_steps": 25, "inner_steps": 10,
         "judge_epochs": 4}
@@ -95,12 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-edit", type=int, help="real test images per edit (default 60; --quick 4)")
     p.add_argument("--edit-guidance", type=float, default=2.0, help="CFG weight of the edits' regeneration")
     p.add_argument("--edit-steps", type=int, help="DDIM steps of the edits (default 25; --quick 4)")
-    p.add_argument("--strength", type=float, default=0.6, help="SDEdit strength")
+    p.add_argument("--strength", default="0.6", help="SDEdit strength, or a comma list for a sweep (one editor each)")
+    p.add_argument("--edit-methods", default=",".join(EDIT_METHODS),
+                   help=f"comma list of edit methods to score (default all: {','.join(EDIT_METHODS)})")
     p.add_argument("--inner-steps", type=int, help="null-text Adam steps per timestep (default 10; --quick 2)")
     p.add_argument("--judge-epochs", type=int, help="judge training epochs for KID features (default 4; --quick 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core box)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder for the model (safetensors) and sample grids")
+    p.add_argument("--checkpoint", help="score this pixel diffusion model.safetensors (an earlier --out) instead of "
+                                        "training one; give the options it was trained with (--channels, --coords, ...)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     budget, args.models = "quick" if args.quick else "full", list(dict.fromkeys(args.models))
@@ -109,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     args.ae_steps = args.ae_steps or AE_STEPS[budget]
+    try:
+        args.strengths = [float(v) for v in str(args.strength).split(",")]
+        args.edit_methods = [m for m in args.edit_methods.split(",") if m]
+    except ValueError as e:
+        p.error(f"--strength: {e}")
+    if any(not 0 < v <= 1 for v in args.strengths) or not set(args.edit_methods) <= set(EDIT_METHODS):
+        p.error(f"--strength takes values in (0, 1]; --edit-methods takes {', '.join(EDIT_METHODS)}")
     return fill_budget(args, QUICK, FULL)
 
 
@@ -233,6 +245,15 @@ def train_diffusion(args: argparse.Namespace, text_dim: int, x: torch.Tensor, tx
                              context_tokens=args.context_tokens, p_uncond=args.p_uncond, lr=args.lr,
                              sample_steps=args.sample_steps, coords=args.coords, **recipe)
     print(f"[train] {config}", flush=True)
+    if args.checkpoint:
+        from safetensors.torch import load_file
+
+        model = ConditionalDiffusion(config)
+        model.load_state_dict(load_file(args.checkpoint))
+        print(f"[train] diffusion: loaded {args.checkpoint}, no training", flush=True)
+        return model.eval(), {"seconds": 0.0, "final_loss": float("nan"), "checkpoint": args.checkpoint,
+                              "recipe": {**recipe, "coords": args.coords},
+                              "config": {k: str(v) for k, v in vars(config).items()}}
     steps = args.steps["diffusion"]
     model, losses, train_s = train(config, x, txt, steps=steps, batch=args.batch, seed=args.seed)
     loss = float(np.mean(losses[-50:]))
@@ -241,8 +262,25 @@ def train_diffusion(args: argparse.Namespace, text_dim: int, x: torch.Tensor, tx
                    "config": {k: str(v) for k, v in vars(config).items()}}
 
 
+def edit_editors(model, encode: Encoder, args: argparse.Namespace) -> dict:
+    """The ``--edit-methods`` as editors; SDEdit once per ``--strength`` ("sdedit s=0.8" when there are several)."""
+    def editor(method: str, strength: float):
+        return shapes_eval.diffusion_editor(model, encode, method, guidance=args.edit_guidance, steps=args.edit_steps,
+                                            strength=strength, inner_steps=args.inner_steps, seed=args.seed)
+
+    editors = {}
+    for m in args.edit_methods:
+        if m != "sdedit":
+            editors[m] = editor(m, args.strengths[0])
+        for s in args.strengths if m == "sdedit" else ():
+            editors["sdedit" if len(args.strengths) == 1 else f"sdedit s={s:g}"] = editor(m, s)
+    return editors
+
+
 def budget_line(name: str, args: argparse.Namespace, record: dict) -> str:
     steps = f"{args.steps[name]} steps x batch {args.batch} in {record['seconds']:.0f}s"
+    if "checkpoint" in record:
+        steps = f"loaded from {record['checkpoint']} (its training budget is in that run's log)"
     if name == "diffusion":
         return f"diffusion: U-Net {args.channels}, {record['recipe']}, {steps}, final loss {record['final_loss']:.4f}"
     last = ", ".join(f"{k} {v:.4g}" for k, v in record["last"].items())
@@ -323,10 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
                 shapes_eval.diffusion_sampler(model, encode, guidance=args.negative_guidance, seed=args.seed),
                 n_per_pair=args.n_negative)
         if name in EDITABLE:
-            editors = {m: shapes_eval.diffusion_editor(model, encode, m, guidance=args.edit_guidance,
-                                                       steps=args.edit_steps, strength=args.strength,
-                                                       inner_steps=args.inner_steps, seed=args.seed)
-                       for m in ("ddim_inversion", "null_text", "sdedit")}
+            editors = edit_editors(model, encode, args)
             t0 = time.perf_counter()
             res["edits"] = shapes_eval.edit_scores(editors, splits["test"]["x"][:n_edit],
                                                    list(splits["test"]["tags"][:n_edit]), seed=args.seed)

@@ -42,18 +42,40 @@ def condition_rows(loaded: Loaded, clip: Any, label: int | None, prompt: str | N
     info = loaded.info
     if info["condition"] == "label":
         if prompt is not None:
-            label = label_from_prompt(prompt, info["num_classes"])
+            names = info.get("class_names")
+            label = label_from_prompt(prompt, info["num_classes"], names)
             if label is None:
-                raise ApiError(422, f"{loaded.key} is a label model and the {what} prompt names no class in "
-                                    f"[0, {info['num_classes'] - 1}]; give a label or a digit in the prompt")
+                raise ApiError(422, f"{loaded.key} is a label model and the {what} prompt names none of its classes "
+                                    + (f"({_listed(names)}); name one or give a label" if names else
+                                       f"[0, {info['num_classes'] - 1}]; give a label or a digit in the prompt"))
         if label >= info["num_classes"]:
             raise ApiError(422, f"{what} must be in [0, {info['num_classes'] - 1}], got {label}")
         return torch.full((n,), int(label), dtype=torch.long), {"label": int(label)}
     if clip is None:
         raise ApiError(409, f"{loaded.key} is text-conditioned and this service has no CLIP model configured")
-    text = prompt if prompt is not None else label_prompt(int(label))
+    text = prompt if prompt is not None else prompt_for_label(loaded, int(label), what)
     emb = clip.encode_texts([text])  # (1, D)
     if emb.shape[1] != loaded.model.config.text_dim:
         raise ApiError(409, f"the configured CLIP gives {emb.shape[1]}-d text, {loaded.key} takes "
                             f"{loaded.model.config.text_dim}-d")
     return emb.expand(n, -1).clone(), {"prompt": text}
+
+
+def prompt_for_label(loaded: Loaded, label: int, what: str = "label") -> str:
+    """The text a bare ``label`` stands for with ``loaded``'s training set: "a red circle" when its manifest
+    names the classes, "a handwritten digit 3" for a digit set; 422 when the set names no classes (a
+    caption-only set: give a prompt) or the label is not one of them."""
+    names, digits = loaded.info.get("class_names"), loaded.info.get("digits")
+    if names:
+        if not 0 <= label < len(names):
+            raise ApiError(422, f"{what} must be in [0, {len(names) - 1}] ({_listed(names)}), got {label}")
+        return f"a {names[label]}"
+    if digits is False:
+        raise ApiError(422, f"{loaded.key} was trained on a set whose classes have no names, so a {what} means "
+                            "nothing to it; give a prompt")
+    return label_prompt(label)  # a digit set, or a model whose run cannot be read (the digit models before v2)
+
+
+def _listed(names: list[str], k: int = 6) -> str:
+    shown = ", ".join(f"{i}: {n}" for i, n in enumerate(names[:k]))
+    return shown + (f", ... ({len(names)} classes)" if len(names) > k else "")

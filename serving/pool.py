@@ -2,8 +2,10 @@
 optional LoRA adapters (one merged copy per adapter, so requests never toggle shared weights) and
 a noise-aware classifier for classifier guidance.
 
-A text-conditioned model's ``info`` also carries ``example_prompts``: captions of the shard set it
-was trained on (``example_prompts()``), which the web page shows in its prompt box.
+A model's ``info`` also carries what its run's shard set says (``training_set()``): the ``class_names``
+(a label request to a text model becomes "a red circle", and a prompt to a label model names its class),
+whether it is a ``digits`` set, and, for a text model, ``example_prompts``: train captions, which the web
+page shows in its prompt box.
 
 ``refresh()`` re-resolves aliases and swaps in a new version when ``champion`` moved (the
 service's background thread calls it every ``poll_s`` seconds). Entries are immutable: a swap
@@ -26,7 +28,7 @@ from condgen.serving.config import ModelSpec
 from condgen.serving.errors import ApiError
 from condgen.tasks.generation.batching import describe, model_kind
 from condgen.tasks.io.model_store import apply_adapter, load_model_uri, parse_model_uri
-from condgen.tasks.io.shards import iter_samples, shard_uris
+from condgen.tasks.io.shards import iter_samples, read_manifest, shard_uris
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +36,42 @@ EXAMPLE_PROMPTS = 4  # captions a text model's info carries (the web page's plac
 EXAMPLE_SCAN = 256  # samples of the first shard read at most to find them
 
 
-def example_prompts(run_id: str, k: int = EXAMPLE_PROMPTS) -> list[str]:
-    """Up to ``k`` distinct captions of the train split a model was trained on: the run's ``condgen.shards``
-    tag names the shard set, whose first shard is streamed until ``k`` are found (a few samples). So a
-    ``bundled:shapes`` model suggests "a small red circle in the top left", not a digit sentence, and
-    never a held-out combination. [] without a run, or when the run or its shards cannot be read:
-    examples are a hint, never a reason not to serve."""
+def training_set(run_id: str, text: bool, k: int = EXAMPLE_PROMPTS) -> dict[str, Any]:
+    """What a served model knows of the shard set its run trained on (the run's ``condgen.shards`` tag):
+
+    - ``class_names``: the manifest's names of the label classes, or None (integer labels, or unknown);
+    - ``digits``: whether the set is a digit set (its labels are digits; schema v1 sets all are), so a
+      bare label may be phrased as a digit sentence; None when the run or manifest cannot be read;
+    - ``example_prompts`` (text models): up to ``k`` distinct train captions, from the first shard streamed
+      until ``k`` are found (a few samples). So a ``bundled:shapes`` model suggests "a small red circle in
+      the top left", not a digit sentence, and never a held-out combination.
+
+    Nothing is raised: a missing run, tag, manifest or shard only loses these hints, never the model."""
+    out: dict[str, Any] = {"class_names": None, "digits": None}
+    if text:
+        out["example_prompts"] = []
     if not run_id:
-        return []
+        return out
     try:
         shards = MlflowClient().get_run(run_id).data.tags.get("condgen.shards")
         if not shards:
-            return []
-        out: list[str] = []
-        with contextlib.closing(iter_samples(shard_uris(shards)[0])) as samples:
-            for _, sample in zip(range(EXAMPLE_SCAN), samples):
-                meta = json.loads(sample.get("json") or b"{}")
-                caption = str(meta.get("caption") or "").strip()
-                if meta.get("split", "train") == "train" and caption and caption not in out:
-                    out.append(caption)
-                if len(out) >= k:
-                    break
-        return out
-    except Exception as exc:  # noqa: BLE001 - a missing run, tag or shard only loses the hint
-        log.warning("no example prompts for run %s: %s", run_id, type(exc).__name__)
-        return []
+            return out
+        manifest = read_manifest(shards)
+        names = manifest.get("class_names")
+        out["class_names"] = [str(n) for n in names] if names else None
+        out["digits"] = bool(manifest.get("digits", int(manifest.get("schema_version", 1)) == 1))
+        if text:
+            with contextlib.closing(iter_samples(shard_uris(shards, manifest)[0])) as samples:
+                for _, sample in zip(range(EXAMPLE_SCAN), samples):
+                    meta = json.loads(sample.get("json") or b"{}")
+                    caption = str(meta.get("caption") or "").strip()
+                    if meta.get("split", "train") == "train" and caption and caption not in out["example_prompts"]:
+                        out["example_prompts"].append(caption)
+                    if len(out["example_prompts"]) >= k:
+                        break
+    except Exception as exc:  # noqa: BLE001 - a missing run, tag or shard only loses the hints
+        log.warning("no training-set facts for run %s: %s", run_id, type(exc).__name__)
+    return out
 
 
 @dataclass(frozen=True)
@@ -106,8 +119,7 @@ class ModelPool:
         classifier = load_model_uri(spec.classifier)[0].eval() if spec.classifier else None
         key = spec.name or str(meta["name"])
         info = describe(model)
-        if info["condition"] == "text":
-            info["example_prompts"] = example_prompts(str(meta.get("run_id") or ""))
+        info.update(training_set(str(meta.get("run_id") or ""), info["condition"] == "text"))
         now = time.time()
         common = {"key": key, "spec": spec, "registered_name": str(meta["name"]), "version": str(meta["version"]),
                   "run_id": str(meta.get("run_id", "")), "kind": kind, "classifier": classifier, "loaded_at": now,

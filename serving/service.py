@@ -25,11 +25,10 @@ import torch
 
 from condgen.serving import schema
 from condgen.serving.batcher import Batcher, Cancellable, Job, Overloaded
-from condgen.serving.conditions import b64_png, condition_rows, decode_image
+from condgen.serving.conditions import b64_png, condition_rows, decode_image, prompt_for_label
 from condgen.serving.config import ServeConfig
 from condgen.serving.errors import ApiError
 from condgen.serving.pool import Loaded, ModelPool
-from condgen.tasks.data.attributes import label_prompt
 from condgen.tasks.generation.batching import Cancelled, SampleRequest, compat_key, sample_batch
 from condgen.tasks.generation.interpolation import interpolate, latent_shape, seed_latent
 from condgen.tasks.generation.safety import DenyList, LabelMatch, SafetyFilter
@@ -162,7 +161,7 @@ class Service:
         if req.guidance == "clip":
             if self.clip is None:
                 raise ApiError(409, "CLIP guidance needs a CLIP model; this service has none configured")
-            text = req.prompt or label_prompt(int(resolved.get("label", 0)))
+            text = req.prompt or prompt_for_label(loaded, int(resolved.get("label", 0)))
             clip_text = self.clip.encode_texts([text])
         negative = None
         if req.negative_label is not None or req.negative_prompt is not None:

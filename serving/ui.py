@@ -81,7 +81,9 @@ function onModel() {
   const text = m.info.condition === "text", examples = m.info.example_prompts || [];
   $("label").hidden = $("label-name").hidden = text;
   $("prompt-name").textContent = text ? "prompt" : "or prompt";
-  $("prompt").placeholder = text ? (examples[0] || "describe the image") : "a handwritten digit 3";
+  const names = m.info.class_names || [];
+  $("prompt").placeholder = text ? (examples[0] || "describe the image") :
+                            (names.length ? "a " + names[names.length > 3 ? 3 : 0] : "a handwritten digit 3");
   $("examples").innerHTML = "";
   for (const e of text ? examples : []) { const o = document.createElement("option"); o.value = e; $("examples").appendChild(o); }
   if (text && diffusion && m.info.default_guidance_scale > 0) {

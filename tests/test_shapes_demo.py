@@ -155,6 +155,16 @@ def test_models_offer_training_captions_as_example_prompts(client):
     examples = m["info"]["example_prompts"]
     assert len(examples) == 4 and len(set(examples)) == 4
     assert all(CAPTION.match(e) for e in examples), examples  # the shapes' captions, not a digit sentence
+    assert len(m["info"]["class_names"]) == 18 and m["info"]["digits"] is False
+
+
+@pytest.mark.slow
+def test_a_label_asks_the_text_model_for_that_class_by_its_manifest_name(client):
+    r = client.post("/v1/generate", json={"label": 4, "n": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["prompt"] == "a green square"  # cls = colour x 3 + shape: not a digit sentence
+    r = client.post("/v1/generate", json={"label": 18})
+    assert r.status_code == 422 and "[0, 17]" in r.text and "0: red circle" in r.text, r.text
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -118,9 +119,16 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
-def label_from_prompt(prompt: str, num_classes: int) -> int | None:
-    """A class named by a prompt for a label model: 'digit 7', 'a seven', '7' (first match)."""
+def label_from_prompt(prompt: str, num_classes: int, class_names: Sequence[str] | None = None) -> int | None:
+    """A class named by a prompt for a label model. With ``class_names`` (the manifest's): the longest
+    name the prompt contains as whole words ("a small red circle" -> "red circle"); without (a digit set):
+    'digit 7', 'a seven', '7' (first match). None when it names none."""
     words = re.findall(r"[a-z]+|\d+", prompt.lower())
+    if class_names:
+        text = f" {' '.join(words)} "
+        names = [" ".join(re.findall(r"[a-z]+|\d+", str(n).lower())) for n in class_names[:num_classes]]
+        hits = [(len(n), i) for i, n in enumerate(names) if n and f" {n} " in text]
+        return max(hits, key=lambda h: (h[0], -h[1]))[1] if hits else None  # longest; the first of equals
     for w in words:
         if w.isdigit() and int(w) < num_classes:
             return int(w)
