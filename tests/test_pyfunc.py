@@ -23,8 +23,9 @@ from mlflow.tracking import MlflowClient
 from condgen.tasks.data.attributes import label_from_prompt
 from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io import tracking
+from condgen.tasks.io.labels import label_from_text
 from condgen.tasks.io.model_store import load_registered
-from condgen.tasks.io.pyfunc_model import CondgenModel, label_from_caption
+from condgen.tasks.io.pyfunc_model import CLASSES_FILE, CondgenModel, input_example, training_class_names
 from condgen.tasks.judging.promote import ALIAS, Gate, promote
 from tests.tiny import TINY, build_tiny
 
@@ -175,7 +176,43 @@ def test_rewrite_prefix_touches_only_the_old_root(tmp_path):
                                      "nothing here", "zero", "11"])
 def test_caption_rule_is_the_services(caption):
     for num_classes in (3, 10):
-        assert label_from_caption(caption, num_classes) == label_from_prompt(caption, num_classes)
+        assert label_from_text(caption, num_classes) == label_from_prompt(caption, num_classes)
+    names = ["cat", "black cat", "dog"] + [f"thing {i}" for i in range(7)]
+    assert label_from_text(caption, 10, names) == label_from_prompt(caption, 10, names) is None
+
+
+NAMES = ["cat", "black cat", "dog", "red circle", "owl", "fox", "bee", "ant", "elk", "yak"]
+
+
+def test_a_caption_names_a_class_of_the_training_set_when_its_manifest_names_them(tmp_path):
+    """A pyfunc of a set with class names (``class_names.json`` beside the weights, as ``log_pyfunc`` writes
+    it) reads "a small red circle" as class 3 and refuses a digit sentence, naming the classes."""
+    ckpt_io.save_checkpoint(tmp_path, build_tiny("cvae"))
+    (tmp_path / CLASSES_FILE).write_text(json.dumps(NAMES))
+    wrapper = CondgenModel(tmp_path)
+    by_name = wrapper.predict(None, [{"condition": "a small red circle", "seed": 4}])
+    np.testing.assert_array_equal(by_name, wrapper.predict(None, [{"condition": 3, "seed": 4}]))
+    with pytest.raises(ValueError, match=r"names none of the classes \(cat, black cat, dog, red circle, owl, fox, \.\.\.\)"):
+        wrapper.predict(None, [{"condition": "a handwritten seven"}])
+    assert input_example({"model": "cvae", "config": {}}, NAMES)["condition"].tolist() == [1, "a red circle"]
+
+
+def test_log_pyfunc_reads_the_class_names_of_the_runs_shard_set(condgen_home, tmp_path):
+    from condgen.tasks.io.shards import MANIFEST
+
+    named, digits = tmp_path / "named", tmp_path / "digits"
+    for folder, manifest in ((named, {"class_names": NAMES}), (digits, {"digits": True})):
+        folder.mkdir()
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    tracking.configure("pyfunc-names-test")
+    client = MlflowClient()
+    runs = {}
+    for key, tags in (("named", {"condgen.shards": named.as_uri()}), ("digits", {"condgen.shards": digits.as_uri()}),
+                      ("untagged", {}), ("missing", {"condgen.shards": (tmp_path / "gone").as_uri()})):
+        with mlflow.start_run(run_name=key, tags=tags) as run:
+            runs[key] = run.info.run_id
+    assert training_class_names(client, runs["named"]) == NAMES
+    assert [training_class_names(client, runs[k]) for k in ("digits", "untagged", "missing")] == [None] * 3
 
 
 def test_bad_requests_fail_in_one_line(tmp_path):

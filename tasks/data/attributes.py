@@ -16,15 +16,15 @@ Attributes (order = ``ATTRIBUTE_NAMES``, the column order of ``load_split``):
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from condgen.tasks.io.labels import DIGIT_WORDS, label_from_text
+
 ATTRIBUTE_NAMES = ("thickness", "slant", "size", "ink")
 INK_THRESHOLD = 128  # uint8 level that counts as a stroke pixel (half of full ink)
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # Caption bins, at 28 px (thickness is rescaled for other sizes). Picked near the
 # tertiles of the 5k MNIST digits so each phrase covers a fair share of the data.
@@ -120,21 +120,9 @@ def _article(phrase: str) -> str:
 
 
 def label_from_prompt(prompt: str, num_classes: int, class_names: Sequence[str] | None = None) -> int | None:
-    """A class named by a prompt for a label model. With ``class_names`` (the manifest's): the longest
-    name the prompt contains as whole words ("a small red circle" -> "red circle"); without (a digit set):
-    'digit 7', 'a seven', '7' (first match). None when it names none."""
-    words = re.findall(r"[a-z]+|\d+", prompt.lower())
-    if class_names:
-        text = f" {' '.join(words)} "
-        names = [" ".join(re.findall(r"[a-z]+|\d+", str(n).lower())) for n in class_names[:num_classes]]
-        hits = [(len(n), i) for i, n in enumerate(names) if n and f" {n} " in text]
-        return max(hits, key=lambda h: (h[0], -h[1]))[1] if hits else None  # longest; the first of equals
-    for w in words:
-        if w.isdigit() and int(w) < num_classes:
-            return int(w)
-        if w in DIGIT_WORDS and DIGIT_WORDS.index(w) < num_classes:
-            return DIGIT_WORDS.index(w)
-    return None
+    """A class named by a prompt for a label model (``tasks.io.labels.label_from_text``: the manifest's
+    class names when it has them, else 'digit 7', 'a seven', '7'). None when it names none."""
+    return label_from_text(prompt, num_classes, class_names)
 
 
 def label_prompt(label: int) -> str:

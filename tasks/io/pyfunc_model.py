@@ -17,7 +17,8 @@ an integer column (``n``, ``seed``, ``steps``) is given for every row of a DataF
 
 | column     | type   | meaning                                                                      |
 |------------|--------|------------------------------------------------------------------------------|
-| `condition`| int or str | the class to draw, or a caption naming it ("a seven", "digit 7")         |
+| `condition`| int or str | the class to draw, or a caption naming it: "a small red circle" when the |
+|            |        | training set names its classes (``class_names.json``), "a seven" for digits |
 | `n`        | int    | images for this row (default 1, at most ``MAX_N``)                           |
 | `seed`     | int    | the seed of this row's noise (default 0): same row, same images              |
 | `guidance` | float  | classifier-free guidance weight w (diffusion; default: the model's)          |
@@ -34,7 +35,7 @@ Text-conditioned models need a CLIP text encoder, which this model does not carr
 """
 from __future__ import annotations
 
-import re
+import json
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -49,7 +50,9 @@ from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
 
 from condgen.models.diffusion.ddpm import ConditionalDiffusion
 from condgen.tasks.io import checkpoint as ckpt_io
+from condgen.tasks.io.labels import label_from_text
 from condgen.tasks.io.model_store import load_trained
+from condgen.tasks.io.shards import read_manifest
 
 ENTRY = "condgen_pyfunc.py"
 MAX_N = 256
@@ -75,19 +78,7 @@ INPUT_SCHEMA = Schema([
     ColSpec("double", "guidance", required=False),
     ColSpec("long", "steps", required=False),
 ])
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def label_from_caption(caption: str, num_classes: int) -> int | None:
-    """The class a caption names for a label model: the first number or digit word below ``num_classes``.
-    The rule of ``tasks.data.attributes.label_from_prompt`` (which ``tasks/io`` may not import: it sits
-    above it); tests/test_pyfunc.py checks that the two agree."""
-    for w in re.findall(r"[a-z]+|\d+", caption.lower()):
-        if w.isdigit() and int(w) < num_classes:
-            return int(w)
-        if w in DIGIT_WORDS and DIGIT_WORDS.index(w) < num_classes:
-            return DIGIT_WORDS.index(w)
-    return None
+CLASSES_FILE = "class_names.json"  # the training set's class names, beside the pyfunc files (when it names them)
 
 
 def _records(model_input: Any) -> list[dict[str, Any]]:
@@ -125,12 +116,15 @@ class CondgenModel(mlflow.pyfunc.PythonModel):
         self.root = Path(root) if root is not None else None
         self.model: torch.nn.Module | None = None
         self.meta: dict[str, Any] = {}
+        self.class_names: list[str] | None = None
 
     def load_context(self, context) -> None:
         """Load ``model.safetensors`` + ``config.json`` from the model folder with condgen's loader."""
         root = self.root or Path(context.artifacts["checkpoint"])
         self.model, self.meta = load_trained(root.as_uri())
         self.model.eval()
+        names = root / CLASSES_FILE
+        self.class_names = [str(n) for n in json.loads(names.read_text())] if names.is_file() else None
 
     def _condition(self, row: dict[str, Any], n: int) -> torch.Tensor:
         conf = self.model.config
@@ -140,10 +134,11 @@ class CondgenModel(mlflow.pyfunc.PythonModel):
         num_classes = int(getattr(conf, "num_classes", 10))
         condition = row.get("condition")
         if isinstance(condition, str):
-            label = label_from_caption(condition, num_classes)
+            label = label_from_text(condition, num_classes, self.class_names)
             if label is None:
-                raise ValueError(f"caption {condition[:60]!r} names no class in [0, {num_classes - 1}]; "
-                                 "give a label or a digit in the caption")
+                named = (f"none of the classes ({', '.join(self.class_names[:6])}{', ...' * (len(self.class_names) > 6)})"
+                         if self.class_names else f"no class in [0, {num_classes - 1}]")
+                raise ValueError(f"caption {condition[:60]!r} names {named}; give a label or a caption naming one")
         else:
             label = _whole(row, "condition", None)
         if label is None or not 0 <= label < num_classes:
@@ -178,10 +173,11 @@ def supports(meta: dict[str, Any]) -> bool:
     return meta.get("model") in SAMPLED
 
 
-def input_example(meta: dict[str, Any]) -> pd.DataFrame:
+def input_example(meta: dict[str, Any], class_names: list[str] | None = None) -> pd.DataFrame:
     """Two requests, a label and (for a label model) a caption, with every column filled in."""
     conf = meta.get("config", {})
-    rows = [{"condition": 1, "n": 2, "seed": 0}, {"condition": "a handwritten three", "n": 1, "seed": 1}]
+    caption = f"a {class_names[min(3, len(class_names) - 1)]}" if class_names else "a handwritten three"
+    rows = [{"condition": 1, "n": 2, "seed": 0}, {"condition": caption, "n": 1, "seed": 1}]
     if conf.get("condition", "label") != "label":
         rows[1]["condition"] = 3
     if meta.get("model") in ("diffusion", "latent_diffusion"):
@@ -212,7 +208,10 @@ def log_pyfunc(run_id: str, artifact_path: str = "model") -> bool:
         if not supports(meta):
             return False
         (ckpt / ENTRY).write_text(ENTRY_CODE)
-        example = input_example(meta)
+        names = training_class_names(client, run_id)
+        if names:
+            (ckpt / CLASSES_FILE).write_text(json.dumps(names))
+        example = input_example(meta, names)
         wrapper = CondgenModel(ckpt)
         if meta["config"].get("condition", "label") == "label":
             output = wrapper.predict(None, example)
@@ -224,6 +223,19 @@ def log_pyfunc(run_id: str, artifact_path: str = "model") -> bool:
         out = Path(tmp, "pyfunc")
         mlflow.pyfunc.save_model(str(out), python_model=str(ckpt / ENTRY), signature=signature,
                                  input_example=example, pip_requirements=requirements())
+        if names:
+            (out / CLASSES_FILE).write_text(json.dumps(names))
         client.log_artifacts(run_id, str(out), artifact_path)
     return True
+
+
+def training_class_names(client: mlflow.tracking.MlflowClient, run_id: str) -> list[str] | None:
+    """The class names of the shard set the run trained on (its ``condgen.shards`` tag), or None: a digit
+    set, a run without the tag, or a manifest that cannot be read (then captions name digits)."""
+    try:
+        shards = client.get_run(run_id).data.tags.get("condgen.shards")
+        names = read_manifest(shards).get("class_names") if shards else None
+    except Exception:  # noqa: BLE001 - the names are a convenience; a missing manifest keeps the digit rule
+        return None
+    return [str(n) for n in names] if names else None
 
