@@ -177,3 +177,18 @@ def test_benchmark_quick_settings_and_a_tiny_run(tmp_path):
     study = figures["results"]["cvae"]["study"]
     assert study["names"] == list(sd.CONTINUOUS) and set(study["slopes"]) == {"raw", "orthogonal"}
     assert len(list(out.glob("cvae-*.png"))) == 8  # 2 variants x 4 directions
+
+
+def test_an_edit_that_does_not_move_its_own_attribute_has_no_leakage_ratio():
+    """A hue direction the model does not have (own slope ~0) divided other slopes by ~0 (a mean leakage of
+    82 on a real cGAN run): its row is NaN and the mean leakage is over the rows that have a ratio."""
+    from condgen.tasks.judging.latent_studies import AttributeStudy
+
+    nan = float("nan")
+    st = AttributeStudy(names=["side", "hue"], measured=["side", "hue"], r2={}, cosine=[], strengths=[],
+                        slopes={"raw": [[0.5, 0.1], [0.2, 0.001]]}, leakage={"raw": [[1.0, 0.2], [nan, nan]]},
+                        monotonicity={}, curves={})
+    assert st.summary()["raw/mean_abs_leakage"] == pytest.approx(0.2)
+    st.leakage["raw"][0][1] = nan
+    assert np.isnan(st.summary()["raw/mean_abs_leakage"])
+    assert sd.MIN_OWN_SLOPE > 0.001

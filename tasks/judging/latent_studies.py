@@ -210,7 +210,8 @@ class AttributeStudy:
             k = len(self.names)
             idx = [self.measured.index(n) for n in self.names]
             off = [abs(mat[i][idx[j]]) for i in range(k) for j in range(k) if i != j]
-            out[f"{v}/mean_abs_leakage"] = float(np.mean(off)) if off else 0.0
+            finite = [x for x in off if np.isfinite(x)]  # a row whose edit does not move its own attribute has no ratio
+            out[f"{v}/mean_abs_leakage"] = float(np.mean(finite)) if finite else (float("nan") if off else 0.0)
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -55,6 +55,7 @@ DISCRETE = sc.JUDGED  # colour, shape, size, position
 COUNTERPART = {"side": "size", "cx": "position", "cy": "position", "hue": "colour"}
 STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 WEAK_R2 = 0.2  # below this a direction explains too little to edit along (its calibrated step is long)
+MIN_OWN_SLOPE = 0.05  # std per unit strength: an edit that moves its own attribute less has no leakage ratio
 MIN_CHROMA = 0.05  # below this (max - min of the mean RGB in [0, 1]) the hue is undefined
 
 
@@ -249,7 +250,8 @@ def direction_study(space, z: torch.Tensor, c: torch.Tensor, *, names: Sequence[
             good = np.isfinite(m[:, :, k]).all(axis=0)  # the asked attribute measurable at every strength
             diag = slope[k]
             out["slopes"][v].append(slope)
-            out["leakage"][v].append([x / diag if abs(diag) > 1e-12 else float("nan") for x in slope])
+            # a ratio to an edit that barely moves its own attribute is noise over ~0: no ratio (NaN)
+            out["leakage"][v].append([x / diag if abs(diag) >= MIN_OWN_SLOPE else float("nan") for x in slope])
             out["mono"][v][n] = float(np.mean([_spearman(sv, m[:, i, k]) for i in np.flatnonzero(good)])) \
                 if good.any() else 0.0
             out["curves"][v][n] = np.nanmean(m * std, axis=1).tolist()
