@@ -56,11 +56,16 @@ SAMPLER_RUNS = [("DDIM 25", "ddim", 25), ("DPM++(2M) 20", "dpmpp_2m", 20), ("anc
 
 def train_steps(config: DiffusionConfig, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch: int, seed: int,
                 warmup: int = 100, pick: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                lr_decay: str = "none") -> tuple[ConditionalDiffusion, list[float], float]:
+                lr_decay: str = "none", precision: str = "fp32") -> tuple[ConditionalDiffusion, list[float], float]:
     """``steps`` Adam steps on ``model.loss`` (linear LR warm-up over ``warmup`` steps, then constant, or with
     ``lr_decay="cosine"`` a half cosine to 0 at the last step, Loshchilov & Hutter 2017), EMA
     updated after each; the batches come from a generator seeded by ``seed`` alone. ``pick(y, idx, generator)``
-    gives a batch's conditions (default ``y[idx]``; text: one phrasing per image, ``benchmarks/shapes_text.py``)."""
+    gives a batch's conditions (default ``y[idx]``; text: one phrasing per image, ``benchmarks/shapes_text.py``).
+    ``precision="bf16"`` runs the forward pass and the loss under CPU bfloat16 autocast (weights, gradients,
+    Adam and EMA stay fp32), as ``condgen train --precision bf16`` does: 1.75x the steps per second on this
+    machine's AVX-512 BF16 cores (one thread, batch 128, the benchmark U-Net)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
     torch.manual_seed(seed)
     model = ConditionalDiffusion(config).train()
     opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
@@ -70,7 +75,8 @@ def train_steps(config: DiffusionConfig, x: torch.Tensor, y: torch.Tensor, *, st
         for group in opt.param_groups:
             group["lr"] = config.lr * lr_factor(step, steps, warmup, lr_decay)
         idx = torch.randint(0, len(y), (batch,), generator=order)
-        loss, _ = model.loss(x[idx], y[idx] if pick is None else pick(y, idx, order))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss, _ = model.loss(x[idx], y[idx] if pick is None else pick(y, idx, order))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -126,6 +132,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lr-decay", default="none", choices=["none", "cosine"], help="after the warm-up")
     p.add_argument("--channels", default="16,32,32")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="training autocast (sampling is fp32)")
     p.add_argument("--only", default="", help="comma-separated variants (default: all): " + ",".join(VARIANTS))
     p.add_argument("--n-per-class", type=int, default=30, help="samples per class for each score")
     p.add_argument("--full", action="store_true", help="also the 1000-step ancestral chain and a CFG sweep")
@@ -148,10 +155,11 @@ def main() -> None:
         config = DiffusionConfig(**base, **VARIANTS[name])
         print(f"[{name}] {VARIANTS[name] or 'eps, linear, uniform weights, no attention, no EMA'}", flush=True)
         model, losses, train_s = train_steps(config, x, y, steps=args.steps, batch=args.batch, seed=args.seed,
-                                             lr_decay=args.lr_decay)
+                                             lr_decay=args.lr_decay, precision=args.precision)
         # a checkpoint folder the pipeline reads (``--checkpoint file://...`` of diffusion_guidance/steps/inversion)
         save_checkpoint(os.path.join(args.out, name), model, {"train_seconds": train_s, "adam_steps": args.steps,
-                                                               "batch": args.batch, "lr_decay": args.lr_decay})
+                                                               "batch": args.batch, "lr_decay": args.lr_decay,
+                                                               "precision": args.precision})
         for label, sampler, steps in SAMPLER_RUNS:
             sc, s = score(scorer, model, labels, sampler, steps, seed=args.seed)
             save_grid(s, args.n_per_class, os.path.join(args.out, f"{name}-{sampler}{steps}.png"))
@@ -176,10 +184,11 @@ def main() -> None:
                 figures.append({"variant": name, "sampler": "ddim", "steps": 25, "guidance": w, **sc})
                 print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows[-1:]), flush=True)
     print(f"\n{machine()}; {args.steps} Adam steps x batch {args.batch}, lr {args.lr} (warm-up 100, decay {args.lr_decay}), "
+          f"{args.precision} training, "
           f"channels {base['channels']}; {len(labels)} samples per score\n")
     print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows))
     write_json(args.json, {"figures": figures, "base": {k: str(v) for k, v in base.items()}, "steps": args.steps,
-                           "batch": args.batch})
+                           "batch": args.batch, "precision": args.precision})
 
 
 if __name__ == "__main__":

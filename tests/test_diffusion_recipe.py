@@ -125,3 +125,20 @@ def test_controlnet_locks_the_base_s_ema_weights():
         assert torch.equal(net.eps(x, t, y, control_image(torch.rand(2, 1, 28, 28))), base.eps(x, t, y))
     ema = base.ema.state_dict()
     assert all(torch.equal(v, ema[k]) for k, v in net.control.state_dict().items())  # theta_c = the EMA weights
+
+
+def test_the_benchmark_loop_trains_under_bf16_autocast_with_fp32_weights():
+    """benchmarks/diffusion_recipe.py --precision bf16: the same data order and steps, the loss under CPU
+    bfloat16 autocast; the weights and EMA stay fp32 and the model still learns (loss falls)."""
+    from benchmarks.diffusion_recipe import train_steps
+
+    x, y = torch.rand(64, 1, 8, 8) * 2 - 1, torch.arange(64) % 10
+    config = DiffusionConfig(**TINY, ema_decay=0.9, lr=3e-3)
+    runs = {p: train_steps(config, x, y, steps=40, batch=16, seed=0, warmup=5, precision=p) for p in ("fp32", "bf16")}
+    for model, losses, _ in runs.values():
+        assert all(p.dtype == torch.float32 for p in model.state_dict().values() if p.is_floating_point())
+        assert sum(losses[-10:]) < sum(losses[:10])
+    fp32, bf16 = (runs[p][0].state_dict() for p in ("fp32", "bf16"))
+    assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)  # autocast did run the convolutions in bf16
+    with pytest.raises(ValueError, match="precision must be"):
+        train_steps(config, x, y, steps=1, batch=4, seed=0, precision="fp16")
