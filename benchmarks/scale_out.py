@@ -87,19 +87,30 @@ def _stat(values: list[float], fmt: str) -> str:
     return f"{format(statistics.fmean(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
 
 
+def paired_delta(rows: list[dict[str, float]], base: list[dict[str, float]]) -> list[float]:
+    """Accuracy change in points of each seed against the same seed's 1-worker row (same initial weights and
+    data order); [] when the rows carry no seeds or share none. A GAN's seeds differ by more than the worker
+    count changes anything, so the per-seed change is the sharper comparison."""
+    by_seed = {r["seed"]: r["acc"] for r in base if "seed" in r}
+    return [100 * (r["acc"] - by_seed[r["seed"]]) for r in rows if r.get("seed") in by_seed]
+
+
 def table(results: dict[tuple[str, int], list[dict[str, float]]]) -> str:
-    lines = ["| model | workers | cond. accuracy | FID | KID | train s | Δ acc vs 1 worker (pts) | speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | workers | cond. accuracy | FID | KID | train s | Δ acc vs 1 worker (pts) | "
+             "Δ acc per seed (pts) | speed-up |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for (model, workers), rows in sorted(results.items()):
         base = results.get((model, 1))
         acc = [r["acc"] for r in rows]
         secs = [r["seconds"] for r in rows]
-        delta = speed = "–"
+        delta = paired = speed = "–"
         if base and workers != 1:
             delta = f"{100 * (statistics.fmean(acc) - statistics.fmean(r['acc'] for r in base)):+.1f}"
+            per_seed = paired_delta(rows, base)
+            paired = " / ".join(f"{d:+.1f}" for d in per_seed) or "–"
             speed = f"{statistics.fmean(r['seconds'] for r in base) / statistics.fmean(secs):.2f}x"
         lines.append(f"| {model} | {workers} | {_stat(acc, '.3f')} | {_stat([r['fid'] for r in rows], '.1f')} | "
-                     f"{_stat([r['kid'] for r in rows], '.4f')} | {_stat(secs, '.0f')} | {delta} | {speed} |")
+                     f"{_stat([r['kid'] for r in rows], '.4f')} | {_stat(secs, '.0f')} | {delta} | {paired} | {speed} |")
     return "\n".join(lines)
 
 
@@ -122,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
             with open(path) as f:
                 for line in f:
                     r = json.loads(line)
-                    saved.setdefault((r["model"], r["workers"]), []).append(r)
+                    rows = saved.setdefault((r["model"], r["workers"]), [])
+                    rows[:] = [x for x in rows if x.get("seed") != r.get("seed")] + [r]  # a re-run replaces its seed
         print(table(saved))
         return
     if args.quick:
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             for model in args.models:
                 for seed in args.seeds:
                     row = run_row(model, workers, seed, shards, args.epochs_scale, args.per_class)
-                    results.setdefault((model, workers), []).append(row)
+                    results.setdefault((model, workers), []).append({"seed": seed, **row})
                     if args.json:
                         import json
 
