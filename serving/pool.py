@@ -28,7 +28,8 @@ from condgen.serving.config import ModelSpec
 from condgen.serving.errors import ApiError
 from condgen.tasks.generation.batching import describe, model_kind
 from condgen.tasks.io.model_store import apply_adapter, load_model_uri, parse_model_uri
-from condgen.tasks.io.shards import iter_samples, read_manifest, shard_uris
+from condgen.tasks.io.shards import iter_samples, shard_uris
+from condgen.tasks.io.tracking import run_shard_set
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,10 @@ def training_set(run_id: str, text: bool, k: int = EXAMPLE_PROMPTS) -> dict[str,
     if not run_id:
         return out
     try:
-        shards = MlflowClient().get_run(run_id).data.tags.get("condgen.shards")
-        if not shards:
+        found = run_shard_set(run_id)
+        if found is None:
             return out
-        manifest = read_manifest(shards)
+        shards, manifest = found
         names = manifest.get("class_names")
         out["class_names"] = [str(n) for n in names] if names else None
         out["digits"] = bool(manifest.get("digits", int(manifest.get("schema_version", 1)) == 1))

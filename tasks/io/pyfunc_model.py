@@ -52,7 +52,7 @@ from condgen.models.diffusion.ddpm import ConditionalDiffusion
 from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io.labels import label_from_text
 from condgen.tasks.io.model_store import load_trained
-from condgen.tasks.io.shards import read_manifest
+from condgen.tasks.io.tracking import run_shard_set
 
 ENTRY = "condgen_pyfunc.py"
 MAX_N = 256
@@ -233,9 +233,9 @@ def training_class_names(client: mlflow.tracking.MlflowClient, run_id: str) -> l
     """The class names of the shard set the run trained on (its ``condgen.shards`` tag), or None: a digit
     set, a run without the tag, or a manifest that cannot be read (then captions name digits)."""
     try:
-        shards = client.get_run(run_id).data.tags.get("condgen.shards")
-        names = read_manifest(shards).get("class_names") if shards else None
+        found = run_shard_set(run_id, client)
     except Exception:  # noqa: BLE001 - the names are a convenience; a missing manifest keeps the digit rule
         return None
+    names = found[1].get("class_names") if found else None
     return [str(n) for n in names] if names else None
 

@@ -257,3 +257,13 @@ def log_shard_input(run_id: str, shards_uri: str, manifest: dict[str, Any], cont
 
 def log_params(params: dict[str, Any]) -> None:
     mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+
+def run_shard_set(run_id: str, client: MlflowClient | None = None) -> tuple[str, dict[str, Any]] | None:
+    """The shard set a training run read (its ``condgen.shards`` tag) and that set's manifest; None when the
+    run has no such tag. What reading the run or the manifest raises is the caller's to handle: the service
+    (``serving/pool.py``) and the pyfunc (``tasks/io/pyfunc_model.py``) treat it as "no hints"."""
+    from condgen.tasks.io.shards import read_manifest
+
+    shards = (client or MlflowClient()).get_run(run_id).data.tags.get("condgen.shards")
+    return (shards, read_manifest(shards)) if shards else None
