@@ -105,10 +105,15 @@ def table(results: dict[tuple[str, int], list[dict[str, float]]]) -> str:
         secs = [r["seconds"] for r in rows]
         delta = paired = speed = "–"
         if base and workers != 1:
-            delta = f"{100 * (statistics.fmean(acc) - statistics.fmean(r['acc'] for r in base)):+.1f}"
-            per_seed = paired_delta(rows, base)
-            paired = " / ".join(f"{d:+.1f}" for d in per_seed) or "–"
-            speed = f"{statistics.fmean(r['seconds'] for r in base) / statistics.fmean(secs):.2f}x"
+            # against the same seeds' 1-worker rows when the row has fewer seeds (a mean over other seeds would
+            # measure the seeds, not the worker count)
+            seeds = {r.get("seed") for r in rows}
+            same = [r for r in base if r.get("seed") in seeds] or base
+            delta = f"{100 * (statistics.fmean(acc) - statistics.fmean(r['acc'] for r in same)):+.1f}"
+            base_seeds = {b["seed"] for b in base if "seed" in b}  # the seeds paired_delta pairs, in row order
+            paired_seeds = [r["seed"] for r in rows if r.get("seed") in base_seeds]
+            paired = " / ".join(f"{d:+.1f} (seed {s})" for d, s in zip(paired_delta(rows, base), paired_seeds)) or "–"
+            speed = f"{statistics.fmean(r['seconds'] for r in same) / statistics.fmean(secs):.2f}x"
         lines.append(f"| {model} | {workers} | {_stat(acc, '.3f')} | {_stat([r['fid'] for r in rows], '.1f')} | "
                      f"{_stat([r['kid'] for r in rows], '.4f')} | {_stat(secs, '.0f')} | {delta} | {paired} | {speed} |")
     return "\n".join(lines)

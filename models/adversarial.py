@@ -71,8 +71,7 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def diff_augment(x: torch.Tensor, policy: str = "translation,cutout",
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def diff_augment(x: torch.Tensor, policy: str = "translation,cutout", generator=None) -> torch.Tensor:
     """Differentiable augmentation of a discriminator's input (Zhao et al. 2020, DiffAugment).
 
     With a few thousand training images the discriminator memorises the real set and
@@ -82,7 +81,8 @@ def diff_augment(x: torch.Tensor, policy: str = "translation,cutout",
     (comma-separated): ``translation`` shifts by up to 1/8 of the side with zero fill,
     ``cutout`` zeroes a random square of half the side, ``brightness`` adds U(-0.5, 0.5),
     ``contrast`` scales the deviation from the mean by U(0.5, 1.5). Empty policy: x as is.
-    x: (B, C, H, W) in [-1, 1]; the fill value is -1 (background), not 0.
+    x: (B, C, H, W) in [-1, 1]; the fill value is -1 (background), not 0. ``generator``: a torch generator, None
+    (the global one), or a callable ``source(shape)`` of U[0, 1) draws (training: the step's ``BatchDraws``).
     """
     for op in filter(None, (p.strip() for p in policy.split(","))):
         if op not in _AUGMENTS:
@@ -91,7 +91,11 @@ def diff_augment(x: torch.Tensor, policy: str = "translation,cutout",
     return x
 
 
-def _rand(shape: tuple[int, ...], x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _rand(shape: tuple[int, ...], x: torch.Tensor, generator) -> torch.Tensor:
+    """U[0, 1) of ``shape`` (per sample first): from a torch generator (on the CPU), the global one (None), or a
+    callable ``source(shape)`` (a training step's ``BatchDraws``)."""
+    if callable(generator):
+        return generator(shape).to(x.device)
     return torch.rand(shape, generator=generator, device="cpu" if generator is not None else x.device).to(x.device)
 
 

@@ -170,3 +170,43 @@ def ema_update(ema: nn.Module, net: nn.Module, updates: torch.Tensor, decay: flo
     for p_ema, p in zip(ema.parameters(), net.parameters()):
         p_ema.lerp_(p.detach(), 1 - d)
     updates += 1
+
+
+class BatchDraws:
+    """A training step's per-sample random draws, made for the whole global batch and sliced to this worker's rows.
+
+    Scaling out must not change the model. When each of W workers draws its own timesteps and noise for its share,
+    a W-worker run of a seed sees other draws than the 1-worker run, and micro-batches (gradient accumulation) see
+    other draws again: the same recipe, a different model. A model that routes its training randomness through
+    ``take`` gets the same draws for every split: the training loop calls ``begin(offset, total)`` before each
+    optimiser step (this worker's first row in the global batch, the global batch's size; every worker's
+    generator in the same state) and ``at(offset)`` before each micro-batch; ``take(key, n, make)`` calls
+    ``make(total)`` once per key and step and returns rows ``[offset, offset + n)``. Outside a step (``total`` None)
+    it returns ``make(n)``: the draws of a model without it. One worker and no accumulation draw exactly what they
+    drew before, so existing seeds give the models they gave.
+    """
+
+    def __init__(self) -> None:
+        self.end()
+
+    def begin(self, offset: int, total: int) -> None:
+        self.offset, self.total, self._made, self._seq = offset, total, {}, 0
+
+    def at(self, offset: int) -> None:
+        self.offset, self._seq = offset, 0
+
+    def end(self) -> None:
+        self.offset, self.total, self._made, self._seq = 0, None, {}, 0
+
+    def take(self, key: str | None, n: int, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """Rows ``[offset, offset + n)`` of ``make(total)``; ``key`` None: the call's order in the micro-batch
+        (every rank and micro-batch makes the same calls in the same order)."""
+        if key is None:
+            key, self._seq = f"#{self._seq}", self._seq + 1
+        if self.total is None:
+            return make(n)
+        if self.offset + n > self.total:
+            raise ValueError(f"rows [{self.offset}, {self.offset + n}) are outside a global batch of {self.total}")
+        if key not in self._made:
+            self._made[key] = make(self.total)
+        return self._made[key][self.offset:self.offset + n]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condgen.models.base import OptStep, condition_from_batch
+from condgen.models.base import BatchDraws, OptStep, condition_from_batch
 from condgen.models.conditioning import BLOCKS
 from condgen.models.conditioning.conv_stack import CondConvStack
 from condgen.models.conditioning.embedding import ConditionEmbedding
@@ -56,6 +56,7 @@ class CVAE(nn.Module):
     def __init__(self, config: CVAEConfig):
         super().__init__()
         self.config = cfg = config
+        self.draws = BatchDraws()
         if cfg.prior not in ("standard", "learned"):
             raise ValueError(f"prior must be 'standard' or 'learned', got {cfg.prior!r}")
         if cfg.block not in BLOCKS:
@@ -132,7 +133,9 @@ class CVAE(nn.Module):
     def loss(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Negative ELBO per image (nats): BCE reconstruction + beta * KL(q(z|x,c) || p(z|c))."""
         mu, logvar = self.encode(x, c)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation trick
+        # reparameterisation trick; eps drawn for the global batch (BatchDraws): the same for any worker count
+        eps = self.draws.take("eps", mu.shape[0], lambda n: torch.randn_like(mu.new_empty((n, *mu.shape[1:]))))
+        z = mu + eps * (0.5 * logvar).exp()
         logits = self.decode_logits(z, c)
         target = (x + 1) / 2
         rec = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(-1)

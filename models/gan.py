@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condgen.models.adversarial import diff_augment, frozen, hinge_d_loss, hinge_g_loss, sn
-from condgen.models.base import OptStep, condition_from_batch, ema_update
+from condgen.models.base import BatchDraws, OptStep, condition_from_batch, ema_update
 from condgen.models.conditioning import make_block
 from condgen.models.conditioning.conv_stack import CondConvStack
 from condgen.models.conditioning.embedding import ConditionEmbedding
@@ -176,6 +176,7 @@ class _ConditionalGAN(nn.Module):
         # set on the instance, not as a class attribute: nn.Module keeps submodules in
         # _modules, and a class-level None would shadow the registered copy
         self.G_ema: Generator | None = None
+        self.draws = BatchDraws()  # z and DiffAugment draws of a training step: the global batch's (models.base)
         if self.config.ema_decay > 0:
             self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
             self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
@@ -227,10 +228,16 @@ class _ConditionalGAN(nn.Module):
         return cfg.d_lr if name == "disc" and cfg.d_lr is not None else cfg.lr
 
     def _aug(self, x: torch.Tensor) -> torch.Tensor:
-        return diff_augment(x, self.config.augment) if self.config.augment else x
+        if not self.config.augment:
+            return x
+        dev = x.device  # each op's per-sample draws through BatchDraws: the same for any worker count
+
+        def source(shape: tuple[int, ...]) -> torch.Tensor:
+            return self.draws.take(None, shape[0], lambda n: torch.rand((n, *shape[1:]), device=dev))
+        return diff_augment(x, self.config.augment, source)
 
     def _fake(self, c: torch.Tensor) -> torch.Tensor:
-        z = torch.randn(c.shape[0], self.config.latent_dim, device=c.device)
+        z = self.draws.take(None, c.shape[0], lambda n: torch.randn(n, self.config.latent_dim, device=c.device))
         return self.G(z, c)  # fakes share the real batch's conditions, so classes stay balanced
 
 

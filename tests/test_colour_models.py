@@ -29,7 +29,8 @@ from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.training import driver
 from condgen.tasks.training.data_config import fit_to_data
 from condgen.tasks.training.driver import TrainRequest
-from condgen.tasks.training.worker import grid_conditions, labelled_rows
+from condgen.tasks.training.grids import grid_conditions
+from condgen.tasks.training.worker import labelled_rows
 from tests.tiny import FROZEN, LOSS_KEY, TEXT_DIM, TINY, digits, opt_step_for, outputs, perturb
 
 NAMES = sorted(MODELS)

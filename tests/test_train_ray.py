@@ -9,6 +9,7 @@ from PIL import Image
 from condgen.tasks.data.ingest import ingest
 from condgen.tasks.data.splits import dataset_info
 from condgen.tasks.io.model_store import load_trained
+from condgen.tasks.io.tracking import logged_image_steps
 from condgen.tasks.judging.evaluate import evaluate_run
 from condgen.tasks.training.driver import TrainRequest, train
 
@@ -42,6 +43,8 @@ def test_torchtrainer_loss_falls(tiny_shards, local_ray, workers):
     assert res.metrics["step"] == 3 * plan["steps_per_epoch"]
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(res.run_id, "model")]
     assert sorted(arts) == ["model/config.json", "model/model.safetensors"]
+    # every epoch's sample grid, made by all workers together (tasks/training/grids.py) and logged once by rank 0
+    assert logged_image_steps(mlflow.MlflowClient(), res.run_id) == {("samples", e) for e in range(3)}
 
 
 def test_killed_worker_resumes_from_checkpoint(tiny_shards, local_ray, capsys):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condgen.models.base import OptStep, condition_from_batch, ema_update
+from condgen.models.base import BatchDraws, OptStep, condition_from_batch, ema_update
 from condgen.models.diffusion.clipping import clip_x0
 from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
 from condgen.models.diffusion.guidance import cfg
@@ -85,6 +85,7 @@ class ConditionalDiffusion(nn.Module):
         self.register_buffer("alpha_bars", self.schedule.alpha_bars.float(), persistent=False)
         self.net = UNet(config.in_channels, config.channels, config.condition, config.num_classes,
                         config.text_dim, config.context_tokens, config.attention, config.coords)
+        self.draws = BatchDraws()  # the training loop makes them the global batch's (scale-out, accumulation)
         self.ema: UNet | None = None
         if config.ema_decay > 0:
             self.ema = copy.deepcopy(self.net).requires_grad_(False)
@@ -188,13 +189,13 @@ class ConditionalDiffusion(nn.Module):
         ``eps_model(x_t, t, e)`` replaces the U-Net for models that wrap it (ControlNet adds its
         residuals, super-resolution concatenates the upsampled low-resolution image); the
         noising, the condition dropout and the random draws stay the same."""
-        b = x0.shape[0]
-        t = torch.randint(0, self.config.timesteps, (b,), device=x0.device)  # t ~ Uniform({0..T-1})
-        eps = torch.randn_like(x0)
+        b, dev, draw = x0.shape[0], x0.device, self.draws.take  # draws: the same for any worker count (BatchDraws)
+        t = draw("t", b, lambda n: torch.randint(0, self.config.timesteps, (n,), device=dev))  # t ~ U({0..T-1})
+        eps = draw("eps", b, lambda n: torch.randn((n, *x0.shape[1:]), dtype=x0.dtype, device=dev))
         a_bar = self.alpha_bars[t].view(b, 1, 1, 1)
         x_t = a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * eps
         p = self.config.p_uncond if p_uncond is None else p_uncond
-        drop = torch.rand(b, device=x0.device) < p
+        drop = draw("drop", b, lambda n: torch.rand(n, device=dev)) < p
         e = self.net.cond(c, drop=drop)  # (B, E)
         out, target = (eps_model or self.net)(x_t, t, e), self.target(x0, eps, a_bar)
         if self.config.loss_weighting == "none":

@@ -3,7 +3,9 @@
 A plain function of a config dict (DESIGN.md "Training loop"), one process per worker, touching Ray only
 through ``get_checkpoint``, ``get_device`` and ``report``. Gradients are averaged with one flat all-reduce
 per optimiser step, not DDP (GANs step two optimisers per batch outside ``forward``). ``batch_size`` is the
-global batch, split over ranks (``batching.py``; data: ``loader.py``, in memory or streamed).
+global batch, split over ranks (``batching.py``; data: ``loader.py``, in memory or streamed). A model with a
+``models.base.BatchDraws`` draws each step's per-sample noise for the global batch from one stream every rank
+shares (``share_rng``) and takes its rows (``train_batch(share=...)``): any worker count trains the same model.
 
 * **Checkpoints** at each epoch's end and every ``checkpoint_every_steps`` optimiser steps: weights, config,
   optimiser state, ``rng.safetensors`` (every rank's torch CPU/CUDA, numpy and Python RNG states) and
@@ -38,13 +40,14 @@ import torch.distributed as dist
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 
+from condgen.models.base import BatchDraws
 from condgen.models.registry import build_model
 from condgen.tasks.io import checkpoint as ckpt_io
-from condgen.tasks.io.images import from_uint8, grid, to_uint8
 from condgen.tasks.io.model_store import attach_frozen_parts, save_adapter
 from condgen.tasks.io.tracking import MetricLogger
 from condgen.tasks.training import batching
 from condgen.tasks.training.adapters import prepare
+from condgen.tasks.training.grids import grid_conditions, sample_grid, share_conditions
 from condgen.tasks.training.loader import labelled, memory_batches, open_train_data
 
 OPTIMIZER_WEIGHTS = "optimizer.safetensors"
@@ -92,6 +95,17 @@ def allreduce_grads(params: list[torch.nn.Parameter], weight: float | None = Non
 def rank_seed(seed: int, rank: int) -> int:
     """Rank ``rank`` > 0's torch seed after the model is built (rank 0 keeps ``seed``): its own noise stream."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def share_rng(device: torch.device) -> None:
+    """Rank 0's torch RNG states (CPU, and the GPU's under CUDA) on every rank: one stream for global-batch draws."""
+    if _world()[1] == 1:
+        return
+    states = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    dist.broadcast_object_list(states, src=0)
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def broadcast_model(model: torch.nn.Module) -> None:
@@ -181,18 +195,25 @@ def check_options(model: torch.nn.Module, precision: str, accumulation: int) -> 
 
 
 def train_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt_step, accumulation: int = 1,
-                precision: str = "fp32", device_type: str = "cpu") -> dict[str, float]:
+                precision: str = "fp32", device_type: str = "cpu", share: tuple[int, int] | None = None) -> dict[str, float]:
     """One optimiser step on this rank's share of a global batch, in ``accumulation`` micro-batches: the
     mean loss of micro-batch i (n_i of n samples) is scaled by n_i / n, so the summed gradient is one
-    batch's (up to rounding; noise is drawn per micro-batch, BatchNorm sees smaller batches, running
-    statistics kept per ``train_step`` call see m updates). Logs: the micro-batches' weighted mean."""
+    batch's (up to rounding; BatchNorm sees smaller batches, running statistics kept per ``train_step`` call
+    see m updates). Noise: with ``share`` (this rank's first row in the global batch, the global batch's size)
+    a model with ``BatchDraws`` draws the global batch's noise once and each micro-batch takes its rows, so
+    the step is the same for any split; other models draw per micro-batch. Logs: the micro-batches' weighted mean."""
     n = len(next(iter(batch.values())))
     if n < accumulation:
         raise ValueError(f"a share of {n} samples cannot make {accumulation} micro-batches: lower grad_accumulation")
     logs, start = {}, 0
+    draws = getattr(model, "draws", None) if share else None
+    if draws is not None:
+        draws.begin(*share)
     try:
         for i, size in enumerate(batching.split(n, accumulation)):
             micro = batch if accumulation == 1 else {k: v[start:start + size] for k, v in batch.items()}
+            if draws is not None:
+                draws.at(share[0] + start)
             start, last = start + size, i == accumulation - 1
             opt_step.micro.update(first=i == 0, last=last, scale=size / n)
             if not last and hasattr(model, "update_ema"):  # no step yet: the EMA moves once per optimiser step
@@ -205,6 +226,8 @@ def train_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], opt_step
     finally:
         opt_step.micro.update(first=True, last=True, scale=1.0)
         model.__dict__.pop("update_ema", None)
+        if draws is not None:
+            draws.end()
     return logs
 
 
@@ -251,37 +274,6 @@ def progress_line(epoch: int, epochs: int, step: int, total_steps: int, logs: di
     eta = "?" if s < 0 else f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
     return (f"condgen train: epoch {epoch + 1}/{epochs} step {step}/{total_steps} {losses} | "
             f"{samples_per_s:.1f} samples/s | ETA {eta}")
-
-
-# -- sample grids ----------------------------------------------------------------------
-def grid_conditions(model: torch.nn.Module, arrays: dict[str, np.ndarray], per_class: int = 8) -> torch.Tensor:
-    """Conditions for a class-by-class sample grid: labels, one caption embedding per class, or (image-conditioned
-    models) condition images made from real images of each class (greyscale or colour)."""
-    classes = np.arange(getattr(model.config, "num_classes", 10))
-    kind = getattr(model.config, "condition", "label")
-    if kind != "label":  # made from examples: only classes the data has (a small set may miss one)
-        classes = classes[np.isin(classes, arrays["y"])]
-    if kind == "image":
-        idx = np.concatenate([np.flatnonzero(arrays["y"] == c)[:per_class] for c in classes])
-        return model.condition_image(from_uint8(arrays["x"][idx]))
-    if kind == "text":
-        rows = [arrays["txt"][np.flatnonzero(arrays["y"] == c)[0], 0] for c in classes]
-        return torch.from_numpy(np.repeat(np.stack(rows), per_class, 0)).float()
-    return torch.from_numpy(np.repeat(classes, per_class)).long()
-
-
-def sample_grid(model: torch.nn.Module, cond: torch.Tensor, seed: int = 0, per_row: int = 8) -> np.ndarray | None:
-    """A class-by-class grid of samples; None for models that do not generate (classifiers). The global
-    RNGs are left as they were, so a grid never changes the training that follows it."""
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            x = model.sample(cond, generator=torch.Generator().manual_seed(seed))
-    except NotImplementedError:
-        return None
-    finally:
-        model.train()
-    return grid(to_uint8(x), nrow=per_row)
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -348,7 +340,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
     model = _build(config).to(device)
     broadcast_model(model)
-    if rank > 0:  # rank 0 keeps the seed's stream (one worker trains as before); the others draw their own noise
+    # A model whose draws are the global batch's (models.base.BatchDraws) keeps one stream on every rank; for the
+    # others, rank 0 keeps the seed's stream (one worker trains as before) and the other ranks draw their own noise.
+    shared = isinstance(getattr(model, "draws", None), BatchDraws)
+    if rank > 0 and not shared:
         torch.manual_seed(rank_seed(config["seed"], rank))
     optimizers, base_lrs = make_optimizers(model), group_lrs(model)
     precision, accumulation = config.get("precision", "fp32"), int(config.get("grad_accumulation") or 1)
@@ -372,9 +367,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.log_dict({**bp.summary(), "lr_factor": factor, "lr_warmup_steps": warmup, "precision": precision,
                          "checkpoint_every_steps": every, "data": data.summary()}, "batch_plan.json")
         print(f"condgen train: {bp.describe()} ({data.mode} data)", flush=True)
-    cond = grid_conditions(model, data.grid_examples(8)) if rank == 0 else None
+    grid_every = int(config.get("grid_every", 1) or 0) if config.get("run_id") else 0  # the same on every rank
+    cond = share_conditions(grid_conditions(model, data.grid_examples(8)) if rank == 0 else None) if grid_every else None
     if state["rng"] and state["world_size"] == world:  # last: after everything above that draws
         restore_rng(state["rng"], rank, device)
+    if shared:
+        share_rng(device)
     epochs, total, t_run, step_run = config["epochs"], config["epochs"] * bp.steps_per_epoch, time.perf_counter(), step
     show_every = int(config.get("progress_every_steps") or max(50, bp.steps_per_epoch // 10))
 
@@ -392,7 +390,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if factor != 1.0 or warmup:
                 set_lr(optimizers, base_lrs, batching.lr_multiplier(step, factor, warmup))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            for k, v in train_batch(model, batch, opt_step, accumulation, precision, device.type).items():
+            share = (bp.rank_slice(rank).start, bp.step_size) if shared else None
+            for k, v in train_batch(model, batch, opt_step, accumulation, precision, device.type, share).items():
                 sums[k] = sums.get(k, 0.0) + v
             count, step = count + 1, step + 1
             _inject_fault(config, epoch, count, step, resumed)
@@ -412,8 +411,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             show(epoch, metrics, metrics["samples_per_s"])
             if logger:
                 logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-                grid_every = config.get("grid_every", 1)
-                if grid_every and (epoch + 1) % grid_every == 0 and (image := sample_grid(model, cond)) is not None:
-                    logger.log_image_series(image, key="samples", step=epoch)  # MLflow's slider by epoch
+        # every rank samples a share of the grid (grids.py); rank 0 logs it: MLflow's slider by epoch
+        if grid_every and (epoch + 1) % grid_every == 0 and (image := sample_grid(model, cond)) is not None and logger:
+            logger.log_image_series(image, key="samples", step=epoch)
         _checkpoint(metrics, {"epoch": epoch, "batches": count, "step": step, "complete": True, "sums": {}},
                     model, optimizers, config, device)
