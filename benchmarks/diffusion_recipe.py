@@ -23,6 +23,7 @@ chain (the reference the few-step samplers are held to) and a CFG sweep.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -33,6 +34,7 @@ import torch
 
 from benchmarks.diffusion_common import Scorer, balanced_labels, machine, parser, setup, table, write_json
 from benchmarks.diffusion_gap import kid, save_grid
+from condgen.models.base import ema_update
 from condgen.models.diffusion import SAMPLERS, ConditionalDiffusion, DiffusionConfig, cfg, clip_x0
 from condgen.tasks.data.splits import load_split
 from condgen.tasks.io.checkpoint import save_checkpoint
@@ -56,20 +58,24 @@ SAMPLER_RUNS = [("DDIM 25", "ddim", 25), ("DPM++(2M) 20", "dpmpp_2m", 20), ("anc
 
 def train_steps(config: DiffusionConfig, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch: int, seed: int,
                 warmup: int = 100, pick: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                lr_decay: str = "none", precision: str = "fp32") -> tuple[ConditionalDiffusion, list[float], float]:
+                lr_decay: str = "none", precision: str = "fp32", averages: dict[float, torch.nn.Module] | None = None
+                ) -> tuple[ConditionalDiffusion, list[float], float]:
     """``steps`` Adam steps on ``model.loss`` (linear LR warm-up over ``warmup`` steps, then constant, or with
     ``lr_decay="cosine"`` a half cosine to 0 at the last step, Loshchilov & Hutter 2017), EMA
     updated after each; the batches come from a generator seeded by ``seed`` alone. ``pick(y, idx, generator)``
     gives a batch's conditions (default ``y[idx]``; text: one phrasing per image, ``benchmarks/shapes_text.py``).
     ``precision="bf16"`` runs the forward pass and the loss under CPU bfloat16 autocast (weights, gradients,
     Adam and EMA stay fp32), as ``condgen train --precision bf16`` does: 1.75x the steps per second on this
-    machine's AVX-512 BF16 cores (one thread, batch 128, the benchmark U-Net)."""
+    machine's AVX-512 BF16 cores (one thread, batch 128, the benchmark U-Net). ``averages``: a dict keyed by EMA decay;
+    each value becomes one more average of the same weights, updated as the model's own EMA is (same warm-up), so
+    one run scores several averaging horizons."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
     torch.manual_seed(seed)
     model = ConditionalDiffusion(config).train()
     opt = torch.optim.Adam(model.net.parameters(), lr=config.lr)
     order = torch.Generator().manual_seed(seed)
+    extra = {d: (copy.deepcopy(model.net).requires_grad_(False), torch.zeros((), dtype=torch.long)) for d in averages or {}}
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         for group in opt.param_groups:
@@ -81,10 +87,14 @@ def train_steps(config: DiffusionConfig, x: torch.Tensor, y: torch.Tensor, *, st
         loss.backward()
         opt.step()
         model.update_ema()
+        for d, (avg, n) in extra.items():
+            ema_update(avg, model.net, n, d)
         losses.append(loss.item())
         if (step + 1) % 250 == 0:
             print(f"  step {step + 1}/{steps}, {time.perf_counter() - t0:.0f}s, loss {np.mean(losses[-250:]):.4f}",
                   flush=True)
+    if averages is not None:
+        averages.update({d: avg for d, (avg, _) in extra.items()})
     return model.eval(), losses, time.perf_counter() - t0
 
 
@@ -133,6 +143,8 @@ def main() -> None:
     p.add_argument("--lr-decay", default="none", choices=["none", "cosine"], help="after the warm-up")
     p.add_argument("--channels", default="16,32,32")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="training autocast (sampling is fp32)")
+    p.add_argument("--ema-decays", default="", help="comma-separated extra EMA decays, each scored with DDIM 25 and "
+                   "ancestral 25 after the variant's own (e.g. 0.9995,0.9998)")
     p.add_argument("--only", default="", help="comma-separated variants (default: all): " + ",".join(VARIANTS))
     p.add_argument("--n-per-class", type=int, default=30, help="samples per class for each score")
     p.add_argument("--full", action="store_true", help="also the 1000-step ancestral chain and a CFG sweep")
@@ -154,8 +166,9 @@ def main() -> None:
     for name in names:
         config = DiffusionConfig(**base, **VARIANTS[name])
         print(f"[{name}] {VARIANTS[name] or 'eps, linear, uniform weights, no attention, no EMA'}", flush=True)
+        averages: dict[float, torch.nn.Module] = {float(d): None for d in args.ema_decays.split(",") if d}
         model, losses, train_s = train_steps(config, x, y, steps=args.steps, batch=args.batch, seed=args.seed,
-                                             lr_decay=args.lr_decay, precision=args.precision)
+                                             lr_decay=args.lr_decay, precision=args.precision, averages=averages)
         # a checkpoint folder the pipeline reads (``--checkpoint file://...`` of diffusion_guidance/steps/inversion)
         save_checkpoint(os.path.join(args.out, name), model, {"train_seconds": train_s, "adam_steps": args.steps,
                                                                "batch": args.batch, "lr_decay": args.lr_decay,
@@ -167,6 +180,19 @@ def main() -> None:
             figures.append({"variant": name, "sampler": sampler, "steps": steps, "guidance": 0.0, **sc,
                             "train_seconds": train_s, "final_loss": float(np.mean(losses[-100:]))})
             print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows[-1:]), flush=True)
+        own = model.ema
+        for d, avg in averages.items():  # the same run sampled with a longer (or shorter) average of its weights
+            model.ema = avg
+            save_checkpoint(os.path.join(args.out, f"{name}-ema{d:g}"), model,
+                            {"train_seconds": train_s, "adam_steps": args.steps, "ema_decay": d})
+            for label, sampler, steps in [r for r in SAMPLER_RUNS if r[1] != "dpmpp_2m"]:
+                sc, s = score(scorer, model, labels, sampler, steps, seed=args.seed)
+                save_grid(s, args.n_per_class, os.path.join(args.out, f"{name}-ema{d:g}-{sampler}{steps}.png"))
+                rows.append([f"{name}, EMA {d:g}", label, sc["acc"], sc["fid"], sc["kid"], f"{train_s:.0f}s"])
+                figures.append({"variant": name, "ema_decay": d, "sampler": sampler, "steps": steps,
+                                "guidance": 0.0, **sc, "train_seconds": train_s})
+                print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows[-1:]), flush=True)
+        model.ema = own
         if args.full and name == names[-1]:
             full_labels = torch.from_numpy(balanced_labels(args.full_per_class)).long()
             for label, sampler, steps in [("ancestral 1000", "ddpm", 1000), ("DDIM 25", "ddim", 25),

@@ -64,11 +64,13 @@ def _local(workers: int) -> None:
     ray.init(num_cpus=max(2, workers), include_dashboard=False, log_to_driver=False)
 
 
-def run_row(model: str, workers: int, seed: int, shards: str, epochs_scale: float, per_class: int) -> dict[str, float]:
+def run_row(model: str, workers: int, seed: int, shards: str, epochs_scale: float, per_class: int,
+            overrides: dict[str, Any] | None = None) -> dict[str, float]:
     from condgen.tasks.judging.evaluate import evaluate_run
     from condgen.tasks.training.driver import TrainRequest, train
 
     cfg, epochs, batch = MODELS[model]
+    cfg = {**cfg, **(overrides or {})}
     epochs = max(1, round(epochs * epochs_scale))
     t0 = time.perf_counter()
     res = train(TrainRequest(model=model, shards_uri=shards, model_config=dict(cfg), epochs=epochs, batch_size=batch,
@@ -119,6 +121,28 @@ def table(results: dict[tuple[str, int], list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["augment=\"translation\"", "d_lr=0.0002"]`` -> {"augment": "translation", "d_lr": 0.0002}: each value is
+    JSON, or the bare string when it is not."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def label(model: str, overrides: dict[str, Any] | None) -> str:
+    """The table's model cell: the name, and the --set fields when there are any (their rows are another recipe)."""
+    return model + "".join(f" {k}={v}" for k, v in sorted((overrides or {}).items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
@@ -129,7 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, 20 samples per class")
     p.add_argument("--json", help="append each row to this JSON-lines file as it is measured")
     p.add_argument("--table-from", nargs="*", help="print the table of rows saved by --json runs, train nothing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="a model config field over the default budget's (e.g. augment='\"translation\"'); "
+                        "repeatable, recorded in each --json row")
     args = p.parse_args(argv)
+    overrides = parse_sets(args.set)
     if args.table_from:
         import json
 
@@ -138,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             with open(path) as f:
                 for line in f:
                     r = json.loads(line)
-                    rows = saved.setdefault((r["model"], r["workers"]), [])
+                    rows = saved.setdefault((label(r["model"], r.get("set")), r["workers"]), [])
                     rows[:] = [x for x in rows if x.get("seed") != r.get("seed")] + [r]  # a re-run replaces its seed
         print(table(saved))
         return
@@ -158,14 +186,14 @@ def main(argv: list[str] | None = None) -> None:
         try:
             for model in args.models:
                 for seed in args.seeds:
-                    row = run_row(model, workers, seed, shards, args.epochs_scale, args.per_class)
-                    results.setdefault((model, workers), []).append({"seed": seed, **row})
+                    row = run_row(model, workers, seed, shards, args.epochs_scale, args.per_class, overrides)
+                    results.setdefault((label(model, overrides), workers), []).append({"seed": seed, **row})
                     if args.json:
                         import json
 
                         with open(args.json, "a") as f:
                             f.write(json.dumps({"model": model, "workers": workers, "seed": seed,
-                                                "load": os.getloadavg()[0], **row}) + "\n")
+                                                "load": os.getloadavg()[0], "set": overrides, **row}) + "\n")
                     print(f"[{model} x{workers} seed {seed}] {row}", flush=True)
         finally:
             import ray

@@ -23,3 +23,15 @@ def test_per_seed_change_pairs_the_same_seed_and_the_table_shows_it():
     assert cells[7] == "+2.7 (seed 1) / +1.9 (seed 0)" and cells[8] == f"{(415 + 398) / 2 / ((230 + 213) / 2):.2f}x"
     base = next(ln for ln in text.splitlines() if ln.startswith("| cgan | 1 |"))
     assert base.count("–") >= 3  # no change against itself
+
+
+def test_set_overrides_are_json_values_or_bare_strings():
+    import pytest
+
+    from benchmarks.scale_out import label, parse_sets
+
+    assert parse_sets(['augment="translation"', "d_lr=0.0002", "channels=[32,64]", "block=film"]) == {
+        "augment": "translation", "d_lr": 0.0002, "channels": [32, 64], "block": "film"}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_sets(["augment"])
+    assert label("cgan", {}) == "cgan" and label("cgan", {"augment": "translation"}) == "cgan augment=translation"
