@@ -21,7 +21,8 @@ Recipe (stable on 28x28 MNIST on CPU): DCGAN-style convolutions, spectral norm o
 every discriminator layer (Miyato et al. 2018), hinge loss, Adam(5e-4, (0.5, 0.999)),
 samples from an exponential moving average of G's weights (Yazici et al. 2019), and for
 AC-GAN a translation DiffAugment (Zhao et al. 2020) of everything D sees, so that G cannot
-satisfy the auxiliary classifier with features no real digit has.
+satisfy the auxiliary classifier with features no real digit has. A new cGAN run gets the same
+augmentation from ``models.registry.RECIPES`` (a few thousand images let D win early without it).
 The generator uses GroupNorm, not BatchNorm, so G(z, c) of one row never depends on
 the rest of the batch (batched == single; latent inversion and mapping stay pure).
 """

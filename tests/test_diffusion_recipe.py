@@ -105,6 +105,9 @@ def test_new_diffusion_runs_start_from_the_recipe_and_stored_configs_load_as_wri
     assert (c.prediction, c.schedule, c.loss_weighting, c.ema_decay) == ("v", "linear", "min_snr", 0.999)
     assert c.attention is False and c.channels == (4, 8)  # the spec's own fields win
     assert recipe_config("cvae", {"latent_dim": 2}) == {"latent_dim": 2} and "cvae" not in RECIPES
+    gan = build_model("cgan", recipe_config("cgan", {"channels": [8, 16]})).config
+    assert gan.augment == "translation" and build_model("cgan", {"channels": [8, 16]}).config.augment == ""
+    assert recipe_config("cgan", {"augment": ""})["augment"] == ""  # a spec can turn it off
     # a checkpoint's JSON written before the recipe (or before these fields existed) keeps its meaning
     old = config_to_dict(DiffusionConfig(channels=(4, 8)))
     for added in ("loss_weighting", "min_snr_gamma", "attention"):
@@ -142,3 +145,21 @@ def test_the_benchmark_loop_trains_under_bf16_autocast_with_fp32_weights():
     assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)  # autocast did run the convolutions in bf16
     with pytest.raises(ValueError, match="precision must be"):
         train_steps(config, x, y, steps=1, batch=4, seed=0, precision="fp16")
+
+
+def test_power_function_ema_of_the_recipe_benchmark():
+    """benchmarks/diffusion_recipe.py --ema-gammas: beta = (1 - 1/t)^(gamma + 1) (Karras et al. 2024). gamma = 0
+    is the plain mean of every iterate; a larger gamma weights the recent ones; sigma_rel matches the paper's
+    pairs (gamma 6.94 -> 0.10, 16.97 -> 0.05)."""
+    from benchmarks.diffusion_recipe import power_ema_update, sigma_rel
+
+    def run(gamma: float, steps: int = 50) -> float:
+        net, avg, n = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False), torch.zeros((), dtype=torch.long)
+        for k in range(1, steps + 1):
+            net.weight.data.fill_(float(k))
+            power_ema_update(avg, net, n, gamma)
+        return float(avg.weight)
+
+    assert run(0.0) == pytest.approx(25.5, rel=1e-6)
+    assert 25.5 < run(3.0) < run(16.0) < 50.0
+    assert sigma_rel(6.94) == pytest.approx(0.10, rel=0.01) and sigma_rel(16.97) == pytest.approx(0.05, rel=0.01)
