@@ -33,15 +33,10 @@ from condgen.tasks.io import checkpoint as ckpt_io
 from condgen.tasks.io.images import grid, to_uint8
 from condgen.tasks.io.tracking import MetricLogger
 from condgen.tasks.pretrained import base, cache, lora
+from condgen.tasks.training.batching import rank_and_world as _world
 from condgen.tasks.training.worker import allreduce_grads
 
 LIVE, EMA, OPT, STATE = "live.safetensors", "ema.safetensors", "optimizer.safetensors", "trainer_state.json"
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:

@@ -45,6 +45,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of workers: (0, 1) outside a torch.distributed group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
 
 LR_SCALING = ("none", "linear", "sqrt")
 

@@ -19,10 +19,7 @@ import torch
 import torch.distributed as dist
 
 from condgen.tasks.io.images import from_uint8, grid, to_uint8
-
-
-def _world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+from condgen.tasks.training.batching import rank_and_world as _world
 
 
 def grid_conditions(model: torch.nn.Module, arrays: dict[str, np.ndarray], per_class: int = 8) -> torch.Tensor:

@@ -47,6 +47,7 @@ from condgen.tasks.io.model_store import attach_frozen_parts, save_adapter
 from condgen.tasks.io.tracking import MetricLogger
 from condgen.tasks.training import batching
 from condgen.tasks.training.adapters import prepare
+from condgen.tasks.training.batching import rank_and_world as _world
 from condgen.tasks.training.grids import grid_conditions, sample_grid, share_conditions
 from condgen.tasks.training.loader import labelled, memory_batches, open_train_data
 
@@ -65,10 +66,6 @@ def labelled_rows(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> dict
 
 
 # -- distributed helpers ---------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
 def _comm_device() -> torch.device:
     """Where a collective's tensors live: the GPU under NCCL, the CPU under gloo."""
     nccl = dist.is_initialized() and dist.get_backend() == "nccl"
