@@ -51,6 +51,9 @@ VARIANTS: dict[str, dict] = {
     "ema": {"ema_decay": 0.999},
     "recipe": RECIPE,
     "recipe_linear": {**RECIPE, "schedule": "linear"},  # the recipe with the linear schedule
+    # the deterministic-sampler gap at the full budget: Min-SNR's weight at high noise (where the class is decided)
+    "recipe_plain_v": {**RECIPE, "schedule": "linear", "loss_weighting": "none"},
+    "recipe_plus_one": {**RECIPE, "schedule": "linear", "loss_weighting": "min_snr_plus_one"},
 }
 SAMPLER_RUNS = [("DDIM 25", "ddim", 25), ("DPM++(2M) 20", "dpmpp_2m", 20), ("ancestral 25", "ddpm", 25)]
 

@@ -14,10 +14,12 @@ TINY = {"channels": (4, 8), "timesteps": 50, "schedule": "cosine"}
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_min_snr_weights_the_x0_error_by_min_snr_gamma(prediction):
-    """Hang et al. 2023: whatever the network predicts, the weighted loss is min(SNR, gamma) ||x0_hat - x0||^2."""
+@pytest.mark.parametrize("weighting,plus", [("min_snr", 0.0), ("min_snr_plus_one", 1.0)])
+def test_min_snr_weights_the_x0_error_by_min_snr_gamma(prediction, weighting, plus):
+    """Hang et al. 2023: whatever the network predicts, the weighted loss is min(SNR, gamma) ||x0_hat - x0||^2
+    (min(SNR, gamma) + 1 with "min_snr_plus_one": plain v-prediction's x0 weight SNR + 1, clipped)."""
     torch.manual_seed(0)
-    model = ConditionalDiffusion(DiffusionConfig(**TINY, prediction=prediction, loss_weighting="min_snr",
+    model = ConditionalDiffusion(DiffusionConfig(**TINY, prediction=prediction, loss_weighting=weighting,
                                                  min_snr_gamma=5.0))
     x0, eps = torch.rand(6, 1, 8, 8) * 2 - 1, torch.randn(6, 1, 8, 8)
     t = torch.tensor([0, 5, 15, 25, 40, 49])
@@ -29,9 +31,11 @@ def test_min_snr_weights_the_x0_error_by_min_snr_gamma(prediction):
     x0_err = ((x0_hat - x0) ** 2).flatten(1).mean(1)
     snr = (a / (1 - a)).flatten()
     weighted = model.loss_weights(a.flatten()) * target_err
-    assert torch.allclose(weighted, snr.clamp(max=5.0) * x0_err, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(weighted, (snr.clamp(max=5.0) + plus) * x0_err, rtol=1e-4, atol=1e-6)
     # the weights actually differ from 1 (high-SNR steps are down-weighted)
     assert model.loss_weights(a.flatten()).min() < 0.5
+    if prediction == "v":  # at the noisiest step plain v's weight (1) with "plus one", ~SNR (~0) without
+        assert model.loss_weights(a.flatten())[-1] == pytest.approx(1.0 if plus else 0.0, abs=0.02)
 
 
 def test_min_snr_loss_trains_and_none_is_the_plain_mse():

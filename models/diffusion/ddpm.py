@@ -33,6 +33,9 @@ from condgen.models.diffusion.schedule import as_timesteps, make_schedule
 from condgen.models.diffusion.unet import Downsample, ResBlock, UNet, group_norm, timestep_embedding
 
 
+LOSS_WEIGHTINGS = ("none", "min_snr", "min_snr_plus_one")
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     image_size: int = 28
@@ -53,6 +56,9 @@ class DiffusionConfig:
     # "none": the plain mean squared error; "min_snr": Min-SNR-gamma (Hang et al. 2023, Eq. 10): the x0 error at
     # timestep t weighted by min(SNR_t, gamma), i.e. min(SNR, gamma) / SNR on the eps error and
     # min(SNR, gamma) / (SNR + 1) on the v error, so the easy high-SNR steps stop dominating the gradient.
+    # "min_snr_plus_one": the x0 error weighted by min(SNR, gamma) + 1, i.e. the v error's own x0 weight SNR + 1
+    # clipped at gamma + 1: plain v-prediction's weight at high noise (1 on x0, where Min-SNR's SNR -> 0 leaves
+    # the steps that decide the class almost untrained), Min-SNR's clipping at low noise.
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
     attention: bool = False  # self-attention at the lowest resolution (``unet.SelfAttention``)
@@ -72,8 +78,8 @@ class ConditionalDiffusion(nn.Module):
         self.config = config
         if config.prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {config.prediction!r}")
-        if config.loss_weighting not in ("none", "min_snr"):
-            raise ValueError(f"loss_weighting must be 'none' or 'min_snr', got {config.loss_weighting!r}")
+        if config.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {config.loss_weighting!r}")
         if config.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {config.min_snr_gamma}")
         if config.condition not in ("label", "text"):
@@ -208,10 +214,13 @@ class ConditionalDiffusion(nn.Module):
     def loss_weights(self, a_bar: torch.Tensor) -> torch.Tensor:
         """Min-SNR-gamma weights (Hang et al. 2023) for the regression target, (B,) from alpha_bar (B,):
         min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v (SNR = a / (1 - a)); each equals
-        min(SNR, gamma) on the x0 error, since ||eps err||^2 = SNR ||x0 err||^2 and ||v err||^2 = (SNR + 1) ||x0 err||^2."""
+        min(SNR, gamma) on the x0 error, since ||eps err||^2 = SNR ||x0 err||^2 and ||v err||^2 = (SNR + 1) ||x0 err||^2.
+        With loss_weighting="min_snr_plus_one" the x0 weight is min(SNR, gamma) + 1 instead."""
         snr = a_bar / (1 - a_bar)
-        clipped = snr.clamp(max=self.config.min_snr_gamma)
-        return clipped / snr if self.config.prediction == "eps" else clipped / (snr + 1)
+        x0_weight = snr.clamp(max=self.config.min_snr_gamma)
+        if self.config.loss_weighting == "min_snr_plus_one":
+            x0_weight = x0_weight + 1
+        return x0_weight / snr if self.config.prediction == "eps" else x0_weight / (snr + 1)
 
     def optimizer_groups(self):
         return {"main": self.net.parameters()}  # the EMA copy is not optimised
