@@ -54,6 +54,8 @@ VARIANTS: dict[str, dict] = {
     # the deterministic-sampler gap at the full budget: Min-SNR's weight at high noise (where the class is decided)
     "recipe_plain_v": {**RECIPE, "schedule": "linear", "loss_weighting": "none"},
     "recipe_plus_one": {**RECIPE, "schedule": "linear", "loss_weighting": "min_snr_plus_one"},
+    "recipe_adagn": {**RECIPE, "schedule": "linear", "scale_shift": True},  # the condition scales the norms
+    "recipe_plus_one_adagn": {**RECIPE, "schedule": "linear", "loss_weighting": "min_snr_plus_one", "scale_shift": True},
 }
 SAMPLER_RUNS = [("DDIM 25", "ddim", 25), ("DPM++(2M) 20", "dpmpp_2m", 20), ("ancestral 25", "ddpm", 25)]
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from condgen.models.controlnet import ControlNet, ControlNetConfig, control_image
 from condgen.models.diffusion import ConditionalDiffusion, DiffusionConfig
-from condgen.models.diffusion.unet import SelfAttention
+from condgen.models.diffusion.unet import ResBlock, SelfAttention
 from tests.tiny import perturb
 
 TINY = {"channels": (4, 8), "timesteps": 50, "schedule": "cosine"}
@@ -73,6 +74,30 @@ def test_self_attention_starts_as_identity_and_is_permutation_equivariant():
     assert not torch.allclose(attn(h2)[:, :, 2, 2], out[:, :, 2, 2])
 
 
+def test_adagn_block_scales_and_shifts_the_norm_by_the_embedding_and_starts_as_the_identity():
+    """Dhariwal & Nichol 2021, §3: AdaGN(h, e) = (1 + y_s) GroupNorm(h) + y_b with (y_s, y_b) = Linear(SiLU(e))."""
+    torch.manual_seed(0)
+    block = ResBlock(8, 8, 16, scale_shift=True)
+    x, emb = torch.randn(2, 8, 5, 5), torch.randn(2, 16)
+    assert torch.equal(block(x, emb), x)  # zero-initialised second conv
+    perturb(block)
+    h = block.conv1(F.silu(block.norm1(x)))
+    scale, shift = block.emb(F.silu(emb)).chunk(2, dim=1)
+    ref = x + block.conv2(F.silu(block.norm2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]))
+    assert torch.allclose(block(x, emb), ref, atol=1e-6)
+    # unlike the additive block, the condition also changes how strongly each channel's features pass
+    additive = ResBlock(8, 8, 16)
+    assert additive.emb.out_features == 8 and block.emb.out_features == 16
+
+
+def test_scale_shift_is_off_by_default_so_older_checkpoints_keep_their_keys():
+    off = ConditionalDiffusion(DiffusionConfig(**TINY)).state_dict()
+    on = ConditionalDiffusion(DiffusionConfig(**TINY, scale_shift=True)).state_dict()
+    assert set(off) == set(on)
+    assert any(off[k].shape != on[k].shape for k in off if k.endswith("emb.weight"))
+    assert ConditionalDiffusion(DiffusionConfig(**TINY)).net.mid1.scale_shift is False
+
+
 def test_attention_is_off_by_default_so_older_checkpoints_keep_their_keys():
     off = ConditionalDiffusion(DiffusionConfig(**TINY)).state_dict()
     on = ConditionalDiffusion(DiffusionConfig(**TINY, attention=True)).state_dict()
@@ -80,11 +105,11 @@ def test_attention_is_off_by_default_so_older_checkpoints_keep_their_keys():
     assert {k for k in on if "self_attn" in k} and set(off) < set(on)
 
 
-@pytest.mark.parametrize("condition", ["label", "text"])
-def test_controlnet_on_a_v_prediction_base_with_attention_equals_the_base_at_init(condition):
+@pytest.mark.parametrize("condition,scale_shift", [("label", False), ("text", False), ("label", True)])
+def test_controlnet_on_a_v_prediction_base_with_attention_equals_the_base_at_init(condition, scale_shift):
     torch.manual_seed(0)
     cfg = DiffusionConfig(channels=(4, 8), timesteps=20, prediction="v", attention=True, condition=condition,
-                          text_dim=12)
+                          text_dim=12, scale_shift=scale_shift)
     base = perturb(ConditionalDiffusion(cfg)).eval()
     net = ControlNet(ControlNetConfig(base=cfg), base=base)
     x, t = torch.randn(3, 1, 28, 28), torch.tensor([2, 9, 19])

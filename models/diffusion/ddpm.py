@@ -63,6 +63,7 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0
     attention: bool = False  # self-attention at the lowest resolution (``unet.SelfAttention``)
     coords: bool = False  # pixel coordinates after the input conv (CoordConv): lets text say where
+    scale_shift: bool = False  # the time + condition embedding scales and shifts each block's GroupNorm (AdaGN)
     sample_steps: int = 50  # DDIM steps used by sample()
     sample_eta: float = 0.0  # DDIM eta used by sample(): 0 deterministic, 1 = DDPM ancestral on the same steps
     guidance_scale: float = 1.0  # CFG w in eps~ = (1 + w) eps(c) - w eps(null); 0 = no guidance
@@ -90,7 +91,7 @@ class ConditionalDiffusion(nn.Module):
         # alpha_bar as a float32 buffer for training (moves with .to(device)); samplers use the float64 schedule.
         self.register_buffer("alpha_bars", self.schedule.alpha_bars.float(), persistent=False)
         self.net = UNet(config.in_channels, config.channels, config.condition, config.num_classes,
-                        config.text_dim, config.context_tokens, config.attention, config.coords)
+                        config.text_dim, config.context_tokens, config.attention, config.coords, config.scale_shift)
         self.draws = BatchDraws()  # the training loop makes them the global batch's (scale-out, accumulation)
         self.ema: UNet | None = None
         if config.ema_decay > 0:

@@ -42,13 +42,17 @@ def group_norm(c: int) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     """GN-SiLU-conv, + projected embedding, GN-SiLU-conv, residual (DDPM / ADM residual block).
 
-    The second conv starts at zero so each block begins as the identity (ADM's zero init).
+    ``scale_shift``: the embedding sets a per-channel scale and shift of the second GroupNorm instead of
+    being added before it, AdaGN(h, e) = (1 + y_s) GroupNorm(h) + y_b (Dhariwal & Nichol 2021, §3, "adaptive
+    group normalization", which their ablation finds better than addition). The second conv starts at zero
+    so each block begins as the identity (ADM's zero init).
     """
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, scale_shift: bool = False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, c_out)
+        self.emb = nn.Linear(emb_dim, 2 * c_out if scale_shift else c_out)
         self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
@@ -56,8 +60,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, c_out, H, W)
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        e = self.emb(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(F.silu(h))
         return self.skip(x) + h
 
 
@@ -132,6 +141,7 @@ class UNet(nn.Module):
         context_tokens: int = 4,
         attention: bool = False,
         coords: bool = False,
+        scale_shift: bool = False,
     ):
         super().__init__()
         if not channels:
@@ -154,11 +164,11 @@ class UNet(nn.Module):
         self.down_blocks, self.downsamples = nn.ModuleList(), nn.ModuleList()
         c_prev = c0
         for i, c in enumerate(channels):
-            self.down_blocks.append(ResBlock(c_prev, c, E))
+            self.down_blocks.append(ResBlock(c_prev, c, E, scale_shift))
             self.downsamples.append(Downsample(c) if i < len(channels) - 1 else nn.Identity())
             c_prev = c
 
-        self.mid1 = ResBlock(c_low, c_low, E)
+        self.mid1 = ResBlock(c_low, c_low, E, scale_shift)
         # self-attention between the middle blocks (``attention``), before the text cross-attention
         self.self_attn = SelfAttention(c_low, heads=c_low // 32 if c_low % 32 == 0 else 1) if attention else None
         self.context_tokens = context_tokens
@@ -168,14 +178,14 @@ class UNet(nn.Module):
             self.attn = CrossAttention(c_low, E, heads=c_low // 32 if c_low % 32 == 0 else 1)
         else:
             self.to_context, self.attn = None, None
-        self.mid2 = ResBlock(c_low, c_low, E)
+        self.mid2 = ResBlock(c_low, c_low, E, scale_shift)
 
         self.up_blocks, self.upsamples = nn.ModuleList(), nn.ModuleList()
         c_prev = c_low
         for i in reversed(range(len(channels))):
             c = channels[i]
             self.upsamples.append(Upsample(c_prev) if i < len(channels) - 1 else nn.Identity())
-            self.up_blocks.append(ResBlock(c_prev + c, c, E))
+            self.up_blocks.append(ResBlock(c_prev + c, c, E, scale_shift))
             c_prev = c
 
         self.norm_out = group_norm(c0)
