@@ -20,6 +20,8 @@ chain (the reference the few-step samplers are held to) and a CFG sweep.
     .venv/bin/python -m benchmarks.diffusion_recipe --steps 600 --out /tmp/recipe            # the ablation
     .venv/bin/python -m benchmarks.diffusion_recipe --only recipe_linear --steps 3000 --threads 2 --full \
         --out /tmp/recipe-final                                                                  # the chosen one
+    .venv/bin/python -m benchmarks.diffusion_recipe --checkpoint file:///tmp/recipe-final/recipe_linear --full \
+        --out /tmp/recipe-rescored                                         # score a saved model, no training
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from benchmarks.diffusion_gap import kid, save_grid
 from condgen.models.diffusion import SAMPLERS, ConditionalDiffusion, DiffusionConfig, cfg, clip_x0
 from condgen.tasks.data.splits import load_split
 from condgen.tasks.io.checkpoint import save_checkpoint
+from condgen.tasks.io.model_store import load_trained
 from condgen.tasks.io.images import from_uint8
 from condgen.tasks.judging.evaluate import predict
 
@@ -186,21 +189,28 @@ def main() -> None:
     base = {"channels": tuple(int(c) for c in args.channels.split(",")), "lr": args.lr,
             "in_channels": int(x.shape[1]), "image_size": int(x.shape[-1])}
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+    if args.checkpoint:  # score a model trained before (by this benchmark or the pipeline) instead of training
+        names = [args.checkpoint.rstrip("/").rsplit("/", 1)[-1]]
     rows, figures = [], []
     for name in names:
-        config = DiffusionConfig(**base, **VARIANTS[name])
-        print(f"[{name}] {VARIANTS[name] or 'eps, linear, uniform weights, no attention, no EMA'}", flush=True)
         averages: dict[float, torch.nn.Module] = {float(g): None for g in args.ema_gammas.split(",") if g}
-        model, losses, train_s = train_steps(config, x, y, steps=args.steps, batch=args.batch, seed=args.seed,
-                                             lr_decay=args.lr_decay, precision=args.precision, averages=averages)
-        # a checkpoint folder the pipeline reads (``--checkpoint file://...`` of diffusion_guidance/steps/inversion)
-        save_checkpoint(os.path.join(args.out, name), model, {"train_seconds": train_s, "adam_steps": args.steps,
-                                                               "batch": args.batch, "lr_decay": args.lr_decay,
-                                                               "precision": args.precision})
+        if args.checkpoint:
+            model, losses, train_s = load_trained(args.checkpoint)[0].eval(), [float("nan")], float("nan")
+            averages = {}
+            print(f"[{name}] loaded {args.checkpoint}: {model.config}", flush=True)
+        else:
+            config = DiffusionConfig(**base, **VARIANTS[name])
+            print(f"[{name}] {VARIANTS[name] or 'eps, linear, uniform weights, no attention, no EMA'}", flush=True)
+            model, losses, train_s = train_steps(config, x, y, steps=args.steps, batch=args.batch, seed=args.seed,
+                                                 lr_decay=args.lr_decay, precision=args.precision, averages=averages)
+            # a checkpoint folder the pipeline reads (``--checkpoint file://...`` of diffusion_guidance/steps/...)
+            save_checkpoint(os.path.join(args.out, name), model, {"train_seconds": train_s, "adam_steps": args.steps,
+                                                                   "batch": args.batch, "lr_decay": args.lr_decay,
+                                                                   "precision": args.precision})
         for label, sampler, steps in SAMPLER_RUNS:
             sc, s = score(scorer, model, labels, sampler, steps, seed=args.seed)
             save_grid(s, args.n_per_class, os.path.join(args.out, f"{name}-{sampler}{steps}.png"))
-            rows.append([name, label, sc["acc"], sc["fid"], sc["kid"], f"{train_s:.0f}s"])
+            rows.append([name, label, sc["acc"], sc["fid"], sc["kid"], "" if args.checkpoint else f"{train_s:.0f}s"])
             figures.append({"variant": name, "sampler": sampler, "steps": steps, "guidance": 0.0, **sc,
                             "train_seconds": train_s, "final_loss": float(np.mean(losses[-100:]))})
             print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows[-1:]), flush=True)
@@ -234,9 +244,10 @@ def main() -> None:
                 rows.append([name, f"DDIM 25, CFG w={w:g}", sc["acc"], sc["fid"], sc["kid"], ""])
                 figures.append({"variant": name, "sampler": "ddim", "steps": 25, "guidance": w, **sc})
                 print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows[-1:]), flush=True)
-    print(f"\n{machine()}; {args.steps} Adam steps x batch {args.batch}, lr {args.lr} (warm-up 100, decay {args.lr_decay}), "
-          f"{args.precision} training, "
-          f"channels {base['channels']}; {len(labels)} samples per score\n")
+    trained_how = (f"checkpoint {args.checkpoint}" if args.checkpoint else
+                   f"{args.steps} Adam steps x batch {args.batch}, lr {args.lr} (warm-up 100, decay {args.lr_decay}), "
+                   f"{args.precision} training, channels {base['channels']}")
+    print(f"\n{machine()}; {trained_how}; {len(labels)} samples per score\n")
     print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows))
     write_json(args.json, {"figures": figures, "base": {k: str(v) for k, v in base.items()}, "steps": args.steps,
                            "batch": args.batch, "precision": args.precision})
