@@ -11,6 +11,7 @@ ancestral samples of the same x_T and label (bottom rows). Unguided, x0 clipped 
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 
@@ -28,22 +29,41 @@ from benchmarks.diffusion_common import (
     write_json,
 )
 from condgen.models.diffusion import SAMPLERS, cfg, clip_x0
+from condgen.models.diffusion.samplers.ddim import ddim_step
 from condgen.tasks.io.images import grid, to_uint8
 
 
 @torch.no_grad()
 def from_noise(model: torch.nn.Module, x_T: torch.Tensor, labels: torch.Tensor, sampler: str, steps: int,
                seed: int) -> torch.Tensor:
-    """Unguided samples of ``labels`` from the given x_T (stochastic samplers draw their step noise from ``seed``)."""
+    """Unguided samples of ``labels`` from the given x_T (stochastic samplers draw their step noise from ``seed``).
+    ``sampler="hybrid<cut>"``: ancestral steps (eta = 1) while t >= cut, deterministic DDIM (eta = 0) below."""
     D = clip_x0(cfg(model.denoiser(), 0.0, model.null_cond(1)), model.schedule)
     g = torch.Generator().manual_seed(seed)
+    if sampler.startswith("hybrid"):
+        return hybrid(D, x_T.clone(), model.schedule, labels, steps, int(sampler[len("hybrid"):]), g).clamp(-1, 1)
     return SAMPLERS[sampler](D, x_T.clone(), model.schedule, cond=labels, generator=g, steps=steps).clamp(-1, 1)
+
+
+def hybrid(D, x: torch.Tensor, schedule, cond: torch.Tensor, steps: int, cut: int, g: torch.Generator) -> torch.Tensor:
+    """The DDIM loop (Song et al. 2021, Eq. 12 and 16) with eta = 1 on the steps from t >= ``cut`` and eta = 0
+    below: which noise levels' stochasticity corrects the deterministic path's misses."""
+    tau = schedule.timesteps(steps)
+    for i, t in enumerate(tau):
+        t_prev = tau[i + 1] if i + 1 < len(tau) else -1
+        a_t, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+        eps = D(x, torch.full((x.shape[0],), t, dtype=torch.long), cond)
+        sigma = math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) if t >= cut else 0.0
+        z = torch.randn(x.shape, generator=g) if sigma > 0 else None
+        x = ddim_step(x, eps, a_t, a_prev, sigma, z)
+    return x
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--n-per-class", type=int, default=50)
-    p.add_argument("--runs", default="ddim:25,ddpm:25,ddim:100,dpmpp_2m:20", help="sampler:steps, the first two compared")
+    p.add_argument("--runs", default="ddim:25,ddpm:25,ddim:100,dpmpp_2m:20",
+                   help="sampler:steps, the first two compared; hybrid<cut>:steps = eta 1 on t >= cut, 0 below")
     p.add_argument("--out", default="/tmp/paths", help="folder for the grid")
     args = p.parse_args()
     shards = setup(args)
