@@ -8,7 +8,9 @@ to optimisation). The changes, after the papers that define them:
 
 * ``prediction="v"``: the network predicts v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022, §4);
 * ``schedule="cosine"`` (Nichol & Dhariwal 2021, Eq. 17);
-* ``loss_weighting="min_snr"``: Min-SNR-gamma, gamma = 5 (Hang et al. 2023);
+* ``loss_weighting="min_snr"``: Min-SNR-gamma, gamma = 5 (Hang et al. 2023); ``"min_snr_plus_one"`` keeps the
+  plain v loss's weight at high noise (x0 weight min(SNR, 5) + 1);
+* ``scale_shift=True``: the condition scales and shifts the GroupNorms (AdaGN, Dhariwal & Nichol 2021, §3);
 * ``attention=True``: self-attention at the lowest resolution (Ho et al. 2020, App. B);
 * ``ema_decay=0.999``: sampling with an exponential moving average of the weights (Ho et al. 2020, §4).
 
@@ -44,7 +46,8 @@ from condgen.tasks.io.images import from_uint8
 from condgen.tasks.judging.evaluate import predict
 
 RECIPE = {"prediction": "v", "schedule": "cosine", "loss_weighting": "min_snr", "attention": True, "ema_decay": 0.999}
-# recipe_linear is models.registry.RECIPES["diffusion"]: what a new ``diffusion`` run trains with
+# recipe_plus_one is models.registry.RECIPES["diffusion"] (since 2026-12-06; recipe_linear before it): what a new
+# ``diffusion`` run trains with
 VARIANTS: dict[str, dict] = {
     "baseline": {},
     "v": {"prediction": "v"},

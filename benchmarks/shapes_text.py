@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--p-uncond", type=float, default=0.1, help="condition dropout (CFG training)")
     p.add_argument("--prediction", choices=["eps", "v"], default="eps")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    p.add_argument("--loss-weighting", choices=["none", "min_snr"], default="none")
+    p.add_argument("--loss-weighting", choices=["none", "min_snr", "min_snr_plus_one"], default="none")
     p.add_argument("--attention", action="store_true", help="self-attention at the lowest resolution")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--coords", action="store_true", help="pixel coordinates in the U-Net (CoordConv; with or without --recipe)")

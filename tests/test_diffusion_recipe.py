@@ -131,7 +131,7 @@ def test_new_diffusion_runs_start_from_the_recipe_and_stored_configs_load_as_wri
 
     fresh = build_model("diffusion", recipe_config("diffusion", {"channels": [4, 8], "attention": False}))
     c = fresh.config
-    assert (c.prediction, c.schedule, c.loss_weighting, c.ema_decay) == ("v", "linear", "min_snr", 0.999)
+    assert (c.prediction, c.schedule, c.loss_weighting, c.ema_decay) == ("v", "linear", "min_snr_plus_one", 0.999)
     assert c.attention is False and c.channels == (4, 8)  # the spec's own fields win
     assert recipe_config("cvae", {"latent_dim": 2}) == {"latent_dim": 2} and "cvae" not in RECIPES
     gan = build_model("cgan", recipe_config("cgan", {"channels": [8, 16]})).config
