@@ -49,7 +49,7 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
 # changed dataclass default. The diffusion recipe was chosen by ``benchmarks/diffusion_recipe.py``
 # (docs/results.md, "Diffusion training recipe"): v-prediction (Salimans & Ho 2022), Min-SNR-5 weighting
 # (Hang et al. 2023) with the plain v loss's weight kept at high noise ("min_snr_plus_one": x0 weight
-# min(SNR, 5) + 1; deterministic DDIM 25 +0.6 and +1.2 points on two seeds, 1,500 samples each), self-attention
+# min(SNR, 5) + 1; deterministic DDIM 25 +0.6 and +1.3 points on two seeds, 1,500 samples each), self-attention
 # at the lowest resolution and EMA weights for sampling, on the linear schedule (the cosine schedule measured
 # no better with them, and worse alone). The cGAN's discriminator sees
 # every image through a translation DiffAugment (Zhao et al. 2020, "Differentiable Augmentation for
