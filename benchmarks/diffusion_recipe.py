@@ -57,7 +57,7 @@ VARIANTS: dict[str, dict] = {
     "ema": {"ema_decay": 0.999},
     "recipe": RECIPE,
     "recipe_linear": {**RECIPE, "schedule": "linear"},  # the recipe with the linear schedule
-    # the deterministic-sampler gap at the full budget: Min-SNR's weight at high noise (where the class is decided)
+    # the deterministic-sampler gap at the full budget: the x0 weight at high noise (Min-SNR: -> 0; plain v: 1)
     "recipe_plain_v": {**RECIPE, "schedule": "linear", "loss_weighting": "none"},
     "recipe_plus_one": {**RECIPE, "schedule": "linear", "loss_weighting": "min_snr_plus_one"},
     "recipe_adagn": {**RECIPE, "schedule": "linear", "scale_shift": True},  # the condition scales the norms
