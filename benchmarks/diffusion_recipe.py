@@ -41,8 +41,8 @@ from benchmarks.diffusion_gap import kid, save_grid
 from condgen.models.diffusion import SAMPLERS, ConditionalDiffusion, DiffusionConfig, cfg, clip_x0
 from condgen.tasks.data.splits import load_split
 from condgen.tasks.io.checkpoint import save_checkpoint
-from condgen.tasks.io.model_store import load_trained
 from condgen.tasks.io.images import from_uint8
+from condgen.tasks.io.model_store import load_trained
 from condgen.tasks.judging.evaluate import predict
 
 RECIPE = {"prediction": "v", "schedule": "cosine", "loss_weighting": "min_snr", "attention": True, "ema_decay": 0.999}
