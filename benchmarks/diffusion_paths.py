@@ -11,7 +11,6 @@ ancestral samples of the same x_T and label (bottom rows). Unguided, x0 clipped 
 """
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 
@@ -29,7 +28,7 @@ from benchmarks.diffusion_common import (
     write_json,
 )
 from condgen.models.diffusion import SAMPLERS, cfg, clip_x0
-from condgen.models.diffusion.samplers.ddim import ddim_step
+from condgen.models.diffusion.samplers.ddim import ddim_sigma, ddim_step
 from condgen.tasks.io.images import grid, to_uint8
 
 
@@ -46,15 +45,16 @@ def from_noise(model: torch.nn.Module, x_T: torch.Tensor, labels: torch.Tensor, 
 
 
 def hybrid(D, x: torch.Tensor, schedule, cond: torch.Tensor, steps: int, cut: int, g: torch.Generator) -> torch.Tensor:
-    """The DDIM loop (Song et al. 2021, Eq. 12 and 16) with eta = 1 on the steps from t >= ``cut`` and eta = 0
-    below: which noise levels' stochasticity corrects the deterministic path's misses."""
+    """``sample_ddim``'s loop (Song et al. 2021, Eq. 12 and 16) with eta = 1 on the steps from t >= ``cut`` and
+    eta = 0 below: which noise levels' stochasticity corrects the deterministic path's misses. (``sample_ddim``
+    takes one eta for the whole chain; a per-step eta is this diagnostic's alone.)"""
     tau = schedule.timesteps(steps)
     for i, t in enumerate(tau):
         t_prev = tau[i + 1] if i + 1 < len(tau) else -1
         a_t, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
-        eps = D(x, torch.full((x.shape[0],), t, dtype=torch.long), cond)
-        sigma = math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) if t >= cut else 0.0
-        z = torch.randn(x.shape, generator=g) if sigma > 0 else None
+        eps = D(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), cond)
+        sigma = ddim_sigma(a_t, a_prev, 1.0 if t >= cut else 0.0)
+        z = torch.randn(x.shape, generator=g).to(x.device) if sigma > 0 else None
         x = ddim_step(x, eps, a_t, a_prev, sigma, z)
     return x
 

@@ -196,14 +196,14 @@ def main() -> None:
         names = [args.checkpoint.rstrip("/").rsplit("/", 1)[-1]]
     rows, figures = [], []
     for name in names:
-        averages: dict[float, torch.nn.Module] = {float(g): None for g in args.ema_gammas.split(",") if g}
+        averages: dict[float, torch.nn.Module] = {}  # a loaded checkpoint has no power EMAs to score
         if args.checkpoint:
             model, losses, train_s = load_trained(args.checkpoint)[0].eval(), [float("nan")], float("nan")
-            averages = {}
             print(f"[{name}] loaded {args.checkpoint}: {model.config}", flush=True)
         else:
             config = DiffusionConfig(**base, **VARIANTS[name])
             print(f"[{name}] {VARIANTS[name] or 'eps, linear, uniform weights, no attention, no EMA'}", flush=True)
+            averages = {float(g): None for g in args.ema_gammas.split(",") if g}
             model, losses, train_s = train_steps(config, x, y, steps=args.steps, batch=args.batch, seed=args.seed,
                                                  lr_decay=args.lr_decay, precision=args.precision, averages=averages)
             # a checkpoint folder the pipeline reads (``--checkpoint file://...`` of diffusion_guidance/steps/...)

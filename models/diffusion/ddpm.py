@@ -58,7 +58,8 @@ class DiffusionConfig:
     # min(SNR, gamma) / (SNR + 1) on the v error, so the easy high-SNR steps stop dominating the gradient.
     # "min_snr_plus_one": the x0 error weighted by min(SNR, gamma) + 1, i.e. the v error's own x0 weight SNR + 1
     # clipped at gamma + 1: plain v-prediction's weight at high noise (1 on x0, where Min-SNR's SNR -> 0 leaves
-    # the steps that decide the class almost untrained), Min-SNR's clipping at low noise.
+    # those steps almost untrained), Min-SNR's clipping at low noise (docs/results.md, "Keeping the weight of the
+    # high-noise steps").
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
     attention: bool = False  # self-attention at the lowest resolution (``unet.SelfAttention``)

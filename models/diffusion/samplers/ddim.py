@@ -51,6 +51,12 @@ def ddim_step(
     return x_prev
 
 
+def ddim_sigma(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> float:
+    """sigma_t(eta) = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev) (Song et al. 2021, Eq. 16):
+    0 is deterministic DDIM, 1 DDPM's ancestral step."""
+    return eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
+
+
 @torch.no_grad()
 def sample_ddim(
     denoiser: Denoiser,
@@ -78,7 +84,7 @@ def sample_ddim(
         a_t, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
         t_b = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
         eps = denoiser(x, t_b, cond)  # (B, C, H, W)
-        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # Eq. 16
+        sigma = ddim_sigma(a_t, a_prev, eta)
         z = noise(i) if sigma > 0 else None
         x = ddim_step(x, eps, a_t, a_prev, sigma, z)
         if callback is not None:
