@@ -5,8 +5,8 @@
 ``flows/retrain.py`` and ``flows/batch_generate.py``. They live here, away from Prefect,
 Ray and torch, so the CLI validates a params file (``extra="forbid"``: a typo such as
 ``"modles"`` is an error, never ignored) in milliseconds, before anything heavy starts
-(``condgen/commands/checks.py``). The flows re-export them. Checks that need the model
-registry (torch) or the MLflow registry stay in ``checks.py``.
+(``condgen/commands/checks.py``). The flows re-export them. The checks of model names and config
+keys (``condgen.models.configs``, torch-free too) and of the MLflow registry stay in ``checks.py``.
 """
 from __future__ import annotations
 

@@ -33,7 +33,6 @@ not a conditional generator (tasks/training/driver.py's sample grid skips it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -42,50 +41,7 @@ from torch import nn
 
 from condgen.models.adversarial import frozen, hinge_d_loss, hinge_g_loss
 from condgen.models.base import OptStep
-
-
-@dataclass(frozen=True)
-class AutoencoderConfig:
-    image_size: int = 28
-    in_channels: int = 1
-    channels: tuple[int, ...] = (32, 64)  # width per halving: len 2 -> f = 4 (28 -> 14 -> 7)
-    latent_channels: int = 4  # c of the latent z (H/f, W/f, c)
-    regularization: str = "kl"  # "kl" | "vq"
-    beta: float = 1e-5  # KL weight (per-pixel units); small, so the latent stays informative (LDM uses 1e-6)
-    codebook_size: int = 256  # K, VQ only
-    commitment: float = 0.25  # beta of van den Oord et al. 2017, Eq. 3
-    rec_loss: str = "mse"  # "mse" | "l1"
-    gan_weight: float = 0.0  # 0 = no adversarial term; else the factor in front of the adaptive lambda
-    gan_start: int = 0  # optimisation step at which the GAN term (and D's training) starts
-    disc_channels: tuple[int, ...] = (32, 64)  # PatchGAN widths (GAN only)
-    latent_momentum: float = 0.99  # EMA momentum of the latent statistics buffer
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)  # Esser et al. use (0.5, 0.9) with the GAN term
-
-    @property
-    def downsampling_factor(self) -> int:
-        return 2 ** len(self.channels)
-
-    @property
-    def latent_size(self) -> int:
-        size = self.image_size
-        for _ in self.channels:
-            size = -(-size // 2)  # stride-2 conv with padding 1: ceil(H / 2)
-        return size
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.latent_channels, self.latent_size, self.latent_size)
-
-    def compression(self) -> dict[str, float]:
-        """How much smaller the latent is than the image: in dimensions (floats), and for VQ in bits
-        (8-bit pixels vs log2(K)-bit codebook indices)."""
-        pixels = self.in_channels * self.image_size**2
-        c, h, w = self.latent_shape
-        out = {"dims": pixels / (c * h * w)}
-        if self.regularization == "vq":
-            out["bits"] = pixels * 8 / (h * w * math.log2(self.codebook_size))
-        return out
+from condgen.models.configs import AutoencoderConfig
 
 
 def _gn(c: int) -> nn.GroupNorm:

@@ -18,13 +18,13 @@ for a model from a batch according to its config's ``condition`` field.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from condgen.models.configs import config_from_dict, config_to_dict, flatten_params, json_normalised, nested_config  # noqa: F401 (re-exported)
 
 # opt_step(group_name, loss): zero_grad, backward, all-reduce grads across workers, step.
 OptStep = Callable[[str, torch.Tensor], None]
@@ -107,11 +107,6 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def json_normalised(d: dict[str, Any]) -> Any:
-    """``d`` as after a JSON round trip (tuples -> lists, keys sorted): for comparing configs."""
-    return json.loads(json.dumps(d, sort_keys=True))
-
-
 def condition_from_batch(batch: dict[str, torch.Tensor], condition: str) -> torch.Tensor:
     """The condition tensor a model of kind ``condition`` ("label" | "text") reads from a batch."""
     if condition == "label":
@@ -125,39 +120,6 @@ def condition_from_batch(batch: dict[str, torch.Tensor], condition: str) -> torc
             raise KeyError("condition='image' needs a paired condition image ('cond_img')")
         return batch["cond_img"]
     raise ValueError(f"unknown condition kind {condition!r} (expected 'label', 'text' or 'image')")
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A config dataclass as a JSON-able dict (tuples become lists)."""
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build a frozen config dataclass from a dict, rejecting unknown keys; lists → tuples."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**fixed)
-
-
-def nested_config(cls: type, value: Any) -> Any:
-    """A nested config field given as a dict (JSON form) as its dataclass ``cls``; a dataclass as it is."""
-    return config_from_dict(cls, value) if isinstance(value, dict) else value
-
-
-def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
-    """Flatten a config dataclass to MLflow params (``a.b=value`` strings)."""
-    out: dict[str, str] = {}
-    for key, value in config_to_dict(config).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            for k2, v2 in value.items():
-                out[f"{name}.{k2}"] = str(v2)
-        else:
-            out[name] = str(value)
-    return out
 
 
 @torch.no_grad()

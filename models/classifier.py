@@ -11,23 +11,12 @@ data were digits; that name stays as an alias (checkpoints name the registry key
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from condgen.models.base import OptStep
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    in_channels: int = 1
-    channels: tuple[int, ...] = (32, 64)
-    feature_dim: int = 128
-    num_classes: int = 10
-    dropout: float = 0.25
-    lr: float = 1e-3
+from condgen.models.configs import ClassifierConfig
 
 
 class JudgeClassifier(nn.Module):

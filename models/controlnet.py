@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -53,16 +52,14 @@ from condgen.models.base import (
     condition_from_batch,
     config_to_dict,
     freeze,
-    nested_config,
 )
 from condgen.models.conditioning.lora import freeze_base, inject_lora
-from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
+from condgen.models.configs import CONTROLS, ControlNetConfig
+from condgen.models.diffusion.ddpm import ConditionalDiffusion
 from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
 from condgen.models.diffusion.schedule import NoiseSchedule, as_timesteps
 from condgen.models.diffusion.unet import UNet
 from condgen.models.paired import edge_map
-
-CONTROLS = ("edges", "mask")
 
 
 def control_image(x: torch.Tensor, kind: str = "edges") -> torch.Tensor:
@@ -80,34 +77,6 @@ def zero_conv(c_in: int, c_out: int) -> nn.Conv2d:
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv
-
-
-@dataclass(frozen=True)
-class ControlNetConfig:
-    base_uri: str = ""  # checkpoint of a trained "diffusion" model (loaded by the caller: attach_frozen)
-    base: DiffusionConfig = field(default_factory=DiffusionConfig)  # its architecture
-    control: str = "edges"  # how cond_img is derived from x when a batch lacks it: "edges" | "mask"
-    control_channels: int = 1
-    hint_channels: int = 16  # width of the small conv encoder of the control image
-    lora_rank: int = 0  # > 0: keep the copy frozen too and train rank-r LoRA adapters on it
-    lora_alpha: float = 4.0
-    p_uncond: float = 0.5  # class dropout during ControlNet training (Zhang et al. 2023 §3.3: 50%)
-    control_scale: float = 1.0  # multiplier on the control residuals at sampling time
-    lr: float = 1e-3
-
-    def __post_init__(self):
-        object.__setattr__(self, "base", nested_config(DiffusionConfig, self.base))
-        if self.control not in CONTROLS:
-            raise ValueError(f"control must be one of {CONTROLS}, got {self.control!r}")
-
-    # read by tasks/training/worker.py and tasks/judging/evaluate.py (grid and evaluation conditions)
-    @property
-    def condition(self) -> str:
-        return self.base.condition
-
-    @property
-    def num_classes(self) -> int:
-        return self.base.num_classes
 
 
 class ControlEncoder(nn.Module):

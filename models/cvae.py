@@ -19,7 +19,6 @@ How the condition enters is chosen by ``block``:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,22 +28,7 @@ from condgen.models.base import BatchDraws, OptStep, condition_from_batch
 from condgen.models.conditioning import BLOCKS
 from condgen.models.conditioning.conv_stack import CondConvStack
 from condgen.models.conditioning.embedding import ConditionEmbedding
-
-
-@dataclass(frozen=True)
-class CVAEConfig:
-    image_size: int = 28
-    in_channels: int = 1
-    channels: tuple[int, ...] = (32, 64)  # one stride-2 conv per entry: 28 -> 14 -> 7 (image_size % 2^len == 0)
-    latent_dim: int = 16
-    cond_dim: int = 16
-    num_classes: int = 10
-    condition: str = "label"  # "label" | "text"
-    text_dim: int = 64
-    prior: str = "standard"  # "standard" | "learned"
-    beta: float = 1.0
-    lr: float = 2e-3
-    block: str = "concat"  # "concat" | "film" | "adain" (any key of models.conditioning.BLOCKS)
+from condgen.models.configs import CVAEConfig
 
 
 def _gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:

@@ -15,31 +15,14 @@ Batches carry ``x`` (domain A) and ``x_b`` (domain B), unpaired, same shape.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.nn.functional import l1_loss  # not `F`: F is the paper's B -> A generator
 
 from condgen.models.adversarial import frozen, lsgan_d_loss, lsgan_g_loss
 from condgen.models.base import OptStep
+from condgen.models.configs import CycleGANConfig
 from condgen.models.pix2pix import PatchDiscriminator
-
-
-@dataclass(frozen=True)
-class CycleGANConfig:
-    """The generic loop builds one ``Adam(group, lr=lr, betas=betas)`` per group ({"disc", "gen"})."""
-
-    image_size: int = 28
-    in_channels: int = 1  # both domains have this many channels
-    channels: tuple[int, ...] = (32, 64)  # stem width, then one stride-2 conv per further entry: 28 -> 14
-    n_res: int = 3  # residual blocks at the lowest resolution
-    disc_channels: tuple[int, ...] = (32, 64)  # PatchGAN: 28 -> 14 -> 7 patches
-    lambda_cyc: float = 10.0
-    lambda_id: float = 0.0  # Zhu et al. use 0.5 * lambda_cyc for photo <-> painting; 0 disables it
-    condition: str = "image"  # the condition of ``sample`` is a domain-A image (batch key "x")
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
 
 
 def _inorm(c: int) -> nn.InstanceNorm2d:

@@ -29,7 +29,6 @@ the rest of the batch (batched == single; latent inversion and mapping stay pure
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,43 +39,7 @@ from condgen.models.base import BatchDraws, OptStep, condition_from_batch, ema_u
 from condgen.models.conditioning import make_block
 from condgen.models.conditioning.conv_stack import CondConvStack
 from condgen.models.conditioning.embedding import ConditionEmbedding
-
-
-@dataclass(frozen=True)
-class CGANConfig:
-    """Conditional GAN. The generic loop builds one ``Adam(group, lr=lr, betas=betas)`` per
-    group of ``optimizer_groups()`` ({"disc", "gen"})."""
-
-    image_size: int = 28
-    in_channels: int = 1
-    channels: tuple[int, ...] = (64, 128)  # D: one stride-2 conv per entry (28 -> 14 -> 7); G mirrors it
-    latent_dim: int = 64
-    cond_dim: int = 32  # generator's condition embedding size
-    num_classes: int = 10
-    condition: str = "label"  # "label" | "text" (a float CLIP embedding (B, text_dim))
-    text_dim: int = 64
-    block: str = "concat"  # generator conditioning: "concat" | "film" | "adain"
-    # 5e-4 (not DCGAN's 2e-4) with G's EMA: on the 4k bundled digits in 20 epochs the cGAN's samples
-    # follow the label >= 0.97 of the time (benchmarks/model_table.py; 0.69-0.72 before, half budget)
-    lr: float = 5e-4
-    d_lr: float | None = None  # the discriminator's learning rate when it differs from lr (TTUR)
-    betas: tuple[float, float] = (0.5, 0.999)
-    augment: str = ""  # DiffAugment policy for every image D sees, e.g. "translation,cutout"; "" = off
-    # > 0: keep an exponential moving average of G's weights and generate with it in eval mode
-    # (Yazici et al. 2019, "The unusual effectiveness of averaging in GAN training"; Karras et al.).
-    ema_decay: float = 0.999
-
-
-@dataclass(frozen=True)
-class ACGANConfig(CGANConfig):
-    """AC-GAN: ``acgan_term2`` keeps term 2 (generated data) in the generator loss."""
-
-    acgan_term2: bool = True
-    aux_weight: float = 1.0  # weight of the classification terms against the adversarial loss
-    # Translation DiffAugment: without it G learns to satisfy q(c|x) with features no real digit
-    # has (term 2 -> ~0.02 while a judge trained on real digits still rejects many samples); with
-    # it the judge agrees with the label on 1.000 of the samples (benchmarks/model_table.py).
-    augment: str = "translation"
+from condgen.models.configs import ACGANConfig, CGANConfig
 
 
 def _check_geometry(image_size: int, channels: tuple[int, ...]) -> int:

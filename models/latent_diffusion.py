@@ -40,13 +40,12 @@ them raise.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from condgen.models.autoencoder import Autoencoder, AutoencoderConfig
+from condgen.models.autoencoder import Autoencoder
 from condgen.models.base import (
     FrozenPart,
     OptStep,
@@ -54,46 +53,14 @@ from condgen.models.base import (
     condition_from_batch,
     config_to_dict,
     freeze,
-    nested_config,
 )
-from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
+from condgen.models.configs import LatentDiffusionConfig
+from condgen.models.diffusion.ddpm import ConditionalDiffusion
 from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
 from condgen.models.diffusion.schedule import NoiseSchedule
 
 
 # -- the model ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LatentDiffusionConfig:
-    """Fields shared with ``DiffusionConfig`` are forwarded to the latent U-Net by ``diffusion_config``;
-    ``image_size`` / ``in_channels`` there come from the autoencoder's latent shape."""
-
-    autoencoder_uri: str = ""  # checkpoint of a trained "autoencoder" (loaded by the caller: attach_frozen)
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # its architecture
-    scale_factor: float = 0.0  # z -> scale_factor * z before diffusion; 0 = 1 / autoencoder.latent_std
-    channels: tuple[int, ...] = (32, 64)  # latent U-Net widths: 7 -> 4 (ceil) -> 7
-    num_classes: int = 10
-    condition: str = "label"  # "label" | "text"
-    text_dim: int = 64
-    context_tokens: int = 4
-    timesteps: int = 1000
-    schedule: str = "linear"
-    p_uncond: float = 0.1
-    lr: float = 1e-3
-    prediction: str = "eps"
-    sample_steps: int = 50
-    guidance_scale: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "autoencoder", nested_config(AutoencoderConfig, self.autoencoder))
-
-    def diffusion_config(self) -> DiffusionConfig:
-        shared = {f.name for f in dataclasses.fields(DiffusionConfig)} & {f.name for f in dataclasses.fields(self)}
-        c, h, _ = self.autoencoder.latent_shape
-        # clip_denoised=False: x0-clipping clamps to the data range [-1, 1], and latents have no fixed range
-        return DiffusionConfig(image_size=h, in_channels=c, clip_denoised=False,
-                               **{k: getattr(self, k) for k in shared})
-
-
 class LatentDiffusion(nn.Module):
     def __init__(self, config: LatentDiffusionConfig, autoencoder: Autoencoder | None = None):
         super().__init__()

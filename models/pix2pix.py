@@ -19,30 +19,14 @@ own ``cond_img`` (another pairing) never reaches it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from condgen.models.adversarial import bce_d_loss, bce_g_loss, frozen, sn
 from condgen.models.base import OptStep
+from condgen.models.configs import Pix2PixConfig
 from condgen.models.paired import PAIRINGS, paired_condition
-
-
-@dataclass(frozen=True)
-class Pix2PixConfig:
-    """The generic loop builds one ``Adam(group, lr=lr, betas=betas)`` per group ({"disc", "gen"})."""
-
-    image_size: int = 28
-    in_channels: int = 1  # generated image x
-    cond_channels: int = 1  # condition image (batch key "cond_img"), e.g. models.paired.edge_map
-    pairing: str = "edges"  # condition derived from x when a batch has none: "edges" | "colorize" (grey -> colour)
-    channels: tuple[int, ...] = (64, 128)  # one U-Net level / PatchGAN conv per entry: 28 -> 14 -> 7
-    lambda_l1: float = 100.0
-    condition: str = "image"  # the condition is batch["cond_img"] (B, cond_channels, H, W) in [-1, 1]
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
 
 
 def _gn(c: int) -> nn.GroupNorm:

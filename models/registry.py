@@ -15,32 +15,38 @@ from typing import Any
 
 from torch import nn
 
-from condgen.models.autoencoder import Autoencoder, AutoencoderConfig
-from condgen.models.base import config_from_dict
-from condgen.models.classifier import ClassifierConfig, JudgeClassifier
-from condgen.models.controlnet import ControlNet, ControlNetConfig
-from condgen.models.cvae import CVAE, CVAEConfig
-from condgen.models.cyclegan import CycleGAN, CycleGANConfig
-from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig, NoisyClassifier, NoisyClassifierConfig
-from condgen.models.gan import ACGAN, CGAN, ACGANConfig, CGANConfig
-from condgen.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
-from condgen.models.pix2pix import Pix2Pix, Pix2PixConfig
-from condgen.models.superres import SuperRes, SuperResConfig
+from condgen.models.autoencoder import Autoencoder
+from condgen.models.classifier import JudgeClassifier
+from condgen.models.configs import CONFIGS, config_from_dict
+from condgen.models.controlnet import ControlNet
+from condgen.models.cvae import CVAE
+from condgen.models.cyclegan import CycleGAN
+from condgen.models.diffusion.ddpm import ConditionalDiffusion, NoisyClassifier
+from condgen.models.gan import ACGAN, CGAN
+from condgen.models.latent_diffusion import LatentDiffusion
+from condgen.models.pix2pix import Pix2Pix
+from condgen.models.superres import SuperRes
 
-MODELS: dict[str, tuple[type, type[nn.Module]]] = {
-    "cvae": (CVAEConfig, CVAE),
-    "diffusion": (DiffusionConfig, ConditionalDiffusion),
-    "noisy_classifier": (NoisyClassifierConfig, NoisyClassifier),
-    "cgan": (CGANConfig, CGAN),
-    "acgan": (ACGANConfig, ACGAN),
-    "pix2pix": (Pix2PixConfig, Pix2Pix),
-    "cyclegan": (CycleGANConfig, CycleGAN),
-    "classifier": (ClassifierConfig, JudgeClassifier),
-    "autoencoder": (AutoencoderConfig, Autoencoder),
-    "latent_diffusion": (LatentDiffusionConfig, LatentDiffusion),
-    "controlnet": (ControlNetConfig, ControlNet),
-    "superres": (SuperResConfig, SuperRes),
+# name -> module class; the config classes are ``models.configs.CONFIGS`` (torch-free, so the CLI checks a
+# config before importing torch), and a family missing from either is a KeyError here, at import.
+_CLASSES: dict[str, type[nn.Module]] = {
+    "cvae": CVAE,
+    "diffusion": ConditionalDiffusion,
+    "noisy_classifier": NoisyClassifier,
+    "cgan": CGAN,
+    "acgan": ACGAN,
+    "pix2pix": Pix2Pix,
+    "cyclegan": CycleGAN,
+    "classifier": JudgeClassifier,
+    "autoencoder": Autoencoder,
+    "latent_diffusion": LatentDiffusion,
+    "controlnet": ControlNet,
+    "superres": SuperRes,
 }
+if set(_CLASSES) != set(CONFIGS):
+    raise KeyError(f"models.configs.CONFIGS and models.registry._CLASSES name different families: "
+                   f"{sorted(set(_CLASSES) ^ set(CONFIGS))}")
+MODELS: dict[str, tuple[type, type[nn.Module]]] = {name: (CONFIGS[name], _CLASSES[name]) for name in CONFIGS}
 
 
 # What a NEW training run of a family starts from, under the fields its spec sets (``recipe_config``). The

@@ -35,7 +35,6 @@ otherwise raises NotImplementedError.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,47 +48,11 @@ from condgen.models.base import (
     condition_from_batch,
     config_to_dict,
     freeze,
-    json_normalised,
 )
-from condgen.models.diffusion.ddpm import ConditionalDiffusion, DiffusionConfig
+from condgen.models.configs import SuperResConfig
+from condgen.models.diffusion.ddpm import ConditionalDiffusion
 from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
 from condgen.models.diffusion.schedule import NoiseSchedule
-
-
-@dataclass(frozen=True)
-class SuperResConfig:
-    """Fields shared with ``DiffusionConfig`` are forwarded to the U-Net by ``diffusion_config``."""
-
-    image_size: int = 28
-    low_size: int = 14
-    in_channels: int = 1
-    channels: tuple[int, ...] = (32, 64)
-    num_classes: int = 10
-    condition: str = "label"  # "label" | "text": the same condition as the base stage
-    text_dim: int = 64
-    context_tokens: int = 4
-    timesteps: int = 1000
-    schedule: str = "linear"
-    p_uncond: float = 0.1
-    lr: float = 1e-3
-    prediction: str = "eps"
-    sample_steps: int = 50
-    guidance_scale: float = 1.0
-    clip_denoised: bool = True  # sample(): clamp x0_hat to [-1, 1] every step (models.diffusion.clipping)
-    cond_noise: float = 0.1  # max std of the Gaussian augmentation of the low-res input in training
-    # Optional embedded first stage, so sample(cond, generator) is a full cascade:
-    base_model: str = ""  # a key of models.registry.MODELS
-    base_uri: str = ""  # its checkpoint (loaded by the caller: attach_frozen)
-    base_config: dict[str, Any] = field(default_factory=dict)  # its config (JSON form)
-
-    def __post_init__(self):
-        object.__setattr__(self, "base_config", json_normalised(dict(self.base_config)))
-        if self.low_size >= self.image_size:
-            raise ValueError(f"low_size ({self.low_size}) must be below image_size ({self.image_size})")
-
-    def diffusion_config(self) -> DiffusionConfig:
-        shared = {f.name for f in dataclasses.fields(DiffusionConfig)} & {f.name for f in dataclasses.fields(self)}
-        return DiffusionConfig(**{**{k: getattr(self, k) for k in shared}, "in_channels": 2 * self.in_channels})
 
 
 class SuperRes(nn.Module):

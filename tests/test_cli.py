@@ -141,6 +141,34 @@ def test_unknown_set_key_lists_the_config_fields(home):
     assert_fails_fast(condgen("train", "--set", "latnt_dim=3", home=home), "'latnt_dim'", "latent_dim", "channels")
 
 
+def test_name_and_config_checks_import_no_torch():
+    """The model-name and config-key checks read ``condgen.models.configs``, which imports no torch: a typo
+    fails in a fraction of a second, not after torch's import (seconds of CPU on a loaded CI machine)."""
+    code = ("import sys\n"
+            "from condgen.commands import checks\n"
+            "checks.model_name('diffusion')\n"
+            "checks.config_keys('controlnet', {'base': {'channels': [8, 16]}})\n"
+            "for name, typo in (('difusion', None), ('cvae', {'latnt_dim': 3})):\n"
+            "    try:\n"
+            "        checks.config_keys(name, typo or {})\n"
+            "        raise SystemExit('no InputError for ' + name)\n"
+            "    except checks.InputError:\n"
+            "        pass\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    assert out.strip() == "[]", out
+
+
+def test_model_configs_are_the_registry_s():
+    from condgen.models.configs import CONFIGS
+    from condgen.models.registry import MODELS, config_class
+
+    assert set(CONFIGS) == set(MODELS)
+    for name, cls in CONFIGS.items():
+        assert config_class(name) is cls
+
+
 def test_set_without_equals(home):
     assert_fails_fast(condgen("train", "--set", "latent_dim", home=home), "key=value")
 

@@ -2,8 +2,8 @@
 
 Each check raises :class:`InputError` with one line that names the bad value and the fix;
 ``condgen`` prints it as ``condgen: error: …`` and exits 2. The checks run cheapest first:
-syntax, then files, then the model registry (``condgen.models.registry``: torch, ~2 s), then
-the MLflow registry (~1.5 s). Those imports are inside the functions, so ``condgen --help``
+syntax, then files, then model names and config keys (``condgen.models.configs``: dataclasses only,
+no torch), then the MLflow registry (~1.5 s). Those imports are inside the functions, so ``condgen --help``
 and a syntax error answer without them.
 """
 from __future__ import annotations
@@ -30,19 +30,19 @@ class InputError(Exception):
 
 # -- names and config keys ----------------------------------------------------------------------------------------
 def model_name(name: str) -> str:
-    """A key of ``condgen.models.registry.MODELS``."""
-    from condgen.models.registry import MODELS
+    """A key of ``condgen.models.registry.MODELS`` (whose names are ``condgen.models.configs.CONFIGS``'s)."""
+    from condgen.models.configs import CONFIGS
 
-    if name not in MODELS:
-        raise InputError(f"unknown model {name!r} (choose from: {', '.join(sorted(MODELS))})")
+    if name not in CONFIGS:
+        raise InputError(f"unknown model {name!r} (choose from: {', '.join(sorted(CONFIGS))})")
     return name
 
 
 def config_keys(model: str, config: dict[str, Any], where: str = "--set") -> dict[str, Any]:
     """``config``'s keys must be fields of ``model``'s config dataclass."""
-    from condgen.models.registry import config_class
+    from condgen.models.configs import CONFIGS
 
-    fields = sorted(f.name for f in dataclasses.fields(config_class(model_name(model))))
+    fields = sorted(f.name for f in dataclasses.fields(CONFIGS[model_name(model)]))
     unknown = sorted(set(config) - set(fields))
     if unknown:
         raise InputError(f"{where}: unknown {model} config key {unknown[0]!r} (valid: {', '.join(fields)})")

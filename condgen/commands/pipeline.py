@@ -68,7 +68,7 @@ def retrain(params: Params = None, source: Source = None, workers: Workers = Non
 def retrain_inputs(raw: dict[str, Any], where: str) -> Any:
     """``raw`` as ``RetrainParams``, checked before the flow starts, cheapest first: the parameter model itself
     (``condgen.flows.params``, pydantic only: unknown fields, types, ranges), then sources, model names, config
-    keys (the model registry: torch) and a registry CLIP (MLflow)."""
+    keys (``condgen.models.configs``: no torch) and a registry CLIP (MLflow)."""
     from condgen.flows.params import RetrainParams
 
     params = checks.flow_params(RetrainParams, raw, where)

@@ -17,7 +17,6 @@ The noise schedule is rebuilt from the config; it is not part of the state_dict.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,53 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from condgen.models.base import BatchDraws, OptStep, condition_from_batch, ema_update
+from condgen.models.configs import LOSS_WEIGHTINGS, DiffusionConfig, NoisyClassifierConfig
 from condgen.models.diffusion.clipping import clip_x0
 from condgen.models.diffusion.denoiser import Callback, Denoiser, randn
 from condgen.models.diffusion.guidance import cfg
 from condgen.models.diffusion.samplers.ddim import sample_ddim
 from condgen.models.diffusion.schedule import as_timesteps, make_schedule
 from condgen.models.diffusion.unet import Downsample, ResBlock, UNet, group_norm, timestep_embedding
-
-
-LOSS_WEIGHTINGS = ("none", "min_snr", "min_snr_plus_one")
-
-
-@dataclass(frozen=True)
-class DiffusionConfig:
-    image_size: int = 28
-    in_channels: int = 1
-    channels: tuple[int, ...] = (32, 64)  # U-Net width per level; resolution halves between levels
-    num_classes: int = 10
-    condition: str = "label"  # "label" | "text"
-    text_dim: int = 64  # CLIP text embedding width (condition="text")
-    context_tokens: int = 4  # cross-attention tokens made from the text embedding
-    timesteps: int = 1000  # T
-    schedule: str = "linear"  # "linear" | "cosine"
-    p_uncond: float = 0.1  # condition dropout to the null token (Ho & Salimans 2022 use 0.1-0.2)
-    lr: float = 1e-3  # small U-Net on 28x28: higher than DDPM's 2e-4 converges in fewer epochs
-    # "eps" | "v": what the network outputs (``ConditionalDiffusion.to_eps``). "v" keeps x0_hat's error bounded at
-    # low SNR, where an eps error is amplified sqrt((1 - a) / a) times (~157x at t = T-1): docs/results.md,
-    # "Deterministic sampling gap". Models that call the U-Net directly (ControlNet) need an "eps" base.
-    prediction: str = "eps"
-    # "none": the plain mean squared error; "min_snr": Min-SNR-gamma (Hang et al. 2023, Eq. 10): the x0 error at
-    # timestep t weighted by min(SNR_t, gamma), i.e. min(SNR, gamma) / SNR on the eps error and
-    # min(SNR, gamma) / (SNR + 1) on the v error, so the easy high-SNR steps stop dominating the gradient.
-    # "min_snr_plus_one": the x0 error weighted by min(SNR, gamma) + 1, i.e. the v error's own x0 weight SNR + 1
-    # clipped at gamma + 1: plain v-prediction's weight at high noise (1 on x0, where Min-SNR's SNR -> 0 leaves
-    # those steps almost untrained), Min-SNR's clipping at low noise (docs/results.md, "Keeping the weight of the
-    # high-noise steps").
-    loss_weighting: str = "none"
-    min_snr_gamma: float = 5.0
-    attention: bool = False  # self-attention at the lowest resolution (``unet.SelfAttention``)
-    coords: bool = False  # pixel coordinates after the input conv (CoordConv): lets text say where
-    scale_shift: bool = False  # the time + condition embedding scales and shifts each block's GroupNorm (AdaGN)
-    sample_steps: int = 50  # DDIM steps used by sample()
-    sample_eta: float = 0.0  # DDIM eta used by sample(): 0 deterministic, 1 = DDPM ancestral on the same steps
-    guidance_scale: float = 1.0  # CFG w in eps~ = (1 + w) eps(c) - w eps(null); 0 = no guidance
-    clip_denoised: bool = True  # sample(): clamp x0_hat to [-1, 1] every step (Ho et al. 2020's sampler)
-    # > 0: keep an exponential moving average of the weights and sample with it in eval mode (Ho et al.
-    # 2020 use 0.9999), warmed up as min(decay, (1 + n) / (10 + n)) over n updates so short runs work.
-    ema_decay: float = 0.0
 
 
 class ConditionalDiffusion(nn.Module):
@@ -288,17 +247,6 @@ class ConditionalDiffusion(nn.Module):
         return sample_ddim(D, x_T, self.schedule, cond=e, generator=generator, callback=callback,
                            steps=conf.sample_steps if steps is None else steps,
                            eta=conf.sample_eta if eta is None else eta)
-
-
-@dataclass(frozen=True)
-class NoisyClassifierConfig:
-    image_size: int = 28
-    in_channels: int = 1
-    channels: tuple[int, ...] = (32, 64)  # width per level; resolution halves between levels
-    num_classes: int = 10
-    timesteps: int = 1000  # must match the diffusion model it guides
-    schedule: str = "linear"
-    lr: float = 1e-3
 
 
 class NoisyClassifier(nn.Module):
