@@ -60,6 +60,8 @@ VARIANTS: dict[str, dict] = {
     # the deterministic-sampler gap at the full budget: the x0 weight at high noise (Min-SNR: -> 0; plain v: 1)
     "recipe_plain_v": {**RECIPE, "schedule": "linear", "loss_weighting": "none"},
     "recipe_plus_one": {**RECIPE, "schedule": "linear", "loss_weighting": "min_snr_plus_one"},
+    # ... with the clip lower: x0 weight min(SNR, 2) + 1 in [1, 3] (the recipe's gamma 5: [1, 6])
+    "recipe_plus_one_g2": {**RECIPE, "schedule": "linear", "loss_weighting": "min_snr_plus_one", "min_snr_gamma": 2.0},
     "recipe_adagn": {**RECIPE, "schedule": "linear", "scale_shift": True},  # the condition scales the norms
     "recipe_plus_one_adagn": {**RECIPE, "schedule": "linear", "loss_weighting": "min_snr_plus_one", "scale_shift": True},
 }
