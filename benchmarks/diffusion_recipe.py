@@ -36,10 +36,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from benchmarks.diffusion_common import Scorer, balanced_labels, machine, parser, setup, table, write_json
+from benchmarks.diffusion_common import Scorer, machine, parser, setup, table, write_json
 from benchmarks.diffusion_gap import kid, save_grid
 from condgen.models.diffusion import SAMPLERS, ConditionalDiffusion, DiffusionConfig, cfg, clip_x0
-from condgen.tasks.data.splits import load_split
+from condgen.tasks.data.splits import dataset_info, load_split
 from condgen.tasks.io.checkpoint import save_checkpoint
 from condgen.tasks.io.images import from_uint8
 from condgen.tasks.io.model_store import load_trained
@@ -189,10 +189,14 @@ def main() -> None:
     print(machine(), flush=True)
     scorer = Scorer.for_shards(shards)
     train = load_split(shards, "train")
-    x, y = from_uint8(train["x"]), torch.from_numpy(np.asarray(train["y"])).long()
-    labels = torch.from_numpy(balanced_labels(args.n_per_class)).long()
+    keep = np.asarray(train["y"]) >= 0  # caption-only images (label -1) are for text conditioning
+    x, y = from_uint8(train["x"][keep]), torch.from_numpy(np.asarray(train["y"])[keep]).long()
+    # the classes the model trains on, scored n per class (a set's held-out classes, e.g. bundled:shapes'
+    # unseen colour x shape pairs, have no training images and are not scored)
+    classes = np.unique(y.numpy())
+    labels = torch.from_numpy(np.repeat(classes, args.n_per_class)).long()
     base = {"channels": tuple(int(c) for c in args.channels.split(",")), "lr": args.lr,
-            "in_channels": int(x.shape[1]), "image_size": int(x.shape[-1])}
+            "in_channels": int(x.shape[1]), "image_size": int(x.shape[-1]), "num_classes": int(dataset_info(shards)["num_classes"])}
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     if args.checkpoint:  # score a model trained before (by this benchmark or the pipeline) instead of training
         names = [args.checkpoint.rstrip("/").rsplit("/", 1)[-1]]
@@ -234,7 +238,7 @@ def main() -> None:
                 print(table(["variant", "sampler", "cond. acc", "FID", "KID", "train"], rows[-1:]), flush=True)
         model.ema = own
         if args.full and name == names[-1]:
-            full_labels = torch.from_numpy(balanced_labels(args.full_per_class)).long()
+            full_labels = torch.from_numpy(np.repeat(classes, args.full_per_class)).long()
             for label, sampler, steps in [("ancestral 1000", "ddpm", 1000), ("DDIM 25", "ddim", 25),
                                           ("DPM++(2M) 20", "dpmpp_2m", 20)]:
                 sc, s = score(scorer, model, full_labels, sampler, steps, seed=args.seed + 1)
