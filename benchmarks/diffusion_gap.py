@@ -33,7 +33,7 @@ from condgen.models.diffusion import SAMPLERS, ConditionalDiffusion, DiffusionCo
 from condgen.models.diffusion.denoiser import Denoiser
 from condgen.models.diffusion.samplers.ddim import predicted_x0
 from condgen.tasks.data.splits import load_split
-from condgen.tasks.io.images import from_uint8, grid
+from condgen.tasks.io.images import from_uint8, grid, to_uint8
 from condgen.tasks.judging.evaluate import predict
 from condgen.tasks.judging.feature_metrics import kernel_inception_distance, kid_subset_size
 
@@ -135,10 +135,11 @@ def kid(real: np.ndarray, fake: np.ndarray) -> float:
 
 
 def save_grid(samples: torch.Tensor, per_class: int, path: str) -> None:
+    """The first 8 samples of each class, a row per class (``samples`` class-major, ``per_class`` each; grey or RGB)."""
     from PIL import Image
 
-    u8 = ((samples.squeeze(1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    rows = u8.reshape(10, per_class, *u8.shape[1:])[:, :8].reshape(-1, *u8.shape[1:])
+    u8 = to_uint8(samples)
+    rows = u8.reshape(len(u8) // per_class, per_class, *u8.shape[1:])[:, :8].reshape(-1, *u8.shape[1:])
     Image.fromarray(grid(rows, nrow=8)).save(path)
 
 

@@ -8,8 +8,8 @@ to optimisation). The changes, after the papers that define them:
 
 * ``prediction="v"``: the network predicts v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022, §4);
 * ``schedule="cosine"`` (Nichol & Dhariwal 2021, Eq. 17);
-* ``loss_weighting="min_snr"``: Min-SNR-gamma, gamma = 5 (Hang et al. 2023); ``"min_snr_plus_one"`` keeps the
-  plain v loss's weight at high noise (x0 weight min(SNR, 5) + 1);
+* ``loss_weighting="min_snr"``: Min-SNR-gamma, gamma = 5 (Hang et al. 2023); ``min_snr_floor`` keeps a weight at
+  high noise (x0 weight min(SNR, 5) + floor; ``"min_snr_plus_one"``: a floor of 1, the plain v loss's weight there);
 * ``scale_shift=True``: the condition scales and shifts the GroupNorms (AdaGN, Dhariwal & Nichol 2021, §3);
 * ``attention=True``: self-attention at the lowest resolution (Ho et al. 2020, App. B);
 * ``ema_decay=0.999``: sampling with an exponential moving average of the weights (Ho et al. 2020, §4).
@@ -46,8 +46,8 @@ from condgen.tasks.io.model_store import load_trained
 from condgen.tasks.judging.evaluate import predict
 
 RECIPE = {"prediction": "v", "schedule": "cosine", "loss_weighting": "min_snr", "attention": True, "ema_decay": 0.999}
-# recipe_plus_one is models.registry.RECIPES["diffusion"] (since 2026-12-06; recipe_linear before it): what a new
-# ``diffusion`` run trains with
+# recipe_floor is models.registry.RECIPES["diffusion"], what a new ``diffusion`` run trains with (since 2026-12-06;
+# recipe_linear before it, and recipe_plus_one for part of that day)
 VARIANTS: dict[str, dict] = {
     "baseline": {},
     "v": {"prediction": "v"},
@@ -60,8 +60,8 @@ VARIANTS: dict[str, dict] = {
     # the deterministic-sampler gap at the full budget: the x0 weight at high noise (Min-SNR: -> 0; plain v: 1)
     "recipe_plain_v": {**RECIPE, "schedule": "linear", "loss_weighting": "none"},
     "recipe_plus_one": {**RECIPE, "schedule": "linear", "loss_weighting": "min_snr_plus_one"},
-    # ... with the clip lower: x0 weight min(SNR, 2) + 1 in [1, 3] (the recipe's gamma 5: [1, 6])
-    "recipe_plus_one_g2": {**RECIPE, "schedule": "linear", "loss_weighting": "min_snr_plus_one", "min_snr_gamma": 2.0},
+    # a lower floor under the high-noise weight: x0 weight min(SNR, 5) + 0.25 (a floor of 1 blurs colour shapes)
+    "recipe_floor": {**RECIPE, "schedule": "linear", "min_snr_floor": 0.25},
     "recipe_adagn": {**RECIPE, "schedule": "linear", "scale_shift": True},  # the condition scales the norms
     "recipe_plus_one_adagn": {**RECIPE, "schedule": "linear", "loss_weighting": "min_snr_plus_one", "scale_shift": True},
 }

@@ -79,9 +79,13 @@ class DiffusionConfig:
     # "min_snr_plus_one": the x0 error weighted by min(SNR, gamma) + 1, i.e. the v error's own x0 weight SNR + 1
     # clipped at gamma + 1: plain v-prediction's weight at high noise (1 on x0, where Min-SNR's SNR -> 0 leaves
     # those steps almost untrained), Min-SNR's clipping at low noise (docs/results.md, "Keeping the weight of the
-    # high-noise steps").
+    # high-noise steps"). It is "min_snr" with min_snr_floor = 1.
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
+    # "min_snr": the x0 weight is min(SNR, gamma) + min_snr_floor, so the high-noise steps keep a weight of at least
+    # the floor. 1 ("min_snr_plus_one") helps deterministic sampling on digits but blurs sharp colour shapes; 0.25
+    # keeps both (docs/results.md, "A floor under the high-noise weight").
+    min_snr_floor: float = 0.0
     attention: bool = False  # self-attention at the lowest resolution (``unet.SelfAttention``)
     coords: bool = False  # pixel coordinates after the input conv (CoordConv): lets text say where
     scale_shift: bool = False  # the time + condition embedding scales and shifts each block's GroupNorm (AdaGN)

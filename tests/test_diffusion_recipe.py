@@ -15,13 +15,15 @@ TINY = {"channels": (4, 8), "timesteps": 50, "schedule": "cosine"}
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-@pytest.mark.parametrize("weighting,plus", [("min_snr", 0.0), ("min_snr_plus_one", 1.0)])
-def test_min_snr_weights_the_x0_error_by_min_snr_gamma(prediction, weighting, plus):
-    """Hang et al. 2023: whatever the network predicts, the weighted loss is min(SNR, gamma) ||x0_hat - x0||^2
-    (min(SNR, gamma) + 1 with "min_snr_plus_one": plain v-prediction's x0 weight SNR + 1, clipped)."""
+@pytest.mark.parametrize("weighting,floor,plus", [("min_snr", 0.0, 0.0), ("min_snr", 0.25, 0.25),
+                                                  ("min_snr_plus_one", 0.0, 1.0), ("min_snr_plus_one", 0.25, 1.0)])
+def test_min_snr_weights_the_x0_error_by_min_snr_gamma(prediction, weighting, floor, plus):
+    """Hang et al. 2023: whatever the network predicts, the weighted loss is min(SNR, gamma) ||x0_hat - x0||^2;
+    min(SNR, gamma) + min_snr_floor with a floor; min(SNR, gamma) + 1 with "min_snr_plus_one" (plain
+    v-prediction's x0 weight SNR + 1, clipped), whatever the floor field says."""
     torch.manual_seed(0)
     model = ConditionalDiffusion(DiffusionConfig(**TINY, prediction=prediction, loss_weighting=weighting,
-                                                 min_snr_gamma=5.0))
+                                                 min_snr_gamma=5.0, min_snr_floor=floor))
     x0, eps = torch.rand(6, 1, 8, 8) * 2 - 1, torch.randn(6, 1, 8, 8)
     t = torch.tensor([0, 5, 15, 25, 40, 49])
     a = model.alpha_bars[t].view(-1, 1, 1, 1)
@@ -35,8 +37,13 @@ def test_min_snr_weights_the_x0_error_by_min_snr_gamma(prediction, weighting, pl
     assert torch.allclose(weighted, (snr.clamp(max=5.0) + plus) * x0_err, rtol=1e-4, atol=1e-6)
     # the weights actually differ from 1 (high-SNR steps are down-weighted)
     assert model.loss_weights(a.flatten()).min() < 0.5
-    if prediction == "v":  # at the noisiest step plain v's weight (1) with "plus one", ~SNR (~0) without
-        assert model.loss_weights(a.flatten())[-1] == pytest.approx(1.0 if plus else 0.0, abs=0.02)
+    if prediction == "v":  # at the noisiest step the floor (plain v's weight 1 with "plus one"), ~SNR (~0) without
+        assert model.loss_weights(a.flatten())[-1] == pytest.approx(plus, abs=0.02)
+
+
+def test_a_negative_floor_is_refused():
+    with pytest.raises(ValueError, match="min_snr_floor"):
+        ConditionalDiffusion(DiffusionConfig(**TINY, loss_weighting="min_snr", min_snr_floor=-0.5))
 
 
 def test_min_snr_loss_trains_and_none_is_the_plain_mse():
@@ -131,7 +138,8 @@ def test_new_diffusion_runs_start_from_the_recipe_and_stored_configs_load_as_wri
 
     fresh = build_model("diffusion", recipe_config("diffusion", {"channels": [4, 8], "attention": False}))
     c = fresh.config
-    assert (c.prediction, c.schedule, c.loss_weighting, c.ema_decay) == ("v", "linear", "min_snr_plus_one", 0.999)
+    assert (c.prediction, c.schedule, c.loss_weighting, c.min_snr_floor, c.ema_decay) == ("v", "linear", "min_snr",
+                                                                                          0.25, 0.999)
     assert c.attention is False and c.channels == (4, 8)  # the spec's own fields win
     assert recipe_config("cvae", {"latent_dim": 2}) == {"latent_dim": 2} and "cvae" not in RECIPES
     gan = build_model("cgan", recipe_config("cgan", {"channels": [8, 16]})).config
@@ -139,10 +147,11 @@ def test_new_diffusion_runs_start_from_the_recipe_and_stored_configs_load_as_wri
     assert recipe_config("cgan", {"augment": ""})["augment"] == ""  # a spec can turn it off
     # a checkpoint's JSON written before the recipe (or before these fields existed) keeps its meaning
     old = config_to_dict(DiffusionConfig(channels=(4, 8)))
-    for added in ("loss_weighting", "min_snr_gamma", "attention"):
+    for added in ("loss_weighting", "min_snr_gamma", "min_snr_floor", "attention"):
         old.pop(added)
     loaded = build_model("diffusion", old).config
     assert (loaded.prediction, loaded.loss_weighting, loaded.attention, loaded.ema_decay) == ("eps", "none", False, 0.0)
+    assert loaded.min_snr_floor == 0.0  # a Min-SNR checkpoint from before the floor keeps Hang et al.'s weight
 
 
 def test_controlnet_locks_the_base_s_ema_weights():

@@ -43,6 +43,8 @@ class ConditionalDiffusion(nn.Module):
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {config.loss_weighting!r}")
         if config.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {config.min_snr_gamma}")
+        if config.min_snr_floor < 0:
+            raise ValueError(f"min_snr_floor must be >= 0, got {config.min_snr_floor}")
         if config.condition not in ("label", "text"):
             raise ValueError(f"condition must be 'label' or 'text', got {config.condition!r}")
         if not 0.0 <= config.p_uncond < 1.0:
@@ -176,11 +178,11 @@ class ConditionalDiffusion(nn.Module):
         """Min-SNR-gamma weights (Hang et al. 2023) for the regression target, (B,) from alpha_bar (B,):
         min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v (SNR = a / (1 - a)); each equals
         min(SNR, gamma) on the x0 error, since ||eps err||^2 = SNR ||x0 err||^2 and ||v err||^2 = (SNR + 1) ||x0 err||^2.
-        With loss_weighting="min_snr_plus_one" the x0 weight is min(SNR, gamma) + 1 instead."""
+        The x0 weight is min(SNR, gamma) + floor, the floor ``min_snr_floor`` (default 0: Hang et al.'s own), or 1
+        with loss_weighting="min_snr_plus_one"."""
         snr = a_bar / (1 - a_bar)
-        x0_weight = snr.clamp(max=self.config.min_snr_gamma)
-        if self.config.loss_weighting == "min_snr_plus_one":
-            x0_weight = x0_weight + 1
+        floor = 1.0 if self.config.loss_weighting == "min_snr_plus_one" else self.config.min_snr_floor
+        x0_weight = snr.clamp(max=self.config.min_snr_gamma) + floor
         return x0_weight / snr if self.config.prediction == "eps" else x0_weight / (snr + 1)
 
     def optimizer_groups(self):
