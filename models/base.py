@@ -24,7 +24,14 @@ from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from condgen.models.configs import config_from_dict, config_to_dict, flatten_params, json_normalised, nested_config  # noqa: F401 (re-exported)
+# the config helpers live with the configs (torch-free); re-exported here for the modules that import them from base
+from condgen.models.configs import (  # noqa: F401
+    config_from_dict,
+    config_to_dict,
+    flatten_params,
+    json_normalised,
+    nested_config,
+)
 
 # opt_step(group_name, loss): zero_grad, backward, all-reduce grads across workers, step.
 OptStep = Callable[[str, torch.Tensor], None]
