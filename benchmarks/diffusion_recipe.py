@@ -196,7 +196,8 @@ def main() -> None:
     classes = np.unique(y.numpy())
     labels = torch.from_numpy(np.repeat(classes, args.n_per_class)).long()
     base = {"channels": tuple(int(c) for c in args.channels.split(",")), "lr": args.lr,
-            "in_channels": int(x.shape[1]), "image_size": int(x.shape[-1]), "num_classes": int(dataset_info(shards)["num_classes"])}
+            "in_channels": int(x.shape[1]), "image_size": int(x.shape[-1]),
+            "num_classes": int(dataset_info(shards)["num_classes"])}
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     if args.checkpoint:  # score a model trained before (by this benchmark or the pipeline) instead of training
         names = [args.checkpoint.rstrip("/").rsplit("/", 1)[-1]]
